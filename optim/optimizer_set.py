@@ -1,0 +1,206 @@
+"""Build Muon + AdamW (or AdamW alone) with their schedulers, and step/save/load them as one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import AdamW, Muon, Optimizer
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+
+from optim.config import OptimConfig
+from optim.param_groups import ParamSplit, split_parameters
+from optim.schedules import lr_lambda, muon_momentum, wsd_decay_steps
+
+_ADAMW_IMPL_KWARGS: dict[str, dict[str, bool]] = {
+    "auto": {},
+    "fused": {"fused": True},
+    "foreach": {"foreach": True},
+    "loop": {"foreach": False},
+}
+
+
+class OptimizerSet:
+    """The run's optimizers and LR schedulers, stepped, zeroed, saved and loaded together.
+
+    ``optimizers`` and ``schedulers`` are parallel lists in the order of ``names``
+    (``["muon", "adamw"]`` or ``["adamw"]``). ``steps`` counts completed ``step()`` calls.
+    """
+
+    def __init__(
+        self,
+        optimizers: dict[str, Optimizer],
+        schedulers: list[LRScheduler],
+        muon_momentum_fn: Callable[[int], float] | None = None,
+    ) -> None:
+        self.names: list[str] = list(optimizers)
+        self.optimizers: list[Optimizer] = list(optimizers.values())
+        self.schedulers: list[LRScheduler] = schedulers
+        self.steps = 0
+        self._muon_momentum_fn = muon_momentum_fn
+        self._apply_momentum()
+
+    def _apply_momentum(self) -> None:
+        if self._muon_momentum_fn is None or "muon" not in self.names:
+            return
+        momentum = self._muon_momentum_fn(self.steps)
+        for group in self.optimizers[self.names.index("muon")].param_groups:
+            group["momentum"] = momentum
+
+    def step(self, scaler: torch.amp.GradScaler | None = None) -> None:
+        """Step every optimizer (through ``scaler`` when given, then ``scaler.update()``),
+        then every scheduler, then the Muon momentum warmup."""
+        if scaler is None:
+            for opt in self.optimizers:
+                opt.step()
+        else:
+            for opt in self.optimizers:
+                scaler.step(opt)
+            scaler.update()
+        for sched in self.schedulers:
+            sched.step()
+        self.steps += 1
+        self._apply_momentum()
+
+    def zero_grad(self) -> None:
+        """Drop all gradients (``set_to_none=True``: frees memory, skips a memset)."""
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def lrs(self) -> dict[str, float]:
+        """Current (scheduled) base learning rate per optimizer, e.g. ``{"lr/muon": ..., "lr/adamw": ...}``.
+
+        Muon's value is before its per-matrix shape adjustment (``adjust_lr_fn``).
+        """
+        return {
+            f"lr/{n}": float(o.param_groups[0]["lr"])
+            for n, o in zip(self.names, self.optimizers, strict=True)
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly; only tensors and plain Python values
+        (loads with ``torch.load(weights_only=True)``)."""
+        return {
+            "names": list(self.names),
+            "steps": self.steps,
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "schedulers": [s.state_dict() for s in self.schedulers],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`; the saved optimizers must match this set's."""
+        saved = list(state.get("names", []))
+        if saved != self.names:
+            raise ValueError(
+                f"the checkpoint's optimizer state is for {saved} but this run builds {self.names}; "
+                f"resume with the optimizer the checkpoint was trained with "
+                f"(optim.name={'muon' if 'muon' in saved else 'adamw'}) or start a fresh run"
+            )
+        for name, opt, opt_state in zip(
+            self.names, self.optimizers, state["optimizers"], strict=True
+        ):
+            try:
+                opt.load_state_dict(opt_state)
+            except ValueError as err:
+                raise ValueError(
+                    f"the checkpoint's {name} state does not fit this model's parameters ({err}); "
+                    f"resume with the model config the checkpoint was trained with"
+                ) from err
+        for sched, sched_state in zip(self.schedulers, state["schedulers"], strict=True):
+            sched.load_state_dict(sched_state)
+        self.steps = int(state["steps"])
+        self._apply_momentum()
+
+
+def _validate_run_length(cfg: OptimConfig, max_steps: int) -> None:
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(
+            f"max_steps={max_steps!r} must be a whole number >= 1; set max_steps=1000 or so"
+        )
+    if cfg.warmup_steps >= max_steps:
+        raise ValueError(
+            f"optim.warmup_steps={cfg.warmup_steps} must be shorter than the run (max_steps={max_steps}); "
+            f"set optim.warmup_steps below {max_steps} (e.g. {max_steps // 10}) or raise max_steps"
+        )
+    if cfg.schedule == "wsd":
+        decay_steps = wsd_decay_steps(max_steps, cfg.decay_fraction)
+        if cfg.warmup_steps + decay_steps > max_steps:
+            raise ValueError(
+                f"optim.warmup_steps={cfg.warmup_steps} plus the decay (optim.decay_fraction="
+                f"{cfg.decay_fraction} of max_steps={max_steps} = {decay_steps} steps) exceed the run; lower "
+                f"optim.warmup_steps or optim.decay_fraction, or raise max_steps"
+            )
+
+
+def _groups(entries: list[tuple[str, list[tuple[str, Tensor]], float]]) -> list[dict[str, Any]]:
+    """AdamW param groups with a "name" each; empty ones dropped."""
+    return [
+        {"name": name, "params": [p for _, p in params], "weight_decay": wd}
+        for name, params, wd in entries
+        if params
+    ]
+
+
+def _check_muon_dtypes(cfg: OptimConfig, split: ParamSplit) -> None:
+    bf16 = [name for name, p in split.matrices if p.dtype == torch.bfloat16]
+    if bf16 and not cfg.nesterov:
+        raise ValueError(
+            f"optim.nesterov=False with bfloat16 parameters ({bf16[0]}, ...) corrupts Muon's momentum "
+            f"in torch 2.13 (it is normalised in place); keep parameters in float32 and train with "
+            f"autocast, or set optim.nesterov=true"
+        )
+
+
+def build_optimizers(model: nn.Module, cfg: OptimConfig, max_steps: int) -> OptimizerSet:
+    """Build the optimizers of ``cfg.name`` for ``model`` and a ``max_steps``-long LR schedule.
+
+    muon: Muon for ``split.matrices``; AdamW for embeddings (decayed only if
+    ``cfg.embed_weight_decay``), norms and 1-D parameters (never decayed).
+    adamw: AdamW for everything, matrices decayed with ``cfg.adamw_weight_decay``.
+    """
+    _validate_run_length(cfg, max_steps)
+    split = split_parameters(model)
+    embed_wd = cfg.adamw_weight_decay if cfg.embed_weight_decay else 0.0
+    adamw_entries = [
+        ("embeddings", split.embeddings, embed_wd),
+        ("no_decay", split.no_decay, 0.0),
+        ("other", split.other, cfg.adamw_weight_decay),
+    ]
+    adamw = partial(
+        AdamW, lr=cfg.adamw_lr, betas=cfg.betas, eps=cfg.eps, **_ADAMW_IMPL_KWARGS[cfg.adamw_impl]
+    )
+    optimizers: dict[str, Optimizer] = {}
+    momentum_fn = None
+    if cfg.name == "muon":
+        if not split.matrices:
+            raise ValueError(
+                "optim.name='muon' found no 2-D weight matrices in the model; use optim.name=adamw"
+            )
+        _check_muon_dtypes(cfg, split)
+        optimizers["muon"] = Muon(
+            [{"name": "matrices", "params": [p for _, p in split.matrices]}],
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+            ns_steps=cfg.ns_steps,
+            adjust_lr_fn=cfg.adjust_lr_fn,
+        )
+        if cfg.momentum_warmup_steps > 0:
+            momentum_fn = partial(
+                muon_momentum,
+                momentum=cfg.momentum,
+                warmup_steps=cfg.momentum_warmup_steps,
+                start=cfg.momentum_warmup_start,
+            )
+    else:
+        adamw_entries.insert(0, ("matrices", split.matrices, cfg.adamw_weight_decay))
+    adamw_groups = _groups(adamw_entries)
+    if adamw_groups:
+        optimizers["adamw"] = adamw(adamw_groups)
+    schedule = lr_lambda(cfg, max_steps)
+    schedulers: list[LRScheduler] = [LambdaLR(opt, schedule) for opt in optimizers.values()]
+    return OptimizerSet(optimizers, schedulers, muon_momentum_fn=momentum_fn)

@@ -1,0 +1,60 @@
+"""Split a model's trainable parameters into matrices, embeddings and no-decay tensors.
+
+Routing is by tensor identity, so a weight shared between modules (the lm_head tied to
+the token embedding) appears exactly once, as an embedding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+
+@dataclass
+class ParamSplit:
+    """Trainable parameters of a model, each in exactly one list, as (name, tensor) pairs.
+
+    matrices: every other 2-D weight; in Qwen3 exactly the q/k/v/o and gate/up/down
+        projections inside the transformer blocks. Muon's share under name="muon".
+    embeddings: token embedding and output head weights (tied or not).
+    no_decay: norm weights, biases and every other 1-D (or 0-D) parameter.
+    other: parameters of 3 or more dimensions (none in Qwen3); AdamW with weight decay.
+    """
+
+    matrices: list[tuple[str, Tensor]] = field(default_factory=list)
+    embeddings: list[tuple[str, Tensor]] = field(default_factory=list)
+    no_decay: list[tuple[str, Tensor]] = field(default_factory=list)
+    other: list[tuple[str, Tensor]] = field(default_factory=list)
+
+
+def _embedding_ids(model: nn.Module) -> set[int]:
+    """Identities of every nn.Embedding weight and of the output head's weight."""
+    ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    head = getattr(model, "lm_head", None)
+    if head is None and hasattr(model, "get_output_embeddings"):
+        head = model.get_output_embeddings()
+    if isinstance(head, nn.Module) and isinstance(getattr(head, "weight", None), Tensor):
+        ids.add(id(head.weight))
+    return ids
+
+
+def split_parameters(model: nn.Module) -> ParamSplit:
+    """Route each trainable parameter of ``model`` once (frozen parameters are left out)."""
+    embedding_ids = _embedding_ids(model)
+    split = ParamSplit()
+    seen: set[int] = set()
+    # remove_duplicate=False so every name is visited; `seen` keeps the first name of a tied tensor
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen or not param.requires_grad:
+            continue
+        seen.add(id(param))
+        if id(param) in embedding_ids:
+            split.embeddings.append((name, param))
+        elif param.ndim == 2:
+            split.matrices.append((name, param))
+        elif param.ndim < 2:
+            split.no_decay.append((name, param))
+        else:
+            split.other.append((name, param))
+    return split
