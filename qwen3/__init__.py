@@ -1,1 +1,22 @@
-"""qwen3 package."""
+"""Qwen3 models on their own: config and presets, layers, KV-cache generation, HF import/export.
+
+Usable without Hydra, wandb or datasets: it needs torch, safetensors and tokenizers only.
+"""
+
+from qwen3.cache import KVCache
+from qwen3.config import PRESETS, Qwen3Config
+from qwen3.device import pick_device
+from qwen3.generate import generate, generate_steps, sample_next, stream_generate
+from qwen3.model import Qwen3
+
+__all__ = [
+    "PRESETS",
+    "KVCache",
+    "Qwen3",
+    "Qwen3Config",
+    "generate",
+    "generate_steps",
+    "pick_device",
+    "sample_next",
+    "stream_generate",
+]

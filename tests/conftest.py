@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import torch  # noqa: E402
+import torch
 
 torch.set_flush_denormal(True)
 
@@ -25,5 +25,7 @@ SHARED_CORPUS = REPO_ROOT.parent / "shared" / "corpora" / "tinystories-val-1k.tx
 def tinystories_path() -> Path:
     """The real TinyStories sample beside the checkout; skips where ../shared is absent."""
     if not SHARED_CORPUS.exists():
-        pytest.skip(f"shared corpus not found at {SHARED_CORPUS} (only present in the dev workspace)")
+        pytest.skip(
+            f"shared corpus not found at {SHARED_CORPUS} (only present in the dev workspace)"
+        )
     return SHARED_CORPUS

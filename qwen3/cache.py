@@ -1,0 +1,88 @@
+"""A preallocated key/value cache for incremental decoding, with per-row padding and positions."""
+
+from __future__ import annotations
+
+import torch
+
+from qwen3.config import Qwen3Config
+
+
+class KVCache:
+    """Keys and values of every layer for a batch of sequences, preallocated to ``max_len``.
+
+    ``valid`` marks which cached slots hold real tokens (left padding of a batch of prompts of
+    different lengths leaves holes), and ``next_pos`` is each row's next RoPE position, so rows
+    of different lengths keep their own positions. ``last_logits`` holds the logits after the
+    most recent forward, so generation can continue from a cache with no new tokens.
+    """
+
+    def __init__(
+        self,
+        config: Qwen3Config,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [
+            torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)
+        ]
+        self.v = [
+            torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)
+        ]
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, L)
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
+        self.length = 0  # slots used so far (same for every row)
+        self.padded = False  # any hole in `valid` so far
+        self.last_logits: torch.Tensor | None = None  # (B, V)
+        self.max_len = max_len
+        self.batch_size = batch_size
+        self._pending = 0  # tokens of the forward in progress
+
+    def begin(self, new_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Reserve slots for new tokens; return their position ids (B, T) and the attention mask.
+
+        ``new_valid`` (B, T) is True for real tokens, False for padding. The mask is None when no
+        row has padding (then plain causal attention is exact).
+        """
+        b, t = new_valid.shape
+        if b != self.batch_size:
+            raise ValueError(f"KVCache holds {self.batch_size} sequences, got a batch of {b}.")
+        if self.length + t > self.max_len:
+            raise ValueError(
+                f"KVCache is full: {self.length} cached + {t} new tokens > max_len={self.max_len}; "
+                "allocate a larger cache (max_len) or generate fewer tokens."
+            )
+        start = self.length
+        self.valid[:, start : start + t] = new_valid
+        self.padded = self.padded or not bool(new_valid.all())
+        positions = self.next_pos[:, None] + new_valid.long().cumsum(dim=1) - 1  # (B, T)
+        positions = positions.clamp(min=0)
+        self.next_pos = self.next_pos + new_valid.long().sum(dim=1)
+        self._pending = t
+        if not self.padded and (start == 0 or t == 1):
+            return positions, None  # plain causal prefill, or one unpadded decode step
+        s = start + t
+        keys = torch.arange(s, device=new_valid.device)
+        queries = torch.arange(start, s, device=new_valid.device)
+        causal = keys[None, :] <= queries[:, None]  # (T, S)
+        mask = causal[None] & self.valid[:, None, :s]  # (B, T, S)
+        # A padding query may attend to itself, so that no softmax row is empty (that gives NaN).
+        mask |= (keys[None, :] == queries[:, None])[None]
+        return positions, mask[:, None]  # (B, 1, T, S)
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's (B, K, T, D) keys/values of one layer; return all cached so far."""
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def commit(self, last_logits: torch.Tensor) -> None:
+        """Close the forward in progress: advance the length and remember the last logits."""
+        self.length += self._pending
+        self._pending = 0
+        self.last_logits = last_logits

@@ -1,0 +1,253 @@
+"""Qwen3 model configuration: Hugging Face field names, named presets, validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Shapes of the released Qwen3 dense models (Hugging Face config.json of each), plus two
+# CPU-sized presets of our own. Parameter counts are checked in tests/test_qwen3_config.py.
+_OFFICIAL_VOCAB = 151936
+PRESETS: dict[str, dict[str, Any]] = {
+    # Trains in minutes on 2 CPU cores: ~1.6 M parameters (1 M of them the tied embedding).
+    "tiny": dict(
+        vocab_size=8192,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=1024,
+        rope_theta=10000.0,
+    ),
+    # ~29 M parameters: a real small model for a GPU or a patient CPU.
+    "small": dict(
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=64,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+    ),
+    "qwen3-0.6b": dict(
+        vocab_size=_OFFICIAL_VOCAB,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+    ),
+    "qwen3-1.7b": dict(
+        vocab_size=_OFFICIAL_VOCAB,
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+    ),
+    "qwen3-4b": dict(
+        vocab_size=_OFFICIAL_VOCAB,
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+    ),
+    "qwen3-8b": dict(
+        vocab_size=_OFFICIAL_VOCAB,
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+        rope_theta=1000000.0,
+        tie_word_embeddings=False,
+    ),
+    "qwen3-14b": dict(
+        vocab_size=_OFFICIAL_VOCAB,
+        hidden_size=5120,
+        intermediate_size=17408,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+        rope_theta=1000000.0,
+        tie_word_embeddings=False,
+    ),
+    "qwen3-32b": dict(
+        vocab_size=_OFFICIAL_VOCAB,
+        hidden_size=5120,
+        intermediate_size=25600,
+        num_hidden_layers=64,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+        rope_theta=1000000.0,
+        tie_word_embeddings=False,
+    ),
+}
+
+# Keys of a Hugging Face config.json that carry no shape information for us.
+_HF_ONLY_KEYS = {"architectures", "model_type", "torch_dtype", "dtype", "transformers_version"}
+
+
+@dataclass
+class Qwen3Config:
+    """Shape and numerics of a Qwen3 model, with the field names of Hugging Face's ``Qwen3Config``."""
+
+    vocab_size: int = 8192
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 3
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 32
+    max_position_embeddings: int = 1024
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    hidden_act: str = "silu"
+    initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    # Fields we do not interpret but carry through a Hugging Face config.json untouched.
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        positive = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"Qwen3Config.{name}={value!r}: must be a positive integer.")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"Qwen3Config.num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"num_key_value_heads={self.num_key_value_heads}: grouped-query attention shares each "
+                "kv head among a whole number of query heads; pick num_key_value_heads dividing it."
+            )
+        if self.head_dim % 2:
+            raise ValueError(
+                f"Qwen3Config.head_dim={self.head_dim} is odd: RoPE rotates pairs of channels; "
+                "use an even head_dim (64 or 128 are usual)."
+            )
+        if self.rope_theta <= 0:
+            raise ValueError(
+                f"Qwen3Config.rope_theta={self.rope_theta}: must be > 0 (10000 or 1e6)."
+            )
+        if self.rms_norm_eps <= 0:
+            raise ValueError(
+                f"Qwen3Config.rms_norm_eps={self.rms_norm_eps}: must be > 0 (e.g. 1e-6)."
+            )
+        if self.hidden_act != "silu":
+            raise ValueError(
+                f"Qwen3Config.hidden_act={self.hidden_act!r}: Qwen3 uses SwiGLU; only 'silu' is supported."
+            )
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> Qwen3Config:
+        """The named preset (``tiny``, ``small``, ``qwen3-0.6b`` ... ``qwen3-32b``), with overrides."""
+        key = name.lower()
+        if key not in PRESETS:
+            raise ValueError(f"Unknown Qwen3 preset {name!r}. Known presets: {', '.join(PRESETS)}.")
+        return cls(**{**PRESETS[key], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        """A Hugging Face ``config.json`` dictionary (``Qwen3ForCausalLM``)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        d = {**self.extra, **d}
+        d.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", torch_dtype="float32")
+        d.setdefault("use_cache", True)
+        d.setdefault("rope_scaling", None)
+        d.setdefault("sliding_window", None)
+        d.setdefault("use_sliding_window", False)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Qwen3Config:
+        """Build from a Hugging Face ``config.json`` dictionary; unknown keys are kept in ``extra``."""
+        model_type = d.get("model_type", "qwen3")
+        if model_type != "qwen3":
+            raise ValueError(
+                f"config.json has model_type={model_type!r}, not 'qwen3': this loader reads Qwen3 models only."
+            )
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in d.items() if k in names}
+        extra = {k: v for k, v in d.items() if k not in names and k not in _HF_ONLY_KEYS}
+        if (
+            known.get("head_dim") is None
+            and "hidden_size" in known
+            and "num_attention_heads" in known
+        ):
+            known["head_dim"] = known["hidden_size"] // known["num_attention_heads"]
+        if known.get("num_key_value_heads") is None and "num_attention_heads" in known:
+            known["num_key_value_heads"] = known["num_attention_heads"]
+        if extra.get("rope_scaling"):
+            raise ValueError(
+                f"config.json sets rope_scaling={extra['rope_scaling']!r}: scaled RoPE is not supported; "
+                "remove it to use the plain RoPE the model was trained with."
+            )
+        # transformers 5 moves rope_theta under rope_parameters.
+        rope = extra.get("rope_parameters")
+        if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in known:
+            known["rope_theta"] = rope["rope_theta"]
+        for int_field in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if isinstance(known.get(int_field), list):
+                extra[f"{int_field}_list"] = known[int_field]
+                known[int_field] = known[int_field][0]
+        return cls(**known, extra=extra)
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> Qwen3Config:
+        """Read a Hugging Face ``config.json``."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{path} not found: a Qwen3 model directory needs a config.json."
+            ) from None
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{path} is not valid JSON ({e}); re-save or re-download it."
+            ) from None
+        return cls.from_dict(data)
+
+    @property
+    def kv_groups(self) -> int:
+        """How many query heads share one key/value head."""
+        return self.num_attention_heads // self.num_key_value_heads

@@ -1,0 +1,24 @@
+"""Choosing the device to run on."""
+
+from __future__ import annotations
+
+import torch
+
+
+def pick_device(pref: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then Apple MPS, then CPU; any other value is used as given."""
+    if pref != "auto":
+        if pref.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(
+                f"device={pref!r} asked for, but CUDA is not available; use device=auto or cpu."
+            )
+        if pref == "mps" and not torch.backends.mps.is_available():
+            raise RuntimeError(
+                "device='mps' asked for, but MPS is not available; use device=auto or cpu."
+            )
+        return torch.device(pref)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")

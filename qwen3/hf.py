@@ -1,0 +1,116 @@
+"""Read and write Hugging Face Qwen3 directories (config.json + safetensors, sharded or not)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from qwen3.config import Qwen3Config
+from qwen3.model import Qwen3
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """Map each tensor name to the safetensors file holding it."""
+    if (path / INDEX_FILE).exists():
+        index = json.loads((path / INDEX_FILE).read_text())
+        return {name: path / shard for name, shard in index["weight_map"].items()}
+    if (path / SINGLE_FILE).exists():
+        with safe_open(str(path / SINGLE_FILE), framework="pt") as f:
+            return {name: path / SINGLE_FILE for name in f.keys()}  # noqa: SIM118
+    found = sorted(p.name for p in path.iterdir())
+    raise FileNotFoundError(
+        f"{path} has no {SINGLE_FILE} or {INDEX_FILE} (found: {', '.join(found) or 'nothing'}); "
+        "point at a Hugging Face Qwen3 model directory or a checkpoint written by train.py."
+    )
+
+
+def load_pretrained(
+    path: str | Path,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Qwen3:
+    """Build a :class:`Qwen3` from a Hugging Face directory, validating every tensor's name and shape."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{path} is not a directory: expected a Hugging Face Qwen3 model directory."
+        )
+    config = Qwen3Config.from_json_file(path / "config.json")
+    with torch.device("meta"):
+        model = Qwen3(config)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    files = _weight_files(path)
+
+    missing = sorted(set(expected) - set(files))
+    extra = sorted(set(files) - set(expected) - {"lm_head.weight"})
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(
+                f"missing tensors: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
+            )
+        if extra:
+            parts.append(
+                f"unexpected tensors: {', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''}"
+            )
+        raise ValueError(
+            f"{path} does not match its config.json ({'; '.join(parts)}); the checkpoint is incomplete "
+            "or was written for another architecture."
+        )
+
+    target_dtype = dtype
+    tensors: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name in expected:
+        by_file.setdefault(files[name], []).append(name)
+    for file, names in by_file.items():
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in names:
+                t = f.get_tensor(name)
+                if tuple(t.shape) != expected[name]:
+                    raise ValueError(
+                        f"{path}: tensor {name} has shape {tuple(t.shape)}, but config.json implies "
+                        f"{expected[name]}; the weights and config.json disagree."
+                    )
+                if target_dtype is None and t.is_floating_point():
+                    target_dtype = t.dtype
+                tensors[name] = t
+
+    model = model.to_empty(device=device or "cpu")
+    model.model.rotary_emb.reset()
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.load_state_dict(tensors, strict=False)
+    if target_dtype is not None:
+        model.to(target_dtype)
+    return model.eval()
+
+
+def save_pretrained(model: Qwen3, path: str | Path) -> None:
+    """Write ``config.json`` and ``model.safetensors`` (tied head stored once, as transformers does)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {
+        name: t.detach().to("cpu").contiguous()
+        for name, t in model.state_dict().items()
+        if not (model.config.tie_word_embeddings and name == "lm_head.weight")
+    }
+    config = model.config.to_dict()
+    config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    # Write each file under a temporary name and rename it, so a crash never leaves half a file.
+    tmp = path / f".{SINGLE_FILE}.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path / SINGLE_FILE)
+    tmp = path / ".config.json.tmp"
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(tmp, path / "config.json")

@@ -1,0 +1,165 @@
+"""The building blocks of a Qwen3 decoder layer, with Hugging Face's parameter names.
+
+RMSNorm (float32 inside), rotary position embeddings, grouped-query attention with per-head
+q/k RMSNorm before RoPE, and the SwiGLU MLP. Shapes: B batch, T new tokens, S cached + new
+tokens, H query heads, K key/value heads, D head_dim, C hidden size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen3.cache import KVCache
+from qwen3.config import Qwen3Config
+
+# How many positions of cos/sin to precompute; longer sequences extend the table on demand.
+_ROPE_PRECOMPUTE = 4096
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32 and cast back, then scaled (as in transformers)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed RoPE tables (non-persistent buffers), in the rotate-half layout of transformers."""
+
+    def __init__(self, head_dim: int, theta: float, max_positions: int) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+        cos, sin = self._table(min(max_positions, _ROPE_PRECOMPUTE))
+        self.register_buffer("cos", cos, persistent=False)  # (P, D)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _table(
+        self, n: int, device: torch.device | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float()
+        inv_freq = 1.0 / (self.theta ** (exponents / self.head_dim))
+        pos = torch.arange(n, dtype=torch.int64, device=device).float()
+        freqs = torch.outer(pos, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+    def _ensure(self, n: int) -> None:
+        # Recompute when too short, or when model.to(dtype) / to_empty() changed the float32 table.
+        if n > self.cos.shape[0] or self.cos.dtype != torch.float32:
+            size = max(n, self.cos.shape[0] if n <= self.cos.shape[0] else 2 * self.cos.shape[0])
+            self.cos, self.sin = self._table(size, device=self.cos.device)
+
+    def reset(self) -> None:
+        """Recompute the tables in place (after ``to_empty()`` left them uninitialised)."""
+        self.cos, self.sin = self._table(self.cos.shape[0], device=self.cos.device)
+
+    def forward(
+        self, seq_len: int, position_ids: torch.Tensor | None, start: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of shape (T, D) for positions start..start+T, or (B, 1, T, D) for position_ids."""
+        if position_ids is None:
+            self._ensure(start + seq_len)
+            return self.cos[start : start + seq_len], self.sin[start : start + seq_len]
+        self._ensure(int(position_ids.max()) + 1)
+        return self.cos[position_ids].unsqueeze(1), self.sin[position_ids].unsqueeze(1)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the two halves of the last dimension."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, D) queries or keys by the angles in cos/sin, computed in x's dtype."""
+    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query causal self-attention through ``F.scaled_dot_product_attention``."""
+
+    def __init__(self, config: Qwen3Config, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        bias = config.attention_bias
+        c, hd = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(c, self.n_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(c, self.n_kv * hd, bias=bias)
+        self.v_proj = nn.Linear(c, self.n_kv * hd, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, c, bias=bias)
+        self.q_norm = RMSNorm(hd, config.rms_norm_eps)
+        self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, C)
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,  # (B, 1, T, S) bool, True = may attend
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, t, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(b, t, self.n_kv, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, D), (B, K, T, D)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
+        if mask is None:
+            # Training or a single-sequence prefill: plain causal. A one-token decode step with an
+            # unpadded cache attends to everything before it, so no mask at all.
+            causal = k.shape[2] == t
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=causal and t > 1, enable_gqa=True
+            )
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: Qwen3Config) -> None:
+        super().__init__()
+        c, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(c, f, bias=False)
+        self.up_proj = nn.Linear(c, f, bias=False)
+        self.down_proj = nn.Linear(f, c, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: Qwen3Config, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))

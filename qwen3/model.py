@@ -1,0 +1,161 @@
+"""The Qwen3 causal language model: embedding, decoder layers, final norm, (tied) LM head."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen3.cache import KVCache
+from qwen3.config import Qwen3Config
+from qwen3.layers import DecoderLayer, RMSNorm, RotaryEmbedding
+
+
+class Qwen3Backbone(nn.Module):
+    """Token embedding, the decoder layers and the final norm (``model.*`` in Hugging Face names)."""
+
+    def __init__(self, config: Qwen3Config) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(
+            config.head_dim, config.rope_theta, config.max_position_embeddings
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,  # (B, T), 1 = real token, 0 = padding
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        t = input_ids.shape[1]
+        mask = None
+        if cache is None:
+            if attention_mask is not None:
+                raise ValueError(
+                    "attention_mask (padding) is only supported together with a KVCache."
+                )
+            cos, sin = self.rotary_emb(t, None)
+        else:
+            if attention_mask is None:
+                valid = torch.ones_like(input_ids, dtype=torch.bool)
+            else:
+                valid = attention_mask.bool()
+            positions, mask = cache.begin(valid)
+            cos, sin = self.rotary_emb(t, positions)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache, mask)
+        return self.norm(x)
+
+
+class Qwen3(nn.Module):
+    """A Qwen3 causal LM whose ``state_dict`` uses Hugging Face's ``Qwen3ForCausalLM`` names.
+
+    Initialisation (for training from scratch, as in the reference): every linear and embedding
+    weight is drawn from N(0, initializer_range=0.02); the two projections that write into the
+    residual stream (``o_proj`` and ``down_proj``) are further scaled by 1/sqrt(2 * num_layers) so
+    the residual variance does not grow with depth (GPT-2); norms start at 1, biases at 0. The
+    tied LM head shares the embedding, so logits start small (no huge N(0, 1) logits, whose
+    denormal softmax tails slow CPUs down).
+
+    Build large presets without memory on the meta device: ``with torch.device("meta"): Qwen3(cfg)``.
+    """
+
+    def __init__(self, config: Qwen3Config) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Qwen3Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """(Re)initialise every weight as the class docstring describes."""
+        std = self.config.initializer_range
+        residual_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                scaled = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(module.weight, mean=0.0, std=residual_std if scaled else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T) int64
+        targets: torch.Tensor | None = None,  # (B, T) int64, -100 = ignore
+        cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,  # (B, T), with a cache: 0 marks left padding
+    ) -> torch.Tensor:
+        """Logits (B, T, V), or with ``targets`` the mean next-token cross-entropy (a scalar).
+
+        With a ``cache`` the new tokens are appended to it (their keys/values stored, positions
+        continuing each row's own count) and the cache remembers the last logits.
+        """
+        hidden = self.model(input_ids, cache, attention_mask)  # (B, T, C)
+        logits = self.lm_head(hidden)  # (B, T, V)
+        if targets is not None:
+            return F.cross_entropy(
+                logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
+            )
+        if cache is not None:
+            cache.commit(logits[:, -1])
+        return logits
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        """Number of distinct parameters (a tied head counts once)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embedding:
+            n -= self.model.embed_tokens.weight.numel()
+        return n
+
+    def estimate_flops(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward) at context ``seq_len``.
+
+        6 per weight of every matmul, the LM head included even when tied to the embedding (the
+        embedding lookup itself is free), plus the attention scores and mixing:
+        12 * layers * heads * head_dim * seq_len (PaLM's convention, not halved for causality).
+        """
+        c = self.config
+        matmul_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        attention = 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
+        return 6.0 * matmul_params + attention
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Qwen3:
+        """Load a Hugging Face Qwen3 directory (``config.json`` + safetensors, sharded or not)."""
+        from qwen3.hf import load_pretrained
+
+        return load_pretrained(path, device=device, dtype=dtype)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write ``config.json`` + ``model.safetensors`` that ``transformers`` loads as Qwen3ForCausalLM."""
+        from qwen3.hf import save_pretrained
+
+        save_pretrained(self, path)

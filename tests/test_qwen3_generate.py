@@ -1,0 +1,115 @@
+"""KV-cache generation: cache = recompute, padding, continuation, sampling options, stop ids."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen3 import KVCache, Qwen3, Qwen3Config, generate, sample_next, stream_generate
+
+CFG = Qwen3Config(
+    vocab_size=61,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=32,
+)
+
+
+@pytest.fixture(scope="module")
+def model() -> Qwen3:
+    torch.manual_seed(0)
+    m = Qwen3(CFG).eval()
+    with torch.no_grad():  # larger weights so greedy paths are varied, not one repeated token
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.mul_(20)
+    return m
+
+
+def greedy_by_recompute(model: Qwen3, prompt: list[int], n: int) -> list[int]:
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+def test_greedy_with_cache_equals_full_recomputation(model: Qwen3) -> None:
+    prompt = [3, 14, 15, 9, 26]
+    expected = greedy_by_recompute(model, prompt, 40)  # 45 positions: past the 32 precomputed
+    assert len(set(expected)) > 3
+    assert generate(model, [prompt], 40, temperature=0) == [expected]
+    assert list(stream_generate(model, prompt, 40, temperature=0)) == expected
+
+
+def test_batched_prompts_of_different_lengths_match_single_runs(model: Qwen3) -> None:
+    prompts = [[5], [7, 8, 9, 10, 11, 12], [1, 2, 3]]
+    batched = generate(model, prompts, 12, temperature=0)
+    assert batched == [greedy_by_recompute(model, p, 12) for p in prompts]
+
+
+def test_continuation_from_an_existing_cache(model: Qwen3) -> None:
+    prompt, more = [4, 8, 15], [16, 23]
+    full = greedy_by_recompute(model, prompt + more, 6)
+    cache = KVCache(CFG, 1, 64)
+    first = generate(model, [prompt], 1, temperature=0, cache=cache)
+    assert first == [greedy_by_recompute(model, prompt, 1)]
+    # The sampled token is never fed back on the last step, so the cache holds just the prompt and
+    # appending `more` continues the text prompt + more.
+    assert generate(model, [more], 6, temperature=0, cache=cache) == [full]
+    # no new tokens at all: continue from the cache's last logits
+    again = KVCache(CFG, 1, 64)
+    with torch.no_grad():
+        model(torch.tensor([prompt + more]), cache=again)
+    assert generate(model, [[]], 6, temperature=0, cache=again) == [full]
+
+
+def test_eos_stops_each_row_and_is_not_returned(model: Qwen3) -> None:
+    prompt = [3, 14, 15, 9, 26]
+    free = greedy_by_recompute(model, prompt, 20)
+    stop = free[5]
+    cut = free.index(stop)
+    out = generate(model, [prompt, [1, 2]], 20, temperature=0, eos_ids=[stop])
+    assert out[0] == free[:cut]
+    assert stop not in out[1]
+
+
+def test_sampling_is_seeded_and_honours_top_k_and_top_p() -> None:
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(500, 1)
+    k2 = sample_next(logits, 1.0, top_k=2, generator=torch.Generator().manual_seed(0))
+    assert set(k2.tolist()) == {0, 1}
+    probs = logits[0].softmax(-1)
+    # top_p just above p0 keeps exactly the first two tokens
+    p2 = sample_next(
+        logits, 1.0, top_p=float(probs[0]) + 1e-3, generator=torch.Generator().manual_seed(0)
+    )
+    assert set(p2.tolist()) == {0, 1}
+    hot = sample_next(logits, 5.0, generator=torch.Generator().manual_seed(0))
+    assert len(set(hot.tolist())) == 6  # high temperature flattens
+    assert sample_next(logits[:1], 0.0).item() == 0  # greedy
+
+
+def test_generate_is_reproducible_with_a_seed(model: Qwen3) -> None:
+    a = generate(model, [[1, 2, 3]], 15, temperature=1.0, top_k=10, seed=7)
+    b = generate(model, [[1, 2, 3]], 15, temperature=1.0, top_k=10, seed=7)
+    c = generate(model, [[1, 2, 3]], 15, temperature=1.0, top_k=10, seed=8)
+    assert a == b and a != c
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [(dict(temperature=-1.0), "temperature"), (dict(top_p=1.5), "top_p"), (dict(top_k=0), "top_k")],
+)
+def test_bad_sampling_options_are_refused(model: Qwen3, kwargs: dict, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        generate(model, [[1, 2]], 3, **kwargs)
+
+
+def test_full_cache_is_refused_with_a_clear_message(model: Qwen3) -> None:
+    cache = KVCache(CFG, 1, 8)
+    with pytest.raises(ValueError, match="KVCache too small"):
+        generate(model, [[1, 2, 3]], 10, cache=cache)
