@@ -1,0 +1,133 @@
+"""Serve a Qwen3 checkpoint: a web page at / and an OpenAI-compatible API under /v1.
+
+    python serve.py                      # best checkpoint of the most recent run under checkpoints/
+    python serve.py --ckpt DIR           # a step dir, a run dir (its best), or a Hugging Face Qwen3 dir
+    python serve.py --port 8080 --host 0.0.0.0   # other interfaces only when you ask for them
+
+Endpoints: GET /, GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions
+(`stream: true` for server-sent events). `max_tokens` above --max-tokens-cap is refused (400);
+generation also ends where the model's context is full (finish_reason "length"); a prompt that
+fills the whole context is refused (400).
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+
+from serving.checkpoint import CheckpointError, resolve_checkpoint
+
+DEFAULT_MAX_TOKENS_CAP = (
+    1024  # the largest max_tokens a request may ask for, unless --max-tokens-cap says otherwise
+)
+
+
+class PortError(Exception):
+    """The address cannot be listened on; the message says what to do."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--ckpt", help="checkpoint or Hugging Face Qwen3 directory (default: newest run's best)"
+    )
+    parser.add_argument(
+        "--checkpoints", default="checkpoints", help="where runs live (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface to bind (default: %(default)s, loopback only)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=8000, help="port (default: %(default)s; 0 picks a free one)"
+    )
+    parser.add_argument(
+        "--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"
+    )
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="default: as saved"
+    )
+    parser.add_argument(
+        "--model-name", help="model id in the API (default: <run>/<step> or the dir name)"
+    )
+    parser.add_argument(
+        "--max-tokens-cap",
+        type=int,
+        default=DEFAULT_MAX_TOKENS_CAP,
+        help="largest max_tokens a request may ask for; more is refused (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=32,
+        help="sequences decoded at once; more requests wait their turn (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    args = parser.parse_args(argv)
+    if args.max_tokens_cap < 1 or args.max_batch_size < 1:
+        parser.error("--max-tokens-cap and --max-batch-size must be at least 1")
+    return args
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind and listen now, so a taken port is reported before the model loads."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        if err.errno == 98 or "in use" in str(err).lower():
+            raise PortError(
+                f"port {port} on {host} is already in use; stop the other server or pass --port N"
+            ) from err
+        raise PortError(
+            f"cannot listen on {host}:{port} ({err.strerror}); check --host and --port"
+        ) from err
+    sock.listen(2048)
+    return sock
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        path = resolve_checkpoint(args.ckpt, args.checkpoints)
+        sock = bind_socket(args.host, args.port)
+        # Imported late so that the checks above answer before torch and FastAPI load.
+        from serving.served_model import load_served_model
+
+        served = load_served_model(path, device=args.device, dtype=args.dtype, name=args.model_name)
+    except (CheckpointError, PortError) as err:
+        print(f"serve.py: error: {err}", file=sys.stderr)
+        return 1
+    import uvicorn
+
+    from serving.app import create_app
+
+    app = create_app(served, max_tokens_cap=args.max_tokens_cap, max_batch_size=args.max_batch_size)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(
+        f"Serving {served.name} ({served.num_params:,} parameters, context {served.context_length}, "
+        f"{served.device}) from {path}\nOpen http://{shown}:{port}/ - API at http://{shown}:{port}/v1",
+        flush=True,
+    )
+    if host not in ("127.0.0.1", "::1", "localhost"):
+        print(
+            f"warning: listening on {host}: anyone who can reach this machine can use the model",
+            flush=True,
+        )
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

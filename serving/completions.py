@@ -1,0 +1,254 @@
+"""POST /v1/completions and /v1/chat/completions: validate, queue on the engine, answer or stream.
+
+Limits (documented in serve.py --help as well):
+- `max_tokens` above the server's cap (`--max-tokens-cap`) is refused with 400; when the prompt
+  leaves less room than `max_tokens` in the context, generation ends there (finish_reason
+  "length"), as the KV cache and positions cannot go past the model's context.
+- A prompt that fills the whole context (no room for one new token) is refused with 400.
+- `model` names the served model (or is omitted); any other name gets 404.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+
+from serving.engine import Choice, GenerationEngine, GenerationRequest, SamplingParams
+from serving.errors import APIError
+from serving.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    SamplingFields,
+    Usage,
+)
+from serving.served_model import ServedModel
+from serving.text_stream import TextStream
+
+router = APIRouter()
+DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its answer was ready."""
+
+
+def _check_model(served: ServedModel, body: SamplingFields) -> None:
+    if body.model not in (None, "", served.name):
+        raise APIError(
+            404,
+            f"model '{body.model}' not found; this server serves '{served.name}' (see GET /v1/models)",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def _prompt_ids(served: ServedModel, prompt: str | list, field: str) -> list[list[int]]:
+    """Token ids of each prompt; text is encoded, ids are range-checked."""
+    tok = served.tokenizer
+    if isinstance(prompt, str):
+        prompts: list = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        prompts = [prompt]
+    else:
+        prompts = list(prompt)
+    out = []
+    for p in prompts:
+        ids = tok.encode(p) if isinstance(p, str) else list(p)
+        bad = [i for i in ids if not 0 <= i < served.model.config.vocab_size]
+        if bad:
+            raise APIError(
+                400,
+                f"invalid '{field}': token id {bad[0]} is outside the vocabulary "
+                f"(0..{served.model.config.vocab_size - 1})",
+                param=field,
+            )
+        out.append(
+            ids or [tok.eos_id]
+        )  # an empty prompt starts from <|endoftext|>, as in OpenAI's API
+    return out
+
+
+def _build_request(
+    http: Request, body: SamplingFields, prompts: list[list[int]], field: str, default_max: int
+) -> GenerationRequest:
+    served: ServedModel = http.app.state.served
+    cap: int = http.app.state.max_tokens_cap
+    max_tokens = body.max_tokens or default_max
+    if max_tokens > cap:
+        raise APIError(
+            400,
+            f"max_tokens={max_tokens} is above this server's cap of {cap} "
+            "(start serve.py with a larger --max-tokens-cap)",
+            param="max_tokens",
+        )
+    ctx = served.context_length
+    choices = []
+    for p_index, ids in enumerate(prompts):
+        if len(ids) >= ctx:
+            raise APIError(
+                400,
+                f"'{field}' is {len(ids)} tokens but the model's context is {ctx} "
+                "tokens, leaving no room to generate; shorten it",
+                param=field,
+                code="context_length_exceeded",
+            )
+        for j in range(body.n):
+            stream = TextStream(
+                lambda t: served.tokenizer.decode(t, skip_special_tokens=True), body.stop_list
+            )
+            choices.append(
+                Choice(p_index * body.n + j, ids, min(max_tokens, ctx - len(ids)), stream)
+            )
+    params = SamplingParams(body.temperature, body.top_p, body.top_k, body.seed)
+    return GenerationRequest(choices=choices, params=params, loop=asyncio.get_running_loop())
+
+
+def _usage(req: GenerationRequest) -> Usage:
+    seen: dict[int, int] = {}
+    for c in req.choices:
+        seen[id(c.prompt_ids)] = len(c.prompt_ids)
+    prompt = sum(seen.values())
+    completion = sum(len(c.text.token_ids) for c in req.choices)
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
+
+
+async def _collect(http: Request, req: GenerationRequest) -> tuple[list[str], list[str]]:
+    """Wait for every choice to finish, cancelling if the client disconnects meanwhile."""
+    texts = [""] * len(req.choices)
+    reasons = ["stop"] * len(req.choices)
+    while True:
+        try:
+            kind, index, value = await asyncio.wait_for(req.events.get(), DISCONNECT_POLL_S)
+        except TimeoutError:
+            if await http.is_disconnected():
+                raise ClientGone from None
+            continue
+        if kind == "delta":
+            texts[index] += value
+        elif kind == "finish":
+            reasons[index] = value
+        elif kind == "error":
+            raise APIError(500, value)
+        elif kind == "end":
+            return texts, reasons
+
+
+def _sse(payload: str) -> str:
+    return f"data: {payload}\n\n"
+
+
+async def _events(req: GenerationRequest, chunk, include_usage: bool) -> AsyncIterator[str]:
+    """Stream the engine's events as SSE chunks; `chunk(index, text, finish)` builds one."""
+    try:
+        while True:
+            kind, index, value = await req.events.get()
+            if kind == "delta":
+                yield _sse(chunk([(index, value, None)]).model_dump_json())
+            elif kind == "finish":
+                yield _sse(chunk([(index, None, value)]).model_dump_json())
+            elif kind == "error":
+                yield _sse(json.dumps(APIError(500, value).body()))
+                break
+            elif kind == "end":
+                if include_usage:
+                    yield _sse(chunk([], usage=_usage(req)).model_dump_json())
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        req.cancel()  # normal end, client gone, or server shutting down
+
+
+async def _respond(http: Request, req: GenerationRequest, body: SamplingFields, chunk, full):
+    engine: GenerationEngine = http.app.state.engine
+    engine.submit(req)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(
+            _events(req, chunk, include_usage), media_type="text/event-stream", headers=headers
+        )
+    try:
+        texts, reasons = await _collect(http, req)
+    except ClientGone:
+        return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
+    finally:
+        req.cancel()
+    return full(texts, reasons, _usage(req))
+
+
+@router.post("/v1/completions", response_model=CompletionResponse)
+async def completions(body: CompletionRequest, http: Request):
+    """Continue a prompt (OpenAI text completions)."""
+    served: ServedModel = http.app.state.served
+    _check_model(served, body)
+    req = _build_request(http, body, _prompt_ids(served, body.prompt, "prompt"), "prompt", 16)
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def chunk(parts, usage=None) -> CompletionResponse:
+        choices = [CompletionChoice(index=i, text=t or "", finish_reason=f) for i, t, f in parts]
+        return CompletionResponse(
+            id=rid, created=created, model=served.name, choices=choices, usage=usage
+        )
+
+    def full(texts, reasons, usage) -> CompletionResponse:
+        return chunk(list(zip(range(len(texts)), texts, reasons, strict=True)), usage)
+
+    return await _respond(http, req, body, chunk, full)
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+async def chat_completions(body: ChatCompletionRequest, http: Request):
+    """Answer a conversation rendered with the model's chat format (OpenAI chat completions)."""
+    served: ServedModel = http.app.state.served
+    _check_model(served, body)
+    try:
+        text = served.tokenizer.apply_chat_template(
+            body.chat_messages(), add_generation_prompt=True
+        )
+    except ValueError as err:
+        raise APIError(400, f"invalid 'messages': {err}", param="messages") from err
+    req = _build_request(
+        http, body, _prompt_ids(served, text, "messages"), "messages", http.app.state.max_tokens_cap
+    )
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    started: set[int] = set()
+
+    def chunk(parts, usage=None) -> ChatCompletionChunk:
+        choices = []
+        for i, text_delta, finish in parts:
+            role = (
+                None if i in started else "assistant"
+            )  # the first chunk of a choice names the role
+            started.add(i)
+            delta = ChatDelta(role=role, content=text_delta) if text_delta or role else ChatDelta()
+            choices.append(ChatChunkChoice(index=i, delta=delta, finish_reason=finish))
+        return ChatCompletionChunk(
+            id=rid, created=created, model=served.name, choices=choices, usage=usage
+        )
+
+    def full(texts, reasons, usage) -> ChatCompletionResponse:
+        choices = [
+            ChatChoice(index=i, message=AssistantMessage(content=t), finish_reason=f)
+            for i, (t, f) in enumerate(zip(texts, reasons, strict=True))
+        ]
+        return ChatCompletionResponse(
+            id=rid, created=created, model=served.name, choices=choices, usage=usage
+        )
+
+    return await _respond(http, req, body, chunk, full)

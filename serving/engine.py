@@ -1,0 +1,237 @@
+"""The generation engine: one worker thread that batches requests and serves them round-robin.
+
+Requests waiting at the same moment with the same sampling settings (and no seed) are decoded
+as one left-padded batch (`qwen3.generate_steps`); a seeded request gets a batch of its own so
+its output does not depend on the load. Each round the worker advances every live batch by one
+token, so a new request starts while long ones are still running and no batch starves another.
+Tokens go back to the event loop through each request's asyncio queue; a cancelled request (its
+client went away) is dropped at the next step, and a batch stops once none of its rows is wanted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from qwen3 import Qwen3, generate_steps
+from qwen3.tokenizer import Qwen3Tokenizer
+from serving.text_stream import TextStream
+
+log = logging.getLogger("serving.engine")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens; requests with equal params and no seed may share a batch."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    seed: int | None = None
+
+    def batch_key(self) -> tuple | None:
+        """Requests with the same key can be decoded together; None: a batch of its own."""
+        return None if self.seed is not None else (self.temperature, self.top_p, self.top_k)
+
+
+@dataclass
+class Choice:
+    """One generated sequence of a request (`n` choices per prompt)."""
+
+    index: int
+    prompt_ids: list[int]
+    max_tokens: int
+    text: TextStream
+    finish_reason: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(eq=False)
+class GenerationRequest:
+    """A request's choices, the queue its events go to, and its cancellation flag.
+
+    Events put on `events`: ("delta", index, text), ("finish", index, reason), ("end", None, None)
+    after the last choice finished, or ("error", None, message).
+    """
+
+    choices: list[Choice]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def emit(self, kind: str, index: int | None, value: str | None) -> None:
+        """Hand an event to the event loop (callable from the worker thread)."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, index, value))
+        except RuntimeError:  # the loop has closed: nobody is listening any more
+            self.cancelled.set()
+
+    def cancel(self) -> None:
+        """Stop generating for this request (safe from any thread)."""
+        self.cancelled.set()
+
+
+@dataclass(eq=False)
+class _Batch:
+    rows: list[tuple[GenerationRequest, Choice]]
+    steps: Iterator[list[int | None]]
+
+
+class GenerationEngine:
+    """Owns the model on one worker thread; `submit` queues a request, `cancel` drops it."""
+
+    def __init__(
+        self,
+        model: Qwen3,
+        tokenizer: Qwen3Tokenizer,
+        max_batch_size: int = 32,
+        eos_ids: Sequence[int] | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.eos_ids = (
+            tuple(eos_ids) if eos_ids is not None else (tokenizer.eos_id, tokenizer.im_end_id)
+        )
+        self._waiting: collections.deque[GenerationRequest] = collections.deque()
+        self._batches: list[_Batch] = []
+        self._wake = threading.Condition()
+        self._stopping = False
+        self.stats = {"completed": 0, "cancelled": 0, "generated_tokens": 0}
+        self._thread = threading.Thread(target=self._run, name="generation-worker", daemon=True)
+
+    # ---- called from the event loop ------------------------------------------------------
+    def start(self) -> None:
+        """Start the worker thread."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the worker thread after its current step."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    def submit(self, request: GenerationRequest) -> None:
+        """Queue a request; its events start arriving on `request.events`."""
+        with self._wake:
+            self._waiting.append(request)
+            self._wake.notify()
+
+    @property
+    def load(self) -> dict[str, int]:
+        """Requests waiting, rows being decoded, and totals since start (for /health)."""
+        running = sum(len(b.rows) for b in self._batches)
+        return {"waiting": len(self._waiting), "running": running, **self.stats}
+
+    # ---- the worker thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        if self.model.device.type == "cpu":
+            torch.set_flush_denormal(True)  # denormal softmax tails slow CPU decoding severalfold
+        while True:
+            with self._wake:
+                while not self._stopping and not self._waiting and not self._batches:
+                    self._wake.wait()
+                if self._stopping:
+                    return
+                admitted = self._admit()
+            for batch in admitted:
+                self._batches.append(batch)
+            for batch in list(self._batches):
+                if not self._advance(batch):
+                    self._batches.remove(batch)
+
+    def _admit(self) -> list[_Batch]:
+        """Form batches from waiting requests, FIFO, within the row budget (lock held)."""
+        room = self.max_batch_size - sum(len(b.rows) for b in self._batches)
+        groups: dict[object, list[GenerationRequest]] = {}
+        while self._waiting:
+            request = self._waiting[0]
+            if request.cancelled.is_set():
+                self._waiting.popleft()
+                self.stats["cancelled"] += 1
+                continue
+            size = len(request.choices)
+            if size > room and (self._batches or groups):
+                break  # wait for rows to free up; an oversize request alone still runs
+            self._waiting.popleft()
+            room -= size
+            key = request.params.batch_key() or id(request)
+            groups.setdefault(key, []).append(request)
+        return [self._start_batch(requests) for requests in groups.values()]
+
+    def _start_batch(self, requests: list[GenerationRequest]) -> _Batch:
+        rows = [(r, c) for r in requests for c in r.choices]
+        p = requests[0].params
+        steps = generate_steps(
+            self.model,
+            [c.prompt_ids for _, c in rows],
+            max_new_tokens=max(c.max_tokens for _, c in rows),
+            temperature=p.temperature,
+            top_k=p.top_k,
+            top_p=p.top_p if p.top_p < 1.0 else None,
+            eos_ids=self.eos_ids,
+            seed=p.seed,
+        )
+        return _Batch(rows=rows, steps=steps)
+
+    def _advance(self, batch: _Batch) -> bool:
+        """Decode one token for every row of `batch`; False once the batch is finished."""
+        self._drop_cancelled(batch)
+        live = [(r, c) for r, c in batch.rows if not c.done]
+        if not live:
+            batch.steps.close()
+            return False
+        try:
+            tokens = next(batch.steps, None)
+        except Exception as err:  # a failure in one batch must not take the server down
+            log.exception("generation failed")
+            for request in {r for r, _ in live}:
+                request.emit("error", None, f"generation failed: {err}")
+                request.cancel()
+            return False
+        for row, (request, choice) in enumerate(batch.rows):
+            if choice.done:
+                continue
+            token = tokens[row] if tokens is not None else None
+            if token is None:  # end of sequence (or the batch ran out of steps)
+                self._finish(request, choice, "stop" if tokens is not None else "length")
+                continue
+            self.stats["generated_tokens"] += 1
+            delta = choice.text.push(token)
+            if delta:
+                request.emit("delta", choice.index, delta)
+            if choice.text.stopped:
+                self._finish(request, choice, "stop")
+            elif len(choice.text.token_ids) >= choice.max_tokens:
+                self._finish(request, choice, "length")
+        return tokens is not None
+
+    def _drop_cancelled(self, batch: _Batch) -> None:
+        """Mark the unfinished choices of cancelled requests as done, counting each request once."""
+        dropped = set()
+        for request, choice in batch.rows:
+            if request.cancelled.is_set() and not choice.done:
+                choice.finish_reason = "cancelled"
+                dropped.add(request)
+        self.stats["cancelled"] += len(dropped)
+
+    def _finish(self, request: GenerationRequest, choice: Choice, reason: str) -> None:
+        tail = choice.text.flush()
+        if tail:
+            request.emit("delta", choice.index, tail)
+        choice.finish_reason = reason
+        request.emit("finish", choice.index, reason)
+        if all(c.done for c in request.choices):
+            self.stats["completed"] += 1
+            request.emit("end", None, None)

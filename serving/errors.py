@@ -1,0 +1,91 @@
+"""Errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}` with a fitting status.
+
+Every bad request gets one message naming the field at fault; nothing a client sends can take
+the server down.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+# Pydantic names the branch of a union it tried (`str`, `list[int]`, `function-after[...]`).
+_UNION_BRANCH = re.compile(r"^(str|int|float|bool|list|dict)(\[.*\])?$|^function-")
+
+
+class APIError(Exception):
+    """An error to send back to the client as an OpenAI error body."""
+
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body OpenAI clients parse (`openai.APIStatusError.message` shows `message`)."""
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {
+            "error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}
+        }
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    """`("body", "messages", 0, "role")` -> `messages[0].role`."""
+    path = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not _UNION_BRANCH.match(str(part)):
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    """Turn FastAPI's validation report into one message naming the first field at fault."""
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    if first.get("type") == "json_invalid":
+        detail = first.get("ctx", {}).get("error", "")
+        return APIError(
+            400,
+            f"request body is not valid JSON ({detail}); send a JSON object",
+            code="invalid_json",
+        )
+    field = _field_path(tuple(first.get("loc", ())))
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if first.get("type") == "missing":
+        return APIError(400, f"missing required field '{field}'", param=field, code="missing_field")
+    if not field:  # a model-level check: its message already names the field
+        return APIError(400, message, code="invalid_value")
+    got = first.get("input")
+    shown = f" (got {got!r})" if got is not None and not isinstance(got, dict | list) else ""
+    return APIError(400, f"invalid '{field}': {message}{shown}", param=field, code="invalid_value")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Make every error response an OpenAI error body."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        err = validation_error(exc)
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        err = APIError(
+            exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None
+        )
+        return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)

@@ -1,0 +1,262 @@
+"""OpenAI-compatible request and response bodies for /v1/completions and /v1/chat/completions.
+
+Field names, defaults and ranges follow the OpenAI API reference. Fields this server does not
+implement are accepted only at their neutral value, so a request never silently gets less than
+it asked for; unknown fields are ignored, as OpenAI-compatible servers commonly do.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+MAX_CHOICES = 8  # `n` above this is refused: each choice is a full generation
+
+
+class StreamOptions(BaseModel):
+    """`stream_options`: `include_usage` adds a last chunk carrying the token counts."""
+
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """The sampling fields shared by both endpoints, with OpenAI's ranges."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(
+        default=None, description="Served model id; omitted means the one served."
+    )
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0 means greedy.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(
+        default=None, ge=1, description="Extension (as in vLLM): keep the k likeliest."
+    )
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # Accepted at their neutral values only (see module docstring).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    logprobs: Any = None
+
+    @field_validator("temperature", "top_p", mode="before")
+    @classmethod
+    def _null_means_default(cls, value: Any) -> Any:
+        return 1.0 if value is None else value
+
+    @field_validator("n", mode="before")
+    @classmethod
+    def _null_n(cls, value: Any) -> Any:
+        return 1 if value is None else value
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: str | list[str] | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must be non-empty strings")
+        return stops
+
+    @model_validator(mode="after")
+    def _check_unsupported(self) -> SamplingFields:
+        unsupported = {
+            "presence_penalty": self.presence_penalty not in (0, None),
+            "frequency_penalty": self.frequency_penalty not in (0, None),
+            "logit_bias": bool(self.logit_bias),
+            "logprobs": self.logprobs not in (None, False, 0),
+        }
+        for name, used in unsupported.items():
+            if used:
+                raise ValueError(f"{name} is not supported by this server; leave it unset")
+        return self
+
+    @property
+    def stop_list(self) -> list[str]:
+        """`stop` normalised to a list (the validator already made it one)."""
+        return list(self.stop or [])
+
+
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions. `prompt` is text, token ids, or a list of either (one choice set each)."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @model_validator(mode="after")
+    def _check_completion_only(self) -> CompletionRequest:
+        if self.echo:
+            raise ValueError("echo is not supported by this server; leave it unset")
+        if self.suffix:
+            raise ValueError("suffix is not supported by this server; leave it unset")
+        if self.best_of not in (None, 1):
+            raise ValueError("best_of is not supported by this server; use n instead")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("prompt must not be an empty list")
+        return self
+
+
+class ContentPart(BaseModel):
+    """One part of a multi-part message; only text parts can be rendered."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """A chat message; `content` is text or a list of text parts."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """The message content as one string."""
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(SamplingFields):
+    """POST /v1/chat/completions; messages are rendered with the model's chat format."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    top_logprobs: int | None = None
+
+    @model_validator(mode="after")
+    def _check_chat_only(self) -> ChatCompletionRequest:
+        if self.tools or self.functions:
+            raise ValueError("tools/functions are not supported by this server; leave them unset")
+        if self.top_logprobs:
+            raise ValueError("top_logprobs is not supported by this server; leave it unset")
+        if self.max_completion_tokens is not None:  # the newer name wins, as in OpenAI's API
+            self.max_tokens = self.max_completion_tokens
+        return self
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        """Messages as plain dicts for the tokenizer's chat template (developer -> system)."""
+        role = {"developer": "system"}
+        return [{"role": role.get(m.role, m.role), "content": m.text()} for m in self.messages]
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class Usage(BaseModel):
+    """Token counts of one request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    """One choice of a text completion (also the shape of a streamed choice)."""
+
+    index: int
+    text: str
+    finish_reason: FinishReason | None = None
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    """Body of /v1/completions, and of each streamed chunk (then without usage)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    """The generated message of a chat choice."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    """One choice of a chat completion."""
+
+    index: int
+    message: AssistantMessage
+    finish_reason: FinishReason
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    """Body of /v1/chat/completions without streaming."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    """The increment a streamed chat chunk carries."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    """One choice of a streamed chat chunk."""
+
+    index: int
+    delta: ChatDelta
+    finish_reason: FinishReason | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    """An entry of GET /v1/models; beyond OpenAI's fields it tells size and context length."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "local"
+    max_model_len: int
+    max_tokens_cap: int
+    num_params: int
+    device: str
+    dtype: str
+
+
+class ModelList(BaseModel):
+    """Body of GET /v1/models."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,69 @@
+"""Load a checkpoint directory into the model, tokenizer and facts the server reports about it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qwen3 import Qwen3, pick_device
+from qwen3.tokenizer import Qwen3Tokenizer
+from serving.checkpoint import CheckpointError, check_qwen3_dir, model_name
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ServedModel:
+    """A loaded model with its tokenizer, id and limits."""
+
+    model: Qwen3
+    tokenizer: Qwen3Tokenizer
+    name: str
+    path: Path
+    context_length: int
+    num_params: int
+    created: int
+
+    @property
+    def device(self) -> str:
+        return str(self.model.device)
+
+    @property
+    def dtype(self) -> str:
+        return str(self.model.dtype).removeprefix("torch.")
+
+
+def load_served_model(
+    path: Path, device: str = "auto", dtype: str | None = None, name: str | None = None
+) -> ServedModel:
+    """Load `path` (already resolved) for serving; CheckpointError says what is wrong with it."""
+    check_qwen3_dir(path)
+    if dtype is not None and dtype not in DTYPES:
+        raise CheckpointError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    try:
+        torch_device = pick_device(device)
+    except RuntimeError as err:
+        raise CheckpointError(str(err)) from err
+    try:
+        tokenizer = Qwen3Tokenizer.from_dir(path)
+        model = Qwen3.from_pretrained(path, device=torch_device, dtype=DTYPES.get(dtype or ""))
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"cannot load {path} as a Qwen3 model: {err}") from err
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise CheckpointError(
+            f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
+            f"{model.config.vocab_size}; save the tokenizer the model was trained with beside it"
+        )
+    model.eval()
+    return ServedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=name or model_name(path),
+        path=path,
+        context_length=model.config.max_position_embeddings,
+        num_params=model.num_params(),
+        created=int((path / "config.json").stat().st_mtime or time.time()),
+    )
