@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: install test test-slow test-all train demo interactive
+.PHONY: install lint typecheck test test-slow test-all check train demo interactive
 
 install: $(VENV)/.installed
 
@@ -16,8 +16,24 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PIP) install -q -c requirements.lock -e '.[dev]'
 	touch $@
 
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+# Coverage floors: the whole suite, and each of the core packages on its own.
+COV_FLOOR ?= 80
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest --cov --cov-report=term
+	@for pkg in qwen3 optim data; do \
+	  $(VENV)/bin/coverage report --include="$$pkg/*" --fail-under=$(COV_FLOOR) >/dev/null \
+	    || { echo "coverage of $$pkg/ is below $(COV_FLOOR)%:"; $(VENV)/bin/coverage report --include="$$pkg/*"; exit 1; }; \
+	done
+
+# Lint first (seconds), then types, then the tests: the fastest failure shows first.
+check: lint typecheck test
 
 test-slow: install
 	$(PY) -m pytest -m slow
