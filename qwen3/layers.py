@@ -34,6 +34,9 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """Precomputed RoPE tables (non-persistent buffers), in the rotate-half layout of transformers."""
 
+    cos: torch.Tensor  # (P, D) float32
+    sin: torch.Tensor
+
     def __init__(self, head_dim: int, theta: float, max_positions: int) -> None:
         super().__init__()
         self.head_dim = head_dim
