@@ -1,1 +1,8 @@
-"""data package."""
+"""Data pipeline: text sources, tokenizer training, token cache, batch sampler."""
+
+from data.config import DataConfig
+from data.errors import DataError
+from data.prepare import PreparedData, prepare_data
+from data.sampler import BatchSampler, val_batches
+
+__all__ = ["BatchSampler", "DataConfig", "DataError", "PreparedData", "prepare_data", "val_batches"]

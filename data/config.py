@@ -1,0 +1,90 @@
+"""`DataConfig`: where text comes from, how it is split and limited, where caches live."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from data.errors import DataError
+
+SOURCES = ("shakespeare", "hf", "local")
+DOC_SEPARATORS = ("blank_line", "file", "line")
+
+
+@dataclass
+class DataConfig:
+    """The data section of a run (mirrors `conf/data/*.yaml` one to one).
+
+    source: `shakespeare` (the built-in default corpus), `hf` (a Hugging Face dataset,
+      streamed) or `local` (globs of .txt / .jsonl / .parquet files, streamed by `datasets`).
+    path, name, split: the `hf` dataset (`roneneldan/TinyStories`), its config and train split.
+    text_field: the column holding the text (`hf`, and `local` JSON Lines / Parquet).
+    paths: `local` globs, e.g. `["corpus/*.txt"]`, relative to the working directory.
+    doc_separator: how `.txt` files split into documents: `blank_line`, `file` or `line`.
+    max_docs: read at most this many documents (per split when the source has its own
+      validation split). max_tokens: cut the train split to this many tokens.
+    val_docs: hold out this many documents (the first ones of the stream; for `shakespeare`,
+      this many whole plays chosen by a fixed hash). When null, `val_fraction` decides: every
+      round(1/val_fraction)-th document (the share of plays for `shakespeare`). An `hf` dataset
+      with a `validation` split uses that split instead.
+    cache_dir: where tokenizers and token caches are stored (relative to the working directory).
+    tokenizer: an existing tokenizer directory (e.g. a downloaded Qwen3 one); null = train one.
+    vocab_size: the vocabulary to train; null = the model's vocab_size.
+    tokenizer_max_bytes: the most text (UTF-8 bytes) the tokenizer trainer reads.
+    """
+
+    source: Literal["shakespeare", "hf", "local"] = "shakespeare"
+    path: str | None = None
+    name: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    paths: list[str] = field(default_factory=list)
+    doc_separator: Literal["blank_line", "file", "line"] = "blank_line"
+    max_docs: int | None = None
+    max_tokens: int | None = None
+    val_docs: int | None = None
+    val_fraction: float = 0.05
+    cache_dir: str = ".cache/data"
+    tokenizer: str | None = None
+    vocab_size: int | None = None
+    tokenizer_max_bytes: int = 200_000_000
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise DataError(f"data.source={self.source!r} is unknown: choose one of {SOURCES}")
+        if self.doc_separator not in DOC_SEPARATORS:
+            raise DataError(
+                f"data.doc_separator={self.doc_separator!r} is unknown: choose one of "
+                f"{DOC_SEPARATORS}"
+            )
+        if self.source == "hf" and not self.path:
+            raise DataError(
+                "data.source=hf needs data.path, the dataset id (e.g. data.path=roneneldan/TinyStories)"
+            )
+        if self.source == "local":
+            if isinstance(self.paths, str):
+                self.paths = [self.paths]
+            if not self.paths:
+                raise DataError(
+                    "data.source=local needs data.paths, a list of globs "
+                    "(e.g. data.paths='[corpus/*.txt]')"
+                )
+        for key in ("max_docs", "max_tokens", "vocab_size"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise DataError(f"data.{key}={value} must be positive, or null for no limit")
+        if self.val_docs is not None and self.val_docs < 1:
+            raise DataError(
+                f"data.val_docs={self.val_docs} must be at least 1 (a run needs a validation split)"
+            )
+        if not 0.0 < self.val_fraction <= 0.5:
+            raise DataError(f"data.val_fraction={self.val_fraction} must be in (0, 0.5], e.g. 0.05")
+        if self.tokenizer_max_bytes < 1:
+            raise DataError(f"data.tokenizer_max_bytes={self.tokenizer_max_bytes} must be positive")
+        if not self.text_field:
+            raise DataError("data.text_field must name the text column, e.g. data.text_field=text")
+
+    @property
+    def holdout_every(self) -> int:
+        """Every this-many-th document goes to validation when the hold-out rule applies."""
+        return max(2, round(1 / self.val_fraction))

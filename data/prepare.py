@@ -1,0 +1,179 @@
+"""`prepare_data`: source -> tokenizer (trained or given) -> token cache, each cached by fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data.atomic_dir import building
+from data.config import DataConfig
+from data.errors import DataError
+from data.sources import hf_has_validation, source_spec, split_documents, validation_documents
+from data.token_cache import FORMAT_VERSION, build_token_cache, fingerprint, load_token_cache
+from data.tokenizer_training import check_tokenizer_fits, train_tokenizer
+from qwen3.tokenizer import Qwen3Tokenizer
+
+# Bump when tokenizer training changes its output for the same text.
+TOKENIZER_TRAINING_VERSION = 1
+# With max_tokens set, the tokenizer reads about as much text as the cache will hold.
+_BYTES_PER_TOKEN_BOUND = 8
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedData:
+    """A tokenizer plus both splits as read-only memmaps of token ids.
+
+    val_bytes is the UTF-8 size of the validation text (for bits per byte); fingerprint
+    names the token cache; meta is its meta.json (token and document counts, source spec).
+    """
+
+    tokenizer: Qwen3Tokenizer
+    tokenizer_dir: Path
+    train: np.ndarray
+    val: np.ndarray
+    val_bytes: int
+    fingerprint: str
+    cache_path: Path
+    meta: dict
+
+
+def _train_texts(cfg: DataConfig, own_validation: bool) -> Iterator[str]:
+    """Train-split text for the tokenizer trainer, up to its byte budget."""
+    budget = cfg.tokenizer_max_bytes
+    if cfg.max_tokens is not None:
+        budget = min(budget, cfg.max_tokens * _BYTES_PER_TOKEN_BOUND)
+    seen = 0
+    for is_val, text in split_documents(cfg, own_validation):
+        if is_val:
+            continue
+        yield text
+        seen += len(text.encode("utf-8"))
+        if seen >= budget:
+            return
+
+
+def _trained_tokenizer(
+    cfg: DataConfig, vocab_size: int, spec: dict, own_validation: bool
+) -> tuple[Qwen3Tokenizer, Path]:
+    """Train a tokenizer on the train split, or load the one trained before from the same inputs."""
+    key = {
+        "version": TOKENIZER_TRAINING_VERSION,
+        "source": spec,
+        "split": _split_rule(cfg, own_validation),
+        "limits": {"max_docs": cfg.max_docs, "max_tokens": cfg.max_tokens},
+        "max_bytes": cfg.tokenizer_max_bytes,
+        "vocab_size": vocab_size,
+    }
+    path = Path(cfg.cache_dir) / f"tokenizer-{vocab_size}-{fingerprint(key)}"
+    if path.is_dir():
+        try:
+            return Qwen3Tokenizer.from_dir(path), path
+        except (OSError, ValueError) as err:
+            log.warning("tokenizer cache %s is corrupt (%s); retraining it", path, err)
+            shutil.rmtree(path, ignore_errors=True)
+    texts = _train_texts(cfg, own_validation)
+    first = next(texts, None)
+    if first is None:
+        raise DataError(
+            f"{_describe(cfg)} yielded no training text: check the source has documents"
+        )
+    tokenizer = train_tokenizer(_prepend(first, texts), vocab_size)
+    with building(path) as tmp:
+        tokenizer.save(tmp)
+    return tokenizer, path
+
+
+def _given_tokenizer(cfg: DataConfig, vocab_size: int) -> tuple[Qwen3Tokenizer, Path]:
+    path = Path(cfg.tokenizer).expanduser()
+    if not (path / "tokenizer.json").is_file():
+        raise DataError(
+            f"data.tokenizer={cfg.tokenizer!r} has no tokenizer.json: point it at a tokenizer "
+            f"directory (e.g. a downloaded Qwen3 model), or set data.tokenizer=null to train one"
+        )
+    tokenizer = Qwen3Tokenizer.from_dir(path)
+    check_tokenizer_fits(tokenizer, vocab_size, str(path))
+    return tokenizer, path
+
+
+def prepare_data(cfg: DataConfig, vocab_size: int, progress: bool = True) -> PreparedData:
+    """Tokenizer and token cache for `cfg`, building what is missing.
+
+    `vocab_size` is the model's; the tokenizer is trained with `cfg.vocab_size` or that.
+    A second call with the same settings maps the finished cache and returns in well under
+    a second. Builds are complete-or-absent, so an interrupted one is simply redone.
+    """
+    train_vocab = cfg.vocab_size or vocab_size
+    if train_vocab > vocab_size:
+        raise DataError(
+            f"data.vocab_size={cfg.vocab_size} exceeds the model's vocab_size={vocab_size}: "
+            f"token ids would fall outside the embedding; lower data.vocab_size"
+        )
+    spec = source_spec(cfg)
+    own_validation = cfg.source == "hf" and hf_has_validation(cfg)
+    if cfg.tokenizer:
+        tokenizer, tokenizer_dir = _given_tokenizer(cfg, vocab_size)
+    else:
+        tokenizer, tokenizer_dir = _trained_tokenizer(cfg, train_vocab, spec, own_validation)
+    key = {
+        "format_version": FORMAT_VERSION,
+        "source": spec,
+        "split": _split_rule(cfg, own_validation),
+        "limits": {"max_docs": cfg.max_docs, "max_tokens": cfg.max_tokens},
+        "tokenizer_sha256": hashlib.sha256(
+            (tokenizer_dir / "tokenizer.json").read_bytes()
+        ).hexdigest(),
+    }
+    fp = fingerprint(key)
+    path = Path(cfg.cache_dir) / f"tokens-{fp}"
+    cache = load_token_cache(path)
+    if cache is None:
+        phases = [(split_documents(cfg, own_validation), False)]
+        val_cap = None
+        if own_validation:
+            phases.append((((True, doc) for doc in validation_documents(cfg)), True))
+            if cfg.max_tokens is not None:
+                val_cap = max(1, math.ceil(cfg.max_tokens * cfg.val_fraction))
+        meta = {"fingerprint": fp, **key, "tokenizer_dir": str(tokenizer_dir)}
+        cache = build_token_cache(
+            path, tokenizer, phases, cfg.max_tokens, val_cap, meta, progress=progress
+        )
+    return PreparedData(
+        tokenizer=tokenizer,
+        tokenizer_dir=tokenizer_dir,
+        train=cache.train,
+        val=cache.val,
+        val_bytes=int(cache.meta["val_bytes"]),
+        fingerprint=fp,
+        cache_path=path,
+        meta=cache.meta,
+    )
+
+
+def _split_rule(cfg: DataConfig, own_validation: bool) -> dict:
+    return {
+        "val_docs": cfg.val_docs,
+        "val_fraction": cfg.val_fraction,
+        "own_validation": own_validation,
+    }
+
+
+def _describe(cfg: DataConfig) -> str:
+    if cfg.source == "local":
+        return f"data.paths={cfg.paths}"
+    if cfg.source == "hf":
+        return f"dataset {cfg.path!r} split {cfg.split!r}"
+    return "the shakespeare corpus"
+
+
+def _prepend(first: str, rest: Iterator[str]) -> Iterator[str]:
+    yield first
+    yield from rest
