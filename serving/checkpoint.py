@@ -33,27 +33,24 @@ def read_pointer(run_dir: Path, name: str) -> Path | None:
     return None
 
 
-def _run_time(run_dir: Path) -> float:
-    """When the run last moved a pointer (the most recent run is the one served by default)."""
-    times = [
-        (run_dir / p).lstat().st_mtime
-        for p in POINTERS
-        if (run_dir / p).is_symlink() or (run_dir / p).exists()
-    ]
-    return max(times, default=0.0)
-
-
 def latest_best_checkpoint(root: Path) -> Path:
-    """The ``best`` checkpoint of the most recent run under ``root`` (e.g. ``checkpoints/``)."""
+    """The ``best`` checkpoint of the most recent run under ``root`` (e.g. ``checkpoints/``).
+
+    Same rule as ``trainer.run_dirs.most_recent_run`` (kept separate: serving imports only qwen3):
+    runs are ``root/*`` and multirun jobs ``root/*/*``; the newest is the one whose ``best``
+    pointer moved last.
+    """
     if not root.is_dir():
         raise CheckpointError(f"no checkpoint yet: {root}/ does not exist; {TRAIN_HINT}")
-    runs = [d for d in root.iterdir() if d.is_dir() and read_pointer(d, "best") is not None]
-    if not runs:
+    pointers = [
+        p for p in (*root.glob("*/best"), *root.glob("*/*/best")) if read_pointer(p.parent, "best")
+    ]
+    if not pointers:
         raise CheckpointError(
             f"no checkpoint yet: no run under {root}/ has a `best` checkpoint; {TRAIN_HINT}"
         )
-    newest = max(runs, key=_run_time)
-    best = read_pointer(newest, "best")
+    newest = max(pointers, key=lambda p: p.lstat().st_mtime)
+    best = read_pointer(newest.parent, "best")
     assert best is not None  # filtered above
     return best
 

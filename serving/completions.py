@@ -113,7 +113,7 @@ def _build_request(
             choices.append(
                 Choice(p_index * body.n + j, ids, min(max_tokens, ctx - len(ids)), stream)
             )
-    params = SamplingParams(body.temperature, body.top_p, body.top_k, body.seed)
+    params = SamplingParams(body.temperature, body.top_p, body.top_k, body.seed, body.ignore_eos)
     return GenerationRequest(choices=choices, params=params, loop=asyncio.get_running_loop())
 
 

@@ -34,10 +34,13 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int | None = None
     seed: int | None = None
+    ignore_eos: bool = False
 
     def batch_key(self) -> tuple | None:
         """Requests with the same key can be decoded together; None: a batch of its own."""
-        return None if self.seed is not None else (self.temperature, self.top_p, self.top_k)
+        if self.seed is not None:
+            return None
+        return (self.temperature, self.top_p, self.top_k, self.ignore_eos)
 
 
 @dataclass
@@ -180,7 +183,7 @@ class GenerationEngine:
             temperature=p.temperature,
             top_k=p.top_k,
             top_p=p.top_p if p.top_p < 1.0 else None,
-            eos_ids=self.eos_ids,
+            eos_ids=() if p.ignore_eos else self.eos_ids,
             seed=p.seed,
         )
         return _Batch(rows=rows, steps=steps)

@@ -38,6 +38,9 @@ class SamplingFields(BaseModel):
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     stop: str | list[str] | None = None
     seed: int | None = None
+    ignore_eos: bool = Field(
+        default=False, description="Extension (as in vLLM): keep going past end-of-text tokens."
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None

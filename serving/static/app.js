@@ -40,6 +40,7 @@ function samplingBody() {
   };
   if ($("top_k").value !== "") body.top_k = parseInt($("top_k").value, 10);
   if ($("seed").value !== "") body.seed = parseInt($("seed").value, 10);
+  if ($("ignore_eos").checked) body.ignore_eos = true;
   const stop = $("stop_seq").value.replace(/\\n/g, "\n").replace(/\\t/g, "\t");
   if (stop) body.stop = [stop];
   return body;
@@ -83,7 +84,8 @@ async function run(url, body, onText) {
   setBusy(true);
   state.controller = new AbortController();
   const started = performance.now();
-  let tokens = 0;
+  let tokens = 0; // from `usage` at the end; until then, the number of text events (about one per token)
+  let events = 0;
   let finish = "";
   try {
     const res = await fetch(url, {
@@ -100,7 +102,10 @@ async function run(url, body, onText) {
       if (chunk.usage) tokens = chunk.usage.completion_tokens;
       for (const choice of chunk.choices) {
         const text = choice.text !== undefined ? choice.text : (choice.delta.content || "");
-        if (text) onText(text);
+        if (text) {
+          events += 1;
+          onText(text);
+        }
         if (choice.finish_reason) finish = choice.finish_reason;
       }
     });
@@ -109,6 +114,7 @@ async function run(url, body, onText) {
     else showError(err.message);
   } finally {
     const secs = (performance.now() - started) / 1000;
+    if (!tokens && events) tokens = events;
     const rate = tokens && secs > 0 ? ` · ${(tokens / secs).toFixed(1)} tokens/s` : "";
     $("stats").textContent = `${tokens} tokens in ${secs.toFixed(2)} s${rate}` + (finish ? ` · ${finish}` : "");
     state.controller = null;

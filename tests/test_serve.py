@@ -1,0 +1,244 @@
+"""serve.py end to end: a real server process on loopback, driven by the official `openai` client."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from test_serve_support import build_tiny_checkpoint, running_server
+
+CONTEXT = 2048  # long enough that a disconnected 1000-token request is clearly cut short
+CAP = 1000
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_checkpoint(
+        tmp_path_factory.mktemp("serve") / "tiny-model", max_positions=CONTEXT
+    )
+
+
+@pytest.fixture(scope="module")
+def server(ckpt: Path) -> Iterator[str]:
+    with running_server(ckpt, "--max-tokens-cap", str(CAP)) as url:
+        yield url
+
+
+@pytest.fixture
+def client(server: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+def greedy(client: openai.OpenAI, prompt: str, max_tokens: int = 12, **kw) -> str:
+    out = client.completions.create(
+        model="tiny-model", prompt=prompt, max_tokens=max_tokens, temperature=0, **kw
+    )
+    return out.choices[0].text
+
+
+def test_models_lists_the_checkpoint_with_size_and_context(client: openai.OpenAI) -> None:
+    models = client.models.list().data
+    assert [m.id for m in models] == ["tiny-model"]
+    card = models[0].model_dump()
+    assert card["max_model_len"] == CONTEXT and card["num_params"] > 0
+    assert client.models.retrieve("tiny-model").id == "tiny-model"
+
+
+def test_completion_plain_and_streamed_agree(client: openai.OpenAI) -> None:
+    out = client.completions.create(
+        model="tiny-model", prompt="Once upon a time", max_tokens=12, temperature=0
+    )
+    choice = out.choices[0]
+    assert out.object == "text_completion" and out.model == "tiny-model"
+    assert choice.text and choice.finish_reason in ("length", "stop")
+    assert out.usage.prompt_tokens > 0
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    if choice.finish_reason == "length":
+        assert out.usage.completion_tokens == 12
+
+    stream = client.completions.create(
+        model="tiny-model",
+        prompt="Once upon a time",
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert streamed == choice.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
+    assert chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+
+
+def test_chat_plain_and_streamed_agree(client: openai.OpenAI) -> None:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Tell me about Tom."},
+    ]
+    out = client.chat.completions.create(
+        model="tiny-model", messages=messages, max_tokens=10, temperature=0
+    )
+    assert out.object == "chat.completion"
+    message = out.choices[0].message
+    assert message.role == "assistant" and message.content
+    assert out.usage.prompt_tokens > 10  # the chat format wraps the messages in control tokens
+
+    stream = client.chat.completions.create(
+        model="tiny-model", messages=messages, max_tokens=10, temperature=0, stream=True
+    )
+    chunks = [c for c in stream if c.choices]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == message.content
+    assert chunks[-1].choices[0].finish_reason == out.choices[0].finish_reason
+
+
+def test_seed_n_and_token_prompts(client: openai.OpenAI) -> None:
+    def sample(seed: int) -> list[str]:
+        out = client.completions.create(
+            model="tiny-model",
+            prompt="The cat",
+            max_tokens=8,
+            seed=seed,
+            n=2,
+            extra_body={"top_k": 50},
+        )
+        assert [c.index for c in out.choices] == [0, 1]
+        return [c.text for c in out.choices]
+
+    first = sample(7)
+    assert sample(7) == first
+    assert sample(8) != first
+    ids = client.completions.create(
+        model="tiny-model", prompt=[[5, 6, 7], [8, 9]], max_tokens=3, n=2
+    )
+    assert sorted(c.index for c in ids.choices) == [0, 1, 2, 3]
+    assert ids.usage.prompt_tokens == 5
+
+
+def test_stop_sequence_ends_the_text_before_it(client: openai.OpenAI) -> None:
+    text = greedy(client, "Lily found", max_tokens=40)
+    start = next(
+        i for i in range(1, len(text) - 1) if text[i : i + 2].isascii() and text[i : i + 2].strip()
+    )
+    stop = text[start : start + 2]
+    out = client.completions.create(
+        model="tiny-model", prompt="Lily found", max_tokens=40, temperature=0, stop=[stop]
+    )
+    assert out.choices[0].text == text[: text.find(stop)]
+    assert out.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(
+        model="tiny-model",
+        prompt="Lily found",
+        max_tokens=40,
+        temperature=0,
+        stop=stop,
+        stream=True,
+    )
+    assert "".join(c.choices[0].text for c in streamed) == text[: text.find(stop)]
+
+
+def test_generation_is_cut_at_the_context(client: openai.OpenAI) -> None:
+    prompt = [5] * (CONTEXT - 3)
+    out = client.completions.create(model="tiny-model", prompt=prompt, max_tokens=20, temperature=0)
+    assert out.usage.completion_tokens <= 3
+    assert out.choices[0].finish_reason in ("length", "stop")
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"prompt": "hi", "max_tokens": "many"}, "max_tokens"),
+        ({"prompt": "hi", "temperature": 2.5}, "temperature"),
+        ({"prompt": "hi", "temperature": -1}, "temperature"),
+        ({"prompt": "hi", "top_p": 0}, "top_p"),
+        ({"prompt": "hi", "top_p": 1.5}, "top_p"),
+        ({"prompt": "hi", "n": 0}, "n"),
+        ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"max_tokens": 5}, "prompt"),
+        ({"prompt": "hi", "max_tokens": CAP + 1}, "max_tokens"),
+        ({"prompt": [5] * CONTEXT}, "prompt"),
+        ({"prompt": [10**6]}, "prompt"),
+        ({"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
+    ],
+)
+def test_bad_completion_requests_get_400_naming_the_field(
+    server: str, body: dict, field: str
+) -> None:
+    res = httpx.post(f"{server}/v1/completions", json=body, timeout=60)
+    assert res.status_code == 400, res.text
+    error = res.json()["error"]
+    assert field in error["message"]
+    assert error["type"] == "invalid_request_error"
+
+
+def test_bad_chat_requests_and_malformed_json(server: str) -> None:
+    res = httpx.post(
+        f"{server}/v1/chat/completions", json={"messages": [{"role": "robot", "content": "x"}]}
+    )
+    assert res.status_code == 400 and "messages[0].role" in res.json()["error"]["message"]
+    res = httpx.post(f"{server}/v1/chat/completions", json={"messages": []})
+    assert res.status_code == 400 and "messages" in res.json()["error"]["message"]
+    res = httpx.post(
+        f"{server}/v1/completions",
+        content=b'{"prompt": "hi",',
+        headers={"Content-Type": "application/json"},
+    )
+    assert res.status_code == 400 and "JSON" in res.json()["error"]["message"]
+
+
+def test_unknown_model_is_404_and_the_server_stays_up(client: openai.OpenAI, server: str) -> None:
+    with pytest.raises(openai.NotFoundError, match="not found"):
+        client.completions.create(model="gpt-4o", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(
+            model="tiny-model", messages=[{"role": "user", "content": "hi"}], temperature=9
+        )
+    assert httpx.get(f"{server}/health").json()["status"] == "ok"
+    assert greedy(client, "Tom", max_tokens=3)
+
+
+def test_sixteen_concurrent_requests_are_all_answered(client: openai.OpenAI, server: str) -> None:
+    prompts = [f"Tom saw {i} red balls" * (1 + i % 3) for i in range(16)]
+    alone = [greedy(client, p, max_tokens=10) for p in prompts[:4]]
+
+    async def one(aclient: openai.AsyncOpenAI, i: int) -> str:
+        if i % 2:
+            stream = await aclient.completions.create(
+                model="tiny-model", prompt=prompts[i], max_tokens=10, temperature=0, stream=True
+            )
+            return "".join([c.choices[0].text async for c in stream])
+        out = await aclient.completions.create(
+            model="tiny-model", prompt=prompts[i], max_tokens=10, temperature=0
+        )
+        return out.choices[0].text
+
+    async def main() -> list[str]:
+        async with openai.AsyncOpenAI(
+            base_url=f"{server}/v1", api_key="unused", max_retries=0
+        ) as aclient:
+            return await asyncio.gather(*(one(aclient, i) for i in range(16)))
+
+    texts = asyncio.run(main())
+    assert all(texts)
+    assert texts[:4] == alone  # batched with others, a greedy answer is the same as alone
+
+
+def test_disconnect_mid_stream_stops_generation(server: str) -> None:
+    before = httpx.get(f"{server}/health").json()
+    body = {"prompt": "Once", "max_tokens": CAP, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as res:
+        lines = res.iter_lines()
+        received = [next(lines) for _ in range(6)]  # a few events, then hang up
+    assert any(line.startswith("data: {") for line in received)
+    health = httpx.get(f"{server}/health").json()
+    while health["running"] or health["waiting"]:  # the worker drops the request at its next step
+        health = httpx.get(f"{server}/health").json()
+    assert health["cancelled"] == before["cancelled"] + 1
+    assert health["generated_tokens"] - before["generated_tokens"] < CAP

@@ -1,0 +1,85 @@
+"""The page at / in a real headless browser: Debian's chromium driven by Playwright."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_serve_support import build_tiny_checkpoint, running_server
+
+CHROMIUM = shutil.which("chromium")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)"
+)
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+WAIT_MS = 60_000  # generous: the machine is shared; the checks are on content, not speed
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    ckpt = build_tiny_checkpoint(
+        tmp_path_factory.mktemp("browser") / "tiny-model", max_positions=2048
+    )
+    with running_server(ckpt) as url:
+        yield url
+
+
+@pytest.fixture
+def page(server: str):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 800})
+        page.set_default_timeout(WAIT_MS)
+        errors: list[str] = []
+        page.on("pageerror", lambda err: errors.append(str(err)))
+        page.goto(server)
+        yield page
+        browser.close()
+        assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def test_prompt_generates_streamed_text(page, tmp_path: Path) -> None:
+    info = page.locator("#model-info")
+    info.filter(has_text="tiny-model").wait_for()
+    assert "context 2048 tokens" in info.inner_text()
+    page.fill("#max_tokens", "24")
+    page.fill("#prompt", "Once upon a time")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#output .generated')?.textContent.length > 0")
+    page.wait_for_function("!document.querySelector('#generate').disabled")
+    assert page.locator("#output .prompt-echo").inner_text() == "Once upon a time"
+    assert "tokens" in page.inner_text("#stats")
+    assert page.locator("#error").is_hidden()
+    page.screenshot(path=str(tmp_path / "completion.png"), full_page=True)
+
+
+def test_chat_mode_and_stop_button(page, tmp_path: Path) -> None:
+    page.click("#tab-chat")
+    page.fill("#max_tokens", "8")
+    page.fill("#message", "Hello, who are you?")
+    page.click("#generate")
+    page.wait_for_function("!document.querySelector('#generate').disabled")
+    assert page.locator(".bubble.user").inner_text().endswith("Hello, who are you?")
+    assert page.locator(".bubble.assistant .content").inner_text()
+
+    page.fill("#max_tokens", "1000")
+    page.check("#ignore_eos")  # a random model may end early; this run must still be going
+    page.fill("#message", "Tell me a long story.")
+    page.click("#generate")
+    page.wait_for_function(
+        "document.querySelectorAll('.bubble.assistant .content')[1]?.textContent.length > 0"
+    )
+    page.click("#stop")
+    page.wait_for_function("!document.querySelector('#generate').disabled")
+    assert "stopped" in page.inner_text("#stats")
+    page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)

@@ -1,0 +1,85 @@
+"""serve.py start-up: which checkpoint it picks, and its one-line errors (real files, real sockets)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+from test_serve_support import build_tiny_checkpoint, run_serve
+
+from serving.checkpoint import CheckpointError, model_name, resolve_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("cli") / "tiny")
+
+
+def make_run(root: Path, run: str, step: int, tiny: Path, pointer: str, mtime: float) -> Path:
+    """A trainer-style run dir with one step dir and a `best` pointer (symlink or text file)."""
+    step_dir = root / run / f"step-{step:06d}"
+    shutil.copytree(tiny, step_dir)
+    best = root / run / "best"
+    if pointer == "symlink":
+        os.symlink(step_dir.name, best)
+    else:
+        best.write_text(step_dir.name + "\n")
+    os.utime(best, (mtime, mtime), follow_symlinks=False)
+    return step_dir
+
+
+def one_line_error(result) -> str:
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("serve.py: error: ")
+    return lines[0]
+
+
+def test_default_is_the_best_of_the_most_recent_run(tmp_path: Path, tiny: Path) -> None:
+    root = tmp_path / "checkpoints"
+    make_run(root, "old", 10, tiny, "symlink", mtime=1_000)
+    newest = make_run(root, "new", 20, tiny, "text", mtime=2_000)
+    make_run(root, "older", 30, tiny, "symlink", mtime=500)
+    (root / "no-best-yet").mkdir()
+    assert resolve_checkpoint(None, root) == newest.resolve()
+    assert resolve_checkpoint(root / "old", root) == (root / "old" / "step-000010").resolve()
+    assert model_name(newest) == "new/step-000020"
+    assert model_name(tiny) == "tiny"
+
+
+def test_no_checkpoint_yet_says_how_to_train(tmp_path: Path) -> None:
+    error = one_line_error(run_serve("--checkpoints", str(tmp_path / "checkpoints")))
+    assert "no checkpoint yet" in error and "python train.py model=tiny" in error
+    (tmp_path / "checkpoints" / "run").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="python train.py model=tiny"):
+        resolve_checkpoint(None, tmp_path / "checkpoints")
+
+
+def test_a_directory_that_is_not_a_qwen3_model_is_refused(tmp_path: Path, tiny: Path) -> None:
+    error = one_line_error(run_serve("--ckpt", str(tmp_path)))
+    assert "not a Qwen3 model directory" in error and "config.json" in error
+    llama = tmp_path / "llama"
+    shutil.copytree(tiny, llama)
+    config = json.loads((llama / "config.json").read_text())
+    (llama / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    assert "model_type='llama'" in one_line_error(run_serve("--ckpt", str(llama)))
+    assert "no such directory" in one_line_error(run_serve("--ckpt", str(tmp_path / "missing")))
+    no_tok = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny, no_tok)
+    (no_tok / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json"):
+        resolve_checkpoint(no_tok)
+
+
+def test_a_taken_port_is_one_line(tiny: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        error = one_line_error(run_serve("--ckpt", str(tiny), "--port", str(port)))
+    assert f"port {port}" in error and "already in use" in error and "--port" in error
