@@ -1,0 +1,20 @@
+"""Train a Qwen3 model, or talk to one.
+
+python train.py model=tiny                 # train (Hydra overrides; -m for sweeps)
+python train.py resume=latest              # continue the most recent run
+python train.py demo [ckpt=DIR] [...]      # sample from the best checkpoint of the latest run
+python train.py interactive [ckpt=DIR]     # a prompt loop
+"""
+
+from __future__ import annotations
+
+import time
+
+START = time.perf_counter()
+
+import sys  # noqa: E402
+
+from trainer.cli_entry import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv, START))

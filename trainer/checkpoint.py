@@ -1,0 +1,168 @@
+"""Checkpoint directories: a Hugging Face model dir plus ``trainer_state.pt`` and ``config.yaml``.
+
+Every save is written to a temporary sibling and renamed into place; the ``latest`` and ``best``
+pointers are relative symlinks swapped in with ``os.replace``, so a reader (or a crash) only ever
+sees a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qwen3 import Qwen3, Qwen3Config
+from qwen3.tokenizer import Qwen3Tokenizer
+from trainer.run_dirs import BEST, LATEST
+
+STATE_FILE = "trainer_state.pt"
+CONFIG_FILE = "config.yaml"
+FORMAT_VERSION = 1
+# Fields of Qwen3Config that change the shape or meaning of the weights.
+SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "tie_word_embeddings",
+    "attention_bias",
+    "rope_theta",
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing, corrupt, or from a different setup."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def tokenizer_hash(tokenizer: Qwen3Tokenizer) -> str:
+    """A fingerprint of the tokenizer's vocabulary, merges and special tokens."""
+    return hashlib.sha256(tokenizer.tokenizer.to_str().encode()).hexdigest()[:16]
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: Qwen3,
+    tokenizer: Qwen3Tokenizer,
+    state: dict[str, Any],
+    config_yaml: str,
+) -> Path:
+    """Write ``run_dir/step-NNNNNN`` (model, tokenizer, trainer state, config) atomically."""
+    final = run_dir / step_dir_name(step)
+    tmp = run_dir / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    tokenizer.save(tmp)
+    torch.save({"format_version": FORMAT_VERSION, **state}, tmp / STATE_FILE)
+    (tmp / CONFIG_FILE).write_text(config_yaml)
+    if final.exists():  # re-saving a step (resumed from an older checkpoint): swap, then drop
+        old = run_dir / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    return final
+
+
+def set_pointer(run_dir: Path, name: str, target: Path) -> None:
+    """Point ``run_dir/name`` at ``target`` (a sibling directory) in one atomic rename."""
+    tmp = run_dir / f".{name}.tmp-{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(target.name, tmp)
+    os.replace(tmp, run_dir / name)
+
+
+def pointer_target(run_dir: Path, name: str) -> Path | None:
+    """The directory ``run_dir/name`` points at, or None."""
+    link = run_dir / name
+    return link.resolve() if link.exists() else None
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
+    """Delete step directories beyond the newest ``keep_last``, never ``best`` or ``latest``,
+    and leftovers of interrupted saves."""
+    keep = {pointer_target(run_dir, BEST), pointer_target(run_dir, LATEST)}
+    steps = sorted(run_dir.glob("step-*"))
+    for d in steps[:-keep_last]:
+        if d.resolve() not in keep:
+            shutil.rmtree(d)
+    for leftover in (*run_dir.glob(".tmp-step-*"), *run_dir.glob(".old-step-*")):
+        if not leftover.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def load_trainer_state(ckpt_dir: Path) -> dict[str, Any]:
+    """``trainer_state.pt`` of a checkpoint (tensors and plain values only: ``weights_only``)."""
+    path = Path(ckpt_dir) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{ckpt_dir} has no {STATE_FILE}: it is not a training checkpoint of this framework "
+            "(a plain Hugging Face model dir can be used by demo/serve, not resumed)"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as e:
+        raise CheckpointError(
+            f"{path} is corrupt or unreadable ({e}); resume from another checkpoint"
+        ) from None
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format version {state.get('format_version')}, this trainer reads "
+            f"{FORMAT_VERSION}; resume with the trainer version that wrote it"
+        )
+    return state
+
+
+def check_compatible(
+    ckpt_dir: Path,
+    state: dict[str, Any],
+    model_config: Qwen3Config,
+    tok_hash: str,
+    world_size: int,
+) -> None:
+    """Raise :class:`CheckpointError` naming the first difference between the checkpoint's setup
+    and this run's (model shape, tokenizer, world size)."""
+    saved = Qwen3Config.from_json_file(Path(ckpt_dir) / "config.json")
+    for name in SHAPE_FIELDS:
+        old, new = getattr(saved, name), getattr(model_config, name)
+        if old != new:
+            raise CheckpointError(
+                f"cannot resume from {ckpt_dir}: model.{name} is {old} in the checkpoint but {new} "
+                "in this run; resume with the model config it was trained with, or start a new run"
+            )
+    if state.get("tokenizer_hash") != tok_hash:
+        raise CheckpointError(
+            f"cannot resume from {ckpt_dir}: the tokenizer differs from this run's "
+            f"(checkpoint {state.get('tokenizer_hash')}, run {tok_hash}); resume with the same "
+            "data/tokenizer settings, or start a new run"
+        )
+    if state.get("world_size") != world_size:
+        raise CheckpointError(
+            f"cannot resume from {ckpt_dir}: it was trained with world size "
+            f"{state.get('world_size')}, this run has {world_size}; the data order depends on it, "
+            "so resume with the same number of processes"
+        )
+
+
+def load_model_weights(model: Qwen3, ckpt_dir: Path) -> None:
+    """Copy a checkpoint's weights into ``model`` in place (same shapes, already checked)."""
+    loaded = Qwen3.from_pretrained(ckpt_dir, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        model.load_state_dict(loaded.state_dict())

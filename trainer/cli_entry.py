@@ -1,0 +1,69 @@
+"""``train.py``: the ``demo``/``interactive`` subcommands, or a Hydra training run."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from trainer.run_dirs import default_run_name
+
+SUBCOMMANDS = ("demo", "interactive")
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def register_resolvers() -> None:
+    """``${run_name_default:out_dir,resume}`` (cached: one process, one timestamp)."""
+    OmegaConf.register_new_resolver(
+        "run_name_default", default_run_name, use_cache=True, replace=True
+    )
+
+
+def _only_hydra_files(run_dir: Path) -> bool:
+    return run_dir.is_dir() and all(
+        p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()
+    )
+
+
+def train_from_hydra(cfg: DictConfig, start_time: float) -> int:
+    """Convert and check the composed config, then train; a config mistake leaves no run dir."""
+    from trainer.main import run_training
+    from trainer.run_config import build_run_config, to_container
+    from trainer.typed_config import ConfigError
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    try:
+        data = to_container(cfg)
+        run_cfg = build_run_config(data)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        code = 2
+    else:
+        yaml = OmegaConf.to_yaml(OmegaConf.create(data))
+        code = run_training(run_cfg, run_dir, yaml, data, list(hc.overrides.task), start_time)
+    if code == 2 and _only_hydra_files(run_dir):
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return code
+
+
+def main(argv: list[str], start_time: float) -> int:
+    """Dispatch on the first word: a subcommand, else Hydra's own command line."""
+    if len(argv) > 1 and argv[1] in SUBCOMMANDS:
+        from trainer.generation_cli import run_subcommand
+
+        return run_subcommand(argv[1], argv[2:])
+    register_resolvers()
+    codes: list[int] = []
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+    def _hydra_main(cfg: DictConfig) -> None:
+        codes.append(train_from_hydra(cfg, start_time))
+
+    sys.argv = argv
+    _hydra_main()
+    return max(codes, default=0)

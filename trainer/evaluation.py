@@ -1,0 +1,55 @@
+"""Validation metrics: loss, next-token accuracy, perplexity and bits per byte."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data import val_batches
+from trainer.precision import Precision
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    val_tokens: np.ndarray,
+    batch_size: int,
+    seq_len: int,
+    num_batches: int,
+    precision: Precision,
+    device: torch.device,
+    bytes_per_token: float | None,
+) -> dict[str, float]:
+    """Mean token-level metrics over the first ``num_batches`` deterministic val batches.
+
+    ``val_bpb`` = mean loss in bits per token / bytes per token, where bytes per token is measured
+    on the whole val split (its UTF-8 bytes over its tokens), so tokenizers compare.
+    """
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for x, y in val_batches(val_tokens, batch_size, seq_len, num_batches):
+        x, y = x.to(device), y.to(device)
+        with precision.autocast():
+            logits = model(x)  # (B, T, V)
+        logits = logits.float().flatten(0, 1)
+        targets = y.flatten()
+        loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
+        correct += (logits.argmax(-1) == targets).sum().item()
+        count += targets.numel()
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("the validation split is too short for one batch; lower trainer.seq_len")
+    loss = loss_sum / count
+    metrics = {
+        "val_loss": loss,
+        "val_acc": correct / count,
+        "val_ppl": math.exp(loss) if loss < 700 else math.inf,
+    }
+    if bytes_per_token:
+        metrics["val_bpb"] = loss / math.log(2) / bytes_per_token
+    return metrics

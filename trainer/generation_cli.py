@@ -1,0 +1,148 @@
+"""``train.py demo`` (a few samples) and ``train.py interactive`` (a prompt loop)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from qwen3 import Qwen3, pick_device
+from qwen3.tokenizer import Qwen3Tokenizer
+from trainer.config import SampleConfig
+from trainer.run_dirs import BEST, most_recent_run
+from trainer.sampling import complete, stream_text
+from trainer.typed_config import ConfigError, build_dataclass
+
+GENERIC_PROMPTS = ["Once upon a time", "The meaning of life is", "ROMEO:"]
+
+
+@dataclass
+class GenerationCliConfig:
+    """Options of ``demo`` and ``interactive``, given as ``key=value`` words."""
+
+    ckpt: str | None = None  # a checkpoint or any Hugging Face Qwen3 dir; None: latest run's best
+    out_dir: str = "checkpoints"
+    prompts: list[str] | None = None  # demo only; None: the run's sample.prompts
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int | None = 50
+    top_p: float | None = None
+    seed: int | None = None
+    device: str = "auto"
+    stop_at_eos: bool = True
+    extra: list[str] = field(default_factory=list, repr=False)
+
+    def sample_config(self) -> SampleConfig:
+        return SampleConfig(
+            prompts=self.prompts or [], max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+        )  # fmt: skip
+
+
+def parse_options(command: str, args: list[str]) -> GenerationCliConfig:
+    """``key=value`` words (YAML values, as Hydra overrides) into a checked config."""
+    bad = [a for a in args if "=" not in a]
+    if bad:
+        raise ConfigError(
+            f"{command}: {bad[0]!r} is not key=value (e.g. ckpt=checkpoints/RUN/best)"
+        )
+    try:
+        values = OmegaConf.to_container(OmegaConf.from_dotlist(args))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{command}: cannot parse the options ({e})") from None
+    cfg = build_dataclass(GenerationCliConfig, values, command, skip=("extra",))
+    cfg.sample_config()  # validates the sampling values
+    return cfg
+
+
+def find_checkpoint(cfg: GenerationCliConfig) -> Path:
+    """``ckpt`` (a run dir means its best), else the best of the most recent run."""
+    if cfg.ckpt:
+        path = Path(cfg.ckpt)
+        if (path / BEST).exists():
+            path = path / BEST
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"ckpt={cfg.ckpt}: no config.json there; pass a model directory")
+        return path
+    run = most_recent_run(cfg.out_dir, BEST)
+    if run is None:
+        raise ConfigError(
+            f"no trained run under {cfg.out_dir}/ (none has a 'best' checkpoint); train one with "
+            "`python train.py model=tiny`, or pass ckpt=DIR (any Hugging Face Qwen3 directory)"
+        )
+    return run / BEST
+
+
+def run_prompts(ckpt: Path) -> list[str] | None:
+    """The ``sample.prompts`` of the run that wrote ``ckpt``, if it is one of ours."""
+    config = ckpt / "config.yaml"
+    if not config.is_file():
+        return None
+    prompts = (yaml.safe_load(config.read_text()) or {}).get("sample", {}).get("prompts")
+    return list(prompts) if prompts else None
+
+
+def load(cfg: GenerationCliConfig) -> tuple[Path, Qwen3, Qwen3Tokenizer]:
+    ckpt = find_checkpoint(cfg)
+    device = pick_device(cfg.device)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)
+    model = Qwen3.from_pretrained(ckpt, device=device)
+    model.eval()
+    return ckpt, model, Qwen3Tokenizer.from_dir(ckpt)
+
+
+def demo(cfg: GenerationCliConfig) -> None:
+    ckpt, model, tok = load(cfg)
+    prompts = cfg.prompts or run_prompts(ckpt) or GENERIC_PROMPTS
+    print(f"checkpoint {ckpt.resolve()} ({model.num_params() / 1e6:.2f} M parameters)")
+    texts = complete(model, tok, prompts, cfg.sample_config(), seed=cfg.seed or 0)
+    for prompt, text in zip(prompts, texts, strict=True):
+        print("-" * 60)
+        print(prompt + text)
+    print("-" * 60)
+
+
+def interactive(cfg: GenerationCliConfig) -> None:
+    ckpt, model, tok = load(cfg)
+    sample = cfg.sample_config()
+    print(f"checkpoint {ckpt.resolve()} ({model.num_params() / 1e6:.2f} M parameters)")
+    print("Type a prompt and press Enter (\\n for a newline). Ctrl-C stops a generation; "
+          "/quit or Ctrl-D exits.", flush=True)  # fmt: skip
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:
+            print("\n(/quit or Ctrl-D exits)", flush=True)
+            continue
+        if line.strip() == "/quit":
+            return
+        if not line.strip():
+            continue
+        prompt = line.replace("\\n", "\n")
+        print(prompt, end="", flush=True)
+        try:
+            for piece in stream_text(model, tok, prompt, sample, cfg.seed, cfg.stop_at_eos):
+                print(piece, end="", flush=True)
+            print(flush=True)
+        except KeyboardInterrupt:
+            print("\n[generation stopped]", flush=True)
+
+
+def run_subcommand(command: str, args: list[str]) -> int:
+    """Run ``demo`` or ``interactive`` with ``key=value`` options; returns the exit code."""
+    try:
+        cfg = parse_options(command, args)
+        (demo if command == "demo" else interactive)(cfg)
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

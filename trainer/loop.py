@@ -1,0 +1,254 @@
+"""The training loop: steps, logging, evaluation, checkpoints, resume, stop on signal."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from trainer.checkpoint import (
+    check_compatible,
+    load_model_weights,
+    load_trainer_state,
+    prune_checkpoints,
+    save_checkpoint,
+    set_pointer,
+    tokenizer_hash,
+)
+from trainer.distributed import DistInfo
+from trainer.evaluation import evaluate
+from trainer.metrics_log import MetricsLog
+from trainer.plot import write_plot
+from trainer.rng_state import capture_rng, restore_rng
+from trainer.run_config import RunConfig
+from trainer.run_dirs import BEST, LATEST
+from trainer.setup import RunParts
+from trainer.signals import StopRequest
+from trainer.step import train_step
+from trainer.throughput import mfu
+from trainer.wandb_logger import WandbLogger
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "metrics.png"
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps in a row."""
+
+
+@dataclass
+class Outcome:
+    """How the run ended and what it reached."""
+
+    step: int
+    stopped_by: str | None  # signal name if interrupted
+    final_eval: dict[str, float] = field(default_factory=dict)
+    best_val_loss: float = math.inf
+    best_step: int | None = None
+    tokens_per_s: float = 0.0
+    mfu: float = 0.0
+    train_seconds: float = 0.0
+
+
+class Trainer:
+    """Runs the loop of one run directory; only rank 0 writes files."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        parts: RunParts,
+        run_dir: Path,
+        dist: DistInfo,
+        config_yaml: str,
+        wandb: WandbLogger | None,
+        peak_flops: float,
+    ) -> None:
+        self.cfg, self.parts, self.run_dir, self.dist = cfg, parts, run_dir, dist
+        self.config_yaml, self.wandb, self.peak = config_yaml, wandb, peak_flops
+        self.metrics = MetricsLog(run_dir / METRICS_FILE)
+        self.tok_hash = tokenizer_hash(parts.data.tokenizer)
+        self.flops_per_token = parts.model.estimate_flops(cfg.trainer.seq_len)
+        self.tokens_per_step = (
+            cfg.trainer.batch_size * cfg.trainer.grad_accum * cfg.trainer.seq_len * dist.world_size
+        )
+        self.step = 0
+        self.best_val_loss = math.inf
+        self.best_step: int | None = None
+        self.bad_in_row = 0
+        self.accum = {"loss_sum": 0.0, "steps": 0, "skipped": 0}
+        self.last_saved: int | None = None
+        self.train_seconds = 0.0
+        self.window = {"seconds": 0.0, "tokens": 0}
+
+    # ---- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        p = self.parts
+        return {
+            "step": self.step,
+            "optimizers": p.optimizers.state_dict(),
+            "scaler": p.precision.scaler.state_dict() if p.precision.scaler else None,
+            "sampler": p.sampler.state_dict(),
+            "rng": capture_rng(),
+            "best_val_loss": self.best_val_loss,
+            "best_step": self.best_step,
+            "bad_in_row": self.bad_in_row,
+            "log_accum": dict(self.accum),
+            "world_size": self.dist.world_size,
+            "tokenizer_hash": self.tok_hash,
+            "data_fingerprint": p.data.fingerprint,
+        }
+
+    def resume_from(self, ckpt_dir: Path) -> None:
+        """Load a checkpoint's weights and state; refuse one from a different setup."""
+        state = load_trainer_state(ckpt_dir)
+        p = self.parts
+        check_compatible(ckpt_dir, state, p.model.config, self.tok_hash, self.dist.world_size)
+        load_model_weights(p.model, ckpt_dir)
+        p.optimizers.load_state_dict(state["optimizers"])
+        if p.precision.scaler is not None and state.get("scaler"):
+            p.precision.scaler.load_state_dict(state["scaler"])
+        p.sampler.load_state_dict(state["sampler"])
+        restore_rng(state["rng"])
+        self.step = int(state["step"])
+        self.best_val_loss = float(state["best_val_loss"])
+        self.best_step = state["best_step"]
+        self.bad_in_row = int(state["bad_in_row"])
+        self.accum = dict(state["log_accum"])
+        self.last_saved = self.step
+        if self.dist.is_main:
+            self.metrics.truncate_after(self.step)
+
+    def save(self, improved: bool) -> Path | None:
+        """Save a checkpoint of the current step; move ``latest`` (and ``best`` if improved)."""
+        if not self.dist.is_main:
+            return None
+        p = self.parts
+        path = save_checkpoint(
+            self.run_dir, self.step, p.model, p.data.tokenizer, self.state_dict(), self.config_yaml
+        )
+        set_pointer(self.run_dir, LATEST, path)
+        if improved:
+            set_pointer(self.run_dir, BEST, path)
+        prune_checkpoints(self.run_dir, self.cfg.trainer.keep_last)
+        self.last_saved = self.step
+        return path
+
+    # ---- pieces of a step -------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        t = self.cfg.trainer
+        p = self.parts
+        return evaluate(
+            p.forward, p.data.val, t.batch_size, t.seq_len, t.eval_batches,
+            p.precision, p.device, p.bytes_per_token,
+        )  # fmt: skip
+
+    def _record(self) -> dict[str, Any]:
+        """The row for this step from the steps since the last row (then reset)."""
+        a = self.accum
+        tps = self.window["tokens"] / self.window["seconds"] if self.window["seconds"] else 0.0
+        lrs = self.parts.optimizers.lrs()
+        row: dict[str, Any] = {
+            "step": self.step,
+            "train_loss": a["loss_sum"] / a["steps"] if a["steps"] else math.nan,
+            "lr": next(iter(lrs.values())),
+            **lrs,
+            "tokens_per_s": tps,
+            "mfu": mfu(tps, self.flops_per_token, self.peak),
+            "tokens": self.step * self.tokens_per_step,
+        }
+        if a["skipped"]:
+            row["skipped_steps"] = a["skipped"]
+        self.accum = {"loss_sum": 0.0, "steps": 0, "skipped": 0}
+        self.window = {"seconds": 0.0, "tokens": 0}
+        return row
+
+    def _write(self, row: dict[str, Any], plot: bool) -> None:
+        if not self.dist.is_main:
+            return
+        self.metrics.append(row)
+        if self.wandb is not None:
+            self.wandb.log(row)
+        if plot:
+            write_plot(self.metrics.read(), self.run_dir / PLOT_FILE, title=self.cfg.run_name)
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def fit(self) -> Outcome:
+        t = self.cfg.trainer
+        p = self.parts
+        outcome = Outcome(step=self.step, stopped_by=None)
+        start_step = self.step
+        bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step", disable=None,
+                   dynamic_ncols=True)  # fmt: skip
+        with StopRequest() as stop:
+            while self.step < t.max_steps and not stop.requested:
+                t0 = time.perf_counter()
+                x, y = p.sampler.batch(self.step)
+                x, y = x.to(p.device, non_blocking=True), y.to(p.device, non_blocking=True)
+                res = train_step(p.forward, p.optimizers, x, y, t.grad_accum, p.precision, t.clip)
+                dt = time.perf_counter() - t0
+                self.step += 1
+                self.train_seconds += dt
+                self.window["seconds"] += dt
+                self.window["tokens"] += self.tokens_per_step
+                if res.skipped:
+                    self.bad_in_row += 1
+                    self.accum["skipped"] += 1
+                    tqdm.write(f"step {self.step}: non-finite loss/gradient "
+                               f"(loss {res.loss}, grad norm {res.grad_norm}); update skipped")  # fmt: skip
+                    if self.bad_in_row >= t.max_bad_steps:
+                        self._write(self._record(), plot=True)
+                        raise TrainingDiverged(
+                            f"{self.bad_in_row} non-finite steps in a row (last at step {self.step}): "
+                            f"training diverged. The last good checkpoints are intact in {self.run_dir} "
+                            f"(latest, best). Lower optim.lr/optim.adamw_lr or keep trainer.clip on, "
+                            f"then resume=PATH from a checkpoint before the divergence."
+                        )
+                else:
+                    self.bad_in_row = 0
+                    self.accum["loss_sum"] += res.loss
+                    self.accum["steps"] += 1
+                bar.update(1)
+                last = self.step == t.max_steps
+                do_eval = last or (t.eval_every and self.step % t.eval_every == 0)
+                do_log = do_eval or last or self.step % t.log_every == 0 or stop.requested
+                if not do_log:
+                    continue
+                row = self._record()
+                bar.set_postfix(loss=f"{row['train_loss']:.3f}",
+                                ppl=f"{math.exp(min(row['train_loss'], 50)):.1f}",
+                                tok_s=f"{row['tokens_per_s']:,.0f}")  # fmt: skip
+                improved = False
+                if do_eval:
+                    ev = self.evaluate()
+                    row.update(ev)
+                    outcome.final_eval = ev
+                    improved = math.isfinite(ev["val_loss"]) and ev["val_loss"] < self.best_val_loss
+                    if improved:
+                        self.best_val_loss, self.best_step = ev["val_loss"], self.step
+                    bpb = f", bpb {ev['val_bpb']:.3f}" if "val_bpb" in ev else ""
+                    tqdm.write(f"step {self.step}: train loss {row['train_loss']:.4f}, val loss "
+                               f"{ev['val_loss']:.4f}, acc {ev['val_acc']:.3f}, ppl {ev['val_ppl']:.1f}"
+                               f"{bpb}")  # fmt: skip
+                self._write(row, plot=do_eval)
+                do_save = (
+                    improved
+                    or last
+                    or stop.requested
+                    or (t.save_every and self.step % t.save_every == 0)
+                )
+                if do_save and self.last_saved != self.step:
+                    self.save(improved)
+            outcome.stopped_by = stop.signal_name
+        bar.close()
+        outcome.step = self.step
+        outcome.best_val_loss, outcome.best_step = self.best_val_loss, self.best_step
+        outcome.train_seconds = self.train_seconds
+        steps_run = outcome.step - start_step
+        if self.train_seconds:
+            outcome.tokens_per_s = steps_run * self.tokens_per_step / self.train_seconds
+            outcome.mfu = mfu(outcome.tokens_per_s, self.flops_per_token, self.peak)
+        return outcome

@@ -1,0 +1,103 @@
+"""One training run from a typed config to the printed summary (what ``train.py`` hands off to)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data.errors import DataError
+from trainer.checkpoint import CheckpointError
+from trainer.config import SampleConfig
+from trainer.distributed import dist_info
+from trainer.loop import Trainer, TrainingDiverged
+from trainer.run_config import RunConfig
+from trainer.run_dirs import resolve_resume
+from trainer.sampling import complete
+from trainer.setup import build_parts, check_optimizer_config, resolve_device
+from trainer.summary import samples_text, summary_text
+from trainer.throughput import peak_flops
+from trainer.typed_config import ConfigError
+from trainer.wandb_logger import WandbLogger
+
+
+def resume_command(overrides: list[str], run_name: str) -> str:
+    kept = [o for o in overrides if not o.startswith(("resume=", "run_name="))]
+    return " ".join(["python train.py", *kept, f"run_name={run_name}", "resume=latest"])
+
+
+def run_training(
+    cfg: RunConfig,
+    run_dir: Path,
+    config_yaml: str,
+    config_dict: dict[str, Any],
+    overrides: list[str],
+    start_time: float,
+) -> int:
+    """Train, evaluate, save and report; returns the process exit code.
+
+    Everything that can be checked without data (config values, device, optimizer settings,
+    the resume path) is checked first, so a mistake costs seconds, not a tokenizer build.
+    """
+    try:
+        dist = dist_info()
+        if cfg.trainer.num_threads:
+            torch.set_num_threads(cfg.trainer.num_threads)
+        device, precision = resolve_device(cfg)
+        if device.type == "cpu":
+            torch.set_flush_denormal(True)  # denormal softmax tails cost ~4x on CPU
+        check_optimizer_config(cfg)
+        resume_dir = resolve_resume(cfg.resume, run_dir) if cfg.resume else None
+        parts = build_parts(cfg, dist, device, precision)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run_dir.mkdir(parents=True, exist_ok=True)
+    peak = peak_flops(device, precision.dtype, cfg.trainer.peak_flops)
+    wandb = WandbLogger(cfg.wandb, run_dir, cfg.run_name, config_dict) if dist.is_main else None
+    trainer = Trainer(cfg, parts, run_dir, dist, config_yaml, wandb, peak)
+    if resume_dir is not None:
+        try:
+            trainer.resume_from(resume_dir)
+        except (CheckpointError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"resumed from {resume_dir} at step {trainer.step}")
+    n_params = parts.model.num_params()
+    print(
+        f"run {run_dir}: {n_params / 1e6:.2f} M parameters, {len(parts.data.train):,} train / "
+        f"{len(parts.data.val):,} val tokens, device {device}, precision {precision.name}"
+    )
+    try:
+        outcome = trainer.fit()
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        if wandb is not None:
+            wandb.finish(exit_code=1)
+        return 1
+    if not outcome.final_eval:  # stopped early, or resumed a finished run
+        outcome.final_eval = trainer.evaluate()
+    if wandb is not None:
+        wandb.finish()
+    if not dist.is_main:
+        return 0
+    print(
+        summary_text(
+            outcome, run_dir, time.perf_counter() - start_time, peak, trainer.tokens_per_step
+        )
+    )
+    if outcome.stopped_by:
+        print(f"\nstopped by {outcome.stopped_by} at step {outcome.step}; resume with:\n"
+              f"  {resume_command(overrides, cfg.run_name)}")  # fmt: skip
+        return 0
+    sample_cfg: SampleConfig = cfg.sample
+    if sample_cfg.prompts and sample_cfg.max_new_tokens:
+        parts.model.eval()
+        texts = complete(
+            parts.model, parts.data.tokenizer, sample_cfg.prompts, sample_cfg, cfg.seed
+        )
+        print(samples_text(sample_cfg.prompts, texts))
+    return 0

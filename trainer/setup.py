@@ -1,0 +1,97 @@
+"""Build a run's parts from its typed config: device, precision, data, model, optimizers, sampler."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from data import BatchSampler, PreparedData, prepare_data
+from optim import OptimizerSet, build_optimizers
+from qwen3 import Qwen3, Qwen3Config, pick_device
+from trainer.distributed import DistInfo
+from trainer.precision import Precision, resolve_precision
+from trainer.run_config import RunConfig
+from trainer.typed_config import ConfigError
+
+
+@dataclass
+class RunParts:
+    """Everything the loop works with."""
+
+    device: torch.device
+    precision: Precision
+    data: PreparedData
+    model: Qwen3  # the plain module: saved, sampled from
+    forward: nn.Module  # what training calls: ``model`` or its torch.compile wrapper
+    optimizers: OptimizerSet
+    sampler: BatchSampler
+    bytes_per_token: float | None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def resolve_device(cfg: RunConfig) -> tuple[torch.device, Precision]:
+    """The device and precision, or a :class:`ConfigError` if they cannot be had here."""
+    try:
+        device = pick_device(cfg.trainer.device)
+    except RuntimeError as e:
+        raise ConfigError(f"trainer.device={cfg.trainer.device}: {e}") from None
+    return device, resolve_precision(cfg.trainer.precision, device)
+
+
+def check_optimizer_config(cfg: RunConfig) -> None:
+    """Build the optimizers once on a weightless (meta) model, so an optimizer/schedule setting
+    that does not fit the run fails before any data is read."""
+    with torch.device("meta"):
+        model = Qwen3(cfg.model)
+    try:
+        build_optimizers(model, cfg.optim, cfg.trainer.max_steps)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def model_config_for(cfg: Qwen3Config, data: PreparedData) -> Qwen3Config:
+    """The model config with the tokenizer's exact vocabulary size and special-token ids."""
+    tok = data.tokenizer
+    return dataclasses.replace(
+        cfg, vocab_size=tok.vocab_size, bos_token_id=tok.eos_id, eos_token_id=tok.eos_id
+    )
+
+
+def build_parts(
+    cfg: RunConfig, dist: DistInfo, device: torch.device, precision: Precision
+) -> RunParts:
+    """Prepare data (tokenizer + token cache), then the model, optimizers and sampler."""
+    tcfg = cfg.trainer
+    data = prepare_data(cfg.data, cfg.data.vocab_size or cfg.model.vocab_size)
+    if len(data.val) < tcfg.seq_len + 1:
+        raise ConfigError(
+            f"trainer.seq_len={tcfg.seq_len} is longer than the whole validation split "
+            f"({len(data.val)} tokens); lower trainer.seq_len or hold out more text"
+        )
+    model_cfg = model_config_for(cfg.model, data)
+    if tcfg.seq_len > model_cfg.max_position_embeddings:
+        raise ConfigError(
+            f"trainer.seq_len={tcfg.seq_len} exceeds model.max_position_embeddings="
+            f"{model_cfg.max_position_embeddings}; lower one or raise the other"
+        )
+    seed_everything(cfg.seed)
+    model = Qwen3(model_cfg).to(device)
+    model.train()
+    forward: nn.Module = torch.compile(model) if tcfg.compile else model
+    optimizers = build_optimizers(model, cfg.optim, tcfg.max_steps)
+    sampler = BatchSampler(
+        data.train, tcfg.batch_size * tcfg.grad_accum, tcfg.seq_len, cfg.seed,
+        rank=dist.rank, world_size=dist.world_size,
+    )  # fmt: skip
+    bytes_per_token = data.val_bytes / len(data.val) if data.val_bytes else None
+    return RunParts(device, precision, data, model, forward, optimizers, sampler, bytes_per_token)
