@@ -33,7 +33,7 @@ def _pid_alive(pid: int) -> bool:
 def remove_stale_builds(final: Path) -> list[Path]:
     """Delete temporary builds of `final` left by dead processes on this host; return them."""
     prefix = f"{_TMP_PREFIX}{final.name}-{socket.gethostname()}-"
-    removed = []
+    removed: list[Path] = []
     if not final.parent.is_dir():
         return removed
     for tmp in final.parent.glob(prefix + "*"):

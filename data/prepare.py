@@ -9,6 +9,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -43,7 +44,7 @@ class PreparedData:
     val_bytes: int
     fingerprint: str
     cache_path: Path
-    meta: dict
+    meta: dict[str, Any]
 
 
 def _train_texts(cfg: DataConfig, own_validation: bool) -> Iterator[str]:
@@ -62,7 +63,7 @@ def _train_texts(cfg: DataConfig, own_validation: bool) -> Iterator[str]:
 
 
 def _trained_tokenizer(
-    cfg: DataConfig, vocab_size: int, spec: dict, own_validation: bool
+    cfg: DataConfig, vocab_size: int, spec: dict[str, Any], own_validation: bool
 ) -> tuple[Qwen3Tokenizer, Path]:
     """Train a tokenizer on the train split, or load the one trained before from the same inputs."""
     key = {
@@ -84,7 +85,9 @@ def _trained_tokenizer(
     first = next(texts, None)
     if first is None:
         raise DataError(
-            f"{_describe(cfg)} yielded no training text: check the source has documents"
+            f"{_describe(cfg)} yielded no training text (the source is empty, or every "
+            f"document went to validation): add documents, or adjust data.val_docs / "
+            f"data.val_fraction / data.max_docs"
         )
     tokenizer = train_tokenizer(_prepend(first, texts), vocab_size)
     with building(path) as tmp:
@@ -93,7 +96,7 @@ def _trained_tokenizer(
 
 
 def _given_tokenizer(cfg: DataConfig, vocab_size: int) -> tuple[Qwen3Tokenizer, Path]:
-    path = Path(cfg.tokenizer).expanduser()
+    path = Path(str(cfg.tokenizer)).expanduser()
     if not (path / "tokenizer.json").is_file():
         raise DataError(
             f"data.tokenizer={cfg.tokenizer!r} has no tokenizer.json: point it at a tokenizer "
@@ -136,7 +139,9 @@ def prepare_data(cfg: DataConfig, vocab_size: int, progress: bool = True) -> Pre
     path = Path(cfg.cache_dir) / f"tokens-{fp}"
     cache = load_token_cache(path)
     if cache is None:
-        phases = [(split_documents(cfg, own_validation), False)]
+        phases: list[tuple[Iterator[tuple[bool, str]], bool]] = [
+            (split_documents(cfg, own_validation), False)
+        ]
         val_cap = None
         if own_validation:
             phases.append((((True, doc) for doc in validation_documents(cfg)), True))
@@ -158,7 +163,7 @@ def prepare_data(cfg: DataConfig, vocab_size: int, progress: bool = True) -> Pre
     )
 
 
-def _split_rule(cfg: DataConfig, own_validation: bool) -> dict:
+def _split_rule(cfg: DataConfig, own_validation: bool) -> dict[str, Any]:
     return {
         "val_docs": cfg.val_docs,
         "val_fraction": cfg.val_fraction,

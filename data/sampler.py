@@ -29,7 +29,9 @@ def _check_size(tokens: np.ndarray, seq_len: int, what: str) -> None:
         )
 
 
-def _to_batch(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, ...]:
+def _to_batch(
+    tokens: np.ndarray, starts: np.ndarray, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and next-token targets, (B, T) int64 each, for windows starting at `starts`."""
     index = starts[:, None] + np.arange(seq_len + 1)[None, :]  # (B, T+1)
     windows = torch.from_numpy(np.asarray(tokens[index], dtype=np.int64))

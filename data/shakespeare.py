@@ -70,7 +70,7 @@ def _strip_lines(text: str) -> str:
     return "\n".join(line.strip() for line in text.splitlines())
 
 
-def _direction(match: re.Match) -> str:
+def _direction(match: re.Match[str]) -> str:
     inner = _ESCAPE.sub(r"\1", _EMPHASIS.sub("", match.group(1))).strip()
     return inner if inner.startswith("[") else f"[{inner}]"
 

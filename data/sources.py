@@ -65,7 +65,7 @@ def source_spec(cfg: DataConfig) -> dict[str, Any]:
     }
 
 
-def _texts(rows: Iterable[dict], field: str, where: str) -> Iterator[str]:
+def _texts(rows: Iterable[dict[str, Any]], field: str, where: str) -> Iterator[str]:
     """The text column of streamed rows; empty documents are skipped."""
     for row in rows:
         if field not in row:
@@ -102,7 +102,7 @@ def _local_documents(cfg: DataConfig) -> Iterator[str]:
             ) from err
 
 
-def _load_hf(cfg: DataConfig, split: str):  # -> datasets.IterableDataset
+def _load_hf(cfg: DataConfig, split: str) -> Any:  # a datasets.IterableDataset
     import datasets
 
     try:

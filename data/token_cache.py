@@ -13,13 +13,13 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
+from tqdm import tqdm  # type: ignore[import-untyped]
 
 from data.atomic_dir import building
 from data.errors import DataError
@@ -49,7 +49,7 @@ class TokenCache:
     """A finished cache directory: its metadata and read-only memmaps of both splits."""
 
     path: Path
-    meta: dict
+    meta: dict[str, Any]
     train: np.ndarray
     val: np.ndarray
 
@@ -107,10 +107,10 @@ class _SplitWriter:
 def build_token_cache(
     path: Path,
     tokenizer: Qwen3Tokenizer,
-    phases: list[tuple[Iterable[tuple[bool, str]], bool]],
+    phases: Sequence[tuple[Iterable[tuple[bool, str]], bool]],
     max_tokens: int | None,
     val_max_tokens: int | None,
-    meta: dict,
+    meta: dict[str, Any],
     progress: bool = True,
 ) -> TokenCache:
     """Encode documents into a new cache at `path` and return it loaded.
@@ -128,10 +128,10 @@ def build_token_cache(
         start = time.perf_counter()
         try:
             for docs, val_only in phases:
-                done = (lambda: val.full) if val_only else (lambda: train.full)
-                docs = iter(docs)
-                while not done():
-                    batch = _next_batch(docs)
+                fed = val if val_only else train  # the phase ends when this split is full
+                stream = iter(docs)
+                while not fed.full:
+                    batch = _next_batch(stream)
                     if not batch:
                         break
                     encoded = tokenizer.encode_batch([text for _, text in batch])
@@ -172,9 +172,10 @@ def build_token_cache(
     return cache
 
 
-def _next_batch(docs: Iterable[tuple[bool, str]]) -> list[tuple[bool, str]]:
+def _next_batch(docs: Iterator[tuple[bool, str]]) -> list[tuple[bool, str]]:
     """Up to _BATCH_BYTES of text / _BATCH_DOCS documents from the stream."""
-    batch, size = [], 0
+    batch: list[tuple[bool, str]] = []
+    size = 0
     for item in itertools.islice(docs, _BATCH_DOCS):
         batch.append(item)
         size += len(item[1])

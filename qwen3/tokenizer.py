@@ -11,6 +11,7 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
@@ -84,7 +85,7 @@ def build_bpe_pipeline() -> Tokenizer:
     return tok
 
 
-def _split_thinking(message: dict) -> tuple[str, str]:
+def _split_thinking(message: dict[str, Any]) -> tuple[str, str]:
     """(reasoning, content) of an assistant message, as the Qwen3 template reads them."""
     content = message.get("content")
     content = content if isinstance(content, str) else ""
@@ -103,19 +104,18 @@ class Qwen3Tokenizer:
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
-        missing = [t for t in CONTROL_TOKENS if tokenizer.token_to_id(t) is None]
+        ids = [tokenizer.token_to_id(t) for t in CONTROL_TOKENS]
+        missing = [t for t, i in zip(CONTROL_TOKENS, ids, strict=True) if i is None]
         if missing:
             raise ValueError(
                 f"tokenizer lacks the special tokens {missing}; a Qwen3 tokenizer needs "
                 f"{CONTROL_TOKENS} (train one with data.prepare_data or use a Qwen3 tokenizer dir)"
             )
-        self.eos_id: int = tokenizer.token_to_id("<|endoftext|>")
-        self.im_start_id: int = tokenizer.token_to_id("<|im_start|>")
-        self.im_end_id: int = tokenizer.token_to_id("<|im_end|>")
+        self.eos_id, self.im_start_id, self.im_end_id = (int(i or 0) for i in ids)
 
     # ---- loading and saving -------------------------------------------------------------
     @classmethod
-    def from_dir(cls, path: str | os.PathLike) -> Qwen3Tokenizer:
+    def from_dir(cls, path: str | os.PathLike[str]) -> Qwen3Tokenizer:
         """Load `tokenizer.json` from a directory (ours or a downloaded Qwen3 one)."""
         file = Path(path) / "tokenizer.json"
         if not file.is_file():
@@ -129,7 +129,7 @@ class Qwen3Tokenizer:
             raise ValueError(f"{file} is not a valid tokenizer.json ({err}); re-create it") from err
         return cls(tok)
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike[str]) -> None:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `path`."""
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
@@ -197,7 +197,7 @@ class Qwen3Tokenizer:
     # ---- chat ---------------------------------------------------------------------------
     def apply_chat_template(
         self,
-        messages: list[dict],
+        messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         enable_thinking: bool = False,
     ) -> str:

@@ -1,0 +1,220 @@
+"""prepare_data end to end: tokenizer + token cache, fingerprints, reuse, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data import DataConfig, DataError, prepare_data
+from qwen3.tokenizer import Qwen3Tokenizer
+
+WORDS = [
+    "the",
+    "a",
+    "king",
+    "queen",
+    "sword",
+    "crown",
+    "night",
+    "day",
+    "love",
+    "speak",
+    "hear",
+    "lord",
+    "lady",
+    "fair",
+    "foul",
+    "ran",
+]
+VOCAB = 320
+
+
+def _write_corpus(dir_, n_docs: int = 60, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    docs = [
+        " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60))) + "." for _ in range(n_docs)
+    ]
+    (dir_ / "corpus.txt").write_text("\n\n".join(docs) + "\n")
+    return str(dir_ / "*.txt")
+
+
+@pytest.fixture
+def cfg(tmp_path) -> DataConfig:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    return DataConfig(
+        source="local", paths=[_write_corpus(corpus)], cache_dir=str(tmp_path / "cache")
+    )
+
+
+def _prepare(cfg: DataConfig, vocab: int = VOCAB):
+    return prepare_data(cfg, vocab, progress=False)
+
+
+def test_local_build_contents(cfg) -> None:
+    data = _prepare(cfg)
+    assert data.train.dtype == np.uint16 and data.val.dtype == np.uint16
+    assert isinstance(data.train, np.memmap)
+    assert data.tokenizer.vocab_size <= VOCAB
+    meta = data.meta
+    assert meta["train_docs"] + meta["val_docs"] == 60 and meta["val_docs"] == 3  # 0, 20, 40
+    assert len(data.train) == meta["train_tokens"] and len(data.val) == meta["val_tokens"]
+    # every document is followed by EOS; decoding the val split gives its documents back
+    eos = data.tokenizer.eos_id
+    assert int(data.val[-1]) == eos and int(data.train[-1]) == eos
+    assert int((data.val == eos).sum()) == 3 and int((data.train == eos).sum()) == 57
+    docs = (Path(cfg.paths[0]).parent / "corpus.txt").read_text().split("\n\n")
+    val_text = data.tokenizer.decode(data.val.tolist())
+    assert val_text == "<|endoftext|>".join(docs[i].strip() for i in (0, 20, 40)) + "<|endoftext|>"
+    assert data.val_bytes == sum(len(docs[i].strip().encode()) for i in (0, 20, 40))
+    # the tokenizer directory is a saved, loadable tokenizer
+    assert Qwen3Tokenizer.from_dir(data.tokenizer_dir).encode("the king") == data.tokenizer.encode(
+        "the king"
+    )
+
+
+def test_cache_hit_reuses_files(cfg) -> None:
+    first = _prepare(cfg)
+    train_file = first.cache_path / "train.bin"
+    stamp = train_file.stat().st_mtime_ns
+    second = _prepare(cfg)
+    assert second.fingerprint == first.fingerprint
+    assert train_file.stat().st_mtime_ns == stamp  # mapped, not rebuilt
+    assert np.array_equal(second.train, first.train) and np.array_equal(second.val, first.val)
+    assert second.tokenizer_dir == first.tokenizer_dir
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"val_fraction": 0.1},
+        {"val_docs": 4},
+        {"max_docs": 30},
+        {"max_tokens": 500},
+        {"vocab_size": 300},
+        {"doc_separator": "line"},
+        "file_content",
+    ],
+    ids=str,
+)
+def test_cache_miss_on_any_change(cfg, change) -> None:
+    base = _prepare(cfg)
+    if change == "file_content":
+        _write_corpus(Path(cfg.paths[0]).parent, seed=1)
+        changed = cfg
+    else:
+        changed = dataclasses.replace(cfg, **change)
+    other = _prepare(changed)
+    assert other.fingerprint != base.fingerprint
+    assert other.cache_path != base.cache_path and base.cache_path.is_dir()
+
+
+def test_max_tokens_cuts_train_exactly(cfg) -> None:
+    data = _prepare(dataclasses.replace(cfg, max_tokens=777))
+    assert len(data.train) == 777 and data.meta["train_tokens"] == 777
+
+
+def test_given_tokenizer_dir(cfg, tmp_path) -> None:
+    trained = _prepare(cfg)
+    given = dataclasses.replace(cfg, tokenizer=str(trained.tokenizer_dir), max_docs=40)
+    data = _prepare(given)
+    assert data.tokenizer_dir == trained.tokenizer_dir
+    with pytest.raises(DataError, match=r"has \d+ tokens but the model's vocab_size is 270"):
+        _prepare(given, vocab=270)
+    with pytest.raises(DataError, match="has no tokenizer.json"):
+        _prepare(dataclasses.replace(cfg, tokenizer=str(tmp_path / "nowhere")))
+
+
+def test_truncated_cache_is_rebuilt(cfg, caplog) -> None:
+    good = _prepare(cfg)
+    expected = np.array(good.train)
+    train_file = good.cache_path / "train.bin"
+    with open(train_file, "r+b") as f:
+        f.truncate(train_file.stat().st_size - 10)
+    with caplog.at_level(logging.WARNING, logger="data"):
+        again = _prepare(cfg)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "corrupt" in warnings[0] and "rebuilding" in warnings[0]
+    assert "\n" not in warnings[0]
+    assert np.array_equal(np.array(again.train), expected)
+
+
+def test_missing_metadata_is_rebuilt(cfg, caplog) -> None:
+    good = _prepare(cfg)
+    (good.cache_path / "meta.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="data"):
+        again = _prepare(cfg)
+    assert any("corrupt" in r.getMessage() for r in caplog.records)
+    assert (again.cache_path / "meta.json").is_file()
+
+
+def test_empty_source(tmp_path) -> None:
+    (tmp_path / "empty.txt").write_text("\n\n   \n")
+    cfg = DataConfig(source="local", paths=[str(tmp_path / "*.txt")], cache_dir=str(tmp_path / "c"))
+    with pytest.raises(DataError, match="yielded no training text"):
+        _prepare(cfg)
+    assert not (tmp_path / "c").exists() or not list((tmp_path / "c").iterdir())
+
+
+def test_single_document_has_no_train_split(tmp_path) -> None:
+    (tmp_path / "one.txt").write_text("only one document here, which goes to validation\n")
+    cache = tmp_path / "c"
+    cfg = DataConfig(source="local", paths=[str(tmp_path / "one.txt")], cache_dir=str(cache))
+    with pytest.raises(DataError, match="yielded no training text"):
+        _prepare(cfg)
+    # with a given tokenizer the token cache itself refuses to publish an empty split
+    tok_cfg = DataConfig(source="local", paths=[_write_corpus(tmp_path)], cache_dir=str(cache))
+    tok_dir = _prepare(tok_cfg).tokenizer_dir
+    with pytest.raises(DataError, match="the train split is empty"):
+        _prepare(dataclasses.replace(cfg, tokenizer=str(tok_dir)))
+    assert not [p for p in cache.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_model_vocab_smaller_than_data_vocab(cfg) -> None:
+    with pytest.raises(DataError, match=re.escape("data.vocab_size=400 exceeds")):
+        _prepare(dataclasses.replace(cfg, vocab_size=400), vocab=320)
+
+
+def test_hub_dataset_offline_fails_clearly(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = DataConfig(source="hf", path="roneneldan/TinyStories", cache_dir=str(tmp_path))
+    with pytest.raises(DataError, match="needs the network but Hugging Face offline mode is on"):
+        _prepare(cfg)
+
+
+def test_tinystories_sample(tinystories_path, tmp_path) -> None:
+    cfg = DataConfig(source="local", paths=[str(tinystories_path)], cache_dir=str(tmp_path))
+    data = prepare_data(cfg, 2048, progress=False)
+    assert data.tokenizer.vocab_size == 2048
+    assert 150_000 < len(data.train) < 400_000
+    assert 0.03 < len(data.val) / (len(data.train) + len(data.val)) < 0.07
+    assert data.tokenizer.decode(data.train[:200].tolist()).count("<|endoftext|>") >= 1
+
+
+@pytest.fixture(scope="module")
+def shakespeare(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("shakespeare-cache")
+    return prepare_data(DataConfig(cache_dir=str(cache)), 8192, progress=False)
+
+
+def test_default_corpus(shakespeare) -> None:
+    data = shakespeare
+    assert data.tokenizer.vocab_size == 8192 and data.train.dtype == np.uint16
+    assert 1_000_000 < len(data.train) + len(data.val) < 1_600_000
+    assert data.meta["val_docs"] == 2 and data.meta["train_docs"] == 36
+    assert data.tokenizer.decode(data.val[:50].tolist()).startswith(("Henry VIII", "The Taming"))
+    again = prepare_data(DataConfig(cache_dir=str(data.cache_path.parent)), 8192, progress=False)
+    assert again.fingerprint == data.fingerprint
+
+
+def test_progress_bar_reports_docs_and_tokens(cfg, capsys) -> None:
+    prepare_data(cfg, VOCAB, progress=True)
+    err = capsys.readouterr().err
+    assert "tokenizing" in err and "doc/s" in err and "tok_s=" in err
