@@ -8,12 +8,15 @@ from qwen3.config import PRESETS, Qwen3Config
 from qwen3.device import pick_device
 from qwen3.generate import generate, generate_steps, sample_next, stream_generate
 from qwen3.model import Qwen3
+from qwen3.tokenizer import SPECIAL_TOKENS, Qwen3Tokenizer
 
 __all__ = [
     "PRESETS",
+    "SPECIAL_TOKENS",
     "KVCache",
     "Qwen3",
     "Qwen3Config",
+    "Qwen3Tokenizer",
     "generate",
     "generate_steps",
     "pick_device",
