@@ -21,20 +21,17 @@ class StepResult:
     skipped: bool
 
 
-def train_step(
+def accumulate_gradients(
     model: nn.Module,
-    optimizers: OptimizerSet,
     x: torch.Tensor,  # (grad_accum * B, T)
     y: torch.Tensor,  # (grad_accum * B, T)
     grad_accum: int,
     precision: Precision,
-    clip: float,
-) -> StepResult:
-    """Forward/backward ``grad_accum`` equal slices of (x, y), then clip and step.
+) -> float:
+    """Forward/backward ``grad_accum`` equal slices of (x, y); returns the mean loss.
 
-    Each slice's mean loss is divided by ``grad_accum``, so the gradient equals that of the whole
-    batch in one pass. A non-finite loss or gradient skips the update (with fp16 the GradScaler
-    handles non-finite gradients itself, as loss scaling expects them now and then).
+    Each slice's mean loss is divided by ``grad_accum``, so the summed gradient equals that of
+    the whole batch in one pass (to float rounding).
     """
     scaler = precision.scaler
     loss_sum = torch.zeros((), device=x.device)
@@ -44,7 +41,25 @@ def train_step(
         scaled = loss / grad_accum
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += loss.detach()
-    mean_loss = (loss_sum / grad_accum).item()
+    return (loss_sum / grad_accum).item()
+
+
+def train_step(
+    model: nn.Module,
+    optimizers: OptimizerSet,
+    x: torch.Tensor,  # (grad_accum * B, T)
+    y: torch.Tensor,  # (grad_accum * B, T)
+    grad_accum: int,
+    precision: Precision,
+    clip: float,
+) -> StepResult:
+    """Accumulate gradients over ``grad_accum`` micro-batches, clip by global norm, step.
+
+    A non-finite loss or gradient skips the update (with fp16 the GradScaler handles non-finite
+    gradients itself, as loss scaling expects them now and then).
+    """
+    scaler = precision.scaler
+    mean_loss = accumulate_gradients(model, x, y, grad_accum, precision)
     if scaler is not None:
         for opt in optimizers.optimizers:
             scaler.unscale_(opt)

@@ -1,0 +1,113 @@
+"""The loop with real data, model and optimizers: accumulation, metrics, best/latest, divergence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_trainer_support import make_trainer, read_metrics, small_run_overrides, write_corpus
+
+from trainer.checkpoint import load_trainer_state
+from trainer.loop import TrainingDiverged
+from trainer.step import accumulate_gradients, train_step
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    return root, write_corpus(root / "play.txt")
+
+
+def _overrides(corpus, *extra: str) -> list[str]:
+    root, path = corpus
+    return [*small_run_overrides(root, path, cache_dir=root / "cache"), *extra]
+
+
+def test_grad_accumulation_gives_the_same_gradients_and_update(corpus, tmp_path) -> None:
+    """grad_accum=4 x batch 4 equals grad_accum=1 x batch 16: same batch, same gradients, and
+    (AdamW; Muon's bf16 Newton-Schulz would amplify rounding) the same parameters after the step."""
+    runs = {}
+    for name, bs, ga in (("whole", 16, 1), ("accum", 4, 4)):
+        t = make_trainer(_overrides(corpus, "optim=adamw", f"trainer.batch_size={bs}",
+                                    f"trainer.grad_accum={ga}"), tmp_path / name)  # fmt: skip
+        x, y = t.parts.sampler.batch(0)
+        assert x.shape == (16, 32)
+        loss = accumulate_gradients(t.parts.forward, x, y, ga, t.parts.precision)
+        grads = {n: p.grad.clone() for n, p in t.parts.model.named_parameters()}
+        t.parts.optimizers.zero_grad()
+        res = train_step(t.parts.forward, t.parts.optimizers, x, y, ga, t.parts.precision, 1.0)
+        assert not res.skipped and res.loss == pytest.approx(loss, rel=1e-6)
+        runs[name] = (loss, grads, res, t.parts.model)
+    (l1, g1, r1, m1), (l2, g2, r2, m2) = runs["whole"], runs["accum"]
+    assert l1 == pytest.approx(l2, rel=1e-5)
+    assert r1.grad_norm == pytest.approx(r2.grad_norm, rel=1e-4)
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], rtol=1e-4, atol=1e-7, msg=n)
+    for (n, p), q in zip(m1.named_parameters(), m2.parameters(), strict=True):
+        # AdamW's first update is ~lr * sign(g): a gradient within rounding of zero may flip, so
+        # compare against the update size (lr 3e-3), not float epsilon.
+        torch.testing.assert_close(p, q, rtol=0, atol=5e-5, msg=n)
+    fresh = make_trainer(_overrides(corpus, "optim=adamw"), tmp_path / "fresh").parts.model
+    assert not torch.equal(fresh.lm_head.weight, m1.lm_head.weight)  # the step did update
+
+
+def test_metrics_checkpoints_and_best_pointer(corpus, tmp_path) -> None:
+    run = tmp_path / "run"
+    t = make_trainer(_overrides(corpus, "trainer.max_steps=6", "trainer.eval_every=2",
+                                "trainer.save_every=0", "trainer.keep_last=1"), run)  # fmt: skip
+    out = t.fit()
+    assert out.step == 6 and out.stopped_by is None
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for r in rows:
+        assert {"step", "train_loss", "lr", "tokens_per_s", "mfu"} <= set(r)
+        assert math.isfinite(r["train_loss"]) and r["tokens_per_s"] > 0 and r["lr"] > 0
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6]
+    for r in evals:
+        assert r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]))
+        assert 0 <= r["val_acc"] <= 1 and r["val_bpb"] > 0
+    best_row = min(evals, key=lambda r: r["val_loss"])
+    assert (run / "best").resolve().name == f"step-{best_row['step']:06d}"
+    assert (run / "latest").resolve().name == "step-000006"
+    kept = sorted(p.name for p in run.glob("step-*"))
+    assert kept == sorted({f"step-{best_row['step']:06d}", "step-000006"})
+    assert not list(run.glob(".tmp-*"))
+    assert (run / "metrics.png").stat().st_size > 1000
+    state = load_trainer_state(run / "latest")
+    assert state["step"] == 6 and state["best_val_loss"] == pytest.approx(best_row["val_loss"])
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+              "trainer_state.pt", "config.yaml"):  # fmt: skip
+        assert (run / "latest" / f).is_file(), f
+
+    # A worse (but finite) evaluation moves latest, never best.
+    worse = make_trainer(_overrides(corpus, "trainer.max_steps=7", "trainer.eval_every=1",
+                                    "trainer.save_every=1", "resume=latest"), run)  # fmt: skip
+    worse.resume_from((run / "latest").resolve())
+    best_before = (run / "best").resolve()
+    with torch.no_grad():
+        for p in worse.parts.model.parameters():
+            p.add_(torch.randn_like(p))
+    worse.fit()
+    last = read_metrics(run)[-1]
+    assert last["step"] == 7 and last["val_loss"] > best_row["val_loss"]
+    assert (run / "best").resolve() == best_before
+    assert (run / "latest").resolve().name == "step-000007"
+
+    # Non-finite steps are skipped; after max_bad_steps in a row the run stops, checkpoints intact.
+    bad = make_trainer(_overrides(corpus, "trainer.max_steps=20", "trainer.eval_every=1",
+                                  "trainer.max_bad_steps=3"), run)  # fmt: skip
+    bad.resume_from((run / "latest").resolve())
+    with torch.no_grad():
+        bad.parts.model.model.norm.weight.fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match="3 non-finite steps in a row"):
+        bad.fit()
+    rows = read_metrics(run)
+    assert rows[-1]["skipped_steps"] >= 1
+    assert all(r["val_loss"] is None for r in rows if r["step"] > 7 and "val_loss" in r)
+    assert (run / "best").resolve() == best_before
+    assert (run / "latest").resolve().name == "step-000007"
+    weights = load_file(run / "latest" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())

@@ -1,0 +1,112 @@
+"""Shared helpers of the trainer tests: a small corpus, small-model overrides, composing configs,
+and running ``train.py`` as a real subprocess. (No tests in this module.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from trainer.cli_entry import CONF_DIR, register_resolvers
+from trainer.run_config import RunConfig, build_run_config, to_container
+
+REPO = Path(__file__).resolve().parents[1]
+
+SMALL_MODEL = [
+    "model.vocab_size=384",
+    "model.hidden_size=64",
+    "model.intermediate_size=128",
+    "model.num_hidden_layers=2",
+    "model.num_attention_heads=2",
+    "model.num_key_value_heads=1",
+    "model.head_dim=32",
+    "model.max_position_embeddings=128",
+]
+
+_NAMES = ["ROMEO", "JULIET", "MERCUTIO", "NURSE", "FRIAR"]
+_WORDS = (
+    "the a my thy good sweet night day love death fair heart hand lord lady come go speak "
+    "hear see know tell stay fly swear kiss sword moon star light dark soul grave name rose "
+    "and but o not so if then yet now here there with from upon"
+).split()
+
+
+def write_corpus(path: Path, n_docs: int = 300, seed: int = 0) -> Path:
+    """A small play-shaped text corpus: documents of speaker lines, separated by blank lines."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        lines = []
+        for _ in range(rng.randint(2, 5)):
+            words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 10)))
+            lines.append(f"{rng.choice(_NAMES)}:\n{words.capitalize()}.")
+        docs.append("\n".join(lines))
+    path.write_text("\n\n".join(docs) + "\n")
+    return path
+
+
+def small_run_overrides(tmp: Path, corpus: Path, cache_dir: Path | None = None) -> list[str]:
+    """Overrides for a fast run on ``corpus`` with the small model, writing under ``tmp``."""
+    return [
+        *SMALL_MODEL,
+        "data=local",
+        f"data.paths=[{corpus}]",
+        f"data.cache_dir={cache_dir or tmp / 'cache'}",
+        f"out_dir={tmp / 'runs'}",
+        "trainer.batch_size=4",
+        "trainer.seq_len=32",
+        "trainer.eval_batches=2",
+        "trainer.log_every=1",
+        "trainer.peak_flops=1e11",
+        "optim.warmup_steps=2",
+        "wandb.mode=disabled",
+        "sample.max_new_tokens=8",
+    ]
+
+
+def compose_run_config(overrides: list[str]) -> RunConfig:
+    """The typed config ``train.py`` would build from these overrides (Hydra compose API)."""
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    return build_run_config(to_container(cfg))
+
+
+def train_cmd(*args: str) -> list[str]:
+    return [sys.executable, str(REPO / "train.py"), *args]
+
+
+def subprocess_env(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(WANDB_DIR=str(tmp / "wandb-dir"), WANDB_MODE="offline", PYTHONUNBUFFERED="1")
+    return env
+
+
+def run_train(tmp: Path, *args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """``python train.py ARGS`` from the repo root; captures output."""
+    return subprocess.run(
+        train_cmd(*args), cwd=REPO, env=subprocess_env(tmp), capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def make_trainer(overrides: list[str], run_dir: Path, wandb=None):
+    """A :class:`trainer.loop.Trainer` built exactly as ``train.py`` builds one (in process)."""
+    from trainer.distributed import DistInfo
+    from trainer.loop import Trainer
+    from trainer.setup import build_parts, resolve_device
+
+    cfg = compose_run_config(overrides)
+    device, precision = resolve_device(cfg)
+    parts = build_parts(cfg, DistInfo(), device, precision)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return Trainer(cfg, parts, run_dir, DistInfo(), "seed: 0\n", wandb, 1e11)
