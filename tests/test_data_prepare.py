@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import random
 import re
@@ -218,3 +219,46 @@ def test_progress_bar_reports_docs_and_tokens(cfg, capsys) -> None:
     prepare_data(cfg, VOCAB, progress=True)
     err = capsys.readouterr().err
     assert "tokenizing" in err and "doc/s" in err and "tok_s=" in err
+
+
+def _hf_dir(root: Path, splits: tuple[str, ...]) -> Path:
+    """A dataset directory `datasets.load_dataset(path)` reads like a hub repo, offline."""
+    rng = random.Random(0)
+    for split in splits:
+        (root / "data").mkdir(parents=True, exist_ok=True)
+        lines = [
+            json.dumps({"story": f"{split}: " + " ".join(rng.choice(WORDS) for _ in range(30))})
+            for _ in range(40)
+        ]
+        (root / "data" / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_hf_source_uses_own_validation_split(tmp_path) -> None:
+    path = _hf_dir(tmp_path / "ds", ("train", "validation"))
+    cfg = DataConfig(source="hf", path=str(path), text_field="story", cache_dir=str(tmp_path / "c"))
+    data = _prepare(cfg)
+    assert data.meta["split"]["own_validation"] is True
+    assert data.meta["train_docs"] == 40 and data.meta["val_docs"] == 40
+    text = data.tokenizer.decode(data.val.tolist())
+    assert text.count("validation:") == 40 and "train:" not in text
+    capped = _prepare(dataclasses.replace(cfg, max_tokens=200, val_fraction=0.25))
+    assert len(capped.train) == 200 and 50 <= len(capped.val) < 50 + 60
+    assert _prepare(dataclasses.replace(cfg, val_docs=3)).meta["val_docs"] == 3
+
+
+def test_hf_source_without_validation_holds_out(tmp_path) -> None:
+    path = _hf_dir(tmp_path / "ds", ("train",))
+    cfg = DataConfig(source="hf", path=str(path), text_field="story", cache_dir=str(tmp_path / "c"))
+    data = _prepare(cfg)
+    assert data.meta["split"]["own_validation"] is False
+    assert data.meta["train_docs"] == 38 and data.meta["val_docs"] == 2  # docs 0 and 20
+
+
+def test_corrupt_tokenizer_cache_is_retrained(cfg, caplog) -> None:
+    first = _prepare(cfg)
+    (first.tokenizer_dir / "tokenizer.json").write_text("{truncated")
+    with caplog.at_level(logging.WARNING, logger="data"):
+        again = _prepare(cfg)
+    assert any("tokenizer cache" in r.getMessage() for r in caplog.records)
+    assert again.fingerprint == first.fingerprint
