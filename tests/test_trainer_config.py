@@ -65,7 +65,9 @@ def test_model_overrides_apply_over_the_preset() -> None:
         (["sample.top_p=2"], ["sample.top_p"]),
     ],
 )
-def test_bad_values_raise_one_message_naming_the_key(override: list[str], expected: list[str]) -> None:
+def test_bad_values_raise_one_message_naming_the_key(
+    override: list[str], expected: list[str]
+) -> None:
     with pytest.raises(ConfigError) as err:
         compose_run_config(override)
     for word in expected:

@@ -29,11 +29,57 @@ SMALL_MODEL = [
 ]
 
 _NAMES = ["ROMEO", "JULIET", "MERCUTIO", "NURSE", "FRIAR"]
-_WORDS = (
-    "the a my thy good sweet night day love death fair heart hand lord lady come go speak "
-    "hear see know tell stay fly swear kiss sword moon star light dark soul grave name rose "
-    "and but o not so if then yet now here there with from upon"
-).split()
+_WORDS = [
+    "the",
+    "a",
+    "my",
+    "thy",
+    "good",
+    "sweet",
+    "night",
+    "day",
+    "love",
+    "death",
+    "fair",
+    "heart",
+    "hand",
+    "lord",
+    "lady",
+    "come",
+    "go",
+    "speak",
+    "hear",
+    "see",
+    "know",
+    "tell",
+    "stay",
+    "fly",
+    "swear",
+    "kiss",
+    "sword",
+    "moon",
+    "star",
+    "light",
+    "dark",
+    "soul",
+    "grave",
+    "name",
+    "rose",
+    "and",
+    "but",
+    "o",
+    "not",
+    "so",
+    "if",
+    "then",
+    "yet",
+    "now",
+    "here",
+    "there",
+    "with",
+    "from",
+    "upon",
+]
 
 
 def write_corpus(path: Path, n_docs: int = 300, seed: int = 0) -> Path:
