@@ -67,11 +67,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="sequences decoded at once; more requests wait their turn (default: %(default)s)",
     )
     parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads for generation (default on CPU: all cores but one; elsewhere torch's)",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     args = parser.parse_args(argv)
-    if args.max_tokens_cap < 1 or args.max_batch_size < 1:
-        parser.error("--max-tokens-cap and --max-batch-size must be at least 1")
+    for name in ("max_tokens_cap", "max_batch_size", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     return args
 
 
@@ -111,7 +118,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from serving.app import create_app
 
-    app = create_app(served, max_tokens_cap=args.max_tokens_cap, max_batch_size=args.max_batch_size)
+    app = create_app(
+        served,
+        max_tokens_cap=args.max_tokens_cap,
+        max_batch_size=args.max_batch_size,
+        threads=args.threads,
+    )
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(

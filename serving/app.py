@@ -20,10 +20,15 @@ STATIC_DIR = Path(__file__).parent / "static"
 
 
 def create_app(
-    served: ServedModel, max_tokens_cap: int = 1024, max_batch_size: int = 32
+    served: ServedModel,
+    max_tokens_cap: int = 1024,
+    max_batch_size: int = 32,
+    threads: int | None = None,
 ) -> FastAPI:
     """Build the app; the generation worker starts and stops with the app's lifespan."""
-    engine = GenerationEngine(served.model, served.tokenizer, max_batch_size=max_batch_size)
+    engine = GenerationEngine(
+        served.model, served.tokenizer, max_batch_size=max_batch_size, threads=threads
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -9,7 +9,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from test_serve_support import build_tiny_checkpoint, running_server
+from test_serve_support import build_tiny_checkpoint
+
+from serving.launch import serve_in_subprocess
 
 CONTEXT = 2048  # long enough that a disconnected 1000-token request is clearly cut short
 CAP = 1000
@@ -24,7 +26,7 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(ckpt: Path) -> Iterator[str]:
-    with running_server(ckpt, "--max-tokens-cap", str(CAP)) as url:
+    with serve_in_subprocess(ckpt, "--max-tokens-cap", str(CAP)) as url:
         yield url
 
 

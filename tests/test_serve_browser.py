@@ -7,7 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_serve_support import build_tiny_checkpoint, running_server
+from test_serve_support import build_tiny_checkpoint
+
+from serving.launch import serve_in_subprocess
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = pytest.mark.skipif(
@@ -29,7 +31,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     ckpt = build_tiny_checkpoint(
         tmp_path_factory.mktemp("browser") / "tiny-model", max_positions=2048
     )
-    with running_server(ckpt) as url:
+    with serve_in_subprocess(ckpt) as url:
         yield url
 
 

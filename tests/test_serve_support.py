@@ -1,28 +1,19 @@
-"""Helpers for the serve tests: a tiny real checkpoint and a real `serve.py` process on loopback.
+"""Helpers for the serve tests: a tiny real checkpoint, and serve.py run to completion.
 
 (No tests here; the test_serve_*.py modules import these.)
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import re
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import torch
-from tokenizers import pre_tokenizers, trainers
 
+from data.tokenizer_training import train_tokenizer
 from qwen3 import Qwen3, Qwen3Config
-from qwen3.tokenizer import Qwen3Tokenizer, build_bpe_pipeline, make_added_tokens
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from serving.launch import SERVE_PY
 
 TEXT = """Once upon a time there was a little cat named Tom. Tom liked to play in the garden.
 One day Tom saw a big red ball under the tree. He ran to the ball and pushed it with his nose.
@@ -35,17 +26,7 @@ The moon came up over the hill, and the stars were bright. Tom went home and sle
 
 def build_tiny_checkpoint(path: Path, max_positions: int = 256) -> Path:
     """A random tiny Qwen3 (hidden 64, 2 layers) with a small BPE tokenizer trained on TEXT."""
-    special, think = make_added_tokens()
-    tok = build_bpe_pipeline()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=special,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(TEXT.splitlines() * 4, trainer=trainer)
-    tok.add_tokens(think)
-    tokenizer = Qwen3Tokenizer(tok)
+    tokenizer = train_tokenizer(TEXT.splitlines() * 4, vocab_size=320)
     config = Qwen3Config(
         vocab_size=tokenizer.vocab_size,
         hidden_size=64,
@@ -62,59 +43,12 @@ def build_tiny_checkpoint(path: Path, max_positions: int = 256) -> Path:
     return path
 
 
-def serve_command(*args: str) -> list[str]:
-    return [sys.executable, str(REPO_ROOT / "serve.py"), *args]
-
-
-def run_serve(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
+def run_serve(*args: str) -> subprocess.CompletedProcess:
     """Run serve.py to completion (for start-up errors); output captured as text."""
     return subprocess.run(
-        serve_command(*args), cwd=cwd, capture_output=True, text=True, timeout=120
-    )
-
-
-@contextlib.contextmanager
-def running_server(ckpt: Path, *extra: str) -> Iterator[str]:
-    """Start serve.py on a free loopback port; yield its base URL; stop it afterwards."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        serve_command("--ckpt", str(ckpt), "--port", "0", "--log-level", "warning", *extra),
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        [sys.executable, str(SERVE_PY), *args],
+        cwd=SERVE_PY.parent,
+        capture_output=True,
         text=True,
-        env=env,
+        timeout=120,
     )
-    try:
-        url = _wait_for_url(proc)
-        # Keep draining the server's output so a chatty log can never block it on a full pipe.
-        threading.Thread(target=proc.stdout.read, daemon=True).start()
-        _wait_healthy(url, proc)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _wait_for_url(proc: subprocess.Popen) -> str:
-    assert proc.stdout is not None
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        match = re.search(r"Open (http://\S+)/ ", line)
-        if match:
-            return match.group(1)
-    raise RuntimeError("serve.py exited before serving:\n" + "".join(seen))
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen) -> None:
-    while proc.poll() is None:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"serve.py exited with code {proc.returncode} before answering /health")
