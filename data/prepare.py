@@ -92,7 +92,8 @@ def _trained_tokenizer(
     tokenizer = train_tokenizer(_prepend(first, texts), vocab_size)
     with building(path) as tmp:
         tokenizer.save(tmp)
-    return tokenizer, path
+    # Reload what was published: if another rank won the race, every rank uses its files.
+    return Qwen3Tokenizer.from_dir(path), path
 
 
 def _given_tokenizer(cfg: DataConfig, vocab_size: int) -> tuple[Qwen3Tokenizer, Path]:

@@ -192,7 +192,8 @@ class Qwen3Tokenizer:
         return [e.ids for e in encodings]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        ids = [int(i) for i in ids]  # accepts numpy / torch integers too
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     # ---- chat ---------------------------------------------------------------------------
     def apply_chat_template(
