@@ -18,7 +18,7 @@ from data.config import DataConfig
 from data.errors import DataError
 from data.sources import hf_has_validation, source_spec, split_documents, validation_documents
 from data.token_cache import FORMAT_VERSION, build_token_cache, fingerprint, load_token_cache
-from data.tokenizer_training import check_tokenizer_fits, train_tokenizer
+from data.tokenizer_training import check_tokenizer_fits, check_vocab_size, train_tokenizer
 from qwen3.tokenizer import Qwen3Tokenizer
 
 # Bump when tokenizer training changes its output for the same text.
@@ -121,6 +121,8 @@ def prepare_data(cfg: DataConfig, vocab_size: int, progress: bool = True) -> Pre
             f"data.vocab_size={cfg.vocab_size} exceeds the model's vocab_size={vocab_size}: "
             f"token ids would fall outside the embedding; lower data.vocab_size"
         )
+    if not cfg.tokenizer:
+        check_vocab_size(train_vocab, "data.vocab_size" if cfg.vocab_size else "model.vocab_size")
     spec = source_spec(cfg)
     own_validation = cfg.source == "hf" and hf_has_validation(cfg)
     if cfg.tokenizer:

@@ -13,16 +13,21 @@ from qwen3.tokenizer import SPECIAL_TOKENS, Qwen3Tokenizer, build_bpe_pipeline, 
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 
 
+def check_vocab_size(vocab_size: int, key: str = "vocab_size") -> None:
+    """A vocabulary too small for the byte alphabet plus the special tokens cannot be trained."""
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise DataError(
+            f"{key}={vocab_size} is too small: a byte-level BPE needs 256 byte tokens plus "
+            f"{len(SPECIAL_TOKENS)} special tokens; use a vocab_size of at least {MIN_VOCAB_SIZE}"
+        )
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Qwen3Tokenizer:
     """Train byte-level BPE on `texts`: ids 0-2 are the control tokens, the think tags last.
 
     The vocabulary holds at most `vocab_size` ids; a small corpus may yield fewer merges.
     """
-    if vocab_size < MIN_VOCAB_SIZE:
-        raise DataError(
-            f"vocab_size={vocab_size} is too small: a byte-level BPE needs 256 byte tokens plus "
-            f"{len(SPECIAL_TOKENS)} special tokens; use a vocab_size of at least {MIN_VOCAB_SIZE}"
-        )
+    check_vocab_size(vocab_size)
     special, think = make_added_tokens()
     tok = build_bpe_pipeline()
     trainer = trainers.BpeTrainer(

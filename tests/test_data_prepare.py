@@ -262,3 +262,12 @@ def test_corrupt_tokenizer_cache_is_retrained(cfg, caplog) -> None:
         again = _prepare(cfg)
     assert any("tokenizer cache" in r.getMessage() for r in caplog.records)
     assert again.fingerprint == first.fingerprint
+
+
+def test_vocab_too_small_fails_before_reading(tmp_path) -> None:
+    cfg = DataConfig(source="local", paths=[str(tmp_path / "missing-*.txt")])
+    # the vocabulary is checked first, so the missing files are not even looked at
+    with pytest.raises(DataError, match=r"model.vocab_size=200 is too small.*at least 261"):
+        prepare_data(cfg, 200, progress=False)
+    with pytest.raises(DataError, match=r"data.vocab_size=100 is too small"):
+        prepare_data(dataclasses.replace(cfg, vocab_size=100), 8192, progress=False)
