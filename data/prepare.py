@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,13 +64,13 @@ def _train_texts(cfg: DataConfig, own_validation: bool) -> Iterator[str]:
 
 
 def _trained_tokenizer(
-    cfg: DataConfig, vocab_size: int, spec: dict[str, Any], own_validation: bool
+    cfg: DataConfig, vocab_size: int, spec: dict[str, Any], own_validation: Callable[[], bool]
 ) -> tuple[Qwen3Tokenizer, Path]:
     """Train a tokenizer on the train split, or load the one trained before from the same inputs."""
     key = {
         "version": TOKENIZER_TRAINING_VERSION,
         "source": spec,
-        "split": _split_rule(cfg, own_validation),
+        "split": _split_rule(cfg),
         "limits": {"max_docs": cfg.max_docs, "max_tokens": cfg.max_tokens},
         "max_bytes": cfg.tokenizer_max_bytes,
         "vocab_size": vocab_size,
@@ -81,7 +82,7 @@ def _trained_tokenizer(
         except (OSError, ValueError) as err:
             log.warning("tokenizer cache %s is corrupt (%s); retraining it", path, err)
             shutil.rmtree(path, ignore_errors=True)
-    texts = _train_texts(cfg, own_validation)
+    texts = _train_texts(cfg, own_validation())
     first = next(texts, None)
     if first is None:
         raise DataError(
@@ -124,7 +125,8 @@ def prepare_data(cfg: DataConfig, vocab_size: int, progress: bool = True) -> Pre
     if not cfg.tokenizer:
         check_vocab_size(train_vocab, "data.vocab_size" if cfg.vocab_size else "model.vocab_size")
     spec = source_spec(cfg)
-    own_validation = cfg.source == "hf" and hf_has_validation(cfg)
+    # Asked of the hub only when something must be built, so a cached run works offline.
+    own_validation = functools.cache(lambda: cfg.source == "hf" and hf_has_validation(cfg))
     if cfg.tokenizer:
         tokenizer, tokenizer_dir = _given_tokenizer(cfg, vocab_size)
     else:
@@ -132,7 +134,7 @@ def prepare_data(cfg: DataConfig, vocab_size: int, progress: bool = True) -> Pre
     key = {
         "format_version": FORMAT_VERSION,
         "source": spec,
-        "split": _split_rule(cfg, own_validation),
+        "split": _split_rule(cfg),
         "limits": {"max_docs": cfg.max_docs, "max_tokens": cfg.max_tokens},
         "tokenizer_sha256": hashlib.sha256(
             (tokenizer_dir / "tokenizer.json").read_bytes()
@@ -143,14 +145,19 @@ def prepare_data(cfg: DataConfig, vocab_size: int, progress: bool = True) -> Pre
     cache = load_token_cache(path)
     if cache is None:
         phases: list[tuple[Iterator[tuple[bool, str]], bool]] = [
-            (split_documents(cfg, own_validation), False)
+            (split_documents(cfg, own_validation()), False)
         ]
         val_cap = None
-        if own_validation:
+        if own_validation():
             phases.append((((True, doc) for doc in validation_documents(cfg)), True))
             if cfg.max_tokens is not None:
                 val_cap = max(1, math.ceil(cfg.max_tokens * cfg.val_fraction))
-        meta = {"fingerprint": fp, **key, "tokenizer_dir": str(tokenizer_dir)}
+        meta = {
+            "fingerprint": fp,
+            **key,
+            "own_validation": own_validation(),
+            "tokenizer_dir": str(tokenizer_dir),
+        }
         cache = build_token_cache(
             path, tokenizer, phases, cfg.max_tokens, val_cap, meta, progress=progress
         )
@@ -166,12 +173,9 @@ def prepare_data(cfg: DataConfig, vocab_size: int, progress: bool = True) -> Pre
     )
 
 
-def _split_rule(cfg: DataConfig, own_validation: bool) -> dict[str, Any]:
-    return {
-        "val_docs": cfg.val_docs,
-        "val_fraction": cfg.val_fraction,
-        "own_validation": own_validation,
-    }
+def _split_rule(cfg: DataConfig) -> dict[str, Any]:
+    """Whether an hf dataset has its own validation split is implied by its path and name."""
+    return {"val_docs": cfg.val_docs, "val_fraction": cfg.val_fraction}
 
 
 def _describe(cfg: DataConfig) -> str:

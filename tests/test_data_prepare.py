@@ -238,20 +238,23 @@ def test_hf_source_uses_own_validation_split(tmp_path) -> None:
     path = _hf_dir(tmp_path / "ds", ("train", "validation"))
     cfg = DataConfig(source="hf", path=str(path), text_field="story", cache_dir=str(tmp_path / "c"))
     data = _prepare(cfg)
-    assert data.meta["split"]["own_validation"] is True
+    assert data.meta["own_validation"] is True
     assert data.meta["train_docs"] == 40 and data.meta["val_docs"] == 40
     text = data.tokenizer.decode(data.val.tolist())
     assert text.count("validation:") == 40 and "train:" not in text
     capped = _prepare(dataclasses.replace(cfg, max_tokens=200, val_fraction=0.25))
     assert len(capped.train) == 200 and 50 <= len(capped.val) < 50 + 60
     assert _prepare(dataclasses.replace(cfg, val_docs=3)).meta["val_docs"] == 3
+    # a cached run needs no access to the dataset (a hub dataset works offline once cached)
+    path.rename(tmp_path / "gone")
+    assert _prepare(cfg).fingerprint == data.fingerprint
 
 
 def test_hf_source_without_validation_holds_out(tmp_path) -> None:
     path = _hf_dir(tmp_path / "ds", ("train",))
     cfg = DataConfig(source="hf", path=str(path), text_field="story", cache_dir=str(tmp_path / "c"))
     data = _prepare(cfg)
-    assert data.meta["split"]["own_validation"] is False
+    assert data.meta["own_validation"] is False
     assert data.meta["train_docs"] == 38 and data.meta["val_docs"] == 2  # docs 0 and 20
 
 
