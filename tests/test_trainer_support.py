@@ -109,6 +109,7 @@ def small_run_overrides(tmp: Path, corpus: Path, cache_dir: Path | None = None) 
         "trainer.eval_batches=2",
         "trainer.log_every=1",
         "trainer.peak_flops=1e11",
+        "trainer.num_threads=1",  # tiny matmuls: thread hand-offs cost more than they save
         "optim.warmup_steps=2",
         "wandb.mode=disabled",
         "sample.max_new_tokens=8",
@@ -149,10 +150,11 @@ def make_trainer(overrides: list[str], run_dir: Path, wandb=None):
     """A :class:`trainer.loop.Trainer` built exactly as ``train.py`` builds one (in process)."""
     from trainer.distributed import DistInfo
     from trainer.loop import Trainer
-    from trainer.setup import build_parts, resolve_device
+    from trainer.setup import apply_runtime_settings, build_parts, resolve_device
 
     cfg = compose_run_config(overrides)
     device, precision = resolve_device(cfg)
+    apply_runtime_settings(cfg, device)
     parts = build_parts(cfg, DistInfo(), device, precision)
     run_dir.mkdir(parents=True, exist_ok=True)
     return Trainer(cfg, parts, run_dir, DistInfo(), "seed: 0\n", wandb, 1e11)

@@ -7,8 +7,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from data.errors import DataError
 from trainer.checkpoint import CheckpointError
 from trainer.config import SampleConfig
@@ -17,7 +15,12 @@ from trainer.loop import Trainer, TrainingDiverged
 from trainer.run_config import RunConfig
 from trainer.run_dirs import resolve_resume
 from trainer.sampling import complete
-from trainer.setup import build_parts, check_optimizer_config, resolve_device
+from trainer.setup import (
+    apply_runtime_settings,
+    build_parts,
+    check_optimizer_config,
+    resolve_device,
+)
 from trainer.summary import samples_text, summary_text
 from trainer.throughput import peak_flops
 from trainer.typed_config import ConfigError
@@ -44,11 +47,8 @@ def run_training(
     """
     try:
         dist = dist_info()
-        if cfg.trainer.num_threads:
-            torch.set_num_threads(cfg.trainer.num_threads)
         device, precision = resolve_device(cfg)
-        if device.type == "cpu":
-            torch.set_flush_denormal(True)  # denormal softmax tails cost ~4x on CPU
+        apply_runtime_settings(cfg, device)
         check_optimizer_config(cfg)
         resume_dir = resolve_resume(cfg.resume, run_dir) if cfg.resume else None
         parts = build_parts(cfg, dist, device, precision)

@@ -39,6 +39,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def apply_runtime_settings(cfg: RunConfig, device: torch.device) -> None:
+    """Process-wide torch settings: CPU threads, and flushing denormals on CPU (their softmax
+    tails can make a step ~4x slower)."""
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)
+
+
 def resolve_device(cfg: RunConfig) -> tuple[torch.device, Precision]:
     """The device and precision, or a :class:`ConfigError` if they cannot be had here."""
     try:

@@ -1,0 +1,106 @@
+"""Exact resume through the real CLI: a run killed (SIGKILL) or interrupted (SIGINT), then
+resumed, logs the same train losses step for step as the same run uninterrupted (CPU, fp32)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import pytest
+from test_trainer_support import (
+    REPO,
+    read_metrics,
+    run_train,
+    small_run_overrides,
+    subprocess_env,
+    train_cmd,
+    write_corpus,
+)
+
+from trainer.checkpoint import load_trainer_state
+
+STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """The shared corpus and overrides, and the uninterrupted reference run."""
+    tmp = tmp_path_factory.mktemp("resume")
+    corpus = write_corpus(tmp / "play.txt")
+    base = [
+        *small_run_overrides(tmp, corpus),
+        # A constant LR makes the losses independent of max_steps, so the interrupted runs can
+        # be started "long" (and cut wherever the kill lands) and resumed with max_steps=STEPS.
+        "optim.schedule=constant",
+        "optim.warmup_steps=0",
+        "trainer.eval_every=0",
+        "trainer.save_every=4",
+        "trainer.keep_last=2",
+        "sample.max_new_tokens=0",
+    ]
+    ref = run_train(tmp, *base, f"trainer.max_steps={STEPS}", "run_name=reference")
+    assert ref.returncode == 0, ref.stderr
+    losses = [r["train_loss"] for r in read_metrics(tmp / "runs" / "reference")]
+    assert len(losses) == STEPS
+    return tmp, base, losses
+
+
+def _start_long_run(tmp, base, name) -> subprocess.Popen:
+    return subprocess.Popen(
+        train_cmd(*base, "trainer.max_steps=100000", f"run_name={name}"),
+        cwd=REPO, env=subprocess_env(tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _wait_for(proc: subprocess.Popen, ready) -> None:
+    """Poll until ``ready()``; fail if the process ends first."""
+    while not ready():
+        if proc.poll() is not None:
+            pytest.fail(f"training ended early: {proc.communicate()}")
+        time.sleep(0.01)
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(setup) -> None:
+    tmp, base, ref_losses = setup
+    run = tmp / "runs" / "killed"
+    proc = _start_long_run(tmp, base, "killed")
+    _wait_for(proc, lambda: (run / "latest").exists())
+    proc.kill()
+    proc.wait()
+    saved = load_trainer_state(run / "latest")["step"]
+    saved_dir = (run / "latest").resolve()
+    assert 4 <= saved < STEPS
+    res = run_train(tmp, *base, f"trainer.max_steps={STEPS}", "run_name=killed", "resume=latest")
+    assert res.returncode == 0, res.stderr
+    assert f"resumed from {saved_dir} at step {saved}" in res.stdout
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert [r["train_loss"] for r in rows] == ref_losses
+
+
+@pytest.mark.slow
+def test_resume_after_sigint_matches_uninterrupted_run(setup) -> None:
+    tmp, base, ref_losses = setup
+    run = tmp / "runs" / "interrupted"
+    proc = _start_long_run(tmp, base, "interrupted")
+    _wait_for(proc, lambda: (run / "metrics.jsonl").exists() and len(read_metrics(run)) >= 6)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    stopped = load_trainer_state(run / "latest")["step"]
+    assert read_metrics(run)[-1]["step"] == stopped < STEPS
+    assert "SIGINT received" in err
+    assert "resume=latest" in out and "run_name=interrupted" in out
+
+    # A different model shape cannot resume it: the message names the mismatch.
+    res = run_train(tmp, *base, "run_name=interrupted", "resume=latest", "model.hidden_size=32")
+    assert res.returncode == 2
+    assert "model.hidden_size is 64 in the checkpoint but 32" in res.stderr
+
+    # resume=latest without a run name continues the most recent run (this one).
+    res = run_train(tmp, *base, f"trainer.max_steps={STEPS}", "resume=latest")
+    assert res.returncode == 0, res.stderr
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert [r["train_loss"] for r in rows] == ref_losses
