@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -33,7 +34,7 @@ from serving.launch import serve_in_subprocess
 PROMPT = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
 
 
-async def one_request(client: httpx.AsyncClient, body: dict) -> tuple[float, float, int]:
+async def one_request(client: httpx.AsyncClient, body: dict[str, Any]) -> tuple[float, float, int]:
     """(latency s, time to first token s, completion tokens) of one streamed request."""
     start = time.perf_counter()
     first = None
@@ -51,7 +52,7 @@ async def one_request(client: httpx.AsyncClient, body: dict) -> tuple[float, flo
     return time.perf_counter() - start, first or 0.0, tokens
 
 
-async def run_load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
+async def run_load(url: str, clients: int, requests: int, max_tokens: int) -> dict[str, float]:
     body = {
         "prompt": PROMPT,
         "max_tokens": max_tokens,
@@ -135,7 +136,7 @@ def main() -> int:
         setups: dict[str, tuple[str, ...]] = {"batched": common}
         if not args.no_baseline:
             setups["one-at-a-time"] = (*common, "--max-batch-size", "1")
-        results: dict[str, list[dict]] = {name: [] for name in setups}
+        results: dict[str, list[dict[str, float]]] = {name: [] for name in setups}
         with contextlib.ExitStack() as stack:
             urls = {
                 n: stack.enter_context(serve_in_subprocess(ckpt, *x)) for n, x in setups.items()

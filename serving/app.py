@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse
@@ -66,7 +67,7 @@ def create_app(
         return FileResponse(STATIC_DIR / "index.html")
 
     @app.get("/health")
-    async def health(request: Request) -> dict:
+    async def health(request: Request) -> dict[str, Any]:
         """Liveness plus the engine's queue: requests waiting and rows being decoded."""
         return {"status": "ok", "model": served.name, **request.app.state.engine.load}
 

@@ -12,26 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel
 
 from serving.engine import Choice, GenerationEngine, GenerationRequest, SamplingParams
 from serving.errors import APIError
+from serving.formats import ChatFormat, CompletionFormat
 from serving.schemas import (
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatDelta,
-    CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    FinishReason,
     SamplingFields,
     Usage,
 )
@@ -56,15 +51,22 @@ def _check_model(served: ServedModel, body: SamplingFields) -> None:
         )
 
 
-def _prompt_ids(served: ServedModel, prompt: str | list, field: str) -> list[list[int]]:
+def _reason(value: str) -> FinishReason:
+    return "length" if value == "length" else "stop"
+
+
+def _prompt_ids(
+    served: ServedModel, prompt: str | list[str] | list[int] | list[list[int]], field: str
+) -> list[list[int]]:
     """Token ids of each prompt; text is encoded, ids are range-checked."""
     tok = served.tokenizer
+    prompts: list[str | list[int]]
     if isinstance(prompt, str):
-        prompts: list = [prompt]
-    elif prompt and all(isinstance(p, int) for p in prompt):
         prompts = [prompt]
+    elif all(isinstance(p, int) for p in prompt):  # one prompt of token ids
+        prompts = [[int(p) for p in prompt]]  # type: ignore[arg-type]
     else:
-        prompts = list(prompt)
+        prompts = list(prompt)  # type: ignore[arg-type]
     out = []
     for p in prompts:
         ids = tok.encode(p) if isinstance(p, str) else list(p)
@@ -76,9 +78,8 @@ def _prompt_ids(served: ServedModel, prompt: str | list, field: str) -> list[lis
                 f"(0..{served.model.config.vocab_size - 1})",
                 param=field,
             )
-        out.append(
-            ids or [tok.eos_id]
-        )  # an empty prompt starts from <|endoftext|>, as in OpenAI's API
+        # An empty prompt starts from <|endoftext|>, as in OpenAI's API.
+        out.append(ids or [tok.eos_id])
     return out
 
 
@@ -128,10 +129,10 @@ def _usage(req: GenerationRequest) -> Usage:
     )
 
 
-async def _collect(http: Request, req: GenerationRequest) -> tuple[list[str], list[str]]:
+async def _collect(http: Request, req: GenerationRequest) -> tuple[list[str], list[FinishReason]]:
     """Wait for every choice to finish, cancelling if the client disconnects meanwhile."""
     texts = [""] * len(req.choices)
-    reasons = ["stop"] * len(req.choices)
+    reasons: list[FinishReason] = ["stop"] * len(req.choices)
     while True:
         try:
             kind, index, value = await asyncio.wait_for(req.events.get(), DISCONNECT_POLL_S)
@@ -142,7 +143,7 @@ async def _collect(http: Request, req: GenerationRequest) -> tuple[list[str], li
         if kind == "delta":
             texts[index] += value
         elif kind == "finish":
-            reasons[index] = value
+            reasons[index] = _reason(value)
         elif kind == "error":
             raise APIError(500, value)
         elif kind == "end":
@@ -153,35 +154,39 @@ def _sse(payload: str) -> str:
     return f"data: {payload}\n\n"
 
 
-async def _events(req: GenerationRequest, chunk, include_usage: bool) -> AsyncIterator[str]:
-    """Stream the engine's events as SSE chunks; `chunk(index, text, finish)` builds one."""
+async def _events(
+    req: GenerationRequest, fmt: CompletionFormat, include_usage: bool
+) -> AsyncIterator[str]:
+    """Stream the engine's events as SSE chunks, ending with `data: [DONE]`."""
     try:
         while True:
             kind, index, value = await req.events.get()
             if kind == "delta":
-                yield _sse(chunk([(index, value, None)]).model_dump_json())
+                yield _sse(fmt.chunk([(index, value, None)]).model_dump_json())
             elif kind == "finish":
-                yield _sse(chunk([(index, None, value)]).model_dump_json())
+                yield _sse(fmt.chunk([(index, None, _reason(value))]).model_dump_json())
             elif kind == "error":
                 yield _sse(json.dumps(APIError(500, value).body()))
                 break
             elif kind == "end":
                 if include_usage:
-                    yield _sse(chunk([], usage=_usage(req)).model_dump_json())
+                    yield _sse(fmt.chunk([], usage=_usage(req)).model_dump_json())
                 break
         yield "data: [DONE]\n\n"
     finally:
         req.cancel()  # normal end, client gone, or server shutting down
 
 
-async def _respond(http: Request, req: GenerationRequest, body: SamplingFields, chunk, full):
+async def _respond(
+    http: Request, req: GenerationRequest, body: SamplingFields, fmt: CompletionFormat
+) -> Response | BaseModel:
     engine: GenerationEngine = http.app.state.engine
     engine.submit(req)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(
-            _events(req, chunk, include_usage), media_type="text/event-stream", headers=headers
+            _events(req, fmt, include_usage), media_type="text/event-stream", headers=headers
         )
     try:
         texts, reasons = await _collect(http, req)
@@ -189,31 +194,20 @@ async def _respond(http: Request, req: GenerationRequest, body: SamplingFields, 
         return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
     finally:
         req.cancel()
-    return full(texts, reasons, _usage(req))
+    return fmt.full(texts, reasons, _usage(req))
 
 
 @router.post("/v1/completions", response_model=CompletionResponse)
-async def completions(body: CompletionRequest, http: Request):
+async def completions(body: CompletionRequest, http: Request) -> Response | BaseModel:
     """Continue a prompt (OpenAI text completions)."""
     served: ServedModel = http.app.state.served
     _check_model(served, body)
     req = _build_request(http, body, _prompt_ids(served, body.prompt, "prompt"), "prompt", 16)
-    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-
-    def chunk(parts, usage=None) -> CompletionResponse:
-        choices = [CompletionChoice(index=i, text=t or "", finish_reason=f) for i, t, f in parts]
-        return CompletionResponse(
-            id=rid, created=created, model=served.name, choices=choices, usage=usage
-        )
-
-    def full(texts, reasons, usage) -> CompletionResponse:
-        return chunk(list(zip(range(len(texts)), texts, reasons, strict=True)), usage)
-
-    return await _respond(http, req, body, chunk, full)
+    return await _respond(http, req, body, CompletionFormat(served.name))
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
-async def chat_completions(body: ChatCompletionRequest, http: Request):
+async def chat_completions(body: ChatCompletionRequest, http: Request) -> Response | BaseModel:
     """Answer a conversation rendered with the model's chat format (OpenAI chat completions)."""
     served: ServedModel = http.app.state.served
     _check_model(served, body)
@@ -223,32 +217,6 @@ async def chat_completions(body: ChatCompletionRequest, http: Request):
         )
     except ValueError as err:
         raise APIError(400, f"invalid 'messages': {err}", param="messages") from err
-    req = _build_request(
-        http, body, _prompt_ids(served, text, "messages"), "messages", http.app.state.max_tokens_cap
-    )
-    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    started: set[int] = set()
-
-    def chunk(parts, usage=None) -> ChatCompletionChunk:
-        choices = []
-        for i, text_delta, finish in parts:
-            role = (
-                None if i in started else "assistant"
-            )  # the first chunk of a choice names the role
-            started.add(i)
-            delta = ChatDelta(role=role, content=text_delta) if text_delta or role else ChatDelta()
-            choices.append(ChatChunkChoice(index=i, delta=delta, finish_reason=finish))
-        return ChatCompletionChunk(
-            id=rid, created=created, model=served.name, choices=choices, usage=usage
-        )
-
-    def full(texts, reasons, usage) -> ChatCompletionResponse:
-        choices = [
-            ChatChoice(index=i, message=AssistantMessage(content=t), finish_reason=f)
-            for i, (t, f) in enumerate(zip(texts, reasons, strict=True))
-        ]
-        return ChatCompletionResponse(
-            id=rid, created=created, model=served.name, choices=choices, usage=usage
-        )
-
-    return await _respond(http, req, body, chunk, full)
+    prompts = _prompt_ids(served, text, "messages")
+    req = _build_request(http, body, prompts, "messages", http.app.state.max_tokens_cap)
+    return await _respond(http, req, body, ChatFormat(served.name))

@@ -25,6 +25,7 @@ from qwen3.tokenizer import Qwen3Tokenizer
 from serving.text_stream import TextStream
 
 log = logging.getLogger("serving.engine")
+Event = tuple[str, int, str]  # (kind, choice index or -1, text / finish reason / error message)
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
 
-    def batch_key(self) -> tuple | None:
+    def batch_key(self) -> tuple[float, float, int | None, bool] | None:
         """Requests with the same key can be decoded together; None: a batch of its own."""
         if self.seed is not None:
             return None
@@ -63,17 +64,17 @@ class Choice:
 class GenerationRequest:
     """A request's choices, the queue its events go to, and its cancellation flag.
 
-    Events put on `events`: ("delta", index, text), ("finish", index, reason), ("end", None, None)
-    after the last choice finished, or ("error", None, message).
+    Events put on `events`: ("delta", index, text), ("finish", index, reason), ("end", -1, "")
+    after the last choice finished, or ("error", -1, message).
     """
 
     choices: list[Choice]
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
-    def emit(self, kind: str, index: int | None, value: str | None) -> None:
+    def emit(self, kind: str, index: int = -1, value: str = "") -> None:
         """Hand an event to the event loop (callable from the worker thread)."""
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, index, value))
@@ -171,7 +172,7 @@ class GenerationEngine:
     def _admit(self) -> list[_Batch]:
         """Form batches from waiting requests, FIFO, within the row budget (lock held)."""
         room = self.max_batch_size - sum(len(b.rows) for b in self._batches)
-        groups: dict[object, list[GenerationRequest]] = {}
+        groups: dict[object, list[GenerationRequest]] = {}  # batch key -> requests
         while self._waiting:
             request = self._waiting[0]
             if request.cancelled.is_set():
@@ -207,14 +208,13 @@ class GenerationEngine:
         self._drop_cancelled(batch)
         live = [(r, c) for r, c in batch.rows if not c.done]
         if not live:
-            batch.steps.close()
-            return False
+            return False  # dropping the batch frees its generator and KV cache
         try:
             tokens = next(batch.steps, None)
         except Exception as err:  # a failure in one batch must not take the server down
             log.exception("generation failed")
             for request in {r for r, _ in live}:
-                request.emit("error", None, f"generation failed: {err}")
+                request.emit("error", value=f"generation failed: {err}")
                 request.cancel()
             return False
         for row, (request, choice) in enumerate(batch.rows):
@@ -251,4 +251,4 @@ class GenerationEngine:
         request.emit("finish", choice.index, reason)
         if all(c.done for c in request.choices):
             self.stats["completed"] += 1
-            request.emit("end", None, None)
+            request.emit("end")

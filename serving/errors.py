@@ -52,7 +52,7 @@ def _field_path(loc: tuple[Any, ...]) -> str:
 def validation_error(exc: RequestValidationError) -> APIError:
     """Turn FastAPI's validation report into one message naming the first field at fault."""
     errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    first: dict[str, Any] = dict(errors[0]) if errors else {"loc": (), "msg": "invalid request"}
     if first.get("type") == "json_invalid":
         detail = first.get("ctx", {}).get("error", "")
         return APIError(

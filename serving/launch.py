@@ -53,7 +53,7 @@ def serve_in_subprocess(ckpt: str | Path, *extra_args: str) -> Iterator[str]:
             proc.wait()
 
 
-def _read_url(proc: subprocess.Popen) -> str:
+def _read_url(proc: subprocess.Popen[str]) -> str:
     assert proc.stdout is not None
     seen = []
     for line in proc.stdout:
@@ -67,7 +67,7 @@ def _read_url(proc: subprocess.Popen) -> str:
     )
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen) -> None:
+def _wait_healthy(url: str, proc: subprocess.Popen[str]) -> None:
     while proc.poll() is None:
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(f"{url}/health", timeout=5).status_code == 200:
