@@ -6,12 +6,12 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qwen3.cache import KVCache
 from qwen3.config import Qwen3Config
 from qwen3.layers import DecoderLayer, RMSNorm, RotaryEmbedding
+from qwen3.loss import linear_cross_entropy
 
 
 class Qwen3Backbone(nn.Module):
@@ -106,11 +106,10 @@ class Qwen3(nn.Module):
         continuing each row's own count) and the cache remembers the last logits.
         """
         hidden = self.model(input_ids, cache, attention_mask)  # (B, T, C)
-        logits = self.lm_head(hidden)  # (B, T, V)
         if targets is not None:
-            return F.cross_entropy(
-                logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
-            )
+            # Fused head + loss: the (B*T, V) logits and their gradient are never materialised.
+            return linear_cross_entropy(hidden, self.lm_head.weight, targets, ignore_index=-100)
+        logits = self.lm_head(hidden)  # (B, T, V)
         if cache is not None:
             cache.commit(logits[:, -1])
         return logits

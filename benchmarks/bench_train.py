@@ -1,0 +1,145 @@
+"""Training throughput: our Qwen3 against transformers' Qwen3ForCausalLM, same weights and batch.
+
+Forward + backward + optimizer step, the contenders alternating within each round, median
+tokens/s over the rounds, the ratio ours / transformers (both with AdamW), and MFU against
+this machine's float32 (or bf16 with --amp) matmul peak, measured here first.
+
+    .venv/bin/python benchmarks/bench_train.py                 # tiny, mid, small
+    .venv/bin/python benchmarks/bench_train.py --quick         # short smoke run
+    .venv/bin/python benchmarks/bench_train.py --compile       # add torch.compile rows
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+
+import harness
+import torch
+
+from optim import OptimConfig, build_optimizers
+from qwen3 import Qwen3
+
+# Batch and sequence length per shape: tokens per step kept CPU-sized.
+SHAPES = {"tiny": (16, 256), "mid": (16, 256), "small": (8, 256)}
+
+
+def _optimizer(model: torch.nn.Module, name: str):
+    # Same construction for both sides (AdamW groups with the same decay split); no warmup.
+    cfg = OptimConfig(name=name, warmup_steps=0, schedule="constant")
+    return build_optimizers(model, cfg, max_steps=10**9)
+
+
+def _stepper(
+    model: torch.nn.Module, is_ours: bool, optim_name: str, batch: torch.Tensor, amp: bool
+) -> Callable[[], float]:
+    """A closure running one training step; returns the loss (a Python float, syncing)."""
+    opt = _optimizer(model, optim_name)
+    x, y = batch[:, :-1], batch[:, 1:]
+    device_type = batch.device.type
+
+    def step() -> float:
+        ctx = torch.autocast(device_type, torch.bfloat16) if amp else contextlib.nullcontext()
+        with ctx:
+            # transformers shifts labels itself; ours takes the next tokens as targets.
+            loss = model(x, targets=y) if is_ours else model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return float(loss.detach())
+
+    return step
+
+
+def _timed(step: Callable[[], float], steps: int, tokens: int) -> Callable[[], float]:
+    def run() -> float:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()  # float(loss) syncs the device
+        return steps * tokens / (time.perf_counter() - t0)
+
+    return run
+
+
+def bench_shape(name: str, args, dtype: torch.dtype, device: torch.device) -> list[list[str]]:
+    batch_size, seq_len = SHAPES[name]
+    cfg = harness.config_for(name)
+    torch.manual_seed(args.seed)
+    base = Qwen3(cfg).to(device).train()
+    batch = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1), device=device)
+    flops_per_token = base.estimate_flops(seq_len)
+
+    def ours_copy() -> Qwen3:
+        m = Qwen3(cfg).to(device).train()
+        m.load_state_dict(base.state_dict())
+        return m
+
+    contenders = {
+        "transformers AdamW": (harness.transformers_twin(base), False, "adamw", False),
+        "ours AdamW": (ours_copy(), True, "adamw", False),
+        "ours Muon+AdamW": (ours_copy(), True, "muon", False),
+    }
+    if args.compile:
+        contenders["transformers AdamW compiled"] = (
+            harness.transformers_twin(base),
+            False,
+            "adamw",
+            True,
+        )
+        contenders["ours AdamW compiled"] = (ours_copy(), True, "adamw", True)
+    runs = {}
+    for label, (model, is_ours, optim_name, compiled) in contenders.items():
+        if compiled:
+            model = torch.compile(model)
+        step = _stepper(model, is_ours, optim_name, batch, args.amp)
+        t0 = time.perf_counter()
+        first_loss = step()
+        for _ in range(2 if compiled else 0):
+            step()
+        print(f"  {name} {label}: warm-up {time.perf_counter() - t0:.1f}s, loss {first_loss:.4f}")
+        runs[label] = _timed(step, args.steps, batch_size * seq_len)
+    # The peak is measured again in every round, so MFU follows the load on a shared machine.
+    runs["peak"] = lambda: harness.matmul_peak_gflops(device, dtype, repeats=2)
+    results = harness.alternate(runs, args.rounds)
+    peaks = results.pop("peak")
+    ref = harness.median(results["transformers AdamW"])
+    rows = []
+    for label, rates in results.items():
+        tps = harness.median(rates)
+        mfu = harness.median(
+            [r * flops_per_token / (p * 1e9) for r, p in zip(rates, peaks, strict=True)]
+        )
+        rows.append(
+            [name, f"{base.num_params() / 1e6:.1f}M", f"{batch_size}x{seq_len}", label,
+             f"{tps:,.0f}", f"{tps / ref:.2f}", f"{100 * mfu:.0f}%"]
+        )  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    parser = harness.common_args(__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="tiny,mid,small", help="comma list: tiny, mid, small")
+    parser.add_argument("--steps", type=int, default=None, help="steps per side per round")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile rows")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast (GPUs)")
+    args = parser.parse_args()
+    args.rounds = args.rounds or (2 if args.quick else 5)
+    args.steps = args.steps or (1 if args.quick else 2)
+    device = harness.setup(args.device)
+    dtype = torch.bfloat16 if args.amp else torch.float32
+    print(f"machine: {harness.machine_line(device)}")
+    print(f"{dtype} matmul peak now: {harness.matmul_peak_gflops(device, dtype):,.0f} GFLOP/s")
+    rows = []
+    for name in args.shapes.split(","):
+        rows += bench_shape(name, args, dtype, device)
+    print(f"\n{args.rounds} alternating rounds x {args.steps} steps, median tokens/s; "
+          "ratio = / transformers AdamW; MFU = median over rounds of achieved FLOP/s over "
+          "the matmul peak measured in the same round")  # fmt: skip
+    harness.print_table(
+        ["shape", "params", "batch", "model + optimizer", "tokens/s", "ratio", "MFU"], rows
+    )
+
+
+if __name__ == "__main__":
+    main()

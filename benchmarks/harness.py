@@ -1,0 +1,135 @@
+"""Side-by-side measurement harness shared by the benchmarks: twin models with the same weights,
+the machine's measured matmul peak, alternating timed rounds, and a plain-text table."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from qwen3 import Qwen3, Qwen3Config
+
+# A shape between the two presets, for the scaling picture (about 7.7 M parameters).
+MID = dict(
+    vocab_size=8192,
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    max_position_embeddings=2048,
+)
+
+
+def config_for(name: str) -> Qwen3Config:
+    """A preset by name, or ``mid`` (the shape between ``tiny`` and ``small``)."""
+    return Qwen3Config(**MID) if name == "mid" else Qwen3Config.from_preset(name)
+
+
+def setup(device: str) -> torch.device:
+    """Flush denormals on CPU (both sides alike) and pick the device."""
+    torch.set_flush_denormal(True)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def transformers_twin(model: Qwen3) -> torch.nn.Module:
+    """``transformers``' Qwen3ForCausalLM with exactly ``model``'s weights, SDPA attention."""
+    import transformers
+
+    hf_config = transformers.Qwen3Config(**model.config.to_dict())
+    twin = transformers.Qwen3ForCausalLM._from_config(
+        hf_config, attn_implementation="sdpa", torch_dtype=model.dtype
+    )
+    twin.load_state_dict(model.state_dict(), strict=not model.config.tie_word_embeddings)
+    twin.tie_weights()
+    return twin.to(model.device).train(model.training)
+
+
+def transformers_twin_from_disk(model: Qwen3, tmp_dir: Path) -> torch.nn.Module:
+    """Save ``model`` with ``save_pretrained`` and load it with ``AutoModelForCausalLM``."""
+    import transformers
+
+    model.save_pretrained(tmp_dir)
+    twin = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_dir, attn_implementation="sdpa", torch_dtype=model.dtype
+    )
+    return twin.to(model.device).eval()
+
+
+def matmul_peak_gflops(
+    device: torch.device, dtype: torch.dtype = torch.float32, repeats: int = 5
+) -> float:
+    """Best observed GFLOP/s of a square matmul: this machine's practical peak right now."""
+    n, reps = (8192, 20) if device.type == "cuda" else (1024, 8)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    best = 0.0
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync(device)
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def alternate(contenders: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Run each contender once per round, rotating who goes first; collect what each returns."""
+    names = list(contenders)
+    results: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            results[name].append(contenders[name]())
+    return results
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def machine_line(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    return f"CPU {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def print_table(headers: list[str], rows: list[list[Any]]) -> None:
+    """A Markdown table, ready to paste into the README."""
+    cells = [[str(c) for c in row] for row in [headers, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for i, row in enumerate(cells):
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
+        if i == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+
+
+def common_args(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--quick", action="store_true", help="short run (smoke check)")
+    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser

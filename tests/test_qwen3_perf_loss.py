@@ -1,0 +1,97 @@
+"""The fused LM-head cross-entropy equals F.cross_entropy in value and gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qwen3 import Qwen3, Qwen3Config
+from qwen3.loss import linear_cross_entropy
+
+
+def _reference(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy((h @ w.t()).float().flatten(0, -2), y.flatten(), ignore_index=-100)
+
+
+def _value_and_grads(fn, h: torch.Tensor, w: torch.Tensor, y: torch.Tensor):
+    h = h.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    loss = fn(h, w, y)
+    (loss * 3.0).backward()  # a non-unit upstream gradient must be honoured too
+    return loss.detach(), h.grad, w.grad
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 64, 1000])
+def test_value_and_gradients_match_cross_entropy(chunk_rows: int) -> None:
+    torch.manual_seed(0)
+    h, w = torch.randn(2, 24, 16), torch.randn(97, 16)
+    y = torch.randint(0, 97, (2, 24))
+    y[0, :5] = -100  # ignored positions count neither in the mean nor in the gradient
+    ref = _value_and_grads(_reference, h, w, y)
+    got = _value_and_grads(
+        lambda a, b, c: linear_cross_entropy(a, b, c, chunk_rows=chunk_rows), h, w, y
+    )
+    for r, g in zip(ref, got, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_ignored_rows_get_zero_gradient_and_all_ignored_is_nan() -> None:
+    torch.manual_seed(1)
+    h, w = torch.randn(6, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
+    y = torch.tensor([3, -100, 5, -100, 0, 10])
+    linear_cross_entropy(h, w, y, chunk_rows=4).backward()
+    assert torch.equal(h.grad[1], torch.zeros(8)) and torch.equal(h.grad[3], torch.zeros(8))
+    all_ignored = linear_cross_entropy(h, w, torch.full((6,), -100))
+    assert torch.isnan(all_ignored)  # as F.cross_entropy: 0 / 0
+    assert torch.isnan(F.cross_entropy(h @ w.t(), torch.full((6,), -100)))
+
+
+def test_without_grad_computes_only_the_loss() -> None:
+    torch.manual_seed(2)
+    h, w, y = torch.randn(10, 8), torch.randn(13, 8), torch.randint(0, 13, (10,))
+    with torch.no_grad():
+        got = linear_cross_entropy(h, w, y, chunk_rows=3)
+    torch.testing.assert_close(got, _reference(h, w, y))
+
+
+def test_bf16_autocast_is_close_to_float32() -> None:
+    torch.manual_seed(3)
+    h, w = torch.randn(32, 16), torch.randn(50, 16) * 0.3
+    y = torch.randint(0, 50, (32,))
+    ref = _value_and_grads(_reference, h, w, y)
+    with torch.autocast("cpu", torch.bfloat16):
+        got = _value_and_grads(linear_cross_entropy, h, w, y)
+    assert got[1].dtype == torch.float32 and got[2].dtype == torch.float32
+    for r, g in zip(ref, got, strict=True):
+        torch.testing.assert_close(g, r, rtol=5e-2, atol=2e-2)
+
+
+def test_model_loss_matches_logits_cross_entropy_in_value_and_gradient() -> None:
+    cfg = Qwen3Config(
+        vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(4)
+    model = Qwen3(cfg)
+    x, y = torch.randint(0, 101, (3, 20)), torch.randint(0, 101, (3, 20))
+    y[1, 3:9] = -100
+    loss = model(x, targets=y)
+    loss.backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(x)
+    ref = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(fused[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_mismatched_targets_raise_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="targets hold 5 positions"):
+        linear_cross_entropy(torch.randn(4, 8), torch.randn(9, 8), torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="chunk_rows=0"):
+        linear_cross_entropy(
+            torch.randn(4, 8), torch.randn(9, 8), torch.zeros(4, dtype=torch.long), chunk_rows=0
+        )
