@@ -29,13 +29,19 @@ class ParamSplit:
 
 
 def _embedding_ids(model: nn.Module) -> set[int]:
-    """Identities of every nn.Embedding weight and of the output head's weight."""
+    """Identities of every nn.Embedding weight and of the output head's weight.
+
+    The head is found by module name (``lm_head``, at any depth, so wrappers such as DDP's
+    ``module.`` or torch.compile's ``_orig_mod.`` prefix keep working) or by HF's
+    ``get_output_embeddings()``.
+    """
     ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    head = getattr(model, "lm_head", None)
-    if head is None and hasattr(model, "get_output_embeddings"):
-        head = model.get_output_embeddings()
-    if isinstance(head, nn.Module) and isinstance(getattr(head, "weight", None), Tensor):
-        ids.add(id(head.weight))
+    heads = [m for name, m in model.named_modules() if name.split(".")[-1] == "lm_head"]
+    if hasattr(model, "get_output_embeddings"):
+        heads.append(model.get_output_embeddings())
+    for head in heads:
+        if isinstance(head, nn.Module) and isinstance(getattr(head, "weight", None), Tensor):
+            ids.add(id(head.weight))
     return ids
 
 
