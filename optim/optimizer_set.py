@@ -91,8 +91,18 @@ class OptimizerSet:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict`; the saved optimizers must match this set's."""
-        saved = list(state.get("names", []))
+        """Restore from :meth:`state_dict`; the saved optimizers must match this set's.
+
+        As in torch, hyperparameters (lr, betas, weight decay, momentum) come from the
+        checkpoint, so the resumed run continues exactly the schedule it was on.
+        """
+        missing = [k for k in ("names", "steps", "optimizers", "schedulers") if k not in state]
+        if missing:
+            raise ValueError(
+                f"not an OptimizerSet state (missing {', '.join(missing)}); pass the dict that "
+                f"OptimizerSet.state_dict() returned"
+            )
+        saved = list(state["names"])
         if saved != self.names:
             raise ValueError(
                 f"the checkpoint's optimizer state is for {saved} but this run builds {self.names}; "

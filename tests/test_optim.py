@@ -183,6 +183,8 @@ def test_loading_another_optimizers_state_says_how_to_resume() -> None:
     adamw = build_optimizers(make_model(), OptimConfig(name="adamw", warmup_steps=1), max_steps=10)
     with pytest.raises(ValueError, match=r"optim\.name=muon"):
         adamw.load_state_dict(muon.state_dict())
+    with pytest.raises(ValueError, match=r"missing names, steps"):
+        adamw.load_state_dict({"optimizers": []})
 
 
 def test_grad_scaler_step_matches_a_plain_step() -> None:
