@@ -97,6 +97,14 @@ def _build_request(
             param="max_tokens",
         )
     ctx = served.context_length
+    most = http.app.state.engine.max_batch_size
+    if len(prompts) * body.n > most:
+        raise APIError(
+            400,
+            f"{len(prompts)} prompts x n={body.n} asks for {len(prompts) * body.n} sequences; "
+            f"this server decodes at most {most} at once (serve.py --max-batch-size)",
+            param=field,
+        )
     choices = []
     for p_index, ids in enumerate(prompts):
         if len(ids) >= ctx:

@@ -181,7 +181,7 @@ class GenerationEngine:
                 continue
             size = len(request.choices)
             if size > room and (self._batches or groups):
-                break  # wait for rows to free up; an oversize request alone still runs
+                break  # wait for rows to free up
             self._waiting.popleft()
             room -= size
             key = request.params.batch_key() or id(request)

@@ -49,23 +49,41 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return path
 
 
+# What a field that takes one of several shapes accepts (pydantic reports one error per shape).
+_FORMS = {
+    "prompt": "a string, a list of strings, a list of token ids, or a list of token-id lists",
+    "stop": "a string or a list of up to 4 strings",
+    "content": "a string or a list of text parts",
+}
+
+
 def validation_error(exc: RequestValidationError) -> APIError:
     """Turn FastAPI's validation report into one message naming the first field at fault."""
-    errors = exc.errors()
-    first: dict[str, Any] = dict(errors[0]) if errors else {"loc": (), "msg": "invalid request"}
-    if first.get("type") == "json_invalid":
+    errors = [dict(e) for e in exc.errors()] or [{"loc": (), "msg": "invalid request"}]
+    first = errors[0]
+    kind = first.get("type")
+    if kind == "json_invalid":
         detail = first.get("ctx", {}).get("error", "")
+        return APIError(400, f"request body is not valid JSON ({detail})", code="invalid_json")
+    field = _field_path(tuple(first.get("loc", ())))
+    if kind == "missing" and not field:
+        return APIError(400, "request body is empty; send a JSON object", code="invalid_json")
+    if kind == "model_attributes_type" and not field:
         return APIError(
             400,
-            f"request body is not valid JSON ({detail}); send a JSON object",
+            "request body must be a JSON object (sent with Content-Type: application/json)",
             code="invalid_json",
         )
-    field = _field_path(tuple(first.get("loc", ())))
-    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    if first.get("type") == "missing":
+    if kind == "missing":
         return APIError(400, f"missing required field '{field}'", param=field, code="missing_field")
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if not field:  # a model-level check: its message already names the field
         return APIError(400, message, code="invalid_value")
+    paths = [_field_path(tuple(e.get("loc", ()))) for e in errors]
+    same_field = [p for p in paths if p == field or p.startswith((f"{field}[", f"{field}."))]
+    form = _FORMS.get(field.rsplit(".", 1)[-1])
+    if form and len(same_field) > 1:
+        message = f"expected {form}"
     got = first.get("input")
     shown = f" (got {got!r})" if got is not None and not isinstance(got, dict | list) else ""
     return APIError(400, f"invalid '{field}': {message}{shown}", param=field, code="invalid_value")
@@ -84,8 +102,13 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(err.body(), status_code=err.status)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        where = f"{request.method} {request.url.path}"
+        hint = {404: "the API is under /v1 (see /docs)", 405: "see /docs for the methods"}
+        message = f"{exc.detail}: {where}" + (
+            f"; {hint[exc.status_code]}" if exc.status_code in hint else ""
+        )
         err = APIError(
-            exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None
+            exc.status_code, message, code="not_found" if exc.status_code == 404 else None
         )
         return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)

@@ -165,6 +165,8 @@ def test_generation_is_cut_at_the_context(client: openai.OpenAI) -> None:
         ({"prompt": "hi", "max_tokens": CAP + 1}, "max_tokens"),
         ({"prompt": [5] * CONTEXT}, "prompt"),
         ({"prompt": [10**6]}, "prompt"),
+        ({"prompt": [1, "a"]}, "prompt"),
+        ({"prompt": ["a"] * 5, "n": 8}, "prompt"),  # 40 sequences > --max-batch-size 32
         ({"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
     ],
 )
@@ -190,7 +192,16 @@ def test_bad_chat_requests_and_malformed_json(server: str) -> None:
         content=b'{"prompt": "hi",',
         headers={"Content-Type": "application/json"},
     )
-    assert res.status_code == 400 and "JSON" in res.json()["error"]["message"]
+    assert res.status_code == 400 and "not valid JSON" in res.json()["error"]["message"]
+    for content, expected in ((b"[1, 2]", "JSON object"), (b"", "empty")):
+        res = httpx.post(
+            f"{server}/v1/completions",
+            content=content,
+            headers={"Content-Type": "application/json"},
+        )
+        assert res.status_code == 400 and expected in res.json()["error"]["message"]
+    res = httpx.get(f"{server}/v1/nothing-here")
+    assert res.status_code == 404 and "/v1/nothing-here" in res.json()["error"]["message"]
 
 
 def test_unknown_model_is_404_and_the_server_stays_up(client: openai.OpenAI, server: str) -> None:

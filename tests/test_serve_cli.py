@@ -12,6 +12,7 @@ import pytest
 from test_serve_support import build_tiny_checkpoint, run_serve
 
 from serving.checkpoint import CheckpointError, model_name, resolve_checkpoint
+from serving.served_model import load_served_model
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +84,23 @@ def test_a_taken_port_is_one_line(tiny: Path) -> None:
         port = taken.getsockname()[1]
         error = one_line_error(run_serve("--ckpt", str(tiny), "--port", str(port)))
     assert f"port {port}" in error and "already in use" in error and "--port" in error
+
+
+def test_a_directory_saved_by_transformers_loads(tmp_path: Path, tiny: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    ours = json.loads((tiny / "config.json").read_text())
+    fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
+    config = transformers.Qwen3Config(
+        **{k: ours[k] for k in fields},
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+    )
+    hf_dir = tmp_path / "hf-qwen3"
+    transformers.Qwen3ForCausalLM(config).save_pretrained(hf_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny / name, hf_dir / name)
+    served = load_served_model(resolve_checkpoint(hf_dir), device="cpu")
+    assert served.name == "hf-qwen3" and served.context_length == 512
+    assert served.num_params == sum(p.numel() for p in served.model.parameters())
