@@ -147,7 +147,7 @@ class GenerationEngine:
     @property
     def load(self) -> dict[str, int]:
         """Requests waiting, rows being decoded, and totals since start (for /health)."""
-        running = sum(len(b.rows) for b in self._batches)
+        running = sum(not c.done for b in list(self._batches) for _, c in b.rows)
         return {"waiting": len(self._waiting), "running": running, **self.stats}
 
     # ---- the worker thread ---------------------------------------------------------------
@@ -236,12 +236,10 @@ class GenerationEngine:
 
     def _drop_cancelled(self, batch: _Batch) -> None:
         """Mark the unfinished choices of cancelled requests as done, counting each request once."""
-        dropped = set()
-        for request, choice in batch.rows:
-            if request.cancelled.is_set() and not choice.done:
-                choice.finish_reason = "cancelled"
-                dropped.add(request)
-        self.stats["cancelled"] += len(dropped)
+        rows = [(r, c) for r, c in batch.rows if r.cancelled.is_set() and not c.done]
+        self.stats["cancelled"] += len({r for r, _ in rows})  # counted before /health sees them go
+        for _, choice in rows:
+            choice.finish_reason = "cancelled"
 
     def _finish(self, request: GenerationRequest, choice: Choice, reason: str) -> None:
         tail = choice.text.flush()

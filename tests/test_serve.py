@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -255,3 +256,17 @@ def test_disconnect_mid_stream_stops_generation(server: str) -> None:
         health = httpx.get(f"{server}/health").json()
     assert health["cancelled"] == before["cancelled"] + 1
     assert health["generated_tokens"] - before["generated_tokens"] < CAP
+
+
+def test_a_short_request_is_not_stuck_behind_a_long_one(server: str) -> None:
+    long_body = {"prompt": "Once", "max_tokens": CAP, "ignore_eos": True, "stream": True, "seed": 1}
+    with httpx.stream("POST", f"{server}/v1/completions", json=long_body, timeout=60) as res:
+        lines = res.iter_lines()
+        next(lines)  # the long request is decoding
+        short = httpx.post(f"{server}/v1/completions", json={"prompt": "Tom", "max_tokens": 4})
+        assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] <= 4
+        assert httpx.get(f"{server}/health").json()["running"] == 1  # the long one goes on
+        finishes = [
+            json.loads(line[6:])["choices"][0]["finish_reason"] for line in lines if "{" in line
+        ]
+    assert finishes[-1] == "length"
