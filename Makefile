@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: install lint typecheck test test-slow test-all check train demo interactive
+.PHONY: install lint typecheck test test-slow test-all check train demo interactive serve
 
 install: $(VENV)/.installed
 
@@ -49,3 +49,6 @@ demo: install
 
 interactive: install
 	$(PY) train.py interactive
+
+serve: install
+	$(PY) serve.py
