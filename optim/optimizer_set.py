@@ -15,11 +15,12 @@ from optim.config import OptimConfig
 from optim.param_groups import ParamSplit, split_parameters
 from optim.schedules import lr_lambda, muon_momentum, wsd_decay_steps
 
-_ADAMW_IMPL_KWARGS: dict[str, dict[str, bool]] = {
-    "auto": {},
-    "fused": {"fused": True},
-    "foreach": {"foreach": True},
-    "loop": {"foreach": False},
+# adamw_impl -> AdamW's (foreach, fused); None lets torch choose
+_ADAMW_IMPLS: dict[str, tuple[bool | None, bool | None]] = {
+    "auto": (None, None),
+    "fused": (None, True),
+    "foreach": (True, None),
+    "loop": (False, None),
 }
 
 
@@ -179,9 +180,6 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, max_steps: int) -> Opti
         ("no_decay", split.no_decay, 0.0),
         ("other", split.other, cfg.adamw_weight_decay),
     ]
-    adamw = partial(
-        AdamW, lr=cfg.adamw_lr, betas=cfg.betas, eps=cfg.eps, **_ADAMW_IMPL_KWARGS[cfg.adamw_impl]
-    )
     optimizers: dict[str, Optimizer] = {}
     momentum_fn = None
     if cfg.name == "muon":
@@ -210,7 +208,10 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, max_steps: int) -> Opti
         adamw_entries.insert(0, ("matrices", split.matrices, cfg.adamw_weight_decay))
     adamw_groups = _groups(adamw_entries)
     if adamw_groups:
-        optimizers["adamw"] = adamw(adamw_groups)
+        foreach, fused = _ADAMW_IMPLS[cfg.adamw_impl]
+        optimizers["adamw"] = AdamW(
+            adamw_groups, cfg.adamw_lr, cfg.betas, cfg.eps, foreach=foreach, fused=fused
+        )
     schedule = lr_lambda(cfg, max_steps)
     schedulers: list[LRScheduler] = [LambdaLR(opt, schedule) for opt in optimizers.values()]
     return OptimizerSet(optimizers, schedulers, muon_momentum_fn=momentum_fn)

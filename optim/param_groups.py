@@ -37,8 +37,9 @@ def _embedding_ids(model: nn.Module) -> set[int]:
     """
     ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     heads = [m for name, m in model.named_modules() if name.split(".")[-1] == "lm_head"]
-    if hasattr(model, "get_output_embeddings"):
-        heads.append(model.get_output_embeddings())
+    get_output_embeddings = getattr(model, "get_output_embeddings", None)
+    if callable(get_output_embeddings):
+        heads.append(get_output_embeddings())
     for head in heads:
         if isinstance(head, nn.Module) and isinstance(getattr(head, "weight", None), Tensor):
             ids.add(id(head.weight))

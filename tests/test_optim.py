@@ -208,3 +208,17 @@ def test_bf16_muon_without_nesterov_is_refused() -> None:
     with pytest.raises(ValueError, match=r"optim\.nesterov=true"):
         build_optimizers(model, OptimConfig(nesterov=False, warmup_steps=1), max_steps=10)
     build_optimizers(model, OptimConfig(nesterov=True, warmup_steps=1), max_steps=10)
+
+
+@pytest.mark.parametrize(
+    ("impl", "foreach", "fused"),
+    [("auto", None, None), ("fused", None, True), ("foreach", True, None), ("loop", False, None)],
+)
+def test_adamw_impl_reaches_adamw(impl: str, foreach: bool | None, fused: bool | None) -> None:
+    model = make_model()
+    opt = build_optimizers(model, OptimConfig(adamw_impl=impl, warmup_steps=0), max_steps=10)
+    adamw = opt.optimizers[opt.names.index("adamw")]
+    assert (adamw.defaults["foreach"], adamw.defaults["fused"]) == (foreach, fused)
+    x = fixed_batch()
+    before = train_step(model, opt, x)
+    assert loss_on(model, x).item() < before
