@@ -126,7 +126,7 @@ def main() -> None:
     args = parser.parse_args()
     args.rounds = args.rounds or (2 if args.quick else 5)
     args.steps = args.steps or (1 if args.quick else 2)
-    device = harness.setup(args.device)
+    device = harness.setup(args.device, args.threads)
     dtype = torch.bfloat16 if args.amp else torch.float32
     print(f"machine: {harness.machine_line(device)}")
     print(f"{dtype} matmul peak now: {harness.matmul_peak_gflops(device, dtype):,.0f} GFLOP/s")

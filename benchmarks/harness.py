@@ -37,9 +37,11 @@ def config_for(name: str) -> Qwen3Config:
     return Qwen3Config(**MID) if name == "mid" else Qwen3Config.from_preset(name)
 
 
-def setup(device: str) -> torch.device:
-    """Flush denormals on CPU (both sides alike) and pick the device."""
+def setup(device: str, threads: int | None = None) -> torch.device:
+    """Flush denormals on CPU (both sides alike), set the CPU threads, pick the device."""
     torch.set_flush_denormal(True)
+    if threads:
+        torch.set_num_threads(threads)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(device)
@@ -132,4 +134,5 @@ def common_args(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="short run (smoke check)")
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch default)")
     return parser

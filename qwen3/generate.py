@@ -78,7 +78,7 @@ def generate_steps(
     b = len(prompts)
     if b == 0:
         return
-    eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
+    eos = set(eos_ids)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -99,16 +99,14 @@ def generate_steps(
         raise ValueError("The cache is empty and so are the prompts: nothing to continue from.")
     assert cache.last_logits is not None
     logits = cache.last_logits
-    done = torch.zeros(b, dtype=torch.bool, device=device)
+    # Stop bookkeeping in Python: one read-back per step (the tokens), no small device ops.
+    done = [False] * b
     for step in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
-        stop = torch.isin(nxt, eos) if eos.numel() else torch.zeros_like(done)
-        newly_done = done | stop
-        yield [
-            None if d else int(t) for t, d in zip(nxt.tolist(), newly_done.tolist(), strict=True)
-        ]
-        done = newly_done
-        if bool(done.all()) or step == max_new_tokens - 1:
+        tokens: list[int] = nxt.tolist()
+        done = [d or t in eos for t, d in zip(tokens, done, strict=True)]
+        yield [None if d else t for t, d in zip(tokens, done, strict=True)]
+        if all(done) or step == max_new_tokens - 1:
             break
         # Finished rows keep decoding (their tokens are dropped): masking them would force the
         # slower explicit-mask attention path on every remaining step.

@@ -27,6 +27,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # Same products in the same order as below, one call instead of four.
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
 
@@ -51,9 +54,11 @@ class RotaryEmbedding(nn.Module):
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float()
         inv_freq = 1.0 / (self.theta ** (exponents / self.head_dim))
         pos = torch.arange(n, dtype=torch.int64, device=device).float()
-        freqs = torch.outer(pos, inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
+        freqs = torch.outer(pos, inv_freq)  # (n, D/2)
+        cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1)
+        # rotate_half's sign folded into the table: rope(x) = x * cos + roll(x, D/2) * sin.
+        sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
+        return cos, sin
 
     def _ensure(self, n: int) -> None:
         # Recompute when too short, or when model.to(dtype) / to_empty() changed the float32 table.
@@ -66,25 +71,32 @@ class RotaryEmbedding(nn.Module):
         self.cos, self.sin = self._table(self.cos.shape[0], device=self.cos.device)
 
     def forward(
-        self, seq_len: int, position_ids: torch.Tensor | None, start: int = 0
+        self,
+        seq_len: int,
+        position_ids: torch.Tensor | None,
+        start: int = 0,
+        max_position: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of shape (T, D) for positions start..start+T, or (B, 1, T, D) for position_ids."""
+        """cos and signed sin, (T, 1, D) for positions start..start+T or (B, T, 1, D) for
+        ``position_ids``, to broadcast over (B, T, heads, D). ``max_position``: a known upper
+        bound of ``position_ids`` (saves reading it back from the device)."""
         if position_ids is None:
             self._ensure(start + seq_len)
-            return self.cos[start : start + seq_len], self.sin[start : start + seq_len]
-        self._ensure(int(position_ids.max()) + 1)
-        return self.cos[position_ids].unsqueeze(1), self.sin[position_ids].unsqueeze(1)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (-x2, x1) over the two halves of the last dimension."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+            end = start + seq_len
+            return self.cos[start:end, None], self.sin[start:end, None]
+        bound = int(position_ids.max()) if max_position is None else max_position
+        self._ensure(bound + 1)
+        return self.cos[position_ids].unsqueeze(2), self.sin[position_ids].unsqueeze(2)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, T, D) queries or keys by the angles in cos/sin, computed in x's dtype."""
-    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+    """Rotate queries or keys (..., D) by the angles of the tables, in x's dtype.
+
+    Equal to transformers' ``x * cos + rotate_half(x) * sin``: rotating the halves is a roll by
+    D/2 whose sign lives in our ``sin`` table.
+    """
+    rolled = x.roll(x.shape[-1] // 2, dims=-1)
+    return torch.addcmul(x * cos.to(x.dtype), rolled, sin.to(x.dtype))
 
 
 class Attention(nn.Module):
@@ -114,10 +126,13 @@ class Attention(nn.Module):
         mask: torch.Tensor | None = None,  # (B, 1, T, S) bool, True = may attend
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, t, self.n_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(b, t, self.n_kv, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, D), (B, K, T, D)
+        h, kv, d = self.n_heads, self.n_kv, self.head_dim
+        q = self.q_norm(self.q_proj(x).view(b, t, h, d))
+        k = self.k_norm(self.k_proj(x).view(b, t, kv, d))
+        # RoPE on queries and keys in one pass over their (B, T, H + K, D) concatenation.
+        qk = apply_rope(torch.cat((q, k), dim=2), cos, sin)
+        q, k = qk[:, :, :h].transpose(1, 2), qk[:, :, h:].transpose(1, 2)  # (B, H|K, T, D)
+        v = self.v_proj(x).view(b, t, kv, d).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
         if mask is None:

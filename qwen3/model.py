@@ -45,11 +45,11 @@ class Qwen3Backbone(nn.Module):
             cos, sin = self.rotary_emb(t, None)
         else:
             if attention_mask is None:
-                valid = torch.ones_like(input_ids, dtype=torch.bool)
+                positions, mask = cache.begin_dense(t)
             else:
-                valid = attention_mask.bool()
-            positions, mask = cache.begin(valid)
-            cos, sin = self.rotary_emb(t, positions)
+                positions, mask = cache.begin(attention_mask.bool())
+            # A position never exceeds its slot index, so the table size is known without a sync.
+            cos, sin = self.rotary_emb(t, positions, max_position=cache.length + t - 1)
         for layer in self.layers:
             x = layer(x, cos, sin, cache, mask)
         return self.norm(x)
