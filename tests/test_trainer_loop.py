@@ -111,3 +111,29 @@ def test_metrics_checkpoints_and_best_pointer(corpus, tmp_path) -> None:
     assert (run / "latest").resolve().name == "step-000007"
     weights = load_file(run / "latest" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_wandb_offline_run_files_are_written(corpus, tmp_path, monkeypatch) -> None:
+    from trainer.config import WandbConfig
+    from trainer.wandb_logger import WandbLogger, resolve_mode
+
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wb-config"))
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    assert resolve_mode("auto") == "offline"  # not logged in
+    assert resolve_mode("disabled") == "disabled"
+    run = tmp_path / "run"
+    logger = WandbLogger(
+        WandbConfig(mode="offline"), run, "wandb-test", {"trainer": {"max_steps": 2}}
+    )
+    t = make_trainer(_overrides(corpus, "trainer.max_steps=3", "trainer.eval_every=3"), run, logger)
+    t.fit()
+    local = logger.run_path
+    logger.finish()
+    assert local is not None and local.parent == tmp_path / "wb" / "wandb"
+    assert local.name.startswith("offline-run-")
+    (records,) = local.glob("run-*.wandb")
+    logged = records.read_bytes()  # the run's protobuf log: config and metric keys as text
+    assert b"max_steps" in logged and b"val_loss" in logged and b"train_loss" in logged

@@ -27,7 +27,9 @@ class GenerationCliConfig:
 
     ckpt: str | None = None  # a checkpoint or any Hugging Face Qwen3 dir; None: latest run's best
     out_dir: str = "checkpoints"
-    prompts: list[str] | None = None  # demo only; None: the run's sample.prompts
+    prompts: list[str] | None = (
+        None  # demo only, e.g. prompts='["ROMEO:", "JULIET:"]'; None: the run's
+    )
     max_new_tokens: int = 200
     temperature: float = 0.8
     top_k: int | None = 50
@@ -55,6 +57,8 @@ def parse_options(command: str, args: list[str]) -> GenerationCliConfig:
         values = OmegaConf.to_container(OmegaConf.from_dotlist(args))
     except OmegaConfBaseException as e:
         raise ConfigError(f"{command}: cannot parse the options ({e})") from None
+    if isinstance(values.get("prompts"), str):  # prompts="ROMEO:" means one prompt
+        values["prompts"] = [values["prompts"]]
     cfg = build_dataclass(GenerationCliConfig, values, command, skip=("extra",))
     cfg.sample_config()  # validates the sampling values
     return cfg

@@ -49,10 +49,13 @@ def stream_text(
     seed: int | None = None,
     stop_at_eos: bool = True,
 ) -> Iterator[str]:
-    """Yield pieces of text as tokens are generated (whole UTF-8 characters only)."""
+    """Yield pieces of text as tokens are generated (whole UTF-8 characters only).
+
+    Tokens are decoded in runs since the last piece shown (byte-level BPE decodes piecewise),
+    holding a run back while it ends inside a multi-byte character.
+    """
     ids = _prompt_ids(tokenizer, prompt)
-    new: list[int] = []
-    shown = 0
+    pending: list[int] = []
     for tok in stream_generate(
         model,
         ids,
@@ -63,10 +66,10 @@ def stream_text(
         eos_ids=(tokenizer.eos_id,) if stop_at_eos else (),
         seed=seed,
     ):
-        new.append(tok)
-        text = tokenizer.decode(new, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # a multi-byte character is still incomplete
+        pending.append(tok)
+        text = tokenizer.decode(pending, skip_special_tokens=True)
+        if text.endswith("\ufffd") and len(pending) < 8:  # a character still incomplete
             continue
-        if len(text) > shown:
-            yield text[shown:]
-            shown = len(text)
+        pending = []
+        if text:
+            yield text

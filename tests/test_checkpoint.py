@@ -1,0 +1,119 @@
+"""Checkpoint directories: atomic saves, pointers, pruning, weights-only state, compatibility,
+and loading by transformers."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+from test_trainer_support import write_corpus
+
+from data.tokenizer_training import train_tokenizer
+from qwen3 import Qwen3, Qwen3Config
+from trainer.checkpoint import (
+    CheckpointError,
+    check_compatible,
+    load_model_weights,
+    load_trainer_state,
+    pointer_target,
+    prune_checkpoints,
+    save_checkpoint,
+    set_pointer,
+    tokenizer_hash,
+)
+from trainer.run_dirs import most_recent_run, resolve_resume
+from trainer.typed_config import ConfigError
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    corpus = write_corpus(tmp_path_factory.mktemp("tok") / "play.txt")
+    return train_tokenizer(corpus.read_text().split("\n\n"), 300)
+
+
+@pytest.fixture
+def model(tokenizer):
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                      head_dim=32, max_position_embeddings=64, eos_token_id=tokenizer.eos_id)  # fmt: skip
+    return Qwen3(cfg)
+
+
+def _state(step: int, tokenizer) -> dict:
+    return {"step": step, "tensor": torch.arange(3), "rng": torch.get_rng_state(),
+            "tokenizer_hash": tokenizer_hash(tokenizer), "world_size": 1}  # fmt: skip
+
+
+def test_save_pointers_and_pruning(tmp_path, model, tokenizer) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = run / ".tmp-step-000009-123456"  # a save interrupted by a crash
+    stale.mkdir()
+    for step in (1, 2, 3, 4):
+        path = save_checkpoint(run, step, model, tokenizer, _state(step, tokenizer), "seed: 1\n")
+        set_pointer(run, "latest", path)
+        if step == 1:
+            set_pointer(run, "best", path)
+        prune_checkpoints(run, keep_last=2)
+    assert sorted(p.name for p in run.glob("step-*")) == [
+        "step-000001",
+        "step-000003",
+        "step-000004",
+    ]
+    assert os.readlink(run / "latest") == "step-000004"  # relative: the run dir can move
+    assert pointer_target(run, "best") == (run / "step-000001").resolve()
+    assert not stale.exists() and not list(run.glob(".*tmp*"))
+    state = load_trainer_state(run / "latest")
+    assert state["step"] == 4 and torch.equal(state["tensor"], torch.arange(3))
+    assert (run / "latest" / "config.yaml").read_text() == "seed: 1\n"
+    # Re-saving a step (resumed from an older checkpoint) replaces it whole.
+    save_checkpoint(run, 4, model, tokenizer, _state(44, tokenizer), "seed: 2\n")
+    assert load_trainer_state(run / "latest")["step"] == 44
+    assert most_recent_run(tmp_path, "best") == run
+    assert resolve_resume("latest", run) == (run / "step-000004").resolve()
+    assert resolve_resume(str(run), run) == (run / "step-000004").resolve()
+    with pytest.raises(ConfigError, match="not a checkpoint directory"):
+        resolve_resume(str(tmp_path), run)
+
+
+def test_weights_round_trip_and_transformers_loads_it(tmp_path, model, tokenizer) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = save_checkpoint(tmp_path, 7, model, tokenizer, _state(7, tokenizer), "x: 1\n")
+    other = Qwen3(model.config)
+    load_model_weights(other, path)
+    for (n, p), q in zip(model.state_dict().items(), other.state_dict().values(), strict=True):
+        assert torch.equal(p, q), n
+    hf = AutoModelForCausalLM.from_pretrained(path)
+    hf_tok = AutoTokenizer.from_pretrained(path)
+    ids = tokenizer.encode("ROMEO:\nGood night, sweet love.")
+    assert hf_tok("ROMEO:\nGood night, sweet love.")["input_ids"] == ids
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_corrupt_state_is_a_clear_error(tmp_path, model, tokenizer) -> None:
+    path = save_checkpoint(tmp_path, 1, model, tokenizer, _state(1, tokenizer), "")
+    (path / "trainer_state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_trainer_state(path)
+    with pytest.raises(CheckpointError, match="no trainer_state.pt"):
+        load_trainer_state(tmp_path)
+
+
+def test_mismatched_setup_is_named(tmp_path, model, tokenizer) -> None:
+    path = save_checkpoint(tmp_path, 1, model, tokenizer, _state(1, tokenizer), "")
+    state = load_trainer_state(path)
+    h = tokenizer_hash(tokenizer)
+    check_compatible(path, state, model.config, h, 1)  # the same setup passes
+    wider = dataclasses.replace(model.config, hidden_size=128)
+    with pytest.raises(CheckpointError, match="model.hidden_size is 64 in the checkpoint but 128"):
+        check_compatible(path, state, wider, h, 1)
+    with pytest.raises(CheckpointError, match="tokenizer differs"):
+        check_compatible(path, state, model.config, "0123456789abcdef", 1)
+    with pytest.raises(CheckpointError, match="world size 1, this run has 2"):
+        check_compatible(path, state, model.config, h, 2)

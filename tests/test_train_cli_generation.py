@@ -1,0 +1,111 @@
+"""``train.py demo`` and ``train.py interactive`` driven as real subprocesses."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+import torch
+from test_trainer_support import REPO, run_train, subprocess_env, train_cmd, write_corpus
+
+from data.tokenizer_training import train_tokenizer
+from qwen3 import Qwen3, Qwen3Config
+from trainer.checkpoint import save_checkpoint, set_pointer
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two runs under one out_dir, each with a best checkpoint; the second is the newer."""
+    root = tmp_path_factory.mktemp("gen")
+    tok = train_tokenizer(write_corpus(root / "play.txt").read_text().split("\n\n"), 300)
+    out = root / "runs"
+    for i, name in enumerate(("older", "newer")):
+        torch.manual_seed(i)
+        cfg = Qwen3Config(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                          head_dim=32, max_position_embeddings=4096, eos_token_id=tok.eos_id)  # fmt: skip
+        run = out / name
+        run.mkdir(parents=True)
+        path = save_checkpoint(run, 10, Qwen3(cfg), tok, {"step": 10},
+                               f"sample:\n  prompts: ['{name.upper()} SAYS:']\n")  # fmt: skip
+        set_pointer(run, "best", path)
+        time.sleep(0.05)  # distinct pointer mtimes
+    return root, out
+
+
+def test_demo_uses_the_best_checkpoint_of_the_most_recent_run(runs) -> None:
+    root, out = runs
+    res = run_train(root, "demo", f"out_dir={out}", "max_new_tokens=12", "seed=3")
+    assert res.returncode == 0, res.stderr
+    assert str((out / "newer" / "step-000010").resolve()) in res.stdout
+    assert "NEWER SAYS:" in res.stdout  # the run's own sample prompts
+
+
+def test_demo_with_ckpt_and_sampling_overrides(runs) -> None:
+    root, out = runs
+    args = ["demo", f"ckpt={out / 'older' / 'best'}", 'prompts=["ROMEO:", "JULIET:"]', "temperature=0",
+            "max_new_tokens=8"]  # fmt: skip
+    first = run_train(root, *args)
+    assert first.returncode == 0, first.stderr
+    assert "ROMEO:" in first.stdout and "JULIET:" in first.stdout
+    assert str((out / "older" / "step-000010").resolve()) in first.stdout
+    assert run_train(root, *args).stdout == first.stdout  # greedy: deterministic
+
+
+def test_demo_errors_are_one_clear_message(runs, tmp_path) -> None:
+    root, _ = runs
+    res = run_train(root, "demo", f"out_dir={tmp_path}")
+    assert res.returncode == 2 and "no trained run" in res.stderr and "ckpt=DIR" in res.stderr
+    res = run_train(root, "demo", f"out_dir={tmp_path}", "temprature=0.5")
+    assert res.returncode == 2 and "demo.temprature" in res.stderr and "temperature" in res.stderr
+    res = run_train(root, "interactive", "top_p=3")
+    assert res.returncode == 2 and "top_p" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_interactive_prompt_quit_and_eof(runs) -> None:
+    root, out = runs
+    base = train_cmd("interactive", f"out_dir={out}", "max_new_tokens=10")
+    res = subprocess.run(base, input="ROMEO:\n\n/quit\nnever read\n", capture_output=True, text=True,
+                         cwd=REPO, env=subprocess_env(root))  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count(">>> ") == 3 and "ROMEO:" in res.stdout
+    res = subprocess.run(base, input="JULIET:\n", capture_output=True, text=True, cwd=REPO,
+                         env=subprocess_env(root))  # fmt: skip
+    assert res.returncode == 0 and "JULIET:" in res.stdout
+
+
+def test_interactive_ctrl_c_stops_the_generation_not_the_program(runs) -> None:
+    root, out = runs
+    proc = subprocess.Popen(
+        train_cmd("interactive", f"out_dir={out}", "max_new_tokens=4000", "stop_at_eos=false"),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO, env=subprocess_env(root), bufsize=1,
+    )  # fmt: skip
+    chunks: list[str] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stdout.read(1), "")))
+    reader.start()
+
+    def seen() -> str:
+        return "".join(chunks)
+
+    while ">>> " not in seen():
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.02)
+    proc.stdin.write("ROMEO:\n")
+    proc.stdin.flush()
+    while len(seen().partition(">>> ROMEO:")[2]) < 40:  # it is generating
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    while "[generation stopped]" not in seen():
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.02)
+    proc.stdin.write("/quit\n")
+    proc.stdin.flush()
+    assert proc.wait() == 0
+    reader.join()
+    assert seen().rstrip().endswith(">>>")  # back at the prompt, then /quit
