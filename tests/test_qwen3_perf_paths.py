@@ -1,0 +1,90 @@
+"""The faster code paths equal the plain formulas they replace: RoPE by roll with a signed sine
+table, the one-call float32 RMSNorm, and the dense (unpadded) KV-cache bookkeeping."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from qwen3 import KVCache, Qwen3, Qwen3Config
+from qwen3.layers import RMSNorm, RotaryEmbedding, apply_rope
+from qwen3.loss import default_chunk_rows
+
+CFG = Qwen3Config(
+    vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+)  # fmt: skip
+
+
+def test_rope_by_roll_equals_the_rotate_half_formula() -> None:
+    torch.manual_seed(0)
+    d, theta, t = 16, 10000.0, 9
+    rope = RotaryEmbedding(d, theta, 32)
+    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2).float() / d)
+    angles = torch.outer(torch.arange(t).float(), inv_freq)
+    emb = torch.cat((angles, angles), dim=-1)  # (T, D), transformers' layout
+    x = torch.randn(2, t, 3, d)  # (B, T, heads, D)
+    x1, x2 = x.chunk(2, dim=-1)
+    expected = x * emb.cos()[:, None] + torch.cat((-x2, x1), dim=-1) * emb.sin()[:, None]
+    cos, sin = rope(t, None)
+    torch.testing.assert_close(apply_rope(x, cos, sin), expected, rtol=1e-5, atol=1e-6)
+    cos_p, sin_p = rope(t, torch.arange(t).expand(2, t))  # per-row positions: same angles
+    torch.testing.assert_close(apply_rope(x, cos_p, sin_p), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_float32_rmsnorm_fast_path_equals_the_reference_order() -> None:
+    torch.manual_seed(1)
+    norm = RMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(16))
+    x = torch.randn(4, 16, requires_grad=True)
+    expected = norm.weight * F.rms_norm(x.float(), (16,), eps=1e-6)
+    torch.testing.assert_close(norm(x), expected, rtol=0, atol=0)
+
+
+def test_dense_cache_begin_equals_the_general_path() -> None:
+    dense, general = KVCache(CFG, 2, 16), KVCache(CFG, 2, 16)
+    for t in (5, 1, 1):
+        pos_d, mask_d = dense.begin_dense(t)
+        pos_g, mask_g = general.begin(torch.ones(2, t, dtype=torch.bool))
+        assert torch.equal(pos_d, pos_g) and mask_d is None and mask_g is None
+        assert torch.equal(dense.next_pos, general.next_pos)
+        assert torch.equal(dense.valid, general.valid)
+        for c in (dense, general):
+            c.commit(torch.zeros(2, CFG.vocab_size))
+
+
+def test_dense_begin_after_padding_falls_back_to_masks() -> None:
+    cache = KVCache(CFG, 2, 16)
+    cache.begin(torch.tensor([[False, True, True], [True, True, True]]))
+    cache.commit(torch.zeros(2, CFG.vocab_size))
+    positions, mask = cache.begin_dense(1)
+    assert positions.tolist() == [[2], [3]]  # each row continues its own count
+    assert mask is not None and mask.shape == (2, 1, 1, 4)
+    assert not bool(mask[0, 0, 0, 0])  # the padding slot stays hidden
+
+
+def test_default_chunk_rows_is_cache_sized_on_cpu_and_bounded() -> None:
+    cpu = torch.device("cpu")
+    assert default_chunk_rows(8192, cpu) == 256
+    assert default_chunk_rows(151936, cpu) == 64  # floor: matmuls stay reasonably tall
+    assert default_chunk_rows(10, cpu) == 16384  # ceiling for tiny vocabularies
+
+
+def test_stacked_qkv_training_path_equals_separate_projections() -> None:
+    torch.manual_seed(2)
+    cfg = dataclasses.replace(CFG, attention_bias=True)
+    model = Qwen3(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, 7))
+    with torch.no_grad():
+        separate = model(x)  # no gradients: three matmuls
+    stacked = model(x)  # gradients on: one matmul against the stacked weights
+    torch.testing.assert_close(stacked, separate, rtol=1e-5, atol=1e-6)
+    stacked.square().mean().backward()
+    attn = model.model.layers[0].self_attn
+    for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+        assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
+        assert proj.bias.grad is not None and proj.bias.grad.abs().sum() > 0
+    assert "model.layers.0.self_attn.q_proj.weight" in model.state_dict()  # HF names unchanged
