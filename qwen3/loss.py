@@ -52,7 +52,9 @@ def _loss_and_grads(
         safe_targets = targets.masked_fill(~valid, 0)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_w = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        )
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             h, tgt = h_all[rows], safe_targets[rows, None]  # (n, C), (n, 1)
@@ -67,13 +69,13 @@ def _loss_and_grads(
             g = probs.to(cdt)
             if grad_h is not None:
                 grad_h[rows] = ((g @ w).float() * scale).to(hidden.dtype)
-            if need_w:
+            if grad_w is not None:
                 scaled_h = (h.float() * scale).to(cdt)
                 if cdt == torch.float32:
                     grad_w.addmm_(g.t(), scaled_h)  # (V, C), accumulated in place
                 else:
                     grad_w += g.t() @ scaled_h
-    return total / count, grad_h, grad_w.to(weight.dtype) if need_w else None
+    return total / count, grad_h, grad_w.to(weight.dtype) if grad_w is not None else None
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -95,3 +95,13 @@ def test_mismatched_targets_raise_a_clear_error() -> None:
         linear_cross_entropy(
             torch.randn(4, 8), torch.randn(9, 8), torch.zeros(4, dtype=torch.long), chunk_rows=0
         )
+
+
+def test_frozen_head_gets_no_gradient_and_hidden_gradient_still_matches() -> None:
+    torch.manual_seed(5)
+    h, w, y = torch.randn(9, 8), torch.randn(13, 8), torch.randint(0, 13, (9,))
+    h_ref, h_got = h.clone().requires_grad_(), h.clone().requires_grad_()
+    _reference(h_ref, w, y).backward()
+    linear_cross_entropy(h_got, w, y, chunk_rows=4).backward()
+    torch.testing.assert_close(h_got.grad, h_ref.grad, rtol=1e-5, atol=1e-6)
+    assert w.grad is None
