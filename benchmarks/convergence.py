@@ -7,10 +7,12 @@ are identical), each with its own full schedule (warmup a fixed fraction of its 
    norms) for N * fractions[0] steps at each of ``--muon-lrs`` (lr and adamw_lr tied unless
    ``--muon-adamw-lr`` is given). Best = lowest final val loss.
 2. Equal budgets at the best LRs: AdamW for N steps against Muon for N * f steps, f in
-   ``--fractions`` (default 0.5, the stretch 0.4, and 1.0: a Muon run as long as AdamW's, whose
-   crossing step is the plain "steps Muon needs" figure). Prints the val-loss curves, the step at
-   which each Muon run first reaches AdamW's final val loss (also interpolated between evals),
-   that step over N, whether each budget ends at or below AdamW, and the final val_bpb of each.
+   ``--fractions`` (default 0.5 and the stretch 0.4; add 1.0 for a Muon run as long as
+   AdamW's, whose crossing step is the plain "steps Muon needs" figure). Prints the val-loss
+   curves, the step at which each Muon run first reaches AdamW's final val loss (also
+   interpolated between evals), that step over N, whether each budget ends at or below AdamW,
+   and the final val_bpb of each. On the 2 shared CPU cores here a 200-step tiny run takes
+   5 to 13 minutes, so the default N=400 sweep is an hour or more; --steps 200 halves it.
 
     .venv/bin/python benchmarks/convergence.py                   # N=400, 3 LRs each
     .venv/bin/python benchmarks/convergence.py --steps 200 --report benchmarks/results/convergence.md
@@ -72,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--muon-lrs", type=_floats, default=[3e-3, 6e-3, 1.2e-2])
     p.add_argument("--muon-adamw-lr", type=float, default=None,
                    help="AdamW lr inside Muon runs (embeddings, norms); default: same as Muon's lr")  # fmt: skip
-    p.add_argument("--fractions", type=_floats, default=[0.5, 0.4, 1.0],
+    p.add_argument("--fractions", type=_floats, default=[0.5, 0.4],
                    help="Muon budgets as fractions of N; the first is the one swept")  # fmt: skip
     p.add_argument("--warmup-fraction", type=float, default=1 / 6,
                    help="warmup steps as a fraction of each run (conf default: 100 of 600)")  # fmt: skip
