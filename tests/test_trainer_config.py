@@ -11,6 +11,7 @@ from data import DataConfig
 from optim import OptimConfig
 from qwen3 import PRESETS, Qwen3Config
 from trainer.cli_entry import CONF_DIR
+from trainer.config import SampleConfig, TrainConfig, WandbConfig
 from trainer.typed_config import ConfigError
 
 
@@ -19,6 +20,8 @@ def test_defaults_compose_into_typed_configs() -> None:
     assert cfg.model == Qwen3Config.from_preset("tiny")
     assert cfg.data == DataConfig()
     assert cfg.optim == OptimConfig()
+    assert cfg.trainer == TrainConfig() and cfg.sample == SampleConfig()
+    assert cfg.wandb == WandbConfig()
     assert cfg.trainer.batch_size == 16 and cfg.trainer.seq_len == 256
     assert cfg.out_dir == "checkpoints" and cfg.resume is None and cfg.run_name
 

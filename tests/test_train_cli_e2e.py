@@ -1,0 +1,57 @@
+"""End to end on the built-in default corpus: ``train.py`` trains, evaluates, saves, reports,
+samples, and the best checkpoint loads in ``transformers``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_trainer_support import SMALL_MODEL, read_metrics, run_train
+
+from qwen3 import Qwen3
+from qwen3.tokenizer import Qwen3Tokenizer
+
+
+def test_short_run_on_the_default_corpus(tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    res = run_train(
+        tmp_path, *SMALL_MODEL, "data.max_tokens=60000", f"data.cache_dir={tmp_path / 'cache'}",
+        f"out_dir={tmp_path / 'runs'}", "run_name=e2e", "trainer.max_steps=8",
+        "trainer.eval_every=4", "trainer.batch_size=8", "trainer.seq_len=64",
+        "trainer.eval_batches=2", "trainer.num_threads=1", "optim.warmup_steps=2",
+        "wandb.mode=offline", "sample.max_new_tokens=16",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    run = tmp_path / "runs" / "e2e"
+    for line in ("== summary ==", "val loss", "val acc", "val ppl", "val bpb", "tokens/s",
+                 "wall time", "== samples ==", "ROMEO:"):  # fmt: skip
+        assert line in res.stdout, line
+    assert (run / ".hydra" / "config.yaml").is_file()  # Hydra's output lives in the run dir
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows if "val_loss" in r] == [4, 8]
+    assert rows[-1]["val_loss"] < rows[0]["train_loss"]
+    assert list((tmp_path / "wandb-dir" / "wandb").glob("offline-run-*/run-*.wandb"))
+
+    best = run / "best"
+    hf = AutoModelForCausalLM.from_pretrained(best)
+    ours = Qwen3.from_pretrained(best)
+    tok = Qwen3Tokenizer.from_dir(best)
+    x = torch.tensor([tok.encode("ROMEO:\nBut soft, what light")])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, ours(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_run_saves_plain_weight_names(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    res = run_train(
+        tmp_path, *SMALL_MODEL, "data.max_tokens=30000", f"data.cache_dir={tmp_path / 'cache'}",
+        f"out_dir={tmp_path / 'runs'}", "run_name=compiled", "trainer.max_steps=3",
+        "trainer.eval_every=3", "trainer.batch_size=4", "trainer.seq_len=32",
+        "trainer.eval_batches=1", "trainer.compile=true", "optim.warmup_steps=1",
+        "wandb.mode=disabled", "sample.max_new_tokens=4",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    names = load_file(tmp_path / "runs" / "compiled" / "best" / "model.safetensors").keys()
+    assert names and not [n for n in names if "_orig_mod" in n]
