@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_trainer_support import SMALL_MODEL, read_metrics, run_train
+from test_trainer_support import (
+    SMALL_MODEL,
+    read_metrics,
+    run_train,
+    small_run_overrides,
+    write_corpus,
+)
 
 from qwen3 import Qwen3
 from qwen3.tokenizer import Qwen3Tokenizer
@@ -55,3 +61,18 @@ def test_compiled_run_saves_plain_weight_names(tmp_path) -> None:
     assert res.returncode == 0, res.stderr
     names = load_file(tmp_path / "runs" / "compiled" / "best" / "model.safetensors").keys()
     assert names and not [n for n in names if "_orig_mod" in n]
+
+
+def test_multirun_sweep_writes_one_dir_per_job(tmp_path) -> None:
+    corpus = write_corpus(tmp_path / "play.txt")
+    res = run_train(tmp_path, "-m", *small_run_overrides(tmp_path, corpus), "trainer.max_steps=3",
+                    "trainer.eval_every=3", "optim.warmup_steps=1", "optim.lr=1e-3,3e-3",
+                    "run_name=sweep", "sample.max_new_tokens=0")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    sweep = tmp_path / "runs" / "sweep"
+    assert (sweep / "multirun.yaml").is_file()
+    lrs = []
+    for job in ("0", "1"):
+        assert (sweep / job / "best" / "model.safetensors").is_file()
+        lrs.append(read_metrics(sweep / job)[0]["lr/muon"])
+    assert lrs[0] < lrs[1]
