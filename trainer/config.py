@@ -45,6 +45,7 @@ class TrainConfig:
     peak_flops: float | None = None  # FLOP/s for MFU; None: measured once with a matmul
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     num_threads: int | None = None  # CPU threads for torch; None: torch's default
+    fsdp: bool = False  # under torchrun: shard parameters with FSDP2 instead of replicating (DDP)
 
     def __post_init__(self) -> None:
         _check_int("trainer.max_steps", self.max_steps, 1, "600")
@@ -59,6 +60,8 @@ class TrainConfig:
         _check_int("trainer.max_bad_steps", self.max_bad_steps, 1, "5")
         if self.num_threads is not None:
             _check_int("trainer.num_threads", self.num_threads, 1, "2")
+        if not isinstance(self.fsdp, bool):
+            _fail("trainer.fsdp", self.fsdp, "must be true or false", "set trainer.fsdp=true")
         if self.precision not in PRECISIONS:
             _fail("trainer.precision", self.precision, "is not a known precision",
                   f"choose one of: {', '.join(PRECISIONS)}")  # fmt: skip
