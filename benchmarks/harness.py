@@ -19,7 +19,7 @@ import torch
 
 from qwen3 import Qwen3, Qwen3Config
 
-# A shape between the two presets, for the scaling picture (about 7.7 M parameters).
+# A shape between the two presets, for the scaling picture (about 5.2 M parameters).
 MID = dict(
     vocab_size=8192,
     hidden_size=256,
