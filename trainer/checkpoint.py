@@ -19,6 +19,7 @@ import torch
 
 from qwen3 import Qwen3, Qwen3Config
 from qwen3.tokenizer import Qwen3Tokenizer
+from trainer.fsdp import is_sharded, load_full_weights
 from trainer.run_dirs import BEST, LATEST
 
 STATE_FILE = "trainer_state.pt"
@@ -162,7 +163,11 @@ def check_compatible(
 
 
 def load_model_weights(model: Qwen3, ckpt_dir: Path) -> None:
-    """Copy a checkpoint's weights into ``model`` in place (same shapes, already checked)."""
+    """Copy a checkpoint's weights into ``model`` in place (same shapes, already checked); a
+    model sharded with FSDP keeps this rank's shard of each."""
     loaded = Qwen3.from_pretrained(ckpt_dir, device="cpu", dtype=torch.float32)
+    if is_sharded(model):
+        load_full_weights(model, loaded.state_dict())
+        return
     with torch.no_grad():
         model.load_state_dict(loaded.state_dict())

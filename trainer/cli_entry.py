@@ -10,17 +10,37 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.run_dirs import default_run_name
+from trainer.distributed import (
+    DistInfo,
+    barrier,
+    dist_info,
+    from_main,
+    init_process_group,
+    shutdown,
+)
+from trainer.run_dirs import default_run_name, timestamp_name
 
 SUBCOMMANDS = ("demo", "interactive")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
-def register_resolvers() -> None:
-    """``${run_name_default:out_dir,resume}`` (cached: one process, one timestamp)."""
+def register_resolvers(stamp: str | None = None) -> None:
+    """``${run_name_default:out_dir,resume}`` (cached: one process, one timestamp; ``stamp``:
+    the timestamp to use, so that all processes of a torchrun job agree on it)."""
     OmegaConf.register_new_resolver(
-        "run_name_default", default_run_name, use_cache=True, replace=True
+        "run_name_default",
+        lambda out_dir, resume: default_run_name(out_dir, resume, stamp),
+        use_cache=True,
+        replace=True,
     )
+
+
+def _rank_overrides(dist: DistInfo) -> list[str]:
+    """Hydra overrides for processes other than rank 0: they share rank 0's run directory but
+    write nothing into it (no .hydra/ copy, no log file)."""
+    if dist.is_main:
+        return []
+    return ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
 
 
 def _only_hydra_files(run_dir: Path) -> bool:
@@ -46,7 +66,8 @@ def train_from_hydra(cfg: DictConfig, start_time: float) -> int:
     else:
         yaml = OmegaConf.to_yaml(OmegaConf.create(data))
         code = run_training(run_cfg, run_dir, yaml, data, list(hc.overrides.task), start_time)
-    if code == 2 and _only_hydra_files(run_dir):
+    barrier()  # every rank has made (or used) the run dir before rank 0 may remove it
+    if code == 2 and dist_info().is_main and _only_hydra_files(run_dir):
         shutil.rmtree(run_dir, ignore_errors=True)
     return code
 
@@ -57,13 +78,24 @@ def main(argv: list[str], start_time: float) -> int:
         from trainer.generation_cli import run_subcommand
 
         return run_subcommand(argv[1], argv[2:])
-    register_resolvers()
+    try:
+        dist = dist_info()
+        init_process_group(dist)  # before Hydra: the ranks agree on the run directory's name
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    register_resolvers(from_main(timestamp_name()) if dist.is_distributed else None)
     codes: list[int] = []
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
     def _hydra_main(cfg: DictConfig) -> None:
         codes.append(train_from_hydra(cfg, start_time))
 
-    sys.argv = argv
-    _hydra_main()
+    sys.argv = [*argv, *_rank_overrides(dist)]
+    try:
+        _hydra_main()
+    except BaseException:
+        shutdown(wait_for_others=False)
+        raise
+    shutdown()
     return max(codes, default=0)

@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from data.errors import DataError
+from qwen3 import Qwen3
 from trainer.checkpoint import CheckpointError
 from trainer.config import SampleConfig
-from trainer.distributed import dist_info
+from trainer.distributed import dist_info, local_device
+from trainer.fsdp import full_model_copy, is_sharded
 from trainer.loop import Trainer, TrainingDiverged
 from trainer.run_config import RunConfig
 from trainer.run_dirs import resolve_resume
@@ -48,6 +50,7 @@ def run_training(
     try:
         dist = dist_info()
         device, precision = resolve_device(cfg)
+        device = local_device(device, dist)
         apply_runtime_settings(cfg, device)
         check_optimizer_config(cfg)
         resume_dir = resolve_resume(cfg.resume, run_dir) if cfg.resume else None
@@ -65,12 +68,15 @@ def run_training(
         except (CheckpointError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        print(f"resumed from {resume_dir} at step {trainer.step}")
+        if dist.is_main:
+            print(f"resumed from {resume_dir} at step {trainer.step}")
     n_params = parts.model.num_params()
-    print(
-        f"run {run_dir}: {n_params / 1e6:.2f} M parameters, {len(parts.data.train):,} train / "
-        f"{len(parts.data.val):,} val tokens, device {device}, precision {precision.name}"
-    )
+    if dist.is_main:
+        procs = f" x {dist.world_size} processes" if dist.is_distributed else ""
+        print(
+            f"run {run_dir}: {n_params / 1e6:.2f} M parameters, {len(parts.data.train):,} train / "
+            f"{len(parts.data.val):,} val tokens, device {device}{procs}, precision {precision.name}"
+        )
     try:
         outcome = trainer.fit()
     except TrainingDiverged as e:
@@ -82,6 +88,11 @@ def run_training(
         outcome.final_eval = trainer.evaluate()
     if wandb is not None:
         wandb.finish()
+    sample_cfg: SampleConfig = cfg.sample
+    sample_model: Qwen3 | None = parts.model
+    wants_samples = not outcome.stopped_by and sample_cfg.prompts and sample_cfg.max_new_tokens
+    if wants_samples and is_sharded(parts.model):  # rank 0 samples alone: gather the model there
+        sample_model = full_model_copy(parts.model, dist.is_main)
     if not dist.is_main:
         return 0
     print(
@@ -93,11 +104,10 @@ def run_training(
         print(f"\nstopped by {outcome.stopped_by} at step {outcome.step}; resume with:\n"
               f"  {resume_command(overrides, cfg.run_name)}")  # fmt: skip
         return 0
-    sample_cfg: SampleConfig = cfg.sample
-    if sample_cfg.prompts and sample_cfg.max_new_tokens:
-        parts.model.eval()
+    if sample_model is not None and sample_cfg.prompts and sample_cfg.max_new_tokens:
+        sample_model.eval()
         texts = complete(
-            parts.model, parts.data.tokenizer, sample_cfg.prompts, sample_cfg, cfg.seed
+            sample_model, parts.data.tokenizer, sample_cfg.prompts, sample_cfg, cfg.seed
         )
         print(samples_text(sample_cfg.prompts, texts))
     return 0

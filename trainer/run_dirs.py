@@ -33,8 +33,9 @@ def most_recent_run(out_dir: str | os.PathLike, pointer: str = BEST) -> Path | N
     return runs[-1] if runs else None
 
 
-def default_run_name(out_dir: str | None, resume: str | None) -> str:
-    """``run_name`` when the user gives none: the resumed run's name, else a timestamp.
+def default_run_name(out_dir: str | None, resume: str | None, stamp: str | None = None) -> str:
+    """``run_name`` when the user gives none: the resumed run's name, else a timestamp
+    (``stamp`` if given: under torchrun, rank 0's, so every rank names the same directory).
 
     Registered as the ``run_name_default`` OmegaConf resolver (cached, so one process agrees
     with itself); ``hydra.run.dir`` is built from it.
@@ -51,7 +52,7 @@ def default_run_name(out_dir: str | None, resume: str | None) -> str:
             return run.relative_to(out.absolute()).as_posix()
         except ValueError:
             pass
-    return timestamp_name()
+    return stamp or timestamp_name()
 
 
 def resolve_resume(resume: str, run_dir: Path) -> Path:

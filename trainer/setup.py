@@ -11,9 +11,12 @@ import torch
 from torch import nn
 
 from data import BatchSampler, PreparedData, prepare_data
+from data.errors import DataError
 from optim import OptimizerSet, build_optimizers
 from qwen3 import Qwen3, Qwen3Config, pick_device
-from trainer.distributed import DistInfo
+from trainer.distributed import DistInfo, main_first
+from trainer.fsdp import is_sharded, use_sharded_muon
+from trainer.parallel import wrap_model
 from trainer.precision import Precision, resolve_precision
 from trainer.run_config import RunConfig
 from trainer.typed_config import ConfigError
@@ -26,8 +29,8 @@ class RunParts:
     device: torch.device
     precision: Precision
     data: PreparedData
-    model: Qwen3  # the plain module: saved, sampled from
-    forward: nn.Module  # what training calls: ``model`` or its torch.compile wrapper
+    model: Qwen3  # the module itself (sharded in place under trainer.fsdp): saved, sampled from
+    forward: nn.Module  # what training calls: ``model``, in DDP and/or torch.compile wrappers
     optimizers: OptimizerSet
     sampler: BatchSampler
     bytes_per_token: float | None
@@ -81,7 +84,10 @@ def build_parts(
 ) -> RunParts:
     """Prepare data (tokenizer + token cache), then the model, optimizers and sampler."""
     tcfg = cfg.trainer
-    data = prepare_data(cfg.data, cfg.data.vocab_size or cfg.model.vocab_size)
+    data = main_first(  # rank 0 builds the token cache, then the others load it
+        lambda: prepare_data(cfg.data, cfg.data.vocab_size or cfg.model.vocab_size),
+        "preparing the data", DataError,
+    )  # fmt: skip
     if len(data.val) < tcfg.seq_len + 1:
         raise ConfigError(
             f"trainer.seq_len={tcfg.seq_len} is longer than the whole validation split "
@@ -96,8 +102,10 @@ def build_parts(
     seed_everything(cfg.seed)
     model = Qwen3(model_cfg).to(device)
     model.train()
-    forward: nn.Module = torch.compile(model) if tcfg.compile else model
+    forward = wrap_model(model, dist, device, tcfg.fsdp, tcfg.compile)
     optimizers = build_optimizers(model, cfg.optim, tcfg.max_steps)
+    if is_sharded(model):
+        use_sharded_muon(optimizers)
     sampler = BatchSampler(
         data.train, tcfg.batch_size * tcfg.grad_accum, tcfg.seq_len, cfg.seed,
         rank=dist.rank, world_size=dist.world_size,

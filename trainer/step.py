@@ -7,8 +7,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from optim import OptimizerSet
+from trainer.distributed import mean_across_ranks
+from trainer.parallel import gradient_sync
 from trainer.precision import Precision
 
 
@@ -35,13 +38,27 @@ def accumulate_gradients(
     """
     scaler = precision.scaler
     loss_sum = torch.zeros((), device=x.device)
-    for xs, ys in zip(x.chunk(grad_accum), y.chunk(grad_accum), strict=True):
-        with precision.autocast():
-            loss = model(xs, targets=ys)
-        scaled = loss / grad_accum
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+    micro = zip(x.chunk(grad_accum), y.chunk(grad_accum), strict=True)
+    for i, (xs, ys) in enumerate(micro):
+        # Across processes, gradients are exchanged once: in the last micro-batch's backward.
+        with gradient_sync(model, enabled=i == grad_accum - 1):
+            with precision.autocast():
+                loss = model(xs, targets=ys)
+            scaled = loss / grad_accum
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += loss.detach()
     return (loss_sum / grad_accum).item()
+
+
+def clip_gradients(params: list[torch.Tensor], clip: float) -> float:
+    """Scale gradients down to global norm ``clip`` (0: no clipping); returns the norm before.
+
+    Under FSDP the gradients are shards (DTensors): their norm is reduced over all ranks."""
+    total = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, clip if clip > 0 else math.inf, total)
+    return float(total)
 
 
 def train_step(
@@ -59,12 +76,12 @@ def train_step(
     gradients itself, as loss scaling expects them now and then).
     """
     scaler = precision.scaler
-    mean_loss = accumulate_gradients(model, x, y, grad_accum, precision)
+    mean_loss = mean_across_ranks(accumulate_gradients(model, x, y, grad_accum, precision))
     if scaler is not None:
         for opt in optimizers.optimizers:
             scaler.unscale_(opt)
     params = [p for p in model.parameters() if p.grad is not None]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf))
+    grad_norm = clip_gradients(params, clip)
     bad = not math.isfinite(mean_loss) or (scaler is None and not math.isfinite(grad_norm))
     if bad:
         if scaler is not None:
