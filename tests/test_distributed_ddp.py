@@ -1,0 +1,76 @@
+"""DDP under torchrun on CPU (gloo): 2 processes x batch 8 train exactly as 1 process x batch 16,
+rank 0 alone writes one run directory, and a checkpoint resumes exactly under the same world
+size but is refused under another."""
+
+from __future__ import annotations
+
+import pytest
+from test_distributed_support import (
+    STEPS,
+    base_overrides,
+    losses,
+    run_torchrun,
+    single_process_losses,
+)
+from test_trainer_support import make_trainer, read_metrics, write_corpus
+
+from trainer.checkpoint import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    return tmp, write_corpus(tmp / "play.txt")
+
+
+def test_two_processes_match_one_with_the_whole_batch_muon(corpus, tmp_path) -> None:
+    """Muon: every rank orthogonalises the same all-reduced gradient. The 2-process side also
+    accumulates 2 micro-batches (no_sync on the first) and builds the token cache (rank 0
+    first); the reference then reuses that cache."""
+    _, text = corpus
+    base = base_overrides(tmp_path, text, tmp_path / "cache")
+    res = run_torchrun(
+        tmp_path, 2, *base, "run_name=ddp", "trainer.batch_size=4", "trainer.grad_accum=2"
+    )
+    assert res.returncode == 0, res.stderr
+    run = tmp_path / "runs" / "ddp"
+    ref = single_process_losses([*base, "trainer.batch_size=16"], tmp_path / "ref")
+    got = losses(run)
+    assert len(got) == STEPS and got[-1] < got[0]
+    assert got == pytest.approx(ref, rel=1e-4)  # float sums in another order, bf16 Newton-Schulz
+
+    # One run directory, written by rank 0 alone: one metrics row per step, one Hydra copy.
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, STEPS + 1))
+    assert (run / ".hydra" / "config.yaml").is_file()
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["ddp"]
+    assert not list(run.glob(".tmp-*"))
+    assert res.stdout.count("== summary ==") == 1
+    assert "x 2 processes" in res.stdout
+
+
+def test_two_processes_match_one_with_the_whole_batch_adamw(corpus, tmp_path) -> None:
+    _, text = corpus
+    base = [*base_overrides(tmp_path, text, tmp_path / "cache"), "optim=adamw"]
+    res = run_torchrun(tmp_path, 2, *base, "run_name=ddp", "trainer.batch_size=8")
+    assert res.returncode == 0, res.stderr
+    ref = single_process_losses([*base, "trainer.batch_size=16"], tmp_path / "ref")
+    assert losses(tmp_path / "runs" / "ddp") == pytest.approx(ref, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_resume_is_exact_under_the_same_world_size_and_refused_under_another(
+    corpus, tmp_path
+) -> None:
+    _, text = corpus
+    base = [*base_overrides(tmp_path, text, tmp_path / "cache"), "trainer.batch_size=8"]
+    full = run_torchrun(tmp_path, 2, *base, "run_name=full")
+    assert full.returncode == 0, full.stderr
+    ckpt = tmp_path / "runs" / "full" / "step-000002"
+    resumed = run_torchrun(tmp_path, 2, *base, "run_name=resumed", f"resume={ckpt}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {ckpt} at step 2" in resumed.stdout
+    assert losses(tmp_path / "runs" / "resumed") == losses(tmp_path / "runs" / "full")[2:]
+
+    one = make_trainer([*base, "trainer.batch_size=16"], tmp_path / "one")
+    with pytest.raises(CheckpointError, match="world size 2, this run has 1"):
+        one.resume_from(ckpt)

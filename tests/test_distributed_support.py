@@ -1,0 +1,51 @@
+"""Shared helpers of the multi-process tests: run ``train.py`` under ``torchrun`` on CPU (gloo),
+and the matching single-process reference in this process. (No tests in this module.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from test_trainer_support import (
+    REPO,
+    make_trainer,
+    read_metrics,
+    small_run_overrides,
+    subprocess_env,
+)
+
+STEPS = 4
+
+
+def base_overrides(tmp: Path, corpus: Path, cache_dir: Path) -> list[str]:
+    """A few CPU steps of the small model; equal LR schedules for every world size."""
+    return [
+        *small_run_overrides(tmp, corpus, cache_dir),
+        "trainer.device=cpu",
+        f"trainer.max_steps={STEPS}",
+        "trainer.eval_every=0",
+        "trainer.save_every=2",
+        "trainer.keep_last=5",
+        "sample.max_new_tokens=0",
+    ]
+
+
+def run_torchrun(tmp: Path, nproc: int, *args: str) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=NPROC train.py ARGS`` (a free port on
+    127.0.0.1, chosen by torchrun's standalone rendezvous); captures output."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={nproc}", str(REPO / "train.py"), *args,
+    ]  # fmt: skip
+    return subprocess.run(cmd, cwd=REPO, env=subprocess_env(tmp), capture_output=True, text=True)
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["train_loss"] for r in read_metrics(run_dir)]
+
+
+def single_process_losses(overrides: list[str], run_dir: Path) -> list[float]:
+    """Train in this process (rank 0 of 1) and return the logged train losses."""
+    make_trainer(overrides, run_dir).fit()
+    return losses(run_dir)
