@@ -10,6 +10,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from qwen3 import Qwen3
 from trainer.checkpoint import (
     check_compatible,
     load_model_weights,
@@ -19,8 +20,14 @@ from trainer.checkpoint import (
     set_pointer,
     tokenizer_hash,
 )
-from trainer.distributed import DistInfo
+from trainer.distributed import DistInfo, any_rank
 from trainer.evaluation import evaluate
+from trainer.fsdp import (
+    full_model_copy,
+    full_optimizer_state,
+    is_sharded,
+    load_full_optimizer_state,
+)
 from trainer.metrics_log import MetricsLog
 from trainer.plot import write_plot
 from trainer.rng_state import capture_rng, restore_rng
@@ -34,6 +41,11 @@ from trainer.wandb_logger import WandbLogger
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
+
+
+def _empty_accum() -> dict[str, float]:
+    """Sums over the steps since the last metrics row (saved in checkpoints: exact resume)."""
+    return {"loss_sum": 0.0, "grad_norm_sum": 0.0, "steps": 0, "skipped": 0}
 
 
 class TrainingDiverged(RuntimeError):
@@ -79,7 +91,7 @@ class Trainer:
         self.best_val_loss = math.inf
         self.best_step: int | None = None
         self.bad_in_row = 0
-        self.accum = {"loss_sum": 0.0, "steps": 0, "skipped": 0}
+        self.accum = _empty_accum()
         self.last_saved: int | None = None
         self.train_seconds = 0.0
         self.window = {"seconds": 0.0, "tokens": 0}
@@ -89,7 +101,11 @@ class Trainer:
         p = self.parts
         return {
             "step": self.step,
-            "optimizers": p.optimizers.state_dict(),
+            "optimizers": (  # under FSDP: gathered whole (collective)
+                full_optimizer_state(p.model, p.optimizers)
+                if is_sharded(p.model)
+                else p.optimizers.state_dict()
+            ),
             "scaler": p.precision.scaler.state_dict() if p.precision.scaler else None,
             "sampler": p.sampler.state_dict(),
             "rng": capture_rng(),
@@ -108,7 +124,10 @@ class Trainer:
         p = self.parts
         check_compatible(ckpt_dir, state, p.model.config, self.tok_hash, self.dist.world_size)
         load_model_weights(p.model, ckpt_dir)
-        p.optimizers.load_state_dict(state["optimizers"])
+        if is_sharded(p.model):
+            load_full_optimizer_state(p.model, p.optimizers, state["optimizers"])
+        else:
+            p.optimizers.load_state_dict(state["optimizers"])
         if p.precision.scaler is not None and state.get("scaler"):
             p.precision.scaler.load_state_dict(state["scaler"])
         p.sampler.load_state_dict(state["sampler"])
@@ -117,19 +136,26 @@ class Trainer:
         self.best_val_loss = float(state["best_val_loss"])
         self.best_step = state["best_step"]
         self.bad_in_row = int(state["bad_in_row"])
-        self.accum = dict(state["log_accum"])
+        self.accum = {**_empty_accum(), **state["log_accum"]}
         self.last_saved = self.step
         if self.dist.is_main:
             self.metrics.truncate_after(self.step)
 
     def save(self, improved: bool) -> Path | None:
-        """Save a checkpoint of the current step; move ``latest`` (and ``best`` if improved)."""
-        if not self.dist.is_main:
-            return None
+        """Save a checkpoint of the current step; move ``latest`` (and ``best`` if improved).
+
+        Rank 0 writes; under FSDP every rank first takes part in gathering the weights."""
         p = self.parts
+        model: Qwen3 | None = p.model
+        state = None
+        if is_sharded(p.model):
+            model, state = full_model_copy(p.model, self.dist.is_main), self.state_dict()
+        if not self.dist.is_main or model is None:
+            return None
         path = save_checkpoint(
-            self.run_dir, self.step, p.model, p.data.tokenizer, self.state_dict(), self.config_yaml
-        )
+            self.run_dir, self.step, model, p.data.tokenizer, state or self.state_dict(),
+            self.config_yaml,
+        )  # fmt: skip
         set_pointer(self.run_dir, LATEST, path)
         if improved:
             set_pointer(self.run_dir, BEST, path)
@@ -154,6 +180,7 @@ class Trainer:
         row: dict[str, Any] = {
             "step": self.step,
             "train_loss": a["loss_sum"] / a["steps"] if a["steps"] else math.nan,
+            "grad_norm": a["grad_norm_sum"] / a["steps"] if a["steps"] else math.nan,
             "lr": next(iter(lrs.values())),
             **lrs,
             "tokens_per_s": tps,
@@ -162,7 +189,7 @@ class Trainer:
         }
         if a["skipped"]:
             row["skipped_steps"] = a["skipped"]
-        self.accum = {"loss_sum": 0.0, "steps": 0, "skipped": 0}
+        self.accum = _empty_accum()
         self.window = {"seconds": 0.0, "tokens": 0}
         return row
 
@@ -176,79 +203,90 @@ class Trainer:
             write_plot(self.metrics.read(), self.run_dir / PLOT_FILE, title=self.cfg.run_name)
 
     # ---- the loop ---------------------------------------------------------------------------
-    def fit(self) -> Outcome:
+    def _train_one_step(self) -> None:
+        """Run step ``self.step + 1`` and account for it (or stop if training diverged)."""
+        t, p = self.cfg.trainer, self.parts
+        t0 = time.perf_counter()
+        x, y = p.sampler.batch(self.step)
+        x, y = x.to(p.device, non_blocking=True), y.to(p.device, non_blocking=True)
+        res = train_step(p.forward, p.optimizers, x, y, t.grad_accum, p.precision, t.clip)
+        dt = time.perf_counter() - t0
+        self.step += 1
+        self.train_seconds += dt
+        self.window["seconds"] += dt
+        self.window["tokens"] += self.tokens_per_step
+        if not res.skipped:
+            self.bad_in_row = 0
+            self.accum["loss_sum"] += res.loss
+            self.accum["grad_norm_sum"] += res.grad_norm
+            self.accum["steps"] += 1
+            return
+        self.bad_in_row += 1
+        self.accum["skipped"] += 1
+        if self.dist.is_main:
+            tqdm.write(f"step {self.step}: non-finite loss/gradient (loss {res.loss}, "
+                       f"grad norm {res.grad_norm}); update skipped")  # fmt: skip
+        if self.bad_in_row >= t.max_bad_steps:
+            self._write(self._record(), plot=True)
+            raise TrainingDiverged(
+                f"{self.bad_in_row} non-finite steps in a row (last at step {self.step}): "
+                f"training diverged. The last good checkpoints are intact in {self.run_dir} "
+                "(latest, best). Lower optim.lr/optim.adamw_lr or keep trainer.clip on, "
+                "then resume=PATH from a checkpoint before the divergence."
+            )
+
+    def _log_eval_save(self, stopping: bool, outcome: Outcome, bar: tqdm) -> None:
+        """After a step: write a metrics row, evaluate, save, as the cadences say."""
         t = self.cfg.trainer
-        p = self.parts
+        last = self.step == t.max_steps
+        do_eval = last or (t.eval_every and self.step % t.eval_every == 0)
+        if not (do_eval or stopping or self.step % t.log_every == 0):
+            return
+        row = self._record()
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}",
+                        ppl=f"{math.exp(min(row['train_loss'], 50)):.1f}",
+                        tok_s=f"{row['tokens_per_s']:,.0f}")  # fmt: skip
+        improved = False
+        if do_eval:
+            ev = self.evaluate()
+            row.update(ev)
+            outcome.final_eval = ev
+            # best only ever moves to a better, finite evaluation
+            improved = math.isfinite(ev["val_loss"]) and ev["val_loss"] < self.best_val_loss
+            if improved:
+                self.best_val_loss, self.best_step = ev["val_loss"], self.step
+            bpb = f", bpb {ev['val_bpb']:.3f}" if "val_bpb" in ev else ""
+            if self.dist.is_main:
+                tqdm.write(f"step {self.step}: train loss {row['train_loss']:.4f}, val loss "
+                           f"{ev['val_loss']:.4f}, acc {ev['val_acc']:.3f}, "
+                           f"ppl {ev['val_ppl']:.1f}{bpb}")  # fmt: skip
+        self._write(row, plot=bool(do_eval))
+        periodic = t.save_every and self.step % t.save_every == 0
+        if (improved or last or stopping or periodic) and self.last_saved != self.step:
+            self.save(improved)
+
+    def fit(self) -> Outcome:
+        """Train from ``self.step`` to ``trainer.max_steps``, or until SIGINT/SIGTERM."""
+        t = self.cfg.trainer
         outcome = Outcome(step=self.step, stopped_by=None)
         start_step = self.step
-        bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step", disable=None,
-                   dynamic_ncols=True)  # fmt: skip
+        bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step",
+                   disable=None if self.dist.is_main else True, dynamic_ncols=True)  # fmt: skip
+        stopping = False
         with StopRequest() as stop:
-            while self.step < t.max_steps and not stop.requested:
-                t0 = time.perf_counter()
-                x, y = p.sampler.batch(self.step)
-                x, y = x.to(p.device, non_blocking=True), y.to(p.device, non_blocking=True)
-                res = train_step(p.forward, p.optimizers, x, y, t.grad_accum, p.precision, t.clip)
-                dt = time.perf_counter() - t0
-                self.step += 1
-                self.train_seconds += dt
-                self.window["seconds"] += dt
-                self.window["tokens"] += self.tokens_per_step
-                if res.skipped:
-                    self.bad_in_row += 1
-                    self.accum["skipped"] += 1
-                    tqdm.write(f"step {self.step}: non-finite loss/gradient "
-                               f"(loss {res.loss}, grad norm {res.grad_norm}); update skipped")  # fmt: skip
-                    if self.bad_in_row >= t.max_bad_steps:
-                        self._write(self._record(), plot=True)
-                        raise TrainingDiverged(
-                            f"{self.bad_in_row} non-finite steps in a row (last at step {self.step}): "
-                            f"training diverged. The last good checkpoints are intact in {self.run_dir} "
-                            f"(latest, best). Lower optim.lr/optim.adamw_lr or keep trainer.clip on, "
-                            f"then resume=PATH from a checkpoint before the divergence."
-                        )
-                else:
-                    self.bad_in_row = 0
-                    self.accum["loss_sum"] += res.loss
-                    self.accum["steps"] += 1
+            while self.step < t.max_steps and not stopping:
+                self._train_one_step()
                 bar.update(1)
-                last = self.step == t.max_steps
-                do_eval = last or (t.eval_every and self.step % t.eval_every == 0)
-                do_log = do_eval or last or self.step % t.log_every == 0 or stop.requested
-                if not do_log:
-                    continue
-                row = self._record()
-                bar.set_postfix(loss=f"{row['train_loss']:.3f}",
-                                ppl=f"{math.exp(min(row['train_loss'], 50)):.1f}",
-                                tok_s=f"{row['tokens_per_s']:,.0f}")  # fmt: skip
-                improved = False
-                if do_eval:
-                    ev = self.evaluate()
-                    row.update(ev)
-                    outcome.final_eval = ev
-                    improved = math.isfinite(ev["val_loss"]) and ev["val_loss"] < self.best_val_loss
-                    if improved:
-                        self.best_val_loss, self.best_step = ev["val_loss"], self.step
-                    bpb = f", bpb {ev['val_bpb']:.3f}" if "val_bpb" in ev else ""
-                    tqdm.write(f"step {self.step}: train loss {row['train_loss']:.4f}, val loss "
-                               f"{ev['val_loss']:.4f}, acc {ev['val_acc']:.3f}, ppl {ev['val_ppl']:.1f}"
-                               f"{bpb}")  # fmt: skip
-                self._write(row, plot=do_eval)
-                do_save = (
-                    improved
-                    or last
-                    or stop.requested
-                    or (t.save_every and self.step % t.save_every == 0)
-                )
-                if do_save and self.last_saved != self.step:
-                    self.save(improved)
-            outcome.stopped_by = stop.signal_name
+                stopping = any_rank(stop.requested)  # all ranks stop after the same step
+                self._log_eval_save(stopping, outcome, bar)
+            outcome.stopped_by = stop.signal_name or ("signal (another rank)" if stopping else None)
         bar.close()
         outcome.step = self.step
         outcome.best_val_loss, outcome.best_step = self.best_val_loss, self.best_step
         outcome.train_seconds = self.train_seconds
-        steps_run = outcome.step - start_step
         if self.train_seconds:
-            outcome.tokens_per_s = steps_run * self.tokens_per_step / self.train_seconds
+            outcome.tokens_per_s = (
+                (self.step - start_step) * self.tokens_per_step / self.train_seconds
+            )
             outcome.mfu = mfu(outcome.tokens_per_s, self.flops_per_token, self.peak)
         return outcome

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,18 +41,23 @@ class WandbLogger:
         wandb_dir = Path(os.environ.get("WANDB_DIR") or run_dir)
         wandb_dir.mkdir(parents=True, exist_ok=True)
         run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]
-        self.run = wandb.init(
-            project=cfg.project,
-            entity=cfg.entity,
-            name=run_name,
-            id=run_id,
-            resume="allow",
-            tags=list(cfg.tags),
-            dir=str(wandb_dir),
-            mode=self.mode,
-            config=config,
-            settings=wandb.Settings(console="off", silent=True),
-        )
+        try:
+            self.run = wandb.init(
+                project=cfg.project,
+                entity=cfg.entity,
+                name=run_name,
+                id=run_id,
+                resume="allow",
+                tags=list(cfg.tags),
+                dir=str(wandb_dir),
+                mode=self.mode,
+                config=config,
+                settings=wandb.Settings(console="off", silent=True),
+            )
+        except Exception as e:  # wandb raises many types (network, auth, service start)
+            print(f"wandb: could not start a {self.mode} run ({e}); training continues without "
+                  "wandb (set wandb.mode=offline, or disabled to silence this)", file=sys.stderr)  # fmt: skip
+            self.run = None
 
     @property
     def run_path(self) -> Path | None:
