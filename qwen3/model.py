@@ -66,6 +66,11 @@ class Qwen3(nn.Module):
     denormal softmax tails slow CPUs down).
 
     Build large presets without memory on the meta device: ``with torch.device("meta"): Qwen3(cfg)``.
+
+    Speed: ``model(x, targets=y)`` fuses the LM head with the loss (``qwen3.loss``), so the
+    (B*T, V) logits are never materialised. For training, ``torch.compile(model)`` works as is
+    (``trainer.compile=true``); on the tiny preset, 1 CPU thread, it measured 1.46x transformers'
+    eager step against 1.23x for our eager step (benchmarks/bench_train.py --compile).
     """
 
     def __init__(self, config: Qwen3Config) -> None:
