@@ -42,7 +42,7 @@ class TrainConfig:
     keep_last: int = 2
     compile: bool = False
     device: str = "auto"
-    peak_flops: float | None = None  # FLOP/s for MFU; None: measured once with a matmul
+    peak_flops: float | None = None  # FLOP/s of one device (MFU); None: measured with a matmul
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     num_threads: int | None = None  # CPU threads for torch; None: torch's default
     fsdp: bool = False  # under torchrun: shard parameters with FSDP2 instead of replicating (DDP)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ from data.errors import DataError
 from qwen3 import Qwen3
 from trainer.checkpoint import CheckpointError
 from trainer.config import SampleConfig
-from trainer.distributed import dist_info, local_device
+from trainer.distributed import DistInfo, dist_info, local_device
 from trainer.fsdp import full_model_copy, is_sharded
 from trainer.loop import Trainer, TrainingDiverged
 from trainer.run_config import RunConfig
@@ -29,9 +30,16 @@ from trainer.typed_config import ConfigError
 from trainer.wandb_logger import WandbLogger
 
 
-def resume_command(overrides: list[str], run_name: str) -> str:
+def resume_command(overrides: list[str], run_name: str, dist: DistInfo | None = None) -> str:
+    """The command line that continues this run (under torchrun: with the same process count)."""
     kept = [o for o in overrides if not o.startswith(("resume=", "run_name="))]
-    return " ".join(["python train.py", *kept, f"run_name={run_name}", "resume=latest"])
+    launcher = "python train.py"
+    if dist is not None and dist.is_distributed:
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
+        nodes = dist.world_size // per_node
+        rdzv = f"--nnodes={nodes} <rendezvous options> " if nodes > 1 else ""
+        launcher = f"torchrun {rdzv}--nproc_per_node={per_node} train.py"
+    return " ".join([launcher, *kept, f"run_name={run_name}", "resume=latest"])
 
 
 def run_training(
@@ -59,7 +67,8 @@ def run_training(
         print(f"error: {e}", file=sys.stderr)
         return 2
     run_dir.mkdir(parents=True, exist_ok=True)
-    peak = peak_flops(device, precision.dtype, cfg.trainer.peak_flops)
+    # one device per process: the run's peak is the sum of theirs
+    peak = peak_flops(device, precision.dtype, cfg.trainer.peak_flops) * dist.world_size
     wandb = WandbLogger(cfg.wandb, run_dir, cfg.run_name, config_dict) if dist.is_main else None
     trainer = Trainer(cfg, parts, run_dir, dist, config_yaml, wandb, peak)
     if resume_dir is not None:
@@ -102,7 +111,7 @@ def run_training(
     )
     if outcome.stopped_by:
         print(f"\nstopped by {outcome.stopped_by} at step {outcome.step}; resume with:\n"
-              f"  {resume_command(overrides, cfg.run_name)}")  # fmt: skip
+              f"  {resume_command(overrides, cfg.run_name, dist)}")  # fmt: skip
         return 0
     if sample_model is not None and sample_cfg.prompts and sample_cfg.max_new_tokens:
         sample_model.eval()
