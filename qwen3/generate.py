@@ -94,7 +94,7 @@ def generate_steps(
         )
     if longest > 0:
         ids, mask = _left_pad(prompts, 0, device)
-        model(ids, cache=cache, attention_mask=mask)
+        model(ids, cache=cache, attention_mask=mask, logits_to_keep=1)
     elif cache.last_logits is None:
         raise ValueError("The cache is empty and so are the prompts: nothing to continue from.")
     assert cache.last_logits is not None

@@ -104,17 +104,22 @@ class Qwen3(nn.Module):
         targets: torch.Tensor | None = None,  # (B, T) int64, -100 = ignore
         cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,  # (B, T), with a cache: 0 marks left padding
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
         """Logits (B, T, V), or with ``targets`` the mean next-token cross-entropy (a scalar).
 
         With a ``cache`` the new tokens are appended to it (their keys/values stored, positions
         continuing each row's own count) and the cache remembers the last logits.
+        ``logits_to_keep=n`` (as in transformers) returns only the last n positions' logits
+        (B, n, V), so a prefill does not pay for the LM head over the whole prompt; 0 keeps all.
         """
         hidden = self.model(input_ids, cache, attention_mask)  # (B, T, C)
         if targets is not None:
             # Fused head + loss: the (B*T, V) logits and their gradient are never materialised.
             return linear_cross_entropy(hidden, self.lm_head.weight, targets, ignore_index=-100)
-        logits = self.lm_head(hidden)  # (B, T, V)
+        if logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)  # (B, T or logits_to_keep, V)
         if cache is not None:
             cache.commit(logits[:, -1])
         return logits

@@ -88,3 +88,18 @@ def test_stacked_qkv_training_path_equals_separate_projections() -> None:
         assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
         assert proj.bias.grad is not None and proj.bias.grad.abs().sum() > 0
     assert "model.layers.0.self_attn.q_proj.weight" in model.state_dict()  # HF names unchanged
+
+
+def test_logits_to_keep_returns_the_last_positions_and_fills_the_cache_alike() -> None:
+    torch.manual_seed(3)
+    model = Qwen3(CFG).eval()
+    x = torch.randint(0, CFG.vocab_size, (2, 6))
+    with torch.no_grad():
+        full = model(x)
+        torch.testing.assert_close(model(x, logits_to_keep=2), full[:, -2:])
+        a, b = KVCache(CFG, 2, 8), KVCache(CFG, 2, 8)
+        model(x, cache=a)
+        model(x, cache=b, logits_to_keep=1)
+    assert a.last_logits is not None and b.last_logits is not None
+    torch.testing.assert_close(a.last_logits, b.last_logits)  # 1-row matmul: not bitwise
+    assert a.length == b.length == 6
