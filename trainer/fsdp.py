@@ -76,7 +76,7 @@ def full_model_copy(model: Qwen3, is_main: bool) -> Qwen3 | None:
     return plain
 
 
-def load_full_weights(model: Qwen3, full: dict[str, torch.Tensor]) -> None:
+def load_full_weights(model: Qwen3, full: dict[str, Any]) -> None:
     """Copy a full (unsharded) state dict into the sharded ``model``; each rank keeps its shard."""
     set_model_state_dict(model, full, options=_SCATTER)
 

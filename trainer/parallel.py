@@ -10,17 +10,19 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
+from typing import cast
 
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
+from qwen3 import Qwen3
 from trainer.distributed import DistInfo
 
 
 def wrap_model(
-    model: nn.Module, dist: DistInfo, device: torch.device, fsdp: bool, compile: bool
+    model: Qwen3, dist: DistInfo, device: torch.device, fsdp: bool, compile: bool
 ) -> nn.Module:
     """What the training step calls. ``model`` is sharded in place when ``fsdp``; build the
     optimizers after this call, on ``model``'s (then sharded) parameters."""
@@ -41,7 +43,7 @@ def wrap_model(
             device_ids=[device.index] if device.type == "cuda" else None,
             forward_sync_buffers=False,  # only RoPE tables, the same on every rank
         )
-    return torch.compile(forward) if compile else forward
+    return cast(nn.Module, torch.compile(forward)) if compile else forward
 
 
 def _unwrap_compiled(model: nn.Module) -> nn.Module:

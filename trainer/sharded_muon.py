@@ -21,7 +21,7 @@ class ShardedMuon(Muon):
     ``momentum_buffer`` per parameter, here a DTensor shaped like the parameter)."""
 
     @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[no-untyped-def, override]
+    def step(self, closure=None):  # type: ignore[no-untyped-def]
         loss = None
         if closure is not None:
             with torch.enable_grad():
