@@ -84,3 +84,13 @@ def test_a_data_error_on_rank_0_stops_every_rank_without_a_run_dir(tmp_path) -> 
     assert f"data.paths entry '{missing}' matches no files" in res.stderr
     assert "rank 0 failed preparing the data" in res.stderr  # rank 1 did not wait forever
     assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_fsdp_config_values_are_checked() -> None:
+    from trainer.config import TrainConfig
+
+    assert TrainConfig(fsdp=True).fsdp
+    with pytest.raises(ValueError, match="trainer.fsdp='yes' must be true or false"):
+        TrainConfig(fsdp="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="fp16.*trainer.fsdp=true; use trainer.precision=bf16"):
+        TrainConfig(fsdp=True, precision="fp16")

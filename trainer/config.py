@@ -62,6 +62,9 @@ class TrainConfig:
             _check_int("trainer.num_threads", self.num_threads, 1, "2")
         if not isinstance(self.fsdp, bool):
             _fail("trainer.fsdp", self.fsdp, "must be true or false", "set trainer.fsdp=true")
+        if self.fsdp and self.precision == "fp16":  # GradScaler would see only local shards
+            _fail("trainer.precision", "fp16", "does not work with trainer.fsdp=true",
+                  "use trainer.precision=bf16 (or fp32) for sharded training")  # fmt: skip
         if self.precision not in PRECISIONS:
             _fail("trainer.precision", self.precision, "is not a known precision",
                   f"choose one of: {', '.join(PRECISIONS)}")  # fmt: skip
