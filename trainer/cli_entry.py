@@ -36,11 +36,15 @@ def register_resolvers(stamp: str | None = None) -> None:
 
 
 def _rank_overrides(dist: DistInfo) -> list[str]:
-    """Hydra overrides for processes other than rank 0: they share rank 0's run directory but
-    write nothing into it (no .hydra/ copy, no log file)."""
+    """Hydra overrides for processes other than rank 0: Hydra neither creates a directory for
+    them (its output dir is the working directory) nor writes there (no .hydra/, no log file);
+    they learn rank 0's run directory from rank 0."""
     if dist.is_main:
         return []
-    return ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+    return [
+        "hydra.run.dir=.", "hydra.sweep.dir=.", "hydra.sweep.subdir=.",
+        "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none",
+    ]  # fmt: skip
 
 
 def _only_hydra_files(run_dir: Path) -> bool:
@@ -56,12 +60,13 @@ def train_from_hydra(cfg: DictConfig, start_time: float) -> int:
     from trainer.typed_config import ConfigError
 
     hc = HydraConfig.get()
-    run_dir = Path(hc.runtime.output_dir)
+    run_dir = Path(from_main(hc.runtime.output_dir))  # under torchrun: rank 0's
     try:
         data = to_container(cfg)
         run_cfg = build_run_config(data)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        if dist_info().is_main:  # every rank composed the same config: say it once
+            print(f"config error: {e}", file=sys.stderr)
         code = 2
     else:
         yaml = OmegaConf.to_yaml(OmegaConf.create(data))

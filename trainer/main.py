@@ -66,7 +66,8 @@ def run_training(
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:  # the other ranks of a torchrun job never write to the run directory
+        run_dir.mkdir(parents=True, exist_ok=True)
     # one device per process: the run's peak is the sum of theirs
     peak = peak_flops(device, precision.dtype, cfg.trainer.peak_flops) * dist.world_size
     wandb = WandbLogger(cfg.wandb, run_dir, cfg.run_name, config_dict) if dist.is_main else None
