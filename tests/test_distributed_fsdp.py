@@ -25,7 +25,7 @@ def corpus(tmp_path_factory):
     return write_corpus(tmp / "play.txt")
 
 
-@pytest.mark.slow  # ~35 s: one 2-process run, one reference run
+@pytest.mark.slow  # 15-40 s here (one 2-process run, one reference run)
 def test_sharded_run_matches_the_unsharded_one_and_saves_a_transformers_dir(
     corpus, tmp_path
 ) -> None:
