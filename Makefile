@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: install lint typecheck test test-slow test-all check train demo interactive serve
+.PHONY: install lint typecheck test test-slow test-all check train train-ddp-cpu demo interactive serve bench
 
 install: $(VENV)/.installed
 
@@ -44,6 +44,10 @@ test-all: install
 train: install
 	$(PY) train.py model=tiny
 
+# Two CPU processes (gloo) under torchrun; extra overrides through ARGS="...".
+train-ddp-cpu: install
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=2 train.py trainer.device=cpu trainer.batch_size=8 $(ARGS)
+
 demo: install
 	$(PY) train.py demo
 
@@ -52,3 +56,10 @@ interactive: install
 
 serve: install
 	$(PY) serve.py
+
+# Short side-by-side runs against transformers (ratios printed); drop --quick for the full tables.
+bench: install
+	$(PY) benchmarks/bench_train.py --quick
+	$(PY) benchmarks/bench_generate.py --quick
+	$(PY) benchmarks/bench_memory.py --quick
+	$(PY) benchmarks/bench_data.py
