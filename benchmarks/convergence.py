@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     adamw_runs = sweep(args, "adamw", args.adamw_lrs, args.steps)
     muon_runs = sweep(args, "muon", args.muon_lrs, muon_steps[0])
     best = best_of(muon_runs)
-    print(f"budgets: Muon at lr {best.lr:g} for {muon_steps[1:]} steps", flush=True)
+    if muon_steps[1:]:
+        print(f"budgets: Muon at lr {best.lr:g} for {muon_steps[1:]} steps", flush=True)
     muon_best = [best, *[train(args, "muon", best.lr, n) for n in muon_steps[1:]]]
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
@@ -252,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
               f"warmup {args.warmup_fraction:.3f} of each run, cosine, "
               f"overrides {args.overrides or 'none'}")  # fmt: skip
         report(args, adamw_runs, muon_runs, muon_best)
-        print(f"\ntotal wall time {(time.perf_counter() - t0) / 60:.1f} min")
+        print(
+            f"\nthis invocation: {(time.perf_counter() - t0) / 60:.1f} min (finished runs reused)"
+        )
     print("\n" + buf.getvalue(), end="")
     if args.report is not None:
         args.report.parent.mkdir(parents=True, exist_ok=True)
