@@ -68,7 +68,7 @@ class OptimConfig:
 
     name: str = "muon"
     # Muon (2-D matrices inside the transformer blocks)
-    lr: float = 3e-3
+    lr: float = 1.2e-2  # best of the sweep in benchmarks/results/convergence.md
     weight_decay: float = 0.1
     momentum: float = 0.95
     nesterov: bool = True
@@ -78,7 +78,7 @@ class OptimConfig:
     momentum_warmup_steps: int = 0
     momentum_warmup_start: float = 0.85
     # AdamW (embeddings, lm_head, norms, 1-D params; everything when name="adamw")
-    adamw_lr: float = 3e-3
+    adamw_lr: float = 1.2e-2
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     adamw_weight_decay: float = 0.1

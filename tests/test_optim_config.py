@@ -10,7 +10,7 @@ from optim import OptimConfig, build_optimizers
 
 def test_defaults_are_the_documented_ones() -> None:
     cfg = OptimConfig()
-    assert (cfg.name, cfg.lr, cfg.adamw_lr, cfg.weight_decay) == ("muon", 3e-3, 3e-3, 0.1)
+    assert (cfg.name, cfg.lr, cfg.adamw_lr, cfg.weight_decay) == ("muon", 1.2e-2, 1.2e-2, 0.1)
     assert (cfg.adjust_lr_fn, cfg.nesterov, cfg.schedule) == ("match_rms_adamw", True, "cosine")
 
 
