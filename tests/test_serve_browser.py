@@ -86,11 +86,19 @@ def test_chat_mode_and_stop_button(page: Page, tmp_path: Path) -> None:
     page.fill("#max_tokens", "1000")
     page.check("#ignore_eos")  # a random model may end early; this run must still be going
     page.fill("#message", "Tell me a long story.")
-    page.click("#generate")
-    page.wait_for_function(
-        "document.querySelectorAll('.bubble.assistant .content')[1]?.textContent.length > 0"
+    # Press Stop the moment the first streamed text lands: polling from the test process can
+    # miss the whole 1000-token run on a fast, quiet machine (it takes about a second).
+    page.evaluate(
+        """() => {
+        const obs = new MutationObserver(() => {
+          const c = document.querySelectorAll('.bubble.assistant .content')[1];
+          if (c && c.textContent.length > 0) { obs.disconnect(); document.querySelector('#stop').click(); }
+        });
+        obs.observe(document.body, {subtree: true, childList: true, characterData: true});
+      }"""
     )
-    page.click("#stop")
+    page.click("#generate")
     page.wait_for_function("!document.querySelector('#generate').disabled")
+    assert page.locator(".bubble.assistant .content").nth(1).inner_text()
     assert "stopped" in page.inner_text("#stats")
     page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
