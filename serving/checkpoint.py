@@ -10,48 +10,28 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+# The run layout (step dirs + best/latest pointers) is the trainer's; read it with its rules.
+from trainer.run_dirs import BEST, LATEST, most_recent_run, read_pointer
+
 TRAIN_HINT = "train one first with `python train.py model=tiny`, or pass --ckpt DIR"
-POINTERS = ("best", "latest")
+POINTERS = (BEST, LATEST)
 
 
 class CheckpointError(Exception):
     """A checkpoint cannot be found or is not a Qwen3 model; the message says what to do."""
 
 
-def read_pointer(run_dir: Path, name: str) -> Path | None:
-    """Resolve the ``best``/``latest`` pointer of a run directory (symlink or text file), or None."""
-    pointer = run_dir / name
-    if pointer.is_symlink() or pointer.is_dir():
-        target = pointer.resolve()
-        return target if target.is_dir() else None
-    if pointer.is_file():
-        named = pointer.read_text(encoding="utf-8").strip()
-        if not named:
-            return None
-        target = Path(named) if Path(named).is_absolute() else run_dir / named
-        return target.resolve() if target.is_dir() else None
-    return None
-
-
 def latest_best_checkpoint(root: Path) -> Path:
-    """The ``best`` checkpoint of the most recent run under ``root`` (e.g. ``checkpoints/``).
-
-    Same rule as ``trainer.run_dirs.most_recent_run`` (kept separate: serving imports only qwen3):
-    runs are ``root/*`` and multirun jobs ``root/*/*``; the newest is the one whose ``best``
-    pointer moved last.
-    """
+    """The ``best`` checkpoint of the most recent run under ``root`` (e.g. ``checkpoints/``):
+    the run whose ``best`` pointer moved last, by the trainer's own rule."""
     if not root.is_dir():
         raise CheckpointError(f"no checkpoint yet: {root}/ does not exist; {TRAIN_HINT}")
-    pointers = [
-        p for p in (*root.glob("*/best"), *root.glob("*/*/best")) if read_pointer(p.parent, "best")
-    ]
-    if not pointers:
+    run = most_recent_run(root, BEST)
+    best = read_pointer(run, BEST) if run is not None else None
+    if best is None:
         raise CheckpointError(
             f"no checkpoint yet: no run under {root}/ has a `best` checkpoint; {TRAIN_HINT}"
         )
-    newest = max(pointers, key=lambda p: p.lstat().st_mtime)
-    best = read_pointer(newest.parent, "best")
-    assert best is not None  # filtered above
     return best
 
 
@@ -65,7 +45,7 @@ def resolve_checkpoint(ckpt: str | Path | None, root: str | Path = "checkpoints"
             raise CheckpointError(f"--ckpt {path}: no such directory")
         if not path.is_dir():
             raise CheckpointError(f"--ckpt {path}: not a directory; pass a checkpoint directory")
-        run_best = read_pointer(path, "best")
+        run_best = read_pointer(path, BEST)
         if run_best is not None and not (path / "config.json").exists():
             path = run_best  # a run directory: serve its best checkpoint
     check_qwen3_dir(path)

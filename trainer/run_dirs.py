@@ -17,17 +17,36 @@ def timestamp_name() -> str:
     return datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
 
 
-def run_dirs(out_dir: str | os.PathLike, pointer: str) -> list[Path]:
-    """Run directories under ``out_dir`` (and one level of multirun job dirs below them) that hold
-    ``pointer``, oldest first by when that pointer was last moved."""
+def read_pointer(run_dir: Path, name: str) -> Path | None:
+    """The step directory a run's ``best``/``latest`` pointer names, or None if it names none.
+
+    The trainer writes relative symlinks; a small text file naming the directory is read too.
+    """
+    pointer = run_dir / name
+    if pointer.is_symlink() or pointer.is_dir():
+        target = pointer.resolve()
+        return target if target.is_dir() else None
+    if pointer.is_file():
+        named = pointer.read_text(encoding="utf-8").strip()
+        if not named:
+            return None
+        target = Path(named) if Path(named).is_absolute() else run_dir / named
+        return target.resolve() if target.is_dir() else None
+    return None
+
+
+def run_dirs(out_dir: str | os.PathLike[str], pointer: str) -> list[Path]:
+    """Run directories under ``out_dir`` (and one level of multirun job dirs below them) whose
+    ``pointer`` names a step directory, oldest first by when that pointer was last moved."""
     root = Path(out_dir)
     if not root.is_dir():
         return []
     found = [p.parent for p in (*root.glob(f"*/{pointer}"), *root.glob(f"*/*/{pointer}"))]
+    found = [d for d in found if read_pointer(d, pointer) is not None]
     return sorted(found, key=lambda d: os.lstat(d / pointer).st_mtime)
 
 
-def most_recent_run(out_dir: str | os.PathLike, pointer: str = BEST) -> Path | None:
+def most_recent_run(out_dir: str | os.PathLike[str], pointer: str = BEST) -> Path | None:
     """The newest run directory under ``out_dir`` with a ``pointer`` (``best`` or ``latest``)."""
     runs = run_dirs(out_dir, pointer)
     return runs[-1] if runs else None
