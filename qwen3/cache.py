@@ -72,10 +72,13 @@ class KVCache:
         mask |= (keys[None, :] == queries[:, None])[None]
         return positions, mask[:, None]  # (B, 1, T, S)
 
-    def begin_dense(self, num_new: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def begin_dense(self, num_new: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """:meth:`begin` for ``num_new`` real tokens in every row (no padding), in fewer ops.
 
         This is the per-token decode path, so it avoids reading anything back from the device.
+        Without padding so far every row's positions are its slot indices, so the positions come
+        back as None: they are ``length .. length + num_new - 1`` (a slice of the RoPE table, not
+        a gather).
         """
         start = self.length
         if self.padded or (start != 0 and num_new != 1) or start + num_new > self.max_len:
@@ -83,10 +86,9 @@ class KVCache:
             dense = torch.ones(self.batch_size, num_new, dtype=torch.bool, device=self.valid.device)
             return self.begin(dense)
         self.valid[:, start : start + num_new] = True
-        positions = self.next_pos[:, None] + torch.arange(num_new, device=self.valid.device)
-        self.next_pos = self.next_pos + num_new
+        self.next_pos += num_new
         self._pending = num_new
-        return positions, None
+        return None, None
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor

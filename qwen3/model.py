@@ -49,7 +49,9 @@ class Qwen3Backbone(nn.Module):
             else:
                 positions, mask = cache.begin(attention_mask.bool())
             # A position never exceeds its slot index, so the table size is known without a sync.
-            cos, sin = self.rotary_emb(t, positions, max_position=cache.length + t - 1)
+            cos, sin = self.rotary_emb(
+                t, positions, start=cache.length, max_position=cache.length + t - 1
+            )
         for layer in self.layers:
             x = layer(x, cos, sin, cache, mask)
         return self.norm(x)

@@ -47,9 +47,12 @@ def test_float32_rmsnorm_fast_path_equals_the_reference_order() -> None:
 def test_dense_cache_begin_equals_the_general_path() -> None:
     dense, general = KVCache(CFG, 2, 16), KVCache(CFG, 2, 16)
     for t in (5, 1, 1):
+        start = dense.length
         pos_d, mask_d = dense.begin_dense(t)
         pos_g, mask_g = general.begin(torch.ones(2, t, dtype=torch.bool))
-        assert torch.equal(pos_d, pos_g) and mask_d is None and mask_g is None
+        # Dense positions are the slot indices, left implicit (None) for a RoPE table slice.
+        assert pos_d is None and mask_d is None and mask_g is None
+        assert torch.equal(pos_g, torch.arange(start, start + t).expand(2, t))
         assert torch.equal(dense.next_pos, general.next_pos)
         assert torch.equal(dense.valid, general.valid)
         for c in (dense, general):
@@ -61,7 +64,7 @@ def test_dense_begin_after_padding_falls_back_to_masks() -> None:
     cache.begin(torch.tensor([[False, True, True], [True, True, True]]))
     cache.commit(torch.zeros(2, CFG.vocab_size))
     positions, mask = cache.begin_dense(1)
-    assert positions.tolist() == [[2], [3]]  # each row continues its own count
+    assert positions is not None and positions.tolist() == [[2], [3]]  # each row continues its own count
     assert mask is not None and mask.shape == (2, 1, 1, 4)
     assert not bool(mask[0, 0, 0, 0])  # the padding slot stays hidden
 
@@ -103,3 +106,45 @@ def test_logits_to_keep_returns_the_last_positions_and_fills_the_cache_alike() -
     assert a.last_logits is not None and b.last_logits is not None
     torch.testing.assert_close(a.last_logits, b.last_logits)  # 1-row matmul: not bitwise
     assert a.length == b.length == 6
+
+
+def _separate_forward(model: Qwen3, x: torch.Tensor) -> torch.Tensor:
+    """The model's logits with the stacked inference caches bypassed (gradients on: no cache)."""
+    with torch.enable_grad():
+        return model(x).detach()
+
+
+def test_inference_stacked_weights_follow_every_weight_change() -> None:
+    """The cached stacked q/k/v, gate/up and q/k-norm weights used without gradients are never
+    stale: in-place updates (an optimizer step), a loaded state dict and a dtype round trip all
+    show up in the next no-grad forward."""
+    torch.manual_seed(4)
+    model = Qwen3(dataclasses.replace(CFG, attention_bias=True))
+    x = torch.randint(0, CFG.vocab_size, (2, 5))
+    with torch.no_grad():
+        first = model(x)
+        torch.testing.assert_close(first, _separate_forward(model, x), rtol=1e-5, atol=1e-6)
+        attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+        for p in (attn.k_proj.weight, attn.v_proj.bias, mlp.up_proj.weight, attn.k_norm.weight):
+            p.mul_(1.5)  # in place, as an optimizer step would
+            updated = model(x)
+            assert not torch.allclose(updated, first)
+            torch.testing.assert_close(updated, _separate_forward(model, x), rtol=1e-5, atol=1e-6)
+        fresh = Qwen3(dataclasses.replace(CFG, attention_bias=True))
+        model.load_state_dict(fresh.state_dict())
+        torch.testing.assert_close(model(x), fresh(x), rtol=1e-5, atol=1e-6)
+        expected = _separate_forward(model.double().float(), x)
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_weights_made_in_inference_mode_decode_without_a_cache() -> None:
+    """Inference tensors keep no version counter, so they are projected one by one, correctly."""
+    torch.manual_seed(5)
+    model = Qwen3(CFG)
+    x = torch.randint(0, CFG.vocab_size, (1, 4))
+    with torch.no_grad():
+        expected = model(x)
+    with torch.inference_mode():
+        clone = Qwen3(CFG)
+        clone.load_state_dict(model.state_dict())
+        torch.testing.assert_close(clone(x), expected, rtol=1e-5, atol=1e-6)
