@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -61,6 +62,20 @@ class OptimizerSet:
             for opt in self.optimizers:
                 scaler.step(opt)
             scaler.update()
+        self._advance()
+
+    def skip(self, scaler: torch.amp.GradScaler | None = None) -> None:
+        """Account for a step whose update was dropped (a non-finite loss or gradient): nothing is
+        updated, but the schedules advance as in :meth:`step`, so the learning rate stays a
+        function of the trainer's step count and a run still ends at the end of its schedule."""
+        if scaler is not None:
+            scaler.update()
+        with warnings.catch_warnings():
+            # Stepping a scheduler before any optimizer step is intended here.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            self._advance()
+
+    def _advance(self) -> None:
         for sched in self.schedulers:
             sched.step()
         self.steps += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,23 @@ def test_schedulers_follow_each_optimizers_own_base_lr() -> None:
         assert all(g["lr"] == pytest.approx(0.004 * factor) for g in opt.optimizers[1].param_groups)
         opt.step()  # no gradients: parameters stay, the schedule advances
     assert opt.steps == 14
+
+
+def test_a_skipped_step_advances_the_schedules_without_updating() -> None:
+    cfg = OptimConfig(lr=0.02, adamw_lr=0.004, warmup_steps=2, momentum_warmup_steps=4)
+    model = make_model()
+    opt, twin = (build_optimizers(model, cfg, max_steps=6) for _ in range(2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss_on(model, fixed_batch()).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "scheduler stepped before the optimizer" warning
+        opt.skip()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    opt.zero_grad()
+    twin.step()  # no gradients: the plain step's schedule bookkeeping, nothing to update
+    assert opt.steps == twin.steps == 1 and opt.lrs() == twin.lrs()
+    momentum = [o.param_groups[0].get("momentum") for o in (opt.optimizers[0], twin.optimizers[0])]
+    assert momentum[0] == momentum[1]
 
 
 def test_muon_momentum_warmup() -> None:

@@ -84,8 +84,7 @@ def train_step(
     grad_norm = clip_gradients(params, clip)
     bad = not math.isfinite(mean_loss) or (scaler is None and not math.isfinite(grad_norm))
     if bad:
-        if scaler is not None:
-            scaler.update()
+        optimizers.skip(scaler)
     else:
         optimizers.step(scaler)
     optimizers.zero_grad()
