@@ -76,3 +76,20 @@ def test_multirun_sweep_writes_one_dir_per_job(tmp_path) -> None:
         assert (sweep / job / "best" / "model.safetensors").is_file()
         lrs.append(read_metrics(sweep / job)[0]["lr/muon"])
     assert lrs[0] < lrs[1]
+
+
+def test_ctrl_c_outside_the_training_loop_ends_with_a_message_not_a_traceback(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    """Ctrl-C during data preparation (here: the moment the run starts) exits 130 with a line
+    saying nothing is half-written, instead of a KeyboardInterrupt traceback."""
+    import trainer.cli_entry as cli_entry
+
+    def interrupted(cfg, start_time):  # what a Ctrl-C in prepare_data raises up to here
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_entry, "train_from_hydra", interrupted)
+    argv = ["train.py", f"out_dir={tmp_path}", "run_name=ctrl-c", "hydra.output_subdir=null"]
+    assert cli_entry.main(argv, start_time=0.0) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: nothing is left half-written" in err and "Traceback" not in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -54,27 +55,36 @@ def _only_hydra_files(run_dir: Path) -> bool:
 
 
 def train_from_hydra(cfg: DictConfig, start_time: float) -> int:
-    """Convert and check the composed config, then train; a config mistake leaves no run dir."""
+    """Convert and check the composed config, then train; a config mistake, or Ctrl-C before
+    the first checkpoint, leaves no run dir."""
+    hc = HydraConfig.get()
+    run_dir = Path(from_main(hc.runtime.output_dir))  # under torchrun: rank 0's
+    try:
+        code = _train(cfg, hc, run_dir, start_time)
+    except KeyboardInterrupt:
+        if dist_info().is_main and _only_hydra_files(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    barrier()  # every rank has made (or used) the run dir before rank 0 may remove it
+    if code == 2 and dist_info().is_main and _only_hydra_files(run_dir):
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return code
+
+
+def _train(cfg: DictConfig, hc: Any, run_dir: Path, start_time: float) -> int:
     from trainer.main import run_training
     from trainer.run_config import build_run_config, to_container
     from trainer.typed_config import ConfigError
 
-    hc = HydraConfig.get()
-    run_dir = Path(from_main(hc.runtime.output_dir))  # under torchrun: rank 0's
     try:
         data = to_container(cfg)
         run_cfg = build_run_config(data)
     except ConfigError as e:
         if dist_info().is_main:  # every rank composed the same config: say it once
             print(f"config error: {e}", file=sys.stderr)
-        code = 2
-    else:
-        yaml = OmegaConf.to_yaml(OmegaConf.create(data))
-        code = run_training(run_cfg, run_dir, yaml, data, list(hc.overrides.task), start_time)
-    barrier()  # every rank has made (or used) the run dir before rank 0 may remove it
-    if code == 2 and dist_info().is_main and _only_hydra_files(run_dir):
-        shutil.rmtree(run_dir, ignore_errors=True)
-    return code
+        return 2
+    yaml = OmegaConf.to_yaml(OmegaConf.create(data))
+    return run_training(run_cfg, run_dir, yaml, data, list(hc.overrides.task), start_time)
 
 
 def main(argv: list[str], start_time: float) -> int:
@@ -99,6 +109,18 @@ def main(argv: list[str], start_time: float) -> int:
     sys.argv = [*argv, *_rank_overrides(dist)]
     try:
         _hydra_main()
+    except KeyboardInterrupt:
+        # Training itself turns Ctrl-C into a clean stop and save (trainer.signals); this is one
+        # outside the loop (data preparation, evaluation, samples). Every file is written
+        # atomically, so there is nothing to repair: say so instead of printing a traceback.
+        shutdown(wait_for_others=False)
+        if dist.is_main:
+            print(
+                "\ninterrupted: nothing is left half-written (the token cache and checkpoints are "
+                "complete or absent). Run the same command again; resume=latest continues a run.",
+                file=sys.stderr,
+            )
+        return 130
     except BaseException:
         shutdown(wait_for_others=False)
         raise
