@@ -41,9 +41,10 @@ def _derived(
 ) -> torch.Tensor:
     """``build()``, cached on ``owner`` under ``slot`` for as long as no source changes (in-place
     update, new storage after ``.to()``, a loaded state dict). Callers check :func:`_can_cache`."""
-    # The cache holds the sources' storage alive, so no new tensor can reuse those addresses: an
-    # equal (address, version) key means the very same, unmodified tensors.
-    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+    # The cache holds the sources' storage alive, so no new tensor (another dtype or device after
+    # .to(), a state dict loaded with assign=True) can reuse those addresses: an equal
+    # (address, version) key means the very same, unmodified tensors.
+    key = tuple((t.data_ptr(), t._version) for t in sources)
     cached = owner.__dict__.get(slot)
     if cached is None or cached[0] != key:
         with torch.no_grad():
