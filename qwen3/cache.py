@@ -85,7 +85,7 @@ class KVCache:
             # Masks (or the full-cache error) needed: the general path handles them.
             dense = torch.ones(self.batch_size, num_new, dtype=torch.bool, device=self.valid.device)
             return self.begin(dense)
-        self.valid[:, start : start + num_new] = True
+        self.valid.narrow(1, start, num_new).fill_(True)
         self.next_pos += num_new
         self._pending = num_new
         return None, None
@@ -94,10 +94,12 @@ class KVCache:
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's (B, K, T, D) keys/values of one layer; return all cached so far."""
-        start, end = self.length, self.length + k.shape[2]
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        start, t = self.length, k.shape[2]
+        keys, values = self.k[layer], self.v[layer]
+        # narrow + copy_: the per-token decode path, a little cheaper than slice assignment.
+        keys.narrow(2, start, t).copy_(k)
+        values.narrow(2, start, t).copy_(v)
+        return keys.narrow(2, 0, start + t), values.narrow(2, 0, start + t)
 
     def commit(self, last_logits: torch.Tensor) -> None:
         """Close the forward in progress: advance the length and remember the last logits."""

@@ -26,31 +26,31 @@ _ROPE_PRECOMPUTE = 4096
 _STACK_CACHE_MAX_NUMEL = 2**20
 
 
-def _can_cache(sources: Sequence[torch.Tensor]) -> bool:
-    """Whether a tensor derived from ``sources`` may be cached: no autograd to feed, not being
-    traced by ``torch.compile``, and sources that keep a version counter."""
-    return not (
-        (torch.is_grad_enabled() and any(t.requires_grad for t in sources))
-        or torch.compiler.is_compiling()
-        or any(t.is_inference() for t in sources)
-    )
-
-
 def _derived(
-    owner: nn.Module, slot: str, sources: Sequence[torch.Tensor], build: Callable[[], torch.Tensor]
-) -> torch.Tensor:
-    """``build()``, cached on ``owner`` under ``slot`` for as long as no source changes (in-place
-    update, new storage after ``.to()``, a loaded state dict). Callers check :func:`_can_cache`."""
-    # The cache holds the sources' storage alive, so no new tensor (another dtype or device after
+    owner: nn.Module,
+    slot: str,
+    sources: Sequence[torch.Tensor],
+    build: Callable[[], tuple[torch.Tensor | None, ...]],
+) -> tuple[torch.Tensor | None, ...]:
+    """``build()`` (tensors computed from ``sources``), cached on ``owner`` under ``slot`` for as
+    long as no source changes: an in-place update (an optimizer step), new storage (``.to()``, a
+    loaded state dict). Built afresh whenever gradients are on (autograd must see the ops), under
+    ``torch.compile`` (it traces them) and for inference tensors (they keep no version counter).
+    This is the per-token decode path, so the hit case is kept to a few attribute reads."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return build()
+    # The entry holds the sources' storage alive, so no new tensor (another dtype or device after
     # .to(), a state dict loaded with assign=True) can reuse those addresses: an equal
     # (address, version) key means the very same, unmodified tensors.
-    key = tuple((t.data_ptr(), t._version) for t in sources)
-    cached = owner.__dict__.get(slot)
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            cached = (key, [t.detach() for t in sources], build())
-        owner.__dict__[slot] = cached
-    value: torch.Tensor = cached[2]
+    key = [(t.data_ptr(), t._version) for t in sources] if not sources[0].is_inference() else None
+    entry = owner.__dict__.get(slot)
+    if key is not None and entry is not None and entry[0] == key:
+        value: tuple[torch.Tensor | None, ...] = entry[2]
+        return value
+    if key is None or any(t.is_inference() for t in sources):
+        return build()
+    value = build()
+    owner.__dict__[slot] = (key, [t.detach() for t in sources], value)
     return value
 
 
@@ -64,21 +64,18 @@ def stacked_linear(
     without, the stacked copy is cached on ``owner`` (:func:`_derived`) unless it is large.
     """
     weights: list[torch.Tensor] = [lin.weight for lin in linears]
-    biases: list[torch.Tensor] = [lin.bias for lin in linears if lin.bias is not None]
-    sources = weights + biases
+    biases: list[torch.Tensor] = []
+    if linears[0].bias is not None:  # the layers of one stack agree (config.attention_bias)
+        biases = [lin.bias for lin in linears]
 
-    def build() -> torch.Tensor:
-        return torch.cat(weights)
+    def build() -> tuple[torch.Tensor | None, ...]:
+        if not torch.is_grad_enabled() and sum(w.numel() for w in weights) > _STACK_CACHE_MAX_NUMEL:
+            return None, None  # not worth a copy: project one by one
+        return torch.cat(weights), torch.cat(biases) if biases else None
 
-    def build_bias() -> torch.Tensor:
-        return torch.cat(biases)
-
-    if not _can_cache(sources):
-        return F.linear(x, build(), build_bias() if biases else None)
-    if sum(w.numel() for w in weights) > _STACK_CACHE_MAX_NUMEL:
+    weight, bias = _derived(owner, "_stacked", weights + biases, build)
+    if weight is None:
         return torch.cat([lin(x) for lin in linears], dim=-1)
-    weight = _derived(owner, "_stacked_weight", sources, build)
-    bias = _derived(owner, "_stacked_bias", sources, build_bias) if biases else None
     return F.linear(x, weight, bias)
 
 
@@ -160,7 +157,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     D/2 whose sign lives in our ``sin`` table.
     """
     rolled = x.roll(x.shape[-1] // 2, dims=-1)
-    return torch.addcmul(x * cos.to(x.dtype), rolled, sin.to(x.dtype))
+    if cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.addcmul(x * cos, rolled, sin)
 
 
 class Attention(nn.Module):
@@ -189,13 +188,13 @@ class Attention(nn.Module):
         if not (qk.dtype == torch.float32 and qn.weight.dtype == torch.float32):
             h = self.n_heads
             return torch.cat((qn(qk[:, :, :h]), kn(qk[:, :, h:])), dim=2)
-        sources = [qn.weight, kn.weight]
 
-        def build() -> torch.Tensor:  # (H + K, D)
+        def build() -> tuple[torch.Tensor | None, ...]:  # (H + K, D)
             d = self.head_dim
-            return torch.cat((qn.weight.expand(self.n_heads, d), kn.weight.expand(self.n_kv, d)))
+            return (torch.cat((qn.weight.expand(self.n_heads, d), kn.weight.expand(self.n_kv, d))),)
 
-        weight = _derived(self, "_qk_weight", sources, build) if _can_cache(sources) else build()
+        (weight,) = _derived(self, "_qk_weight", [qn.weight, kn.weight], build)
+        assert weight is not None
         return F.rms_norm(qk, (self.head_dim,), eps=qn.eps) * weight
 
     def forward(
