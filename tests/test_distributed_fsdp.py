@@ -14,7 +14,7 @@ from test_distributed_support import (
     run_torchrun,
     single_process_losses,
 )
-from test_trainer_support import write_corpus
+from test_trainer_support import read_metrics, write_corpus
 
 from qwen3 import Qwen3
 
@@ -32,6 +32,9 @@ def test_sharded_run_matches_the_unsharded_one_and_saves_a_transformers_dir(
     from transformers import AutoModelForCausalLM
 
     base = base_overrides(tmp_path, corpus, tmp_path / "cache")
+    # Evaluations between training steps: the no-grad forward of the sharded model must follow
+    # the updated weights (no stale inference-only copies of them).
+    base = [*base, "trainer.eval_every=2"]
     res = run_torchrun(
         tmp_path, 2, *base, "run_name=fsdp", "trainer.fsdp=true",
         "trainer.batch_size=4", "trainer.grad_accum=2", "sample.max_new_tokens=4",
@@ -42,6 +45,13 @@ def test_sharded_run_matches_the_unsharded_one_and_saves_a_transformers_dir(
     got = losses(tmp_path / "runs" / "fsdp")
     assert len(got) == STEPS
     assert got == pytest.approx(ref, rel=1e-4)
+    # Validation batches follow trainer.batch_size: compare with one process at batch 4 x 4.
+    ref4 = tmp_path / "ref4"
+    single_process_losses([*base, "trainer.batch_size=4", "trainer.grad_accum=4"], ref4)
+    val = [r["val_loss"] for r in read_metrics(tmp_path / "runs" / "fsdp") if "val_loss" in r]
+    ref_val = [r["val_loss"] for r in read_metrics(ref4) if "val_loss" in r]
+    assert len(val) == len(ref_val) >= 2 and len(set(val)) == len(val)
+    assert val == pytest.approx(ref_val, rel=1e-4)
 
     # The gathered checkpoint is a transformers model directory with the reference's weights
     # (to float tolerance: logits move by ~0.1 per step here, rounding by ~1e-3).
