@@ -89,15 +89,24 @@ def main() -> None:
         for name, gen in sides.items():
             timers[f"{name} 1"] = _timer(gen, prompts, 1, device)
             timers[f"{name} n"] = _timer(gen, prompts, n, device)
-        times = {k: harness.median(v) for k, v in harness.alternate(timers, args.rounds).items()}
-        ref = b * (n - 1) / (times["transformers generate n"] - times["transformers generate 1"])
+        runs = harness.alternate(timers, args.rounds)
+        # Per round: decode tokens/s of each side, from that round's full and prefill-only runs.
+        decode = {
+            name: [b * (n - 1) / (full - pre) for full, pre in zip(runs[f"{name} n"], runs[f"{name} 1"], strict=True)]
+            for name in sides
+        }  # fmt: skip
+        ref = decode["transformers generate"]
         for name in sides:
-            prefill, full = times[f"{name} 1"], times[f"{name} n"]
-            decode = b * (n - 1) / (full - prefill)
-            rows.append([b, name, f"{1000 * prefill:.1f}", f"{decode:,.0f}", f"{decode / ref:.2f}"])
+            # The ratio pairs the sides within each round (measured back to back, so a slow phase
+            # of a shared machine slows both), then takes the median over rounds.
+            ratio = harness.median([o / t for o, t in zip(decode[name], ref, strict=True)])
+            prefill = 1000 * harness.median(runs[f"{name} 1"])
+            speed = harness.median(decode[name])
+            rows.append([b, name, f"{prefill:.1f}", f"{speed:,.0f}", f"{ratio:.2f}"])
     print(
-        f"\n{args.shape}, prompt {args.prompt_len} tokens, {n} new tokens, greedy; median of "
-        f"{args.rounds} alternating rounds; decode = (tokens after the first) / (time after prefill)"
+        f"\n{args.shape}, prompt {args.prompt_len} tokens, {n} new tokens, greedy; medians over "
+        f"{args.rounds} alternating rounds; decode = (tokens after the first) / (time after "
+        "prefill); ratio = median over rounds of ours / transformers within the round"
     )
     harness.print_table(
         ["batch", "path", "prefill ms", "decode tokens/s", "ratio vs transformers"], rows
