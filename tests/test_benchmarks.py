@@ -1,0 +1,45 @@
+"""The benchmark scripts run end to end (``--quick``) and print their comparison tables; no timing
+is asserted, only that both sides ran and agreed where they must."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> str:
+    res = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), "--quick", "--threads", "1", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+def _table(out: str) -> list[dict[str, str]]:
+    """The markdown table a benchmark prints, as one dict per row."""
+    lines = [ln for ln in out.splitlines() if ln.startswith("|") and not ln.startswith("|--")]
+    header, *rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
+    return [dict(zip(header, row, strict=True)) for row in rows]
+
+
+@pytest.mark.slow
+def test_bench_train_prints_ratios_and_mfu() -> None:
+    rows = {r["model + optimizer"]: r for r in _table(_run("bench_train.py", "--shapes", "tiny"))}
+    assert set(rows) == {"transformers AdamW", "ours AdamW", "ours Muon+AdamW"}
+    assert float(rows["transformers AdamW"]["ratio"]) == 1.0
+    for row in rows.values():
+        assert float(row["ratio"]) > 0 and int(row["MFU"].rstrip("%")) > 0
+
+
+@pytest.mark.slow
+def test_bench_generate_matches_transformers_tokens() -> None:
+    out = _run("bench_generate.py", "--batches", "1,2")
+    assert "batch 1: greedy tokens identical to transformers: True" in out
+    assert "batch 2: greedy tokens identical to transformers: True" in out
+    assert "| ours (KV cache)" in out and "| transformers generate" in out
