@@ -14,7 +14,7 @@ are identical), each with its own full schedule (warmup a fixed fraction of its 
    and the final val_bpb of each. On the 2 shared CPU cores here a 200-step tiny run takes
    5 to 13 minutes, so the default N=400 sweep is an hour or more; --steps 200 halves it.
 
-    .venv/bin/python benchmarks/convergence.py                   # N=400, 3 LRs each
+    .venv/bin/python benchmarks/convergence.py                   # N=400: the sweep in results/convergence.md
     .venv/bin/python benchmarks/convergence.py --steps 200 --report benchmarks/results/convergence.md
     .venv/bin/python benchmarks/convergence.py --quick           # smoke check (minutes)
     .venv/bin/python benchmarks/convergence.py -- data=tinystories   # extra train.py overrides
@@ -70,8 +70,8 @@ def _floats(text: str) -> list[float]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=400, help="N: AdamW's budget in optimizer steps")
-    p.add_argument("--adamw-lrs", type=_floats, default=[1.5e-3, 3e-3, 6e-3])
-    p.add_argument("--muon-lrs", type=_floats, default=[3e-3, 6e-3, 1.2e-2])
+    p.add_argument("--adamw-lrs", type=_floats, default=[7.5e-4, 1.5e-3, 3e-3, 6e-3])
+    p.add_argument("--muon-lrs", type=_floats, default=[6e-3, 1.2e-2, 2.4e-2])
     p.add_argument("--muon-adamw-lr", type=float, default=None,
                    help="AdamW lr inside Muon runs (embeddings, norms); default: same as Muon's lr")  # fmt: skip
     p.add_argument("--fractions", type=_floats, default=[0.5, 0.4],

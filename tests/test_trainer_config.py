@@ -34,7 +34,7 @@ def test_every_preset_has_a_model_yaml_that_mirrors_it() -> None:
 
 def test_optim_and_data_groups_mirror_their_dataclasses() -> None:
     # AdamW alone has its own best learning rate (benchmarks/results/convergence.md).
-    adamw = OptimConfig(name="adamw", lr=3e-3, adamw_lr=3e-3)
+    adamw = OptimConfig(name="adamw", lr=1.5e-3, adamw_lr=1.5e-3)
     assert compose_run_config(["optim=adamw"]).optim == adamw
     optim_fields = {f.name for f in dataclasses.fields(OptimConfig)}
     data_fields = {f.name for f in dataclasses.fields(DataConfig)}
