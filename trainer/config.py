@@ -29,16 +29,16 @@ class TrainConfig:
     process; ``batch_size`` is what one forward pass holds in memory.
     """
 
-    max_steps: int = 600
+    max_steps: int = 560
     batch_size: int = 16
     grad_accum: int = 1
     seq_len: int = 256
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     clip: float = 1.0  # global gradient-norm clip; 0 turns clipping off
-    eval_every: int = 150
+    eval_every: int = 140
     eval_batches: int = 16
     log_every: int = 10
-    save_every: int = 300
+    save_every: int = 280
     keep_last: int = 2
     compile: bool = False
     device: str = "auto"
