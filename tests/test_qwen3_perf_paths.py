@@ -64,7 +64,10 @@ def test_dense_begin_after_padding_falls_back_to_masks() -> None:
     cache.begin(torch.tensor([[False, True, True], [True, True, True]]))
     cache.commit(torch.zeros(2, CFG.vocab_size))
     positions, mask = cache.begin_dense(1)
-    assert positions is not None and positions.tolist() == [[2], [3]]  # each row continues its own count
+    assert positions is not None and positions.tolist() == [
+        [2],
+        [3],
+    ]  # each row continues its own count
     assert mask is not None and mask.shape == (2, 1, 1, 4)
     assert not bool(mask[0, 0, 0, 0])  # the padding slot stays hidden
 
