@@ -151,3 +151,25 @@ def test_weights_made_in_inference_mode_decode_without_a_cache() -> None:
         clone = Qwen3(CFG)
         clone.load_state_dict(model.state_dict())
         torch.testing.assert_close(clone(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_large_stacks_project_one_by_one_alike(monkeypatch) -> None:
+    """Above the size threshold q/k/v and gate/up run as separate matmuls (no stacked copy), with
+    the same logits and gradients, with and without autograd."""
+    import qwen3.layers
+
+    torch.manual_seed(6)
+    cfg = dataclasses.replace(CFG, attention_bias=True)
+    stacked, separate = Qwen3(cfg), Qwen3(cfg)
+    separate.load_state_dict(stacked.state_dict())
+    x = torch.randint(0, cfg.vocab_size, (2, 6))
+    stacked(x).square().mean().backward()
+    with torch.no_grad():
+        expected = stacked(x)
+    monkeypatch.setattr(qwen3.layers, "_STACK_MAX_NUMEL", 0)
+    separate(x).square().mean().backward()
+    for (name, a), b in zip(stacked.named_parameters(), separate.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(separate(x), expected, rtol=1e-5, atol=1e-6)
+    assert separate.model.layers[0].mlp.__dict__["_stacked"][2] == (None, None)
