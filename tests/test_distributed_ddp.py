@@ -49,12 +49,23 @@ def test_two_processes_match_one_with_the_whole_batch_muon(corpus, tmp_path) -> 
 
 
 def test_two_processes_match_one_with_the_whole_batch_adamw(corpus, tmp_path) -> None:
+    """Also the evaluations: each rank takes every other val batch (3 batches: one rank runs a
+    discarded extra forward to stay in step) and the sums are added across ranks."""
     _, text = corpus
-    base = [*base_overrides(tmp_path, text, tmp_path / "cache"), "optim=adamw"]
+    base = [*base_overrides(tmp_path, text, tmp_path / "cache"), "optim=adamw",
+            "trainer.eval_every=2", "trainer.eval_batches=3"]  # fmt: skip
     res = run_torchrun(tmp_path, 2, *base, "run_name=ddp", "trainer.batch_size=8")
     assert res.returncode == 0, res.stderr
     ref = single_process_losses([*base, "trainer.batch_size=16"], tmp_path / "ref")
     assert losses(tmp_path / "runs" / "ddp") == pytest.approx(ref, rel=1e-5)
+    # Val batches follow trainer.batch_size: one process at 8 x 2 sees the same ones.
+    single_process_losses([*base, "trainer.batch_size=8", "trainer.grad_accum=2"], tmp_path / "r8")
+    metrics = ("val_loss", "val_acc", "val_bpb")
+    ddp_rows = [r for r in read_metrics(tmp_path / "runs" / "ddp") if "val_loss" in r]
+    ref_rows = [r for r in read_metrics(tmp_path / "r8") if "val_loss" in r]
+    assert len(ddp_rows) == len(ref_rows) == STEPS // 2
+    for got, want in zip(ddp_rows, ref_rows, strict=True):
+        assert [got[k] for k in metrics] == pytest.approx([want[k] for k in metrics], rel=1e-5)
 
 
 @pytest.mark.slow

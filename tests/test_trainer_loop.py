@@ -140,3 +140,44 @@ def test_wandb_offline_run_files_are_written(corpus, tmp_path, monkeypatch) -> N
     (records,) = local.glob("run-*.wandb")
     logged = records.read_bytes()  # the run's protobuf log: config and metric keys as text
     assert b"max_steps" in logged and b"val_loss" in logged and b"train_loss" in logged
+
+
+def test_each_rank_evaluates_its_share_of_the_val_batches(monkeypatch) -> None:
+    """Rank r of W takes val batches r, r + W, ...; ranks short of a batch run a discarded extra
+    forward (FSDP/DDP collectives need equal counts); the sums over ranks give one process's
+    figures. Ranks are simulated here; tests/test_distributed_ddp.py runs real ones."""
+    import numpy as np
+
+    import trainer.evaluation as evaluation
+    from qwen3 import Qwen3, Qwen3Config
+    from trainer.precision import resolve_precision
+
+    torch.manual_seed(0)
+    model = Qwen3(Qwen3Config(vocab_size=50, hidden_size=16, intermediate_size=32,
+                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                              head_dim=8))  # fmt: skip
+    tokens = np.random.default_rng(0).integers(0, 50, 2000).astype(np.int32)
+    precision = resolve_precision("fp32", torch.device("cpu"))
+    args = (tokens, 2, 16, 3, precision, torch.device("cpu"), 1.0)
+    whole = evaluation.evaluate(model, *args)
+
+    class Counting(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.calls = model, 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            return self.inner(x)
+
+    counting = Counting()
+    sums: list[list[float]] = []
+    monkeypatch.setattr(evaluation, "sum_across_ranks", lambda v: sums.append(v) or v)
+    for rank in (0, 1):
+        monkeypatch.setattr(evaluation, "group_rank_world", lambda r=rank: (r, 2))
+        evaluation.evaluate(counting, *args)
+    assert counting.calls == 4  # 3 batches over 2 ranks: 2 forwards each, one of them discarded
+    assert [s[2] for s in sums] == [2 * 2 * 16, 1 * 2 * 16]  # tokens counted per rank
+    loss_sum, correct, count = (a + b for a, b in zip(*sums, strict=True))
+    assert loss_sum / count == pytest.approx(whole["val_loss"], rel=1e-6)
+    assert correct / count == pytest.approx(whole["val_acc"])

@@ -116,6 +116,20 @@ def mean_across_ranks(value: float) -> float:
     return float(t.item()) / dist.get_world_size()
 
 
+def group_rank_world() -> tuple[int, int]:
+    """(rank, world size) in the initialised process group, (0, 1) without one."""
+    return (dist.get_rank(), dist.get_world_size()) if _active() else (0, 1)
+
+
+def sum_across_ranks(values: list[float]) -> list[float]:
+    """Element-wise sums of ``values`` over all ranks (float64, so counts stay exact)."""
+    if not _active():
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)  # on CPU (gloo), as mean_across_ranks
+    return [float(v) for v in t.tolist()]
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on any (so all ranks take the same branch)."""
     if not _active():

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data import val_batches
+from trainer.distributed import group_rank_world, sum_across_ranks
 from trainer.precision import Precision
 
 
@@ -26,22 +27,32 @@ def evaluate(
 ) -> dict[str, float]:
     """Mean token-level metrics over the first ``num_batches`` deterministic val batches.
 
+    Under torchrun each rank evaluates every ``world_size``-th batch and the sums are added up
+    across ranks, so the figures are those of one process at 1/world_size of the work. Every rank
+    runs the same number of forwards (a rank short of a batch repeats one and discards it), as
+    FSDP and DDP forwards take part in collectives.
+
     ``val_bpb`` = mean loss in bits per token / bytes per token, where bytes per token is measured
     on the whole val split (its UTF-8 bytes over its tokens), so tokenizers compare.
     """
     was_training = model.training
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
-    for x, y in val_batches(val_tokens, batch_size, seq_len, num_batches):
-        x, y = x.to(device), y.to(device)
-        with precision.autocast():
-            logits = model(x)  # (B, T, V)
-        logits = logits.float().flatten(0, 1)
-        targets = y.flatten()
+    rank, world_size = group_rank_world()
+    batches = list(val_batches(val_tokens, batch_size, seq_len, num_batches))
+    mine = batches[rank::world_size]
+    rounds = -(-len(batches) // world_size)  # forwards per rank: the most any rank has
+    for i in range(rounds):
+        x, y = mine[i] if i < len(mine) else batches[0]
+        logits = _logits(model, x.to(device), precision)
+        if i >= len(mine):
+            continue  # only keeps this rank in step with the others
+        targets = y.to(device).flatten()
         loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
         correct += (logits.argmax(-1) == targets).sum().item()
         count += targets.numel()
     model.train(was_training)
+    loss_sum, correct, count = sum_across_ranks([loss_sum, correct, count])
     if count == 0:
         raise ValueError("the validation split is too short for one batch; lower trainer.seq_len")
     loss = loss_sum / count
@@ -53,3 +64,10 @@ def evaluate(
     if bytes_per_token:
         metrics["val_bpb"] = loss / math.log(2) / bytes_per_token
     return metrics
+
+
+def _logits(model: nn.Module, x: torch.Tensor, precision: Precision) -> torch.Tensor:
+    """(B * T, V) float32 logits."""
+    with precision.autocast():
+        logits = model(x)  # (B, T, V)
+    return logits.float().flatten(0, 1)
