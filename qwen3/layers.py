@@ -43,13 +43,13 @@ def _derived(
     # The entry holds the sources' storage alive, so no new tensor (another dtype or device after
     # .to(), a state dict loaded with assign=True) can reuse those addresses: an equal
     # (address, version) key means the very same, unmodified tensors.
-    key = [(t.data_ptr(), t._version) for t in sources] if not sources[0].is_inference() else None
+    if any(t.is_inference() for t in sources):
+        return build()
+    key = [(t.data_ptr(), t._version) for t in sources]
     entry = owner.__dict__.get(slot)
-    if key is not None and entry is not None and entry[0] == key:
+    if entry is not None and entry[0] == key:
         value: tuple[torch.Tensor | None, ...] = entry[2]
         return value
-    if key is None or any(t.is_inference() for t in sources):
-        return build()
     value = build()
     owner.__dict__[slot] = (key, [t.detach() for t in sources], value)
     return value

@@ -109,11 +109,7 @@ def barrier() -> None:
 
 def mean_across_ranks(value: float) -> float:
     """The mean of ``value`` over all ranks (equal batch sizes: the whole batch's mean)."""
-    if not _active():
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)  # on CPU (gloo): one scalar is not worth a device round trip
-    return float(t.item()) / dist.get_world_size()
+    return sum_across_ranks([value])[0] / group_rank_world()[1]
 
 
 def group_rank_world() -> tuple[int, int]:
@@ -126,7 +122,7 @@ def sum_across_ranks(values: list[float]) -> list[float]:
     if not _active():
         return values
     t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)  # on CPU (gloo), as mean_across_ranks
+    dist.all_reduce(t)  # on CPU (gloo): a few scalars are not worth a device round trip
     return [float(v) for v in t.tolist()]
 
 
