@@ -13,7 +13,8 @@ class KVCache:
     ``valid`` marks which cached slots hold real tokens (left padding of a batch of prompts of
     different lengths leaves holes), and ``next_pos`` is each row's next RoPE position, so rows
     of different lengths keep their own positions. ``last_logits`` holds the logits after the
-    most recent forward, so generation can continue from a cache with no new tokens.
+    most recent forward, so generation can continue from a cache with no new tokens. A slot is
+    never reused: tokens that must not count (padding, a stopped row's leftovers) become holes.
     """
 
     def __init__(
@@ -100,6 +101,21 @@ class KVCache:
         keys.narrow(2, start, t).copy_(k)
         values.narrow(2, start, t).copy_(v)
         return keys.narrow(2, 0, start + t), values.narrow(2, 0, start + t)
+
+    @torch.inference_mode()
+    def discard(self, row: int, start: int) -> None:
+        """Take the slots ``start`` onwards out of ``row``'s sequence.
+
+        For tokens a row decoded in a batch after it had stopped: they stay in memory as holes
+        (like left padding), hidden from later tokens, and the row's positions continue as if
+        they had never been decoded. No read-back from the device.
+        """
+        if start >= self.length:
+            return
+        dropped = self.valid[row, start : self.length]
+        self.next_pos[row] -= dropped.sum()
+        dropped.fill_(False)
+        self.padded = True
 
     def commit(self, last_logits: torch.Tensor) -> None:
         """Close the forward in progress: advance the length and remember the last logits."""

@@ -58,9 +58,9 @@ def test_continuation_from_an_existing_cache(model: Qwen3) -> None:
     cache = KVCache(CFG, 1, 64)
     first = generate(model, [prompt], 1, temperature=0, cache=cache)
     assert first == [greedy_by_recompute(model, prompt, 1)]
-    # The sampled token is never fed back on the last step, so the cache holds just the prompt and
-    # appending `more` continues the text prompt + more.
-    assert generate(model, [more], 6, temperature=0, cache=cache) == [full]
+    # The cache holds the returned token too, so `more` is appended after it.
+    expected = greedy_by_recompute(model, prompt + first[0] + more, 6)
+    assert generate(model, [more], 6, temperature=0, cache=cache) == [expected]
     # no new tokens at all: continue from the cache's last logits
     again = KVCache(CFG, 1, 64)
     with torch.no_grad():
