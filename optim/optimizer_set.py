@@ -14,7 +14,7 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from optim.config import OptimConfig
 from optim.param_groups import ParamSplit, split_parameters
-from optim.schedules import lr_lambda, muon_momentum, wsd_decay_steps
+from optim.schedules import fit_warmup, lr_lambda, muon_momentum
 
 # adamw_impl -> AdamW's (foreach, fused); None lets torch choose
 _ADAMW_IMPLS: dict[str, tuple[bool | None, bool | None]] = {
@@ -141,24 +141,11 @@ class OptimizerSet:
         self._apply_momentum()
 
 
-def _validate_run_length(cfg: OptimConfig, max_steps: int) -> None:
+def _validate_run_length(max_steps: int) -> None:
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(
             f"max_steps={max_steps!r} must be a whole number >= 1; set max_steps=1000 or so"
         )
-    if cfg.warmup_steps >= max_steps:
-        raise ValueError(
-            f"optim.warmup_steps={cfg.warmup_steps} must be shorter than the run (max_steps={max_steps}); "
-            f"set optim.warmup_steps below {max_steps} (e.g. {max_steps // 10}) or raise max_steps"
-        )
-    if cfg.schedule == "wsd":
-        decay_steps = wsd_decay_steps(max_steps, cfg.decay_fraction)
-        if cfg.warmup_steps + decay_steps > max_steps:
-            raise ValueError(
-                f"optim.warmup_steps={cfg.warmup_steps} plus the decay (optim.decay_fraction="
-                f"{cfg.decay_fraction} of max_steps={max_steps} = {decay_steps} steps) exceed the run; lower "
-                f"optim.warmup_steps or optim.decay_fraction, or raise max_steps"
-            )
 
 
 def _groups(entries: list[tuple[str, list[tuple[str, Tensor]], float]]) -> list[dict[str, Any]]:
@@ -186,8 +173,14 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, max_steps: int) -> Opti
     muon: Muon for ``split.matrices``; AdamW for embeddings (decayed only if
     ``cfg.embed_weight_decay``), norms and 1-D parameters (never decayed).
     adamw: AdamW for everything, matrices decayed with ``cfg.adamw_weight_decay``.
+
+    A warmup too long for the run is shortened (:func:`optim.schedules.fit_warmup`) with a
+    warning; the trainer fits it beforehand and prints the note once.
     """
-    _validate_run_length(cfg, max_steps)
+    _validate_run_length(max_steps)
+    cfg, note = fit_warmup(cfg, max_steps)
+    if note is not None:
+        warnings.warn(note, stacklevel=2)
     split = split_parameters(model)
     embed_wd = cfg.adamw_weight_decay if cfg.embed_weight_decay else 0.0
     adamw_entries = [

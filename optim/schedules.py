@@ -8,6 +8,7 @@ reaches the floor ``min_lr_ratio`` at step == max_steps (after the final update)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -22,6 +23,30 @@ def wsd_decay_steps(max_steps: int, decay_fraction: float) -> int:
 def wsd_decay_start(max_steps: int, warmup_steps: int, decay_fraction: float) -> int:
     """First step of the warmup-stable-decay schedule's final linear decay."""
     return max(warmup_steps, max_steps - wsd_decay_steps(max_steps, decay_fraction))
+
+
+def fit_warmup(cfg: OptimConfig, max_steps: int) -> tuple[OptimConfig, str | None]:
+    """``cfg`` with a warmup that fits a ``max_steps``-long run, and a one-line note if it changed.
+
+    The warmup must end before the run does (for wsd: before the final decay starts). A longer
+    one, as the shipped 100 steps are for a quick ``trainer.max_steps=20`` try, is shortened to a
+    tenth of the run, the usual warmup share, as nanoGPT and the transformers Trainer also run
+    such a config rather than refuse it.
+    """
+    limit = max_steps - 1
+    if cfg.schedule == "wsd":
+        limit = max_steps - wsd_decay_steps(max_steps, cfg.decay_fraction)
+    if cfg.warmup_steps <= max(limit, 0):
+        return cfg, None
+    warmup = max(0, min(max_steps // 10, limit))
+    what = "the run" if cfg.schedule != "wsd" else "the run before its final decay"
+    plural = "s" if warmup != 1 else ""
+    ramp = f"warming up over {warmup} step{plural} instead" if warmup else "running without warmup"
+    note = (
+        f"optim.warmup_steps={cfg.warmup_steps} does not fit {what} "
+        f"(trainer.max_steps={max_steps}): {ramp}"
+    )
+    return dataclasses.replace(cfg, warmup_steps=warmup), note
 
 
 def lr_factor(

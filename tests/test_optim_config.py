@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
+
 import pytest
+import torch
 from torch import nn
 
-from optim import OptimConfig, build_optimizers
+from optim import OptimConfig, build_optimizers, fit_warmup
 
 
 def test_defaults_are_the_documented_ones() -> None:
@@ -54,21 +58,45 @@ def test_betas_from_yaml_list_become_a_tuple() -> None:
     assert OptimConfig(betas=[0.8, 0.99]).betas == (0.8, 0.99)
 
 
-def test_warmup_must_be_shorter_than_the_run() -> None:
-    model = nn.Linear(4, 4)
+@pytest.mark.parametrize("name", ["muon", "adamw"])
+@pytest.mark.parametrize("max_steps", [1, 2, 20])
+def test_a_run_shorter_than_the_shipped_warmup_still_builds(name: str, max_steps: int) -> None:
+    cfg = OptimConfig(name=name)  # the shipped 100 warmup steps
+    fitted, note = fit_warmup(cfg, max_steps)
+    assert fitted.warmup_steps == max_steps // 10 and fitted.warmup_steps < max_steps
+    assert note is not None and "\n" not in note
+    assert "optim.warmup_steps=100" in note and f"trainer.max_steps={max_steps}" in note
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    with pytest.warns(UserWarning, match=r"optim\.warmup_steps=100 does not fit the run"):
+        opt = build_optimizers(model, cfg, max_steps=max_steps)
+    peak = opt.lrs()[f"lr/{name}"]
+    assert peak == pytest.approx(cfg.lr if fitted.warmup_steps == 0 else cfg.lr / 2)
+    lrs = []
+    for _ in range(max_steps):
+        model(torch.ones(2, 4)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        lrs.append(opt.lrs()[f"lr/{name}"])
+    assert lrs[-1] == pytest.approx(cfg.lr * cfg.min_lr_ratio)  # the decay still ends the run
+
+
+def test_a_warmup_that_fits_is_kept_silently() -> None:
     cfg = OptimConfig(name="adamw", warmup_steps=100)
-    with pytest.raises(
-        ValueError,
-        match=r"optim\.warmup_steps=100 must be shorter than the run \(max_steps=50\); set optim\.warmup_steps below 50",
-    ):
-        build_optimizers(model, cfg, max_steps=50)
-    build_optimizers(model, cfg, max_steps=101)
+    assert fit_warmup(cfg, 101) == (cfg, None)
+    assert fit_warmup(OptimConfig(warmup_steps=0), 1) == (OptimConfig(warmup_steps=0), None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_optimizers(nn.Linear(4, 4), cfg, max_steps=101)
 
 
-def test_wsd_warmup_and_decay_must_fit_the_run() -> None:
+def test_wsd_warmup_is_shortened_to_end_before_the_decay() -> None:
     cfg = OptimConfig(name="adamw", schedule="wsd", warmup_steps=90, decay_fraction=0.2)
-    with pytest.raises(ValueError, match=r"= 20 steps\) exceed the run; lower optim\.warmup_steps"):
-        build_optimizers(nn.Linear(4, 4), cfg, max_steps=100)
+    fitted, note = fit_warmup(cfg, 100)
+    assert fitted.warmup_steps == 10
+    assert note is not None and "before its final decay" in note
+    assert fit_warmup(dataclasses.replace(cfg, warmup_steps=80), 100)[1] is None
+    # one step: the decay is the whole run, so there is no room for warmup
+    assert fit_warmup(cfg, 1)[0].warmup_steps == 0
 
 
 def test_max_steps_must_be_positive() -> None:

@@ -47,6 +47,25 @@ def test_short_run_on_the_default_corpus(tmp_path) -> None:
         torch.testing.assert_close(hf(x).logits, ours(x), rtol=1e-4, atol=1e-4)
 
 
+def test_two_steps_with_the_shipped_warmup_run_and_leave_no_empty_log(tmp_path) -> None:
+    """``train.py trainer.max_steps=2`` with the shipped 100 warmup steps: the warmup is
+    shortened with one printed line, the saved config says what ran, and the run directory holds
+    no empty train.log."""
+    corpus = write_corpus(tmp_path / "play.txt")
+    overrides = [o for o in small_run_overrides(tmp_path, corpus) if not o.startswith("optim.")]
+    res = run_train(tmp_path, *overrides, "trainer.max_steps=2", "run_name=short",
+                    "sample.max_new_tokens=0")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    notes = [line for line in res.stdout.splitlines() if "optim.warmup_steps=100" in line]
+    assert notes == [
+        "optim.warmup_steps=100 does not fit the run (trainer.max_steps=2): running without warmup"
+    ]
+    run = tmp_path / "runs" / "short"
+    assert "warmup_steps: 0" in (run / "best" / "config.yaml").read_text()
+    assert [r["step"] for r in read_metrics(run)][-1] == 2
+    assert (run / ".hydra").is_dir() and not list(run.glob("*.log"))
+
+
 @pytest.mark.slow
 def test_compiled_run_saves_plain_weight_names(tmp_path) -> None:
     from safetensors.torch import load_file

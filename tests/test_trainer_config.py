@@ -91,3 +91,61 @@ def test_cli_config_errors_end_before_any_work(tmp_path) -> None:
     assert "trainer.precision" in res.stderr and "bf16" in res.stderr
     assert "Traceback" not in res.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("max_steps", [1, 2, 20])
+def test_short_runs_fit_the_shipped_warmup_with_one_note(max_steps: int) -> None:
+    cfg = compose_run_config([f"trainer.max_steps={max_steps}"])
+    assert cfg.optim == dataclasses.replace(OptimConfig(), warmup_steps=max_steps // 10)
+    assert len(cfg.notes) == 1 and "optim.warmup_steps=100" in cfg.notes[0]
+    adamw = compose_run_config([f"trainer.max_steps={max_steps}", "optim=adamw"])
+    assert adamw.optim.warmup_steps == max_steps // 10 and len(adamw.notes) == 1
+
+
+def test_a_run_long_enough_for_its_warmup_has_no_notes() -> None:
+    assert compose_run_config([]).notes == []
+    assert compose_run_config(["trainer.max_steps=101"]).optim.warmup_steps == 100
+
+
+@pytest.mark.parametrize(
+    ("override", "suggestion"),
+    [
+        ("trainer.maxsteps=1", "trainer.max_steps"),
+        ("data.max_token=5000", "data.max_tokens"),
+        ("model.hidden_sizes=64", "model.hidden_size"),
+        ("optim.warmup=5", "optim.warmup_steps"),
+        ("traner.max_steps=1", "trainer.max_steps"),
+        ("seq_len=64", "trainer.seq_len"),
+        ("modle=small", "model"),
+    ],
+)
+def test_a_mistyped_key_is_named_with_the_closest_valid_keys(
+    override: str, suggestion: str, tmp_path, capsys
+) -> None:
+    from trainer.cli_entry import main
+
+    argv = ["train.py", "model=small", override, f"out_dir={tmp_path}", "optim.lr=1e-3,3e-3"]
+    assert main(argv, start_time=0.0) == 2
+    key = override.split("=")[0]
+    err = capsys.readouterr().err
+    assert err.startswith(f"config error: {key} is not a known config key; did you mean ")
+    assert suggestion in err and err.count("\n") == 1
+    assert "append" not in err and "+" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_key_with_nothing_close_lists_its_section(capsys) -> None:
+    from trainer.cli_entry import main
+
+    assert main(["train.py", "trainer.zzz=1"], start_time=0.0) == 2
+    err = capsys.readouterr().err
+    assert "trainer.zzz is not a known config key; valid keys of trainer: " in err
+    assert "max_steps" in err and err.count("\n") == 1
+
+
+def test_an_appended_unknown_key_also_gets_a_suggestion() -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"^optim\.warmup is not a known config key; did you mean optim\.warmup_steps\?$",
+    ):
+        compose_run_config(["+optim.warmup=5"])

@@ -9,6 +9,8 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.distributed import (
@@ -20,6 +22,7 @@ from trainer.distributed import (
     shutdown,
 )
 from trainer.run_dirs import default_run_name, timestamp_name
+from trainer.typed_config import unknown_key_message
 
 SUBCOMMANDS = ("demo", "interactive")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -34,6 +37,56 @@ def register_resolvers(stamp: str | None = None) -> None:
         use_cache=True,
         replace=True,
     )
+
+
+def _config_keys() -> tuple[set[str], set[str]]:
+    """Every key the shipped config defines, dotted (``trainer.max_steps``, ``model.preset``),
+    and the subset that holds a value rather than a section. Read from the YAML files, so they
+    are exactly what Hydra accepts; the options of a group share their keys."""
+    keys: set[str] = set()
+    leaves: set[str] = set()
+
+    def walk(node: dict[Any, Any], prefix: str) -> None:
+        for name, value in node.items():
+            key = f"{prefix}{name}"
+            keys.add(key)
+            if isinstance(value, dict):
+                walk(value, key + ".")
+            else:
+                leaves.add(key)
+
+    top = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml"), resolve=False)
+    assert isinstance(top, dict)
+    walk({k: v for k, v in top.items() if k not in ("defaults", "hydra")}, "")
+    for group in (d for d in CONF_DIR.iterdir() if d.is_dir()):
+        keys.add(group.name)
+        for option in group.glob("*.yaml"):
+            section = OmegaConf.to_container(OmegaConf.load(option), resolve=False)
+            assert isinstance(section, dict)
+            walk(section, group.name + ".")
+    return keys, leaves
+
+
+def unknown_override(args: list[str]) -> str | None:
+    """A one-line message for the first ``key=value`` override whose key the config does not
+    have, naming the closest valid keys. Hydra's own message for it suggests appending the key
+    with ``+``, which only moves the failure to our typed config."""
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException:
+        return None  # a syntax error: Hydra's message shows where
+    keys, leaves = _config_keys()
+    for o in parsed:
+        key = o.key_or_group
+        if o.is_add() or o.is_force_add() or o.is_delete() or o.package is not None:
+            continue  # explicit additions and deletions, and package overrides, are Hydra's
+        if key == "hydra" or key.startswith(("hydra.", "hydra/")) or key in keys:
+            continue
+        if any(key.startswith(leaf + ".") for leaf in leaves):
+            continue  # inside a list or value (sample.prompts.0): Hydra checks it
+        return unknown_key_message(key, keys)
+    return None
 
 
 def _rank_overrides(dist: DistInfo) -> list[str]:
@@ -83,6 +136,12 @@ def _train(cfg: DictConfig, hc: Any, run_dir: Path, start_time: float) -> int:
         if dist_info().is_main:  # every rank composed the same config: say it once
             print(f"config error: {e}", file=sys.stderr)
         return 2
+    if dist_info().is_main:
+        for note in run_cfg.notes:
+            print(note)
+    # The saved config says what the run does, also where a setting was adapted to it.
+    if isinstance(data.get("optim"), dict):
+        data["optim"]["warmup_steps"] = run_cfg.optim.warmup_steps
     yaml = OmegaConf.to_yaml(OmegaConf.create(data))
     return run_training(run_cfg, run_dir, yaml, data, list(hc.overrides.task), start_time)
 
@@ -95,6 +154,11 @@ def main(argv: list[str], start_time: float) -> int:
         return run_subcommand(argv[1], argv[2:])
     try:
         dist = dist_info()
+        unknown = unknown_override(argv[1:])
+        if unknown is not None:
+            if dist.is_main:  # every process of a torchrun job checks the same command line
+                print(f"config error: {unknown}", file=sys.stderr)
+            return 2
         init_process_group(dist)  # before Hydra: the ranks agree on the run directory's name
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)

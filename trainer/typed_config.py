@@ -7,9 +7,10 @@ which the package config dataclasses use; errors here name the full key and the 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
@@ -18,6 +19,35 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A user-fixable configuration problem; the message names the key and the fix."""
+
+
+def unknown_key_message(key: str, valid: Iterable[str]) -> str:
+    """One line saying the dotted ``key`` is unknown and naming the closest of the dotted
+    ``valid`` keys (a key of the same section first), or all keys of its section when none is
+    close, e.g. ``trainer.maxsteps is not a known config key; did you mean trainer.max_steps?``"""
+    valid = sorted(valid)
+    parent, _, name = key.rpartition(".")
+    sections = {k.rpartition(".")[0] for k in valid}
+    if parent not in sections:
+        parent = ""  # a misspelt section: compare whole keys, list the top level
+
+    def score(candidate: str) -> float:
+        c_parent, _, c_name = candidate.rpartition(".")
+        by_name = difflib.SequenceMatcher(None, name, c_name).ratio()
+        if c_parent == parent:
+            return by_name
+        # A key of another section, or the whole key misspelt (traner.max_steps): ranked lower.
+        return max(by_name, difflib.SequenceMatcher(None, key, candidate).ratio()) - 0.1
+
+    ancestors = {key.rsplit(".", n)[0] for n in range(1, key.count(".") + 1)}
+    scores = sorted(((score(k), k) for k in valid if k not in ancestors), reverse=True)
+    best = scores[0][0] if scores else 0.0
+    close = [k for sc, k in scores[:3] if sc >= max(0.6, best - 0.1)]
+    if close:
+        return f"{key} is not a known config key; did you mean {' or '.join(close)}?"
+    siblings = [k.rpartition(".")[2] for k in valid if k.rpartition(".")[0] == parent]
+    where = f"of {parent}" if parent else "at the top level"
+    return f"{key} is not a known config key; valid keys {where}: {', '.join(siblings)}."
 
 
 def _type_name(tp: Any) -> str:
@@ -100,9 +130,8 @@ def build_dataclass(
     fields = {f.name for f in dataclasses.fields(cls) if f.init and f.name not in skip}
     unknown = sorted(set(values) - fields)
     if unknown:
-        raise ConfigError(
-            f"{section}.{unknown[0]} is not a known key of {section}; valid keys: {', '.join(sorted(fields))}."
-        )
+        valid = [f"{section}.{name}" for name in fields]
+        raise ConfigError(unknown_key_message(f"{section}.{unknown[0]}", valid))
     kwargs = {name: _coerce(f"{section}.{name}", v, hints[name]) for name, v in values.items()}
     try:
         return cls(**kwargs)
