@@ -17,10 +17,9 @@ import torch
 
 
 def default_chunk_rows(vocab_size: int, device: torch.device) -> int:
-    """Rows per chunk so that a chunk's (rows, V) float32 logits stay cache-sized on a CPU (8 MiB;
-    measured on the tiny preset, 1 core: 256 rows took 520 ms per fwd+bwd, 1024 rows 671, one
-    4096-row chunk 711, F.cross_entropy 901) and big enough on an accelerator (256 MiB) that the
-    chunk matmuls stay large."""
+    """Rows per chunk so that a chunk's (rows, V) float32 logits stay cache-sized on a CPU (8 MiB:
+    smaller chunks were faster there, see benchmarks/results/design-measurements.md) and big
+    enough on an accelerator (256 MiB) that the chunk matmuls stay large."""
     target = 2**21 if device.type == "cpu" else 2**26
     return max(64, min(16384, target // vocab_size))
 

@@ -71,8 +71,7 @@ class Qwen3(nn.Module):
 
     Speed: ``model(x, targets=y)`` fuses the LM head with the loss (``qwen3.loss``), so the
     (B*T, V) logits are never materialised. For training, ``torch.compile(model)`` works as is
-    (``trainer.compile=true``); on the tiny preset, 1 CPU thread, it measured 1.52x transformers'
-    eager step against 1.34x for our eager step (benchmarks/bench_train.py --compile).
+    (``trainer.compile=true``; figures in benchmarks/results/design-measurements.md).
     """
 
     def __init__(self, config: Qwen3Config) -> None:
