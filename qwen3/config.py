@@ -112,11 +112,85 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # Keys of a Hugging Face config.json that carry no shape information for us.
 _HF_ONLY_KEYS = {"architectures", "model_type", "torch_dtype", "dtype", "transformers_version"}
+# SiLU under both of its names in transformers' ACT2FN.
+_SILU = ("silu", "swish")
+
+
+def _rope_variant(rope: Any) -> str | None:
+    """What a rope_scaling / rope_parameters entry asks for beyond plain RoPE, or None."""
+    if not rope:
+        return None
+    if not isinstance(rope, dict):
+        return repr(rope)
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default":
+        return f"rope_type={kind!r}"
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        return f"partial_rotary_factor={rope['partial_rotary_factor']!r}"
+    return None
+
+
+def _check_same_maths(d: dict[str, Any]) -> None:
+    """Refuse, in one line naming the key, a config.json whose settings would make transformers
+    compute something this model does not: loading it would give other numbers without a word.
+    Every field of transformers' Qwen3Config is either implemented here or checked below."""
+    for key in ("rope_scaling", "rope_parameters"):
+        variant = _rope_variant(d.get(key))
+        if variant is not None:
+            raise ValueError(
+                f"config.json sets {key} with {variant}: scaled RoPE is not implemented here, "
+                "so this model would compute other numbers; use a model with plain RoPE."
+            )
+    if d.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(
+            f"config.json sets partial_rotary_factor={d['partial_rotary_factor']!r}: RoPE over "
+            "part of each head is not implemented here; use a model that rotates whole heads."
+        )
+    rope = d.get("rope_parameters")
+    top, nested = d.get("rope_theta"), rope.get("rope_theta") if isinstance(rope, dict) else None
+    if top is not None and nested is not None and float(top) != float(nested):
+        raise ValueError(
+            f"config.json sets rope_theta={top!r} but rope_parameters.rope_theta={nested!r}; "
+            "make the two agree (the weights were trained with one of them)."
+        )
+    # As transformers reads them: a window only with use_sliding_window, on the layers that
+    # layer_types names, or else on those from max_window_layers on.
+    window = d.get("sliding_window") if d.get("use_sliding_window") else None
+    types = d.get("layer_types")
+    if types is None:
+        first = d.get("max_window_layers", 28)  # transformers' default
+        types = ["sliding_attention" if i >= first else "full_attention"
+                 for i in range(d.get("num_hidden_layers", 0))]  # fmt: skip
+    sliding = [i for i, kind in enumerate(types) if kind == "sliding_attention"]
+    if window is not None and sliding:
+        raise ValueError(
+            f"config.json sets use_sliding_window=true: layer {sliding[0]} would attend only "
+            f"within sliding_window={window}, which is not implemented here; use a model with "
+            "full attention in every layer."
+        )
+    unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise ValueError(
+            f"config.json sets layer_types with {unknown[0]!r}: only full attention is "
+            "implemented here; use a model with full attention in every layer."
+        )
+    quant = d.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+        raise ValueError(
+            f"config.json sets quantization_config (quant_method={method!r}): quantized "
+            "weights are not implemented here; use the unquantized (bf16 or fp32) release."
+        )
 
 
 @dataclass
 class Qwen3Config:
-    """Shape and numerics of a Qwen3 model, with the field names of Hugging Face's ``Qwen3Config``."""
+    """Shape and numerics of a Qwen3 model, with the field names of Hugging Face's ``Qwen3Config``.
+
+    ``attention_dropout`` drops attention weights in training mode only, as transformers does.
+    Settings of a ``config.json`` that this model does not implement (scaled RoPE, sliding
+    windows, quantization) are refused by :meth:`from_dict`, never ignored.
+    """
 
     vocab_size: int = 8192
     hidden_size: int = 128
@@ -173,9 +247,15 @@ class Qwen3Config:
             raise ValueError(
                 f"Qwen3Config.rms_norm_eps={self.rms_norm_eps}: must be > 0 (e.g. 1e-6)."
             )
-        if self.hidden_act != "silu":
+        if self.hidden_act not in _SILU:
             raise ValueError(
                 f"Qwen3Config.hidden_act={self.hidden_act!r}: Qwen3 uses SwiGLU; only 'silu' is supported."
+            )
+        p = self.attention_dropout
+        if isinstance(p, bool) or not isinstance(p, int | float) or not 0 <= p < 1:
+            raise ValueError(
+                f"Qwen3Config.attention_dropout={p!r}: must lie in [0, 1) (0.0 = off, as in "
+                "pretraining; 0.1 is usual when it is on)."
             )
 
     @classmethod
@@ -205,6 +285,7 @@ class Qwen3Config:
             raise ValueError(
                 f"config.json has model_type={model_type!r}, not 'qwen3': this loader reads Qwen3 models only."
             )
+        _check_same_maths(d)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in d.items() if k in names}
         extra = {k: v for k, v in d.items() if k not in names and k not in _HF_ONLY_KEYS}
@@ -216,11 +297,6 @@ class Qwen3Config:
             known["head_dim"] = known["hidden_size"] // known["num_attention_heads"]
         if known.get("num_key_value_heads") is None and "num_attention_heads" in known:
             known["num_key_value_heads"] = known["num_attention_heads"]
-        if extra.get("rope_scaling"):
-            raise ValueError(
-                f"config.json sets rope_scaling={extra['rope_scaling']!r}: scaled RoPE is not supported; "
-                "remove it to use the plain RoPE the model was trained with."
-            )
         # transformers 5 moves rope_theta under rope_parameters.
         rope = extra.get("rope_parameters")
         if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in known:

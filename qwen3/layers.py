@@ -173,6 +173,7 @@ class Attention(nn.Module):
         self.n_heads = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
         self.head_dim = config.head_dim
+        self.dropout = config.attention_dropout  # on the attention weights, in training only
         bias = config.attention_bias
         c, hd = config.hidden_size, config.head_dim
         self.q_proj = nn.Linear(c, self.n_heads * hd, bias=bias)
@@ -218,15 +219,18 @@ class Attention(nn.Module):
         v = qkv[..., (h + kv) * d :].view(b, t, kv, d).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
+        p = self.dropout if self.training else 0.0
         if mask is None:
             # Training or a single-sequence prefill: plain causal. A one-token decode step with an
             # unpadded cache attends to everything before it, so no mask at all.
             causal = k.shape[2] == t
             out = F.scaled_dot_product_attention(
-                q, k, v, is_causal=causal and t > 1, enable_gqa=True
+                q, k, v, dropout_p=p, is_causal=causal and t > 1, enable_gqa=True
             )
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=True
+            )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 

@@ -86,3 +86,98 @@ def test_not_a_qwen3_config_is_refused(tmp_path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
     with pytest.raises(ValueError, match="model_type='llama'"):
         Qwen3Config.from_json_file(tmp_path / "config.json")
+
+
+def _hf_dict(**overrides: object) -> dict:
+    """A config.json as transformers writes one for a small Qwen3."""
+    transformers = pytest.importorskip("transformers")
+    shape = dict(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16)  # fmt: skip
+    return transformers.Qwen3Config(**{**shape, **overrides}).to_dict()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (
+            dict(use_sliding_window=True, sliding_window=8, max_window_layers=1),
+            "use_sliding_window",
+        ),
+        (
+            dict(
+                rope_parameters={
+                    "rope_type": "yarn",
+                    "factor": 4.0,
+                    "rope_theta": 1e6,
+                    "original_max_position_embeddings": 32,
+                }
+            ),
+            "rope_parameters",
+        ),
+        (
+            dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}),
+            "'linear'",
+        ),
+    ],
+)
+def test_transformers_configs_that_change_the_maths_are_refused(
+    overrides: dict, needle: str, tmp_path
+) -> None:
+    d = _hf_dict(**overrides)
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=needle) as err:
+        Qwen3Config.from_json_file(tmp_path / "config.json")
+    assert "\n" not in str(err.value) and "not implemented here" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (
+            {"rope_scaling": {"type": "dynamic", "factor": 2.0}},
+            r"rope_scaling with rope_type='dynamic'",
+        ),
+        (
+            {"rope_scaling": {"rope_type": "default", "partial_rotary_factor": 0.5}},
+            "partial_rotary_factor",
+        ),
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),
+        ({"rope_theta": 5e5}, r"rope_theta=500000.0 but rope_parameters.rope_theta=10000.0"),
+        (
+            {"layer_types": ["full_attention", "chunked_attention", "full_attention"]},
+            "chunked_attention",
+        ),
+        (
+            {"quantization_config": {"quant_method": "fp8"}},
+            r"quantization_config \(quant_method='fp8'\)",
+        ),
+    ],
+)
+def test_other_settings_that_change_the_maths_are_refused(edit: dict, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle) as err:
+        Qwen3Config.from_dict({**_hf_dict(), **edit})
+    assert "\n" not in str(err.value)
+
+
+def test_settings_that_keep_full_attention_and_plain_rope_load() -> None:
+    cfg = Qwen3Config.from_dict(_hf_dict())
+    assert cfg.rope_theta == 10000.0 and cfg.num_hidden_layers == 3
+    # A window switched off, or switched on for no layer (the released models' configs).
+    for edit in (
+        {"use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 1},
+        {
+            "use_sliding_window": True,
+            "sliding_window": 8,
+            "max_window_layers": 3,
+            "layer_types": None,
+        },
+        {"rope_scaling": None, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}},
+    ):
+        assert Qwen3Config.from_dict({**_hf_dict(), **edit}).hidden_size == 64, edit
+    assert Qwen3Config.from_dict({**_hf_dict(), "hidden_act": "swish"}).hidden_act == "swish"
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, "0.1", True])
+def test_attention_dropout_must_lie_in_zero_one(value: object) -> None:
+    with pytest.raises(ValueError, match=r"attention_dropout=.*must lie in \[0, 1\)"):
+        Qwen3Config(attention_dropout=value)  # type: ignore[arg-type]

@@ -163,3 +163,28 @@ def test_not_a_model_dir_is_explained(tmp_path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(Qwen3Config(**BASE).to_dict()))
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         Qwen3.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_attention_dropout_in_training_matches_transformers(impl: str, tmp_path) -> None:
+    """attention_dropout drops attention weights in training mode exactly as transformers does
+    (same seed, same numbers) and does nothing in eval mode."""
+    cfg = Qwen3Config(**BASE, **CONFIGS["gqa2-untied-theta1e6"], attention_dropout=0.3)
+    ours = Qwen3(cfg)
+    _randomise(ours)
+    ours.save_pretrained(tmp_path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=impl)
+    assert theirs.config.attention_dropout == 0.3
+    x = torch.randint(0, BASE["vocab_size"], (2, 24))
+    ours.train(), theirs.train()
+    with torch.no_grad():
+        torch.manual_seed(5)
+        dropped = ours(x)
+        torch.manual_seed(5)
+        torch.testing.assert_close(dropped, theirs(x).logits, rtol=1e-4, atol=1e-4)
+        torch.manual_seed(6)
+        assert (ours(x) - dropped).abs().max() > 1e-2  # another draw drops other weights
+        ours.eval(), theirs.eval()
+        full = ours(x)
+        torch.testing.assert_close(full, theirs(x).logits, rtol=1e-4, atol=1e-4)
+        assert (full - dropped).abs().max() > 1e-2
