@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import logging
 import math
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from data.atomic_dir import building
+from data.atomic_dir import building, load_finished
 from data.config import DataConfig
 from data.errors import DataError
 from data.sources import hf_has_validation, source_spec, split_documents, validation_documents
@@ -26,8 +24,6 @@ from qwen3.tokenizer import Qwen3Tokenizer
 TOKENIZER_TRAINING_VERSION = 1
 # With max_tokens set, the tokenizer reads about as much text as the cache will hold.
 _BYTES_PER_TOKEN_BOUND = 8
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,8 +59,19 @@ def _train_texts(cfg: DataConfig, own_validation: bool) -> Iterator[str]:
             return
 
 
+def _read_tokenizer(path: Path) -> Qwen3Tokenizer:
+    # Read the file first: an I/O error then surfaces as one (the tokenizers loader would turn
+    # it into a parse error, which counts as damage).
+    (path / "tokenizer.json").read_bytes()
+    return Qwen3Tokenizer.from_dir(path)
+
+
 def _trained_tokenizer(
-    cfg: DataConfig, vocab_size: int, spec: dict[str, Any], own_validation: Callable[[], bool]
+    cfg: DataConfig,
+    vocab_size: int,
+    spec: dict[str, Any],
+    own_validation: Callable[[], bool],
+    repair: bool,
 ) -> tuple[Qwen3Tokenizer, Path]:
     """Train a tokenizer on the train split, or load the one trained before from the same inputs."""
     key = {
@@ -76,12 +83,9 @@ def _trained_tokenizer(
         "vocab_size": vocab_size,
     }
     path = Path(cfg.cache_dir) / f"tokenizer-{vocab_size}-{fingerprint(key)}"
-    if path.is_dir():
-        try:
-            return Qwen3Tokenizer.from_dir(path), path
-        except (OSError, ValueError) as err:
-            log.warning("tokenizer cache %s is corrupt (%s); retraining it", path, err)
-            shutil.rmtree(path, ignore_errors=True)
+    cached = load_finished(path, _read_tokenizer, "tokenizer cache", "retraining", repair)
+    if cached is not None:
+        return cached, path
     texts = _train_texts(cfg, own_validation())
     first = next(texts, None)
     if first is None:
@@ -109,12 +113,17 @@ def _given_tokenizer(cfg: DataConfig, vocab_size: int) -> tuple[Qwen3Tokenizer, 
     return tokenizer, path
 
 
-def prepare_data(cfg: DataConfig, vocab_size: int, progress: bool = True) -> PreparedData:
+def prepare_data(
+    cfg: DataConfig, vocab_size: int, progress: bool = True, repair: bool = True
+) -> PreparedData:
     """Tokenizer and token cache for `cfg`, building what is missing.
 
     `vocab_size` is the model's; the tokenizer is trained with `cfg.vocab_size` or that.
     A second call with the same settings maps the finished cache and returns in well under
     a second. Builds are complete-or-absent, so an interrupted one is simply redone.
+    `repair`: this process builds the caches, so it may delete a damaged one and build it anew;
+    pass False in the others (under torchrun, every rank but 0): they fail instead of deleting
+    files the builder may be using.
     """
     train_vocab = cfg.vocab_size or vocab_size
     if train_vocab > vocab_size:
@@ -130,7 +139,9 @@ def prepare_data(cfg: DataConfig, vocab_size: int, progress: bool = True) -> Pre
     if cfg.tokenizer:
         tokenizer, tokenizer_dir = _given_tokenizer(cfg, vocab_size)
     else:
-        tokenizer, tokenizer_dir = _trained_tokenizer(cfg, train_vocab, spec, own_validation)
+        tokenizer, tokenizer_dir = _trained_tokenizer(
+            cfg, train_vocab, spec, own_validation, repair
+        )
     key = {
         "format_version": FORMAT_VERSION,
         "source": spec,
@@ -142,7 +153,7 @@ def prepare_data(cfg: DataConfig, vocab_size: int, progress: bool = True) -> Pre
     }
     fp = fingerprint(key)
     path = Path(cfg.cache_dir) / f"tokens-{fp}"
-    cache = load_token_cache(path)
+    cache = load_token_cache(path, repair)
     if cache is None:
         phases: list[tuple[Iterator[tuple[bool, str]], bool]] = [
             (split_documents(cfg, own_validation()), False)

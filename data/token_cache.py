@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import logging
-import shutil
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -21,7 +19,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm  # type: ignore[import-untyped]
 
-from data.atomic_dir import building
+from data.atomic_dir import building, load_finished
 from data.errors import DataError
 from qwen3.tokenizer import Qwen3Tokenizer
 
@@ -30,8 +28,6 @@ META = "meta.json"
 SPLIT_FILES = {"train": "train.bin", "val": "val.bin"}
 _BATCH_BYTES = 1 << 22  # text per parallel encode call: enough docs to keep every core busy
 _BATCH_DOCS = 1024
-
-log = logging.getLogger(__name__)
 
 
 def fingerprint(obj: Any) -> str:
@@ -54,27 +50,26 @@ class TokenCache:
     val: np.ndarray
 
 
-def load_token_cache(path: Path) -> TokenCache | None:
-    """The cache at `path`, or None if absent; a corrupt one is reported in one line and removed."""
-    if not path.is_dir():
-        return None
-    try:
-        meta = json.loads((path / META).read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"format version {meta.get('format_version')} != {FORMAT_VERSION}")
-        dtype = np.dtype(meta["dtype"])
-        arrays = {}
-        for split, name in SPLIT_FILES.items():
-            file = path / name
-            expected = meta[f"{split}_tokens"] * dtype.itemsize
-            size = file.stat().st_size
-            if size != expected or expected == 0:
-                raise ValueError(f"{name} has {size} bytes, metadata says {expected}")
-            arrays[split] = np.memmap(file, dtype=dtype, mode="r")
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        log.warning("token cache %s is corrupt (%s); rebuilding it", path, err)
-        shutil.rmtree(path, ignore_errors=True)
-        return None
+def load_token_cache(path: Path, repair: bool = True) -> TokenCache | None:
+    """The cache at `path`, or None if absent. A damaged one is reported in one line and removed
+    when `repair` (this process builds caches), else a DataError; an I/O error removes nothing
+    (:func:`data.atomic_dir.load_finished`)."""
+    return load_finished(path, _read_token_cache, "token cache", "rebuilding", repair)
+
+
+def _read_token_cache(path: Path) -> TokenCache:
+    meta = json.loads((path / META).read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"format version {meta.get('format_version')} != {FORMAT_VERSION}")
+    dtype = np.dtype(meta["dtype"])
+    arrays = {}
+    for split, name in SPLIT_FILES.items():
+        file = path / name
+        expected = meta[f"{split}_tokens"] * dtype.itemsize
+        size = file.stat().st_size
+        if size != expected or expected == 0:
+            raise ValueError(f"{name} has {size} bytes, metadata says {expected}")
+        arrays[split] = np.memmap(file, dtype=dtype, mode="r")
     return TokenCache(path, meta, arrays["train"], arrays["val"])
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import random
@@ -274,3 +275,61 @@ def test_vocab_too_small_fails_before_reading(tmp_path) -> None:
         prepare_data(cfg, 200, progress=False)
     with pytest.raises(DataError, match=r"data.vocab_size=100 is too small"):
         prepare_data(dataclasses.replace(cfg, vocab_size=100), 8192, progress=False)
+
+
+def _damage(file: Path) -> None:
+    with open(file, "r+b") as f:
+        f.truncate(file.stat().st_size - 10)
+
+
+def test_only_the_building_process_deletes_a_damaged_cache(cfg) -> None:
+    good = _prepare(cfg)
+    expected = np.array(good.train)
+    train_file = good.cache_path / "train.bin"
+    _damage(train_file)
+    damaged_size = train_file.stat().st_size
+    with pytest.raises(DataError, match=r"token cache .* is damaged \(train\.bin has") as err:
+        prepare_data(cfg, VOCAB, progress=False, repair=False)
+    assert "only the process that builds it" in str(err.value) and "\n" not in str(err.value)
+    assert train_file.stat().st_size == damaged_size  # left for the builder
+    assert np.array_equal(np.array(_prepare(cfg).train), expected)  # which rebuilds it
+
+
+def test_only_the_building_process_deletes_a_damaged_tokenizer(cfg) -> None:
+    first = _prepare(cfg)
+    tokenizer_file = first.tokenizer_dir / "tokenizer.json"
+    tokenizer_file.write_text("{truncated")
+    with pytest.raises(DataError, match=r"tokenizer cache .* is damaged .*only the process"):
+        prepare_data(cfg, VOCAB, progress=False, repair=False)
+    assert tokenizer_file.read_text() == "{truncated"
+    assert _prepare(cfg).fingerprint == first.fingerprint
+
+
+@pytest.mark.parametrize("victim", ["meta.json", "tokenizer.json"])
+def test_an_io_error_deletes_nothing(cfg, monkeypatch, victim: str) -> None:
+    """A read that fails with EIO (a network filesystem hiccup) proves no damage: even the
+    building process keeps the cache and fails with one line; the next run uses it."""
+    good = _prepare(cfg)
+    cache_files = sorted(p.name for p in good.cache_path.iterdir())
+    tokenizer_json = (good.tokenizer_dir / "tokenizer.json").read_text()
+    read_text, read_bytes = Path.read_text, Path.read_bytes
+
+    def failing(read):
+        def read_or_fail(self: Path, *args, **kwargs):
+            if self.name == victim:
+                raise OSError(errno.EIO, "Input/output error", str(self))
+            return read(self, *args, **kwargs)
+
+        return read_or_fail
+
+    monkeypatch.setattr(Path, "read_text", failing(read_text))
+    monkeypatch.setattr(Path, "read_bytes", failing(read_bytes))
+    with pytest.raises(
+        DataError, match=r"could not read the (token|tokenizer) cache .*Input/output"
+    ):
+        _prepare(cfg)
+    monkeypatch.undo()
+    assert sorted(p.name for p in good.cache_path.iterdir()) == cache_files
+    assert (good.tokenizer_dir / "tokenizer.json").read_text() == tokenizer_json
+    again = _prepare(cfg)
+    assert again.meta["build_seconds"] == good.meta["build_seconds"]  # the same cache, not rebuilt

@@ -84,8 +84,9 @@ def build_parts(
 ) -> RunParts:
     """Prepare data (tokenizer + token cache), then the model, optimizers and sampler."""
     tcfg = cfg.trainer
-    data = main_first(  # rank 0 builds the token cache, then the others load it
-        lambda: prepare_data(cfg.data, cfg.data.vocab_size or cfg.model.vocab_size),
+    vocab_size = cfg.data.vocab_size or cfg.model.vocab_size
+    data = main_first(  # rank 0 builds (and alone repairs) the caches, then the others load them
+        lambda: prepare_data(cfg.data, vocab_size, repair=dist.is_main),
         "preparing the data", DataError,
     )  # fmt: skip
     if len(data.val) < tcfg.seq_len + 1:
