@@ -13,8 +13,17 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jinja2
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers.decoders import DecodeStream
 from tokenizers.models import BPE
+
+from qwen3.chat_template import (
+    CHAT_TEMPLATE,
+    TEMPLATE_INPUTS,
+    compile_chat_template,
+    read_chat_template,
+)
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 # Qwen3 marks the think tags as added but not special: decode(skip_special_tokens=True) keeps them.
@@ -25,47 +34,6 @@ THINK_TOKENS = SPECIAL_TOKENS[3:]
 PRETOKENIZE_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
-# Jinja twin of Qwen3Tokenizer.apply_chat_template (the Qwen3 template without tool calls);
-# tests check that transformers' apply_chat_template renders the identical string.
-CHAT_TEMPLATE = (
-    "{%- if messages[0].role == 'system' %}"
-    "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- set ns = namespace(found=false, last_query_index=messages|length - 1) %}"
-    "{%- for message in messages[::-1] %}"
-    "{%- if message.role == 'user' and not ns.found %}"
-    "{%- set ns.found = true %}"
-    "{%- set ns.last_query_index = (messages|length - 1) - loop.index0 %}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- for message in messages %}"
-    "{%- set content = message.content if message.content is string else '' %}"
-    "{%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}"
-    "{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}"
-    "{%- elif message.role == 'assistant' %}"
-    "{%- set reasoning = '' %}"
-    "{%- if message.reasoning_content is string %}"
-    "{%- set reasoning = message.reasoning_content %}"
-    "{%- elif '</think>' in content %}"
-    "{%- set reasoning = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}"
-    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}"
-    "{%- endif %}"
-    "{%- if loop.index0 > ns.last_query_index and (loop.last or reasoning) %}"
-    "{{- '<|im_start|>assistant\\n<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}"
-    "{%- else %}"
-    "{{- '<|im_start|>assistant\\n' + content }}"
-    "{%- endif %}"
-    "{{- '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}"
-    "{{- '<think>\\n\\n</think>\\n\\n' }}"
-    "{%- endif %}"
-    "{%- endif %}"
 )
 
 CHAT_ROLES = ("system", "user", "assistant")
@@ -85,25 +53,46 @@ def build_bpe_pipeline() -> Tokenizer:
     return tok
 
 
-def _split_thinking(message: dict[str, Any]) -> tuple[str, str]:
-    """(reasoning, content) of an assistant message, as the Qwen3 template reads them."""
-    content = message.get("content")
-    content = content if isinstance(content, str) else ""
-    reasoning = message.get("reasoning_content")
-    if isinstance(reasoning, str):
-        return reasoning, content
-    if "</think>" in content:
-        head, _, _ = content.partition("</think>")
-        reasoning = head.rstrip("\n").split("<think>")[-1].lstrip("\n")
-        return reasoning, content.split("</think>")[-1].lstrip("\n")
-    return "", content
+class StreamDecoder:
+    """Text of generated token ids, fed one at a time, in time linear in their number.
+
+    `tokenizers.decoders.DecodeStream` decodes only the ids since its last piece at each step.
+    `step` returns the text an id completes: "" while the text ends inside a multi-byte character
+    (byte-level BPE splits them across tokens) or the id is a skipped special token. `flush`
+    returns what is still held when generation ends, an incomplete character as U+FFFD. The
+    pieces add up to `decode(ids)`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        self._held: list[int] = []  # ids since the last text returned
+
+    def step(self, token_id: int) -> str:
+        """Add one id; return the text it completes (possibly "")."""
+        token_id = int(token_id)
+        self._held.append(token_id)
+        text = self._stream.step(self._tokenizer, token_id)
+        if text is None:
+            return ""
+        self._held.clear()
+        return text
+
+    def flush(self) -> str:
+        """The text of the ids still held back; the decoder starts afresh after it."""
+        text = self._tokenizer.decode(self._held, skip_special_tokens=self._skip)
+        self._held.clear()
+        self._stream = DecodeStream(skip_special_tokens=self._skip)
+        return text
 
 
 class Qwen3Tokenizer:
     """Qwen3 tokenizer over a `tokenizers.Tokenizer`: encode/decode, special ids, chat format."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, chat_template: str = CHAT_TEMPLATE) -> None:
         self.tokenizer = tokenizer
+        self.chat_template = chat_template  # Jinja, saved with the tokenizer
         ids = [tokenizer.token_to_id(t) for t in CONTROL_TOKENS]
         missing = [t for t, i in zip(CONTROL_TOKENS, ids, strict=True) if i is None]
         if missing:
@@ -116,7 +105,8 @@ class Qwen3Tokenizer:
     # ---- loading and saving -------------------------------------------------------------
     @classmethod
     def from_dir(cls, path: str | os.PathLike[str]) -> Qwen3Tokenizer:
-        """Load `tokenizer.json` from a directory (ours or a downloaded Qwen3 one)."""
+        """Load `tokenizer.json` and the chat template from a directory (ours or a downloaded
+        Qwen3 one); a directory without a template gets the Qwen3 one."""
         file = Path(path) / "tokenizer.json"
         if not file.is_file():
             raise FileNotFoundError(
@@ -127,7 +117,7 @@ class Qwen3Tokenizer:
             tok = Tokenizer.from_file(str(file))
         except Exception as err:  # the Rust loader raises plain Exception subclasses
             raise ValueError(f"{file} is not a valid tokenizer.json ({err}); re-create it") from err
-        return cls(tok)
+        return cls(tok, read_chat_template(Path(path)) or CHAT_TEMPLATE)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `path`."""
@@ -146,33 +136,34 @@ class Qwen3Tokenizer:
             }
             for i, t in sorted(added.items())
         }
-        extra = [t for t in CONTROL_TOKENS[1:] if self.token_to_id(t) is not None]
+        special_map = self.special_tokens_map()
         config = {
             "add_bos_token": False,
             "add_prefix_space": False,
             "added_tokens_decoder": decoder,
-            "additional_special_tokens": extra,
             "bos_token": None,
-            "chat_template": CHAT_TEMPLATE,
+            "chat_template": self.chat_template,
             "clean_up_tokenization_spaces": False,
-            "eos_token": "<|endoftext|>",
             "errors": "replace",
             "model_max_length": 131072,
-            "pad_token": "<|endoftext|>",
             "split_special_tokens": False,
             "tokenizer_class": "Qwen2Tokenizer",
             "unk_token": None,
-        }
-        special_map = {
-            "additional_special_tokens": extra,
-            "eos_token": "<|endoftext|>",
-            "pad_token": "<|endoftext|>",
+            **special_map,
         }
         for name, obj in (
-            ("tokenizer_config.json", config),
+            ("tokenizer_config.json", dict(sorted(config.items()))),
             ("special_tokens_map.json", special_map),
         ):
             (out / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+    def special_tokens_map(self) -> dict[str, Any]:
+        """Named special tokens, as in special_tokens_map.json (chat templates also see them)."""
+        return {
+            "additional_special_tokens": list(CONTROL_TOKENS[1:]),
+            "eos_token": "<|endoftext|>",
+            "pad_token": "<|endoftext|>",
+        }
 
     # ---- encoding -----------------------------------------------------------------------
     @property
@@ -195,51 +186,52 @@ class Qwen3Tokenizer:
         ids = [int(i) for i in ids]  # accepts numpy / torch integers too
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def stream_decoder(self, skip_special_tokens: bool = True) -> StreamDecoder:
+        """An incremental decoder for ids arriving one at a time (see `StreamDecoder`)."""
+        return StreamDecoder(self.tokenizer, skip_special_tokens)
+
     # ---- chat ---------------------------------------------------------------------------
+    @property
+    def chat_template_options(self) -> frozenset[str]:
+        """Variables of the chat template a caller may set, e.g. Qwen3's `enable_thinking`."""
+        _, names = compile_chat_template(self.chat_template)
+        return names - TEMPLATE_INPUTS - set(self.special_tokens_map())
+
     def apply_chat_template(
         self,
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
-        enable_thinking: bool = False,
+        **options: Any,
     ) -> str:
-        """Render messages in the Qwen3 chat format, as the saved Jinja template does.
+        """Render messages with the chat template saved with this tokenizer, as transformers does.
 
-        Turns are `<|im_start|>{role}\\n{content}<|im_end|>\\n`. Assistant turns after the last
-        user message keep their reasoning in a `<think>` block (from `reasoning_content` or a
-        `<think>...</think>` prefix); earlier ones drop it. With `add_generation_prompt` the
-        assistant turn is opened, and with `enable_thinking=False` an empty think block is
-        pre-filled so the model answers directly.
+        `options` are variables of the template. Qwen3's `enable_thinking`: left unset, the model
+        may think first; False pre-fills an empty `<think>` block so it answers directly. An option
+        the template never reads is refused rather than ignored.
         """
         if not messages:
             raise ValueError("apply_chat_template needs at least one message")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
                 raise ValueError(f"message {i} must be a dict with role in {CHAT_ROLES}, got {m!r}")
-        last_query = len(messages) - 1
-        for i in range(len(messages) - 1, -1, -1):
-            if messages[i]["role"] == "user":
-                last_query = i
-                break
-        parts = []
-        for i, m in enumerate(messages):
-            role = m["role"]
-            content = m.get("content") if isinstance(m.get("content"), str) else ""
-            if role == "user" or role == "system":
-                parts.append(f"<|im_start|>{role}\n{content}<|im_end|>\n")
-                continue
-            reasoning, content = _split_thinking(m)
-            if i > last_query and (i == len(messages) - 1 or reasoning):
-                think = reasoning.strip("\n")
-                content = content.lstrip("\n")
-                parts.append(f"<|im_start|>assistant\n<think>\n{think}\n</think>\n\n{content}")
-            else:
-                parts.append(f"<|im_start|>assistant\n{content}")
-            parts.append("<|im_end|>\n")
-        if add_generation_prompt:
-            parts.append("<|im_start|>assistant\n")
-            if not enable_thinking:
-                parts.append("<think>\n\n</think>\n\n")
-        return "".join(parts)
+        unknown = sorted(set(options) - self.chat_template_options)
+        if unknown:
+            known = ", ".join(sorted(self.chat_template_options)) or "none"
+            raise ValueError(
+                f"the chat template has no option '{unknown[0]}' (its options: {known})"
+            )
+        template, _ = compile_chat_template(self.chat_template)
+        # As transformers: a field set to None counts as absent (OpenAI clients send content=None).
+        chat = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        try:
+            return template.render(
+                messages=chat,
+                add_generation_prompt=add_generation_prompt,
+                **self.special_tokens_map(),
+                **options,
+            )
+        except jinja2.TemplateError as err:  # raise_exception() in the template: bad messages
+            raise ValueError(f"the chat template rejects these messages: {err}") from err
 
 
 def make_added_tokens() -> tuple[list[AddedToken], list[AddedToken]]:

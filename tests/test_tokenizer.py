@@ -124,26 +124,36 @@ CONVERSATIONS = [
 ]
 
 
+def _thinking(value: bool | None) -> dict[str, bool]:
+    """Template options for enable_thinking: unset (None), or true/false."""
+    return {} if value is None else {"enable_thinking": value}
+
+
 @pytest.mark.parametrize("messages", CONVERSATIONS)
-@pytest.mark.parametrize("thinking", [False, True])
+@pytest.mark.parametrize("thinking", [None, False, True])
 @pytest.mark.parametrize("gen", [False, True])
 def test_chat_template_matches_transformers(tok, saved, messages, thinking, gen) -> None:
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(saved)
-    ours = tok.apply_chat_template(messages, add_generation_prompt=gen, enable_thinking=thinking)
+    ours = Qwen3Tokenizer.from_dir(saved)
+    text = ours.apply_chat_template(messages, add_generation_prompt=gen, **_thinking(thinking))
     theirs = hf.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=gen, enable_thinking=thinking
+        messages, add_generation_prompt=gen, return_dict=False, **_thinking(thinking)
     )
-    assert ours == theirs
+    assert ours.encode(text) == theirs
 
 
 def test_chat_format_is_qwen(tok: Qwen3Tokenizer) -> None:
     msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
-    assert tok.apply_chat_template(msgs, enable_thinking=True) == (
+    opened = (
         "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n"
     )
-    assert tok.apply_chat_template(msgs).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    # As the official Qwen3 template: the empty think block only when thinking is turned off.
+    assert tok.apply_chat_template(msgs) == opened
+    assert tok.apply_chat_template(msgs, enable_thinking=True) == opened
+    no_think = tok.apply_chat_template(msgs, enable_thinking=False)
+    assert no_think == opened + "<think>\n\n</think>\n\n"
     history = [
         {"role": "user", "content": "a"},
         {"role": "assistant", "content": "<think>\nold thoughts\n</think>\n\nA"},
@@ -156,11 +166,52 @@ def test_chat_format_is_qwen(tok: Qwen3Tokenizer) -> None:
     assert ids.count(tok.im_start_id) == 3 and ids.count(tok.im_end_id) == 3
 
 
-def test_chat_template_rejects_bad_messages(tok: Qwen3Tokenizer) -> None:
+def test_chat_template_rejects_bad_messages_and_options(tok: Qwen3Tokenizer) -> None:
     with pytest.raises(ValueError, match="role"):
         tok.apply_chat_template([{"role": "wizard", "content": "x"}])
     with pytest.raises(ValueError, match="at least one"):
         tok.apply_chat_template([])
+    assert tok.chat_template_options == {"enable_thinking"}
+    with pytest.raises(ValueError, match="no option 'enable_thinkin'.*enable_thinking"):
+        tok.apply_chat_template([{"role": "user", "content": "x"}], enable_thinkin=False)
+
+
+# A template of another model family: it reads its own option and raises on a bad conversation.
+OTHER_TEMPLATE = (
+    "{% if messages[-1]['role'] != 'user' %}{{ raise_exception('last must be user') }}{% endif %}"
+    "{% for m in messages %}[{{ m['role'] | upper }}] {{ m['content'] | tojson }}\n{% endfor %}"
+    "{% if add_generation_prompt %}[ASSISTANT]{% if brief %} (brief){% endif %}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("where", ["chat_template.jinja", "config string", "config list"])
+def test_the_template_saved_in_the_directory_is_the_one_rendered(tok, tmp_path, where) -> None:
+    from transformers import AutoTokenizer
+
+    tok.save(tmp_path)
+    config_file = tmp_path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    if where == "chat_template.jinja":
+        (tmp_path / "chat_template.jinja").write_text(OTHER_TEMPLATE)
+    else:
+        other = [{"name": "default", "template": OTHER_TEMPLATE}, {"name": "x", "template": "-"}]
+        config["chat_template"] = OTHER_TEMPLATE if where == "config string" else other
+        config_file.write_text(json.dumps(config))
+    ours = Qwen3Tokenizer.from_dir(tmp_path)
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    assert ours.chat_template_options == {"brief"}
+    messages = [{"role": "system", "content": 'say "ü"'}, {"role": "user", "content": "hi"}]
+    for options in ({}, {"brief": True}):
+        text = ours.apply_chat_template(messages, **options)
+        assert text == hf.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **options
+        )
+    assert '[SYSTEM] "say \\"ü\\""' in text  # tojson as transformers: quotes escaped, not ü
+    with pytest.raises(ValueError, match="last must be user"):
+        ours.apply_chat_template([{"role": "assistant", "content": "x"}])
+    # Saving keeps the template it was loaded with.
+    ours.save(tmp_path / "again")
+    assert Qwen3Tokenizer.from_dir(tmp_path / "again").chat_template == OTHER_TEMPLATE
 
 
 def test_vocab_too_small_for_specials() -> None:
@@ -182,3 +233,14 @@ def test_from_dir_errors(tmp_path) -> None:
         Qwen3Tokenizer.from_dir(tmp_path)
     with pytest.raises(ValueError, match="special tokens"):
         Qwen3Tokenizer(Tokenizer(BPE()))
+
+
+def test_a_broken_saved_template_is_one_clear_error(tok: Qwen3Tokenizer, tmp_path) -> None:
+    tok.save(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="tokenizer_config.json is not a JSON object"):
+        Qwen3Tokenizer.from_dir(tmp_path)
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}")
+    broken = Qwen3Tokenizer.from_dir(tmp_path)
+    with pytest.raises(ValueError, match="chat template is not valid Jinja"):
+        broken.apply_chat_template([{"role": "user", "content": "hi"}])

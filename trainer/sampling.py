@@ -49,13 +49,10 @@ def stream_text(
     seed: int | None = None,
     stop_at_eos: bool = True,
 ) -> Iterator[str]:
-    """Yield pieces of text as tokens are generated (whole UTF-8 characters only).
-
-    Tokens are decoded in runs since the last piece shown (byte-level BPE decodes piecewise),
-    holding a run back while it ends inside a multi-byte character.
-    """
+    """Yield pieces of text as tokens are generated: whole characters, through the tokenizer's
+    incremental decoder; a character left unfinished when generation ends shows as U+FFFD."""
     ids = _prompt_ids(tokenizer, prompt)
-    pending: list[int] = []
+    decoder = tokenizer.stream_decoder(skip_special_tokens=True)
     for tok in stream_generate(
         model,
         ids,
@@ -66,10 +63,9 @@ def stream_text(
         eos_ids=(tokenizer.eos_id,) if stop_at_eos else (),
         seed=seed,
     ):
-        pending.append(tok)
-        text = tokenizer.decode(pending, skip_special_tokens=True)
-        if text.endswith("\ufffd") and len(pending) < 8:  # a character still incomplete
-            continue
-        pending = []
+        text = decoder.step(tok)
         if text:
             yield text
+    tail = decoder.flush()
+    if tail:
+        yield tail
