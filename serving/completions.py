@@ -18,6 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
+from qwen3.tokenizer import Qwen3Tokenizer
 from serving.engine import Choice, GenerationEngine, GenerationRequest, SamplingParams
 from serving.errors import APIError
 from serving.formats import ChatFormat, CompletionFormat
@@ -83,6 +84,28 @@ def _prompt_ids(
     return out
 
 
+def chat_prompt_ids(tokenizer: Qwen3Tokenizer, body: ChatCompletionRequest) -> list[int]:
+    """The prompt of a chat request: its messages rendered by the chat template saved with the
+    tokenizer, with the request's `chat_template_kwargs`, as transformers and vLLM render it."""
+    options = body.chat_template_kwargs or {}
+    unknown = sorted(set(options) - tokenizer.chat_template_options)
+    if unknown:
+        known = ", ".join(sorted(tokenizer.chat_template_options)) or "none"
+        raise APIError(
+            400,
+            f"invalid 'chat_template_kwargs': the model's chat template has no option "
+            f"'{unknown[0]}' (its options: {known})",
+            param="chat_template_kwargs",
+        )
+    try:
+        text = tokenizer.apply_chat_template(
+            body.chat_messages(), add_generation_prompt=True, **options
+        )
+    except ValueError as err:
+        raise APIError(400, f"invalid 'messages': {err}", param="messages") from err
+    return tokenizer.encode(text)
+
+
 def _build_request(
     http: Request, body: SamplingFields, prompts: list[list[int]], field: str, default_max: int
 ) -> GenerationRequest:
@@ -116,9 +139,7 @@ def _build_request(
                 code="context_length_exceeded",
             )
         for j in range(body.n):
-            stream = TextStream(
-                lambda t: served.tokenizer.decode(t, skip_special_tokens=True), body.stop_list
-            )
+            stream = TextStream(served.tokenizer, body.stop_list)
             choices.append(
                 Choice(p_index * body.n + j, ids, min(max_tokens, ctx - len(ids)), stream)
             )
@@ -131,7 +152,7 @@ def _usage(req: GenerationRequest) -> Usage:
     for c in req.choices:
         seen[id(c.prompt_ids)] = len(c.prompt_ids)
     prompt = sum(seen.values())
-    completion = sum(len(c.text.token_ids) for c in req.choices)
+    completion = sum(c.text.tokens for c in req.choices)
     return Usage(
         prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
     )
@@ -219,12 +240,6 @@ async def chat_completions(body: ChatCompletionRequest, http: Request) -> Respon
     """Answer a conversation rendered with the model's chat format (OpenAI chat completions)."""
     served: ServedModel = http.app.state.served
     _check_model(served, body)
-    try:
-        text = served.tokenizer.apply_chat_template(
-            body.chat_messages(), add_generation_prompt=True
-        )
-    except ValueError as err:
-        raise APIError(400, f"invalid 'messages': {err}", param="messages") from err
-    prompts = _prompt_ids(served, text, "messages")
+    prompts = _prompt_ids(served, chat_prompt_ids(served.tokenizer, body), "messages")
     req = _build_request(http, body, prompts, "messages", http.app.state.max_tokens_cap)
     return await _respond(http, req, body, ChatFormat(served.name))

@@ -230,7 +230,7 @@ class GenerationEngine:
                 request.emit("delta", choice.index, delta)
             if choice.text.stopped:
                 self._finish(request, choice, "stop")
-            elif len(choice.text.token_ids) >= choice.max_tokens:
+            elif choice.text.tokens >= choice.max_tokens:
                 self._finish(request, choice, "length")
         return tokens is not None
 

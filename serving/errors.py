@@ -76,6 +76,14 @@ def validation_error(exc: RequestValidationError) -> APIError:
         )
     if kind == "missing":
         return APIError(400, f"missing required field '{field}'", param=field, code="missing_field")
+    if kind == "extra_forbidden":
+        return APIError(
+            400,
+            f"unknown field '{field}': this server does not support it; remove it "
+            "(see /docs for the fields it takes)",
+            param=field,
+            code="unknown_field",
+        )
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if not field:  # a model-level check: its message already names the field
         return APIError(400, message, code="invalid_value")

@@ -1,8 +1,8 @@
 """OpenAI-compatible request and response bodies for /v1/completions and /v1/chat/completions.
 
 Field names, defaults and ranges follow the OpenAI API reference. Fields this server does not
-implement are accepted only at their neutral value, so a request never silently gets less than
-it asked for; unknown fields are ignored, as OpenAI-compatible servers commonly do.
+implement are accepted only at their neutral value, and unknown fields are refused, so a request
+never silently gets less than it asked for; each refusal is a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -13,18 +13,31 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 MAX_CHOICES = 8  # `n` above this is refused: each choice is a full generation
+# The seeds torch.Generator.manual_seed takes (a negative one counts modulo 2**64).
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
 
 
-class StreamOptions(BaseModel):
+class RequestPart(BaseModel):
+    """A request object whose unknown fields are refused, unless null (as good as absent)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_null_extras(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k in cls.model_fields}
+        return data
+
+
+class StreamOptions(RequestPart):
     """`stream_options`: `include_usage` adds a last chunk carrying the token counts."""
 
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(RequestPart):
     """The sampling fields shared by both endpoints, with OpenAI's ranges."""
-
-    model_config = ConfigDict(extra="ignore")
 
     model: str | None = Field(
         default=None, description="Served model id; omitted means the one served."
@@ -37,13 +50,13 @@ class SamplingFields(BaseModel):
     )
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=MIN_SEED, le=MAX_SEED)
     ignore_eos: bool = Field(
         default=False, description="Extension (as in vLLM): keep going past end-of-text tokens."
     )
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: str | None = None  # who is asking, for the provider's records: nothing to do here
     # Accepted at their neutral values only (see module docstring).
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -81,6 +94,8 @@ class SamplingFields(BaseModel):
         for name, used in unsupported.items():
             if used:
                 raise ValueError(f"{name} is not supported by this server; leave it unset")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
         return self
 
     @property
@@ -111,21 +126,34 @@ class CompletionRequest(SamplingFields):
         return self
 
 
-class ContentPart(BaseModel):
+class ContentPart(RequestPart):
     """One part of a multi-part message; only text parts can be rendered."""
 
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
-    """A chat message; `content` is text or a list of text parts."""
-
-    model_config = ConfigDict(extra="ignore")
+class ChatMessage(RequestPart):
+    """A chat message; `content` is text or a list of text parts. An assistant message may carry
+    its `reasoning_content` (the Qwen3 template shows it after the last user message)."""
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
+    reasoning_content: str | None = None
     name: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str | None) -> str | None:
+        if value:  # the chat template has no place for it
+            raise ValueError("names are not supported by this model's chat format; leave it unset")
+        return value
+
+    @model_validator(mode="after")
+    def _check_reasoning(self) -> ChatMessage:
+        if self.reasoning_content is not None and self.role != "assistant":
+            raise ValueError("reasoning_content belongs to assistant messages only")
+        return self
 
     def text(self) -> str:
         """The message content as one string."""
@@ -134,14 +162,36 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+class ResponseFormat(BaseModel):
+    """`response_format`: only the default, plain text, can be honoured."""
+
+    model_config = ConfigDict(extra="allow")  # json_schema's schema: refused with its type
+
+    type: str
+
+
 class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions; messages are rendered with the model's chat format."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        default=None,
+        description="Extension (as in vLLM): options of the chat template, e.g. "
+        '{"enable_thinking": false} to have a Qwen3 model answer without thinking first.',
+    )
+    response_format: ResponseFormat | None = None
     tools: list[Any] | None = None
     functions: list[Any] | None = None
     top_logprobs: int | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _check_template_kwargs(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        thinking = (value or {}).get("enable_thinking", False)
+        if not isinstance(thinking, bool):  # the template tests `is false`: "false" would think
+            raise ValueError(f"enable_thinking must be true or false, got {thinking!r}")
+        return value
 
     @model_validator(mode="after")
     def _check_chat_only(self) -> ChatCompletionRequest:
@@ -149,14 +199,26 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("tools/functions are not supported by this server; leave them unset")
         if self.top_logprobs:
             raise ValueError("top_logprobs is not supported by this server; leave it unset")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise ValueError(
+                f"response_format type '{self.response_format.type}' is not supported by this "
+                'server (it cannot constrain the output); leave it unset or {"type": "text"}'
+            )
         if self.max_completion_tokens is not None:  # the newer name wins, as in OpenAI's API
             self.max_tokens = self.max_completion_tokens
         return self
 
-    def chat_messages(self) -> list[dict[str, str]]:
+    def chat_messages(self) -> list[dict[str, str | None]]:
         """Messages as plain dicts for the tokenizer's chat template (developer -> system)."""
         role = {"developer": "system"}
-        return [{"role": role.get(m.role, m.role), "content": m.text()} for m in self.messages]
+        return [
+            {
+                "role": role.get(m.role, m.role),
+                "content": m.text(),
+                "reasoning_content": m.reasoning_content,
+            }
+            for m in self.messages
+        ]
 
 
 FinishReason = Literal["stop", "length"]

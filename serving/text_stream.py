@@ -1,14 +1,16 @@
-"""Turn a growing list of generated token ids into text deltas, honouring stop sequences.
+"""Turn one choice's generated token ids into text deltas, honouring stop sequences.
 
-A byte-level BPE token can end in the middle of a UTF-8 character, and the text just emitted
-could be the start of a stop sequence; both are held back until the next token settles them.
+Token ids become text through the tokenizer's incremental decoder (`qwen3.tokenizer.StreamDecoder`,
+linear in the choice's length). Text that could be the start of a stop sequence is held back until
+the next tokens settle it; a stop sequence can therefore only begin in the held-back text, and the
+search never looks at what was already sent.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-REPLACEMENT_CHAR = "\ufffd"  # what decode() makes of an incomplete UTF-8 tail
+from qwen3.tokenizer import Qwen3Tokenizer
 
 
 def _partial_stop_len(text: str, stops: Sequence[str]) -> int:
@@ -23,47 +25,43 @@ def _partial_stop_len(text: str, stops: Sequence[str]) -> int:
 
 
 class TextStream:
-    """Accumulates token ids of one choice and yields the text that is safe to send.
+    """Accumulates the token ids of one choice and yields the text that is safe to send.
 
     `push(token)` returns the new text (possibly ""), and sets `stopped` once a stop
     sequence appears (the stop sequence itself is never sent, as in OpenAI's API).
     `flush()` returns the held-back tail when generation ends for another reason.
     """
 
-    def __init__(self, decode: Callable[[list[int]], str], stops: Sequence[str] = ()) -> None:
-        self._decode = decode
+    def __init__(self, tokenizer: Qwen3Tokenizer, stops: Sequence[str] = ()) -> None:
+        self._decoder = tokenizer.stream_decoder(skip_special_tokens=True)
         self._stops = list(stops)
-        self._max_stop = max((len(s) for s in self._stops), default=0)
-        self.token_ids: list[int] = []
-        self.sent = ""  # text already handed out
+        self._held = ""  # decoded text not sent yet: it may begin a stop sequence
+        self.tokens = 0  # ids pushed so far
         self.stopped = False
 
     def push(self, token_id: int) -> str:
         """Add one generated token; return the text delta that can be sent now."""
         if self.stopped:
             return ""
-        self.token_ids.append(token_id)
-        # Re-decoding the whole choice keeps byte-level merges exact; choices are short.
-        text = self._decode(self.token_ids)
-        if text.endswith(REPLACEMENT_CHAR):
-            return ""
-        if self._stops:
-            search_from = max(0, len(self.sent) - self._max_stop)
-            hits = [i for s in self._stops if (i := text.find(s, search_from)) >= 0]
-            if hits:
-                self.stopped = True
-                return self._advance(text[: min(hits)])
-            text = text[: len(text) - _partial_stop_len(text, self._stops)]
-        return self._advance(text)
+        self.tokens += 1
+        return self._release(self._decoder.step(token_id), final=False)
 
     def flush(self) -> str:
         """Return whatever was held back (a partial stop match, or an incomplete character)."""
         if self.stopped:
             return ""
-        return self._advance(self._decode(self.token_ids))
+        return self._release(self._decoder.flush(), final=True)
 
-    def _advance(self, text: str) -> str:
-        delta = text[len(self.sent) :] if text.startswith(self.sent) else ""
-        if delta:
-            self.sent += delta
-        return delta
+    def _release(self, new_text: str, final: bool) -> str:
+        text = self._held + new_text
+        if not self._stops:
+            self._held = ""
+            return text
+        hits = [i for s in self._stops if (i := text.find(s)) >= 0]
+        if hits:
+            self.stopped = True
+            self._held = ""
+            return text[: min(hits)]
+        keep = 0 if final else _partial_stop_len(text, self._stops)
+        self._held = text[len(text) - keep :]
+        return text[: len(text) - keep]

@@ -169,6 +169,14 @@ def test_generation_is_cut_at_the_context(client: openai.OpenAI) -> None:
         ({"prompt": [1, "a"]}, "prompt"),
         ({"prompt": ["a"] * 5, "n": 8}, "prompt"),  # 40 sequences > --max-batch-size 32
         ({"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
+        ({"prompt": "hi", "seed": 2**64}, "seed"),  # more than torch.Generator takes
+        ({"prompt": "hi", "seed": -(2**63) - 1}, "seed"),
+        ({"prompt": "hi", "min_p": 0.1}, "unknown field 'min_p'"),
+        ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
+        (
+            {"prompt": "hi", "stream": True, "stream_options": {"usage": True}},
+            "stream_options.usage",
+        ),
     ],
 )
 def test_bad_completion_requests_get_400_naming_the_field(
@@ -179,6 +187,69 @@ def test_bad_completion_requests_get_400_naming_the_field(
     error = res.json()["error"]
     assert field in error["message"]
     assert error["type"] == "invalid_request_error"
+
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"messages": HI, "response_format": {"type": "json_object"}}, "response_format"),
+        ({"messages": HI, "response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+        ({"messages": HI, "chat_template_kwargs": {"thinking": False}}, "chat_template_kwargs"),
+        ({"messages": HI, "chat_template_kwargs": {"enable_thinking": "no"}}, "enable_thinking"),
+        ({"messages": [{"role": "user", "content": "hi", "name": "Tom"}]}, "messages[0].name"),
+        ({"messages": [{"role": "user", "content": "hi", "tool_call_id": "x"}]}, "messages[0].tool_call_id"),
+        ({"messages": [{"role": "user", "content": "hi", "reasoning_content": "x"}]}, "messages[0]"),
+        ({"messages": HI, "tool_choice": "required"}, "unknown field 'tool_choice'"),
+    ],
+)  # fmt: skip
+def test_bad_chat_fields_get_400_naming_the_field(server: str, body: dict, field: str) -> None:
+    res = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60)
+    assert res.status_code == 400, res.text
+    assert field in res.json()["error"]["message"]
+
+
+def test_neutral_values_and_the_whole_seed_range_are_accepted(client: openai.OpenAI) -> None:
+    for seed in (-(2**63), -1, 2**64 - 1):
+        assert greedy(client, "Tom", max_tokens=2, seed=seed)
+    out = client.chat.completions.create(
+        model="tiny-model",
+        messages=HI,
+        max_tokens=2,
+        response_format={"type": "text"},
+        extra_body={"tool_choice": None, "chat_template_kwargs": {}},
+    )
+    assert out.choices[0].message.content is not None
+
+
+@pytest.mark.parametrize("thinking", [None, False, True])
+def test_chat_prompt_is_the_one_transformers_builds(
+    client: openai.OpenAI, ckpt: Path, thinking: bool | None
+) -> None:
+    from transformers import AutoTokenizer
+
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Who is Tom?"},
+        {"role": "assistant", "content": "A cat."},
+        {"role": "user", "content": "And Lily?"},
+    ]
+    options = {} if thinking is None else {"enable_thinking": thinking}
+    ids = AutoTokenizer.from_pretrained(ckpt).apply_chat_template(
+        messages, add_generation_prompt=True, return_dict=False, **options
+    )
+    chat = client.chat.completions.create(
+        model="tiny-model",
+        messages=messages,
+        max_tokens=8,
+        temperature=0,
+        extra_body={"chat_template_kwargs": options, "ignore_eos": True},
+    )
+    assert chat.usage.prompt_tokens == len(ids)
+    same = greedy(client, ids, max_tokens=8, extra_body={"ignore_eos": True})
+    assert chat.choices[0].message.content == same
 
 
 def test_bad_chat_requests_and_malformed_json(server: str) -> None:
