@@ -7,18 +7,15 @@ directory. Any Hugging Face Qwen3 directory (config.json + safetensors + tokeniz
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-# The run layout (step dirs + best/latest pointers) is the trainer's; read it with its rules.
-from trainer.run_dirs import BEST, LATEST, most_recent_run, read_pointer
+# The run layout (step dirs + best/latest pointers) and what a checkpoint directory must hold
+# are the trainer's; read and check them with its rules, and report its one error type.
+from trainer.run_dirs import BEST, LATEST, check_checkpoint, most_recent_run, read_pointer
+from trainer.run_dirs import CheckpointError as CheckpointError
 
 TRAIN_HINT = "train one first with `python train.py model=tiny`, or pass --ckpt DIR"
 POINTERS = (BEST, LATEST)
-
-
-class CheckpointError(Exception):
-    """A checkpoint cannot be found or is not a Qwen3 model; the message says what to do."""
 
 
 def latest_best_checkpoint(root: Path) -> Path:
@@ -53,30 +50,9 @@ def resolve_checkpoint(ckpt: str | Path | None, root: str | Path = "checkpoints"
 
 
 def check_qwen3_dir(path: Path) -> None:
-    """Raise CheckpointError unless ``path`` has a Qwen3 config, weights and a tokenizer."""
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{path} is not a Qwen3 model directory: config.json is missing")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(
-            f"{config_file} is not valid JSON ({err}); re-save the checkpoint"
-        ) from err
-    model_type = config.get("model_type") if isinstance(config, dict) else None
-    if model_type != "qwen3":
-        raise CheckpointError(
-            f"{path} is not a Qwen3 model directory: config.json has model_type={model_type!r}, "
-            "expected 'qwen3'"
-        )
-    if not any((path / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
-        raise CheckpointError(
-            f"{path} is not a Qwen3 model directory: model.safetensors is missing"
-        )
-    if not (path / "tokenizer.json").is_file():
-        raise CheckpointError(
-            f"{path} has no tokenizer.json; save the tokenizer beside the model (Qwen3Tokenizer.save)"
-        )
+    """Raise CheckpointError unless ``path`` has a Qwen3 config, readable weights that match it,
+    and a tokenizer (the checkpoint check shared with the trainer)."""
+    check_checkpoint(path)
 
 
 def model_name(path: Path) -> str:

@@ -4,7 +4,9 @@ and loading by transformers."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from qwen3 import Qwen3, Qwen3Config
 from trainer.checkpoint import (
     CheckpointError,
     check_compatible,
+    check_setup_matches,
     load_model_weights,
     load_trainer_state,
     pointer_target,
@@ -23,7 +26,7 @@ from trainer.checkpoint import (
     set_pointer,
     tokenizer_hash,
 )
-from trainer.run_dirs import most_recent_run, resolve_resume
+from trainer.run_dirs import check_checkpoint, most_recent_run, resolve_resume
 from trainer.typed_config import ConfigError
 
 
@@ -73,8 +76,8 @@ def test_save_pointers_and_pruning(tmp_path, model, tokenizer) -> None:
     save_checkpoint(run, 4, model, tokenizer, _state(44, tokenizer), "seed: 2\n")
     assert load_trainer_state(run / "latest")["step"] == 44
     assert most_recent_run(tmp_path, "best") == run
-    assert resolve_resume("latest", run) == (run / "step-000004").resolve()
-    assert resolve_resume(str(run), run) == (run / "step-000004").resolve()
+    assert resolve_resume("latest", run) == ((run / "step-000004").resolve(), None)
+    assert resolve_resume(str(run), run) == ((run / "step-000004").resolve(), None)
     with pytest.raises(ConfigError, match="not a checkpoint directory"):
         resolve_resume(str(tmp_path), run)
 
@@ -117,3 +120,112 @@ def test_mismatched_setup_is_named(tmp_path, model, tokenizer) -> None:
         check_compatible(path, state, model.config, "0123456789abcdef", 1)
     with pytest.raises(CheckpointError, match="world size 1, this run has 2"):
         check_compatible(path, state, model.config, h, 2)
+
+
+def test_pruning_orders_steps_by_number(tmp_path) -> None:
+    """step-1000000 is newer than step-999999, though it sorts before it as a string."""
+    for step in (999_998, 999_999, 1_000_000):
+        (tmp_path / f"step-{step:06d}").mkdir()
+    prune_checkpoints(tmp_path, keep_last=2)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-1000000", "step-999999"]
+
+
+def _truncate(file, size: int = 100) -> None:
+    file.write_bytes(file.read_bytes()[:size])
+
+
+def _damage(ckpt, kind: str) -> str:
+    """Damage one file of a checkpoint the way a full disk or a killed copy does; returns what
+    the error must name."""
+    if kind == "weights":
+        _truncate(ckpt / "model.safetensors")
+        return r"model\.safetensors is damaged \(.*header"
+    if kind == "state":
+        _truncate(ckpt / "trainer_state.pt")
+        return r"trainer_state\.pt is damaged \(.*zip"
+    if kind == "config":
+        (ckpt / "config.json").unlink()
+        return r"config\.json is missing"
+    if kind == "tokenizer":
+        _truncate(ckpt / "tokenizer.json")
+        return r"tokenizer\.json is damaged: not valid JSON"
+    assert kind == "mismatch"  # another model's config.json beside these weights
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    return "the weights have 2 layers, config.json says num_hidden_layers=3"
+
+
+@pytest.mark.parametrize("kind", ["weights", "state", "config", "tokenizer", "mismatch"])
+def test_a_damaged_checkpoint_names_the_file(tmp_path, model, tokenizer, kind) -> None:
+    path = save_checkpoint(tmp_path, 1, model, tokenizer, _state(1, tokenizer), "")
+    check_checkpoint(path, training=True)  # intact
+    expected = _damage(path, kind)
+    with pytest.raises(CheckpointError, match=expected) as err:
+        check_checkpoint(path, training=True)
+    assert "\n" not in str(err.value)
+    if kind != "state":  # demo and serve need no trainer state
+        with pytest.raises(CheckpointError, match=expected):
+            check_checkpoint(path)
+    else:
+        check_checkpoint(path)
+
+
+def test_truncated_trainer_state_is_a_checkpoint_error(tmp_path, model, tokenizer) -> None:
+    path = save_checkpoint(tmp_path, 1, model, tokenizer, _state(1, tokenizer), "")
+    state_file = path / "trainer_state.pt"
+    _truncate(state_file, state_file.stat().st_size - 16)  # the tail cut: torch.load's OSError
+    with pytest.raises(CheckpointError, match="corrupt or unreadable"):
+        load_trainer_state(path)
+
+
+@pytest.mark.parametrize("kind", ["weights", "state", "config"])
+def test_resume_skips_a_damaged_latest_and_refuses_a_damaged_path(
+    tmp_path, model, tokenizer, kind
+) -> None:
+    run = tmp_path / "run"
+    for step in (1, 2, 3):
+        path = save_checkpoint(run, step, model, tokenizer, _state(step, tokenizer), "")
+        set_pointer(run, "latest", path)
+    expected = _damage(run / "step-000003", kind)
+    picked, note = resolve_resume("latest", run)
+    assert picked == (run / "step-000002").resolve()
+    assert note is not None and "\n" not in note and re.search(expected, note)
+    assert f"resuming from {picked}, the newest intact checkpoint" in note
+    assert resolve_resume(str(run), run)[0] == picked  # a run dir means its latest
+
+    # Named explicitly, a damaged checkpoint is refused with the intact ones listed.
+    with pytest.raises(CheckpointError, match="intact checkpoints of .*: step-000002, step-000001"):
+        resolve_resume(str(run / "step-000003"), run)
+    assert resolve_resume(str(run / "step-000001"), run) == (picked.parent / "step-000001", None)
+
+    _damage(run / "step-000002", kind)
+    assert resolve_resume("latest", run)[0] == (run / "step-000001").resolve()
+    _damage(run / "step-000001", kind)
+    with pytest.raises(CheckpointError, match="no other checkpoint of .* is intact"):
+        resolve_resume("latest", run)
+
+
+def test_resume_of_a_missing_or_dangling_latest(tmp_path, model, tokenizer) -> None:
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match="no 'latest' pointer"):
+        resolve_resume("latest", run)
+    with pytest.raises(ConfigError, match="no such directory"):
+        resolve_resume(str(tmp_path / "nowhere"), run)
+    save_checkpoint(run, 1, model, tokenizer, _state(1, tokenizer), "")
+    os.symlink("step-000009", run / "latest")  # its step dir was deleted by hand
+    picked, note = resolve_resume("latest", run)
+    assert picked == (run / "step-000001").resolve()
+    assert "latest points at a directory that does not exist" in note
+
+
+def test_setup_mismatch_is_found_before_any_data(tmp_path, model, tokenizer) -> None:
+    yaml_text = "optim:\n  name: muon\n"
+    path = save_checkpoint(tmp_path, 1, model, tokenizer, _state(1, tokenizer), yaml_text)
+    other_vocab = dataclasses.replace(model.config, vocab_size=model.config.vocab_size + 7)
+    check_setup_matches(path, other_vocab, "muon")  # the vocabulary is the tokenizer's to set
+    with pytest.raises(
+        CheckpointError, match="model.num_hidden_layers is 2 in the checkpoint but 4"
+    ):
+        check_setup_matches(path, dataclasses.replace(model.config, num_hidden_layers=4), "muon")
+    with pytest.raises(CheckpointError, match="optim.name is muon in the checkpoint but adamw"):
+        check_setup_matches(path, model.config, "adamw")

@@ -77,6 +77,15 @@ def test_a_directory_that_is_not_a_qwen3_model_is_refused(tmp_path: Path, tiny: 
         resolve_checkpoint(no_tok)
 
 
+@pytest.mark.parametrize("name", ["model.safetensors", "tokenizer.json"])
+def test_a_damaged_checkpoint_is_one_line(tmp_path: Path, tiny: Path, name: str) -> None:
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny, damaged)
+    file = damaged / name
+    file.write_bytes(file.read_bytes()[:100])  # a copy cut short
+    assert f"{file} is damaged" in one_line_error(run_serve("--ckpt", str(damaged)))
+
+
 def test_a_taken_port_is_one_line(tiny: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

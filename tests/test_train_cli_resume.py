@@ -1,15 +1,20 @@
 """Exact resume through the real CLI: a run killed (SIGKILL) or interrupted (SIGINT), then
-resumed, logs the same train losses step for step as the same run uninterrupted (CPU, fp32)."""
+resumed, logs the same train losses step for step as the same run uninterrupted (CPU, fp32);
+a damaged checkpoint is skipped (resume=latest) or refused (resume=PATH) in one line."""
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
+import torch
 from test_trainer_support import (
     REPO,
+    compose_run_config,
     read_metrics,
     run_train,
     small_run_overrides,
@@ -19,6 +24,7 @@ from test_trainer_support import (
 )
 
 from trainer.checkpoint import load_trainer_state
+from trainer.main import run_training
 
 STEPS = 24
 
@@ -104,3 +110,82 @@ def test_resume_after_sigint_matches_uninterrupted_run(setup) -> None:
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert [r["train_loss"] for r in rows] == ref_losses
+
+
+# ---- damaged checkpoints ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory):
+    """A run of two steps with a checkpoint at each (run_name=two), and its overrides."""
+    tmp = tmp_path_factory.mktemp("damaged")
+    base = [
+        *small_run_overrides(tmp, write_corpus(tmp / "play.txt")),
+        "optim.warmup_steps=0",
+        "trainer.eval_every=0",
+        "trainer.save_every=1",
+        "trainer.max_steps=2",
+        "sample.max_new_tokens=0",
+    ]
+    res = run_train(tmp, *base, "run_name=two")
+    assert res.returncode == 0, res.stderr
+    return tmp, base
+
+
+def _damaged_copy(tmp: Path, kind: str, name: str) -> tuple[Path, str]:
+    """A copy of the run ``two`` whose latest checkpoint (step 2) lost a file the way a full
+    disk or a killed copy loses one; returns the run and what the message must say."""
+    run = tmp / "runs" / name
+    shutil.copytree(tmp / "runs" / "two", run, symlinks=True)
+    ckpt = (run / "step-000002").resolve()
+    if kind == "config":
+        (ckpt / "config.json").unlink()
+        return run, f"{ckpt / 'config.json'} is missing"
+    file = ckpt / ("model.safetensors" if kind == "weights" else "trainer_state.pt")
+    file.write_bytes(file.read_bytes()[:100])
+    return run, f"{file} is damaged ("
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["weights", pytest.param("state", marks=pytest.mark.slow),
+     pytest.param("config", marks=pytest.mark.slow)],
+)  # fmt: skip
+def test_resume_latest_skips_a_damaged_checkpoint(two_steps, kind) -> None:
+    tmp, base = two_steps
+    run, problem = _damaged_copy(tmp, kind, f"skip-{kind}")
+    intact = (run / "step-000001").resolve()
+    res = run_train(tmp, *base, f"run_name={run.name}", "resume=latest")
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+    warnings = [line for line in res.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1, res.stderr
+    assert problem in warnings[0]
+    assert f"resuming from {intact}, the newest intact checkpoint" in warnings[0]
+    assert f"resumed from {intact} at step 1" in res.stdout
+    assert [r["step"] for r in read_metrics(run)] == [1, 2]
+    assert load_trainer_state(run / "latest")["step"] == 2  # step 2 trained and saved again
+
+
+def test_an_explicit_damaged_checkpoint_is_refused(two_steps) -> None:
+    tmp, base = two_steps
+    run, problem = _damaged_copy(tmp, "state", "explicit")
+    res = run_train(tmp, *base, f"run_name={run.name}", f"resume={run / 'step-000002'}")
+    assert res.returncode == 2
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert problem in errors[0]
+    assert f"intact checkpoints of {run.resolve()}: step-000001" in errors[0]
+
+
+def test_a_bug_during_resume_keeps_its_traceback(two_steps, monkeypatch) -> None:
+    """Only the project's own errors become one line; a ValueError from anywhere else (here
+    torch's, standing in for a bug) propagates with its traceback."""
+    tmp, base = two_steps
+    run = tmp / "runs" / "two"
+    cfg = compose_run_config([*base, "run_name=two", "resume=latest"])
+
+    def broken(state: torch.Tensor) -> None:
+        raise ValueError("not the user's doing")
+
+    monkeypatch.setattr(torch, "set_rng_state", broken)
+    with pytest.raises(ValueError, match="not the user's doing"):
+        run_training(cfg, run, "seed: 0\n", {}, [], time.perf_counter())

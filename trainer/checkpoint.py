@@ -16,13 +16,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from qwen3 import Qwen3, Qwen3Config
 from qwen3.tokenizer import Qwen3Tokenizer
 from trainer.fsdp import is_sharded, load_full_weights
-from trainer.run_dirs import BEST, LATEST
+from trainer.run_dirs import (
+    BEST,
+    LATEST,
+    MODEL_CONFIG,
+    STATE_FILE,
+    CheckpointError,
+    step_dir_name,
+    step_dirs,
+)
 
-STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "config.yaml"
 FORMAT_VERSION = 1
 # Fields of Qwen3Config that change the shape or meaning of the weights.
@@ -38,14 +46,6 @@ SHAPE_FIELDS = (
     "attention_bias",
     "rope_theta",
 )
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: missing, corrupt, or from a different setup."""
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:06d}"
 
 
 def tokenizer_hash(tokenizer: Qwen3Tokenizer) -> str:
@@ -100,7 +100,7 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
     """Delete step directories beyond the newest ``keep_last``, never ``best`` or ``latest``,
     and leftovers of interrupted saves."""
     keep = {pointer_target(run_dir, BEST), pointer_target(run_dir, LATEST)}
-    steps = sorted(run_dir.glob("step-*"))
+    steps = step_dirs(run_dir)
     for d in steps[:-keep_last]:
         if d.resolve() not in keep:
             shutil.rmtree(d)
@@ -119,7 +119,7 @@ def load_trainer_state(ckpt_dir: Path) -> dict[str, Any]:
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as e:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
         raise CheckpointError(
             f"{path} is corrupt or unreadable ({e}); resume from another checkpoint"
         ) from None
@@ -131,6 +131,46 @@ def load_trainer_state(ckpt_dir: Path) -> dict[str, Any]:
     return state
 
 
+def _check_model_shape(ckpt_dir: Path, model_config: Qwen3Config, fields: tuple[str, ...]) -> None:
+    try:
+        saved = Qwen3Config.from_json_file(Path(ckpt_dir) / MODEL_CONFIG)
+    except (FileNotFoundError, ValueError) as e:  # how qwen3 (standalone) reports a bad file
+        raise CheckpointError(f"cannot resume from {ckpt_dir}: {e}") from e
+    for name in fields:
+        old, new = getattr(saved, name), getattr(model_config, name)
+        if old != new:
+            raise CheckpointError(
+                f"cannot resume from {ckpt_dir}: model.{name} is {old} in the checkpoint but {new} "
+                "in this run; resume with the model config it was trained with, or start a new run"
+            )
+
+
+def _saved_optimizer(ckpt_dir: Path) -> str | None:
+    """``optim.name`` in the run config saved with the checkpoint; None if it cannot be read
+    (the file is informative only: nothing else of a resume depends on it)."""
+    try:
+        saved = yaml.safe_load((Path(ckpt_dir) / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    optim = saved.get("optim") if isinstance(saved, dict) else None
+    name = optim.get("name") if isinstance(optim, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def check_setup_matches(ckpt_dir: Path, model_config: Qwen3Config, optimizer: str) -> None:
+    """Before any data is built, raise :class:`CheckpointError` if the checkpoint's model shape
+    or optimizer differs from this run's. The vocabulary size (set by the tokenizer) and the
+    rest are compared once the run is built (:func:`check_compatible`)."""
+    _check_model_shape(ckpt_dir, model_config, tuple(f for f in SHAPE_FIELDS if f != "vocab_size"))
+    saved = _saved_optimizer(ckpt_dir)
+    if saved is not None and saved != optimizer:
+        raise CheckpointError(
+            f"cannot resume from {ckpt_dir}: optim.name is {saved} in the checkpoint but "
+            f"{optimizer} in this run, and optimizer state does not carry over; resume with "
+            f"optim.name={saved}, or start a new run"
+        )
+
+
 def check_compatible(
     ckpt_dir: Path,
     state: dict[str, Any],
@@ -140,14 +180,7 @@ def check_compatible(
 ) -> None:
     """Raise :class:`CheckpointError` naming the first difference between the checkpoint's setup
     and this run's (model shape, tokenizer, world size)."""
-    saved = Qwen3Config.from_json_file(Path(ckpt_dir) / "config.json")
-    for name in SHAPE_FIELDS:
-        old, new = getattr(saved, name), getattr(model_config, name)
-        if old != new:
-            raise CheckpointError(
-                f"cannot resume from {ckpt_dir}: model.{name} is {old} in the checkpoint but {new} "
-                "in this run; resume with the model config it was trained with, or start a new run"
-            )
+    _check_model_shape(ckpt_dir, model_config, SHAPE_FIELDS)
     if state.get("tokenizer_hash") != tok_hash:
         raise CheckpointError(
             f"cannot resume from {ckpt_dir}: the tokenizer differs from this run's "
@@ -165,7 +198,10 @@ def check_compatible(
 def load_model_weights(model: Qwen3, ckpt_dir: Path) -> None:
     """Copy a checkpoint's weights into ``model`` in place (same shapes, already checked); a
     model sharded with FSDP keeps this rank's shard of each."""
-    loaded = Qwen3.from_pretrained(ckpt_dir, device="cpu", dtype=torch.float32)
+    try:
+        loaded = Qwen3.from_pretrained(ckpt_dir, device="cpu", dtype=torch.float32)
+    except (FileNotFoundError, ValueError) as e:  # how qwen3 (standalone) reports a bad file
+        raise CheckpointError(f"cannot resume from {ckpt_dir}: {e}") from e
     if is_sharded(model):
         load_full_weights(model, loaded.state_dict())
         return

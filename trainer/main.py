@@ -10,13 +10,13 @@ from typing import Any
 
 from data.errors import DataError
 from qwen3 import Qwen3
-from trainer.checkpoint import CheckpointError
+from trainer.checkpoint import check_setup_matches
 from trainer.config import SampleConfig
 from trainer.distributed import DistInfo, dist_info, local_device
 from trainer.fsdp import full_model_copy, is_sharded
 from trainer.loop import Trainer, TrainingDiverged
 from trainer.run_config import RunConfig
-from trainer.run_dirs import resolve_resume
+from trainer.run_dirs import CheckpointError, resolve_resume
 from trainer.sampling import complete
 from trainer.setup import (
     apply_runtime_settings,
@@ -53,15 +53,22 @@ def run_training(
     """Train, evaluate, save and report; returns the process exit code.
 
     Everything that can be checked without data (config values, device, optimizer settings,
-    the resume path) is checked first, so a mistake costs seconds, not a tokenizer build.
+    the checkpoint to resume from) is checked first, so a mistake costs seconds, not a tokenizer
+    build. Only the project's own errors (what a user can fix) become one line; anything else is
+    a bug, or the machine (out of memory), and keeps its traceback.
     """
+    dist = dist_info()
     try:
-        dist = dist_info()
         device, precision = resolve_device(cfg)
         device = local_device(device, dist)
         apply_runtime_settings(cfg, device)
         check_optimizer_config(cfg)
-        resume_dir = resolve_resume(cfg.resume, run_dir) if cfg.resume else None
+        resume_dir = None
+        if cfg.resume:
+            resume_dir, skipped = resolve_resume(cfg.resume, run_dir)
+            if skipped and dist.is_main:
+                print(f"warning: {skipped}", file=sys.stderr, flush=True)
+            check_setup_matches(resume_dir, cfg.model, cfg.optim.name)
         parts = build_parts(cfg, dist, device, precision)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -75,7 +82,7 @@ def run_training(
     if resume_dir is not None:
         try:
             trainer.resume_from(resume_dir)
-        except (CheckpointError, ValueError) as e:
+        except (CheckpointError, DataError, ConfigError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         if dist.is_main:

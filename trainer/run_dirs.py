@@ -1,20 +1,57 @@
-"""Where runs live: the default run name, finding the most recent run, resolving ``resume``."""
+"""Where runs live and what a checkpoint directory must hold: the default run name, finding the
+most recent run, checking a checkpoint before it is used, and resolving ``resume``.
+
+Light on purpose (no torch at import): ``serve.py`` reads the run layout with these rules and
+reports a bad checkpoint before torch loads.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import zipfile
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from trainer.typed_config import ConfigError
 
 LATEST = "latest"
 BEST = "best"
+MODEL_CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+TOKENIZER = "tokenizer.json"
+STATE_FILE = "trainer_state.pt"
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used: missing, damaged, or from a different setup; the
+    message names the file or setting and what to do."""
 
 
 def timestamp_name() -> str:
     """A run name from the current local time, e.g. ``2026-11-22_23-05-38``."""
     return datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def step_number(path: Path) -> int | None:
+    """The step of a ``step-NNNNNN`` directory name, else None."""
+    match = _STEP_DIR.fullmatch(path.name)
+    return int(match.group(1)) if match else None
+
+
+def step_dirs(run_dir: Path) -> list[Path]:
+    """The step directories of a run, oldest first by step number (``step-1000000`` has seven
+    digits, so name order would put it before ``step-999999``)."""
+    found = [(step_number(p), p) for p in run_dir.glob("step-*") if p.is_dir()]
+    return [p for step, p in sorted((s, p) for s, p in found if s is not None)]
 
 
 def read_pointer(run_dir: Path, name: str) -> Path | None:
@@ -74,23 +111,183 @@ def default_run_name(out_dir: str | None, resume: str | None, stamp: str | None 
     return stamp or timestamp_name()
 
 
-def resolve_resume(resume: str, run_dir: Path) -> Path:
-    """The checkpoint directory ``resume`` names: ``latest`` of ``run_dir``, a run directory
-    (its ``latest``), or a checkpoint directory itself."""
-    if resume == LATEST:
-        target = run_dir / LATEST
-        if not target.exists():
-            raise ConfigError(
-                f"resume=latest: no checkpoint found in {run_dir} (no '{LATEST}' pointer); "
-                "train first, or pass resume=PATH to a checkpoint directory"
-            )
-        return target.resolve()
-    path = Path(resume)
-    if (path / LATEST).exists():
-        path = path / LATEST
-    if not (path / "trainer_state.pt").is_file():
+# ---- checking a checkpoint directory ---------------------------------------------------------
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def _read_json(file: Path) -> Any:
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{file} is damaged: not valid JSON ({_one_line(err)})") from None
+
+
+def _check_config(path: Path) -> dict[str, Any]:
+    """``config.json``: present, valid JSON, a Qwen3 config."""
+    file = path / MODEL_CONFIG
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing: {path} is not a Qwen3 model directory")
+    config = _read_json(file)
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != "qwen3":
+        raise CheckpointError(
+            f"{path} is not a Qwen3 model directory: {MODEL_CONFIG} has "
+            f"model_type={model_type!r}, expected 'qwen3'"
+        )
+    assert isinstance(config, dict)
+    return config
+
+
+def _weight_shapes(path: Path) -> dict[str, list[int]]:
+    """Every tensor's shape from the safetensors headers (``safe_open`` parses the header and
+    checks that the file holds every byte it announces, without reading the tensors)."""
+    from safetensors import SafetensorError, safe_open
+
+    if (path / WEIGHTS_INDEX).is_file():
+        index = _read_json(path / WEIGHTS_INDEX)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{path / WEIGHTS_INDEX} is damaged: it has no weight_map")
+        files = sorted({path / str(name) for name in weight_map.values()})
+    elif (path / WEIGHTS).is_file():
+        files = [path / WEIGHTS]
+    else:
+        raise CheckpointError(f"{path / WEIGHTS} is missing: {path} is not a Qwen3 model directory")
+    shapes: dict[str, list[int]] = {}
+    for file in files:
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing ({WEIGHTS_INDEX} names it)")
+        try:
+            with safe_open(str(file), framework="numpy") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    shapes[name] = list(f.get_slice(name).get_shape())
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{file} is damaged ({_one_line(err)})") from None
+    return shapes
+
+
+def _check_weights_match(path: Path, config: dict[str, Any], shapes: dict[str, list[int]]) -> None:
+    """The weights are the model ``config.json`` describes (embedding shape, layer count)."""
+    where = f"{path / WEIGHTS} does not match {path / MODEL_CONFIG}"
+    vocab, hidden = config.get("vocab_size"), config.get("hidden_size")
+    embed = shapes.get("model.embed_tokens.weight")
+    sizes_known = isinstance(vocab, int) and isinstance(hidden, int)
+    if embed is not None and sizes_known and embed != [vocab, hidden]:
+        raise CheckpointError(
+            f"{where}: the embedding is {embed}, config.json says [vocab_size, hidden_size] "
+            f"= [{vocab}, {hidden}]; the directory mixes files of two models"
+        )
+    layers = {int(m.group(1)) for n in shapes if (m := re.match(r"model\.layers\.(\d+)\.", n))}
+    n_layers = config.get("num_hidden_layers")
+    if layers and isinstance(n_layers, int) and max(layers) + 1 != n_layers:
+        raise CheckpointError(
+            f"{where}: the weights have {max(layers) + 1} layers, config.json says "
+            f"num_hidden_layers={n_layers}; the directory mixes files of two models"
+        )
+
+
+def _check_trainer_state(path: Path) -> None:
+    """``trainer_state.pt`` is a whole ``torch.save`` archive: its zip directory sits at the end
+    of the file, so a truncated or overwritten file fails here, without loading the tensors."""
+    file = path / STATE_FILE
+    if not file.is_file():
+        raise CheckpointError(
+            f"{file} is missing: {path} is not a training checkpoint of this framework "
+            "(a plain Hugging Face model dir can be used by demo/serve, not resumed)"
+        )
+    try:
+        with zipfile.ZipFile(file) as archive:
+            pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
+    except (zipfile.BadZipFile, OSError) as err:
+        raise CheckpointError(f"{file} is damaged ({_one_line(err)})") from None
+    if not pickles:
+        raise CheckpointError(f"{file} is damaged (no data.pkl in the archive)")
+
+
+def check_checkpoint(path: Path, training: bool = False) -> None:
+    """Raise :class:`CheckpointError` naming the first missing or damaged file of the model
+    directory ``path``: ``config.json`` (a Qwen3 config), readable weights that match it, and
+    ``tokenizer.json``; with ``training``, also a loadable ``trainer_state.pt``."""
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory; pass a checkpoint directory")
+    config = _check_config(path)
+    _check_weights_match(path, config, _weight_shapes(path))
+    if not (path / TOKENIZER).is_file():
+        raise CheckpointError(
+            f"{path} has no {TOKENIZER}; save the tokenizer beside the model (Qwen3Tokenizer.save)"
+        )
+    _read_json(path / TOKENIZER)
+    if training:
+        _check_trainer_state(path)
+
+
+def intact_checkpoints(run_dir: Path, skip: Path | None = None) -> list[Path]:
+    """The step directories of ``run_dir`` that can be resumed from, newest first."""
+    found = [d for d in reversed(step_dirs(run_dir)) if skip is None or d.resolve() != skip]
+    intact = []
+    for d in found:
+        try:
+            check_checkpoint(d, training=True)
+        except CheckpointError:
+            continue
+        intact.append(d.resolve())
+    return intact
+
+
+def _looks_like_checkpoint(path: Path) -> bool:
+    names = (MODEL_CONFIG, WEIGHTS, WEIGHTS_INDEX, STATE_FILE)
+    return step_number(path) is not None or any((path / n).exists() for n in names)
+
+
+def resolve_resume(resume: str, run_dir: Path) -> tuple[Path, str | None]:
+    """The checkpoint to resume from, checked before any work, and a one-line note when it is
+    not the one ``resume`` named.
+
+    ``latest`` (of ``run_dir``) or a run directory (its ``latest``): a damaged checkpoint is
+    skipped for the newest intact one of the run, and the note says which file was damaged and
+    which checkpoint is used instead. A step directory named explicitly is used as it is or
+    refused, listing the run's intact checkpoints.
+    """
+    path = run_dir if resume == LATEST else Path(resume)
+    explicit = not ((path / LATEST).is_symlink() or (path / LATEST).exists())
+    if explicit and resume == LATEST:
         raise ConfigError(
-            f"resume={resume}: {path} is not a checkpoint directory (no trainer_state.pt); "
+            f"resume=latest: no checkpoint found in {run_dir} (no '{LATEST}' pointer); "
+            "train first, or pass resume=PATH to a checkpoint directory"
+        )
+    if not path.is_dir():
+        raise ConfigError(
+            f"resume={resume}: no such directory; pass resume=latest or the path of a "
+            "step-NNNNNN directory of a run"
+        )
+    if explicit and not _looks_like_checkpoint(path):
+        raise ConfigError(
+            f"resume={resume}: {path} is not a checkpoint directory (no {STATE_FILE}); "
             "pass resume=latest or the path of a step-NNNNNN directory of a run"
         )
-    return path.resolve()
+    run = path.resolve().parent if explicit else path
+    target = path.resolve() if explicit else read_pointer(run, LATEST)
+    try:
+        if target is None:
+            raise CheckpointError(f"{run / LATEST} points at a directory that does not exist")
+        check_checkpoint(target, training=True)
+        return target, None
+    except CheckpointError as err:
+        intact = intact_checkpoints(run, skip=target)
+        if explicit:
+            listing = (
+                f"intact checkpoints of {run}: {', '.join(d.name for d in intact)} "
+                "(pass one as resume=PATH)"
+                if intact
+                else f"no checkpoint of {run} is intact"
+            )
+            raise CheckpointError(f"resume={resume}: {err}; {listing}") from None
+        if not intact:
+            raise CheckpointError(
+                f"{err}, and no other checkpoint of {run} is intact; start a new run "
+                "(without resume)"
+            ) from None
+        return intact[0], f"{err}; resuming from {intact[0]}, the newest intact checkpoint"
