@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import threading
@@ -14,6 +15,7 @@ from test_trainer_support import REPO, run_train, subprocess_env, train_cmd, wri
 from data.tokenizer_training import train_tokenizer
 from qwen3 import Qwen3, Qwen3Config
 from trainer.checkpoint import save_checkpoint, set_pointer
+from trainer.generation_cli import run_subcommand
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +64,37 @@ def test_demo_errors_are_one_clear_message(runs, tmp_path) -> None:
     res = run_train(root, "demo", f"out_dir={tmp_path}", "temprature=0.5")
     assert res.returncode == 2 and "demo.temprature" in res.stderr and "temperature" in res.stderr
     res = run_train(root, "interactive", "top_p=3")
-    assert res.returncode == 2 and "top_p" in res.stderr
+    assert res.returncode == 2 and "error: interactive: top_p=3.0 must lie in (0, 1]" in res.stderr
     assert "Traceback" not in res.stderr
+    res = run_train(root, "demo", "device=nonsense")
+    assert res.returncode == 2 and "device='nonsense' is not a device" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("command", ["demo", "interactive"])
+def test_a_damaged_checkpoint_is_one_line(runs, tmp_path, command) -> None:
+    root, out = runs
+    ckpt = tmp_path / "step-000010"
+    shutil.copytree(out / "older" / "step-000010", ckpt)
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short
+    res = run_train(root, command, f"ckpt={ckpt}")
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {weights} is damaged ("), res.stderr
+
+
+def test_out_of_memory_keeps_its_traceback(runs, monkeypatch) -> None:
+    """Not the user's mistake: it must reach the user with its traceback, not as one line.
+    (A CUDA out-of-memory, raised where attention would allocate, on any machine.)"""
+    _, out = runs
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        run_subcommand("demo", [f"ckpt={out / 'older' / 'best'}", "max_new_tokens=2", "device=cpu"])
 
 
 def test_interactive_prompt_quit_and_eof(runs) -> None:

@@ -13,8 +13,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from qwen3 import Qwen3, pick_device
 from qwen3.tokenizer import Qwen3Tokenizer
-from trainer.config import SampleConfig
-from trainer.run_dirs import BEST, most_recent_run
+from trainer.config import _DEVICE_RE, SampleConfig
+from trainer.run_dirs import BEST, CheckpointError, check_checkpoint, most_recent_run
 from trainer.sampling import complete, stream_text
 from trainer.typed_config import ConfigError, build_dataclass
 
@@ -39,6 +39,13 @@ class GenerationCliConfig:
     stop_at_eos: bool = True
     extra: list[str] = field(default_factory=list, repr=False)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.device, str) or not _DEVICE_RE.match(self.device):
+            raise ValueError(
+                f"device={self.device!r} is not a device; choose one of: auto, cpu, cuda, "
+                "cuda:N, mps"
+            )
+
     def sample_config(self) -> SampleConfig:
         return SampleConfig(
             prompts=self.prompts or [], max_new_tokens=self.max_new_tokens,
@@ -60,26 +67,35 @@ def parse_options(command: str, args: list[str]) -> GenerationCliConfig:
     if isinstance(values.get("prompts"), str):  # prompts="ROMEO:" means one prompt
         values["prompts"] = [values["prompts"]]
     cfg = build_dataclass(GenerationCliConfig, values, command, skip=("extra",))
-    cfg.sample_config()  # validates the sampling values
+    try:
+        cfg.sample_config()  # validates the sampling values
+    except ValueError as e:  # SampleConfig's own check; here its keys are plain options
+        raise ConfigError(f"{command}: {str(e).replace('sample.', '')}") from None
     return cfg
 
 
 def find_checkpoint(cfg: GenerationCliConfig) -> Path:
-    """``ckpt`` (a run dir means its best), else the best of the most recent run."""
+    """``ckpt`` (a run dir means its best), else the best of the most recent run; checked
+    (config, readable weights, tokenizer) before anything loads."""
     if cfg.ckpt:
         path = Path(cfg.ckpt)
+        if not path.exists():
+            raise ConfigError(
+                f"ckpt={cfg.ckpt}: no such directory; pass a checkpoint or run directory"
+            )
         if (path / BEST).exists():
             path = path / BEST
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"ckpt={cfg.ckpt}: no config.json there; pass a model directory")
-        return path
-    run = most_recent_run(cfg.out_dir, BEST)
-    if run is None:
-        raise ConfigError(
-            f"no trained run under {cfg.out_dir}/ (none has a 'best' checkpoint); train one with "
-            "`python train.py model=tiny`, or pass ckpt=DIR (any Hugging Face Qwen3 directory)"
-        )
-    return run / BEST
+    else:
+        run = most_recent_run(cfg.out_dir, BEST)
+        if run is None:
+            raise ConfigError(
+                f"no trained run under {cfg.out_dir}/ (none has a 'best' checkpoint); train one "
+                "with `python train.py model=tiny`, or pass ckpt=DIR (any Hugging Face Qwen3 "
+                "directory)"
+            )
+        path = run / BEST
+    check_checkpoint(path)
+    return path
 
 
 def run_prompts(ckpt: Path) -> list[str] | None:
@@ -87,18 +103,33 @@ def run_prompts(ckpt: Path) -> list[str] | None:
     config = ckpt / "config.yaml"
     if not config.is_file():
         return None
-    prompts = (yaml.safe_load(config.read_text()) or {}).get("sample", {}).get("prompts")
-    return list(prompts) if prompts else None
+    try:
+        saved = yaml.safe_load(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise CheckpointError(
+            f"{config} is damaged ({' '.join(str(e).split())}); pass the prompts yourself, "
+            "e.g. prompts='[\"ROMEO:\"]'"
+        ) from None
+    sample = saved.get("sample") if isinstance(saved, dict) else None
+    prompts = sample.get("prompts") if isinstance(sample, dict) else None
+    return [str(p) for p in prompts] if isinstance(prompts, list) and prompts else None
 
 
 def load(cfg: GenerationCliConfig) -> tuple[Path, Qwen3, Qwen3Tokenizer]:
     ckpt = find_checkpoint(cfg)
-    device = pick_device(cfg.device)
+    try:
+        device = pick_device(cfg.device)
+    except RuntimeError as e:  # the device is not available on this machine
+        raise ConfigError(str(e)) from None
     if device.type == "cpu":
         torch.set_flush_denormal(True)
-    model = Qwen3.from_pretrained(ckpt, device=device)
+    try:
+        tokenizer = Qwen3Tokenizer.from_dir(ckpt)
+        model = Qwen3.from_pretrained(ckpt, device=device)
+    except (FileNotFoundError, ValueError) as e:  # how qwen3 (standalone) reports a bad file
+        raise CheckpointError(f"cannot load {ckpt}: {e}") from e
     model.eval()
-    return ckpt, model, Qwen3Tokenizer.from_dir(ckpt)
+    return ckpt, model, tokenizer
 
 
 def demo(cfg: GenerationCliConfig) -> None:
@@ -146,7 +177,7 @@ def run_subcommand(command: str, args: list[str]) -> int:
     try:
         cfg = parse_options(command, args)
         (demo if command == "demo" else interactive)(cfg)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
+    except (ConfigError, CheckpointError) as e:  # a user's to fix; anything else is a bug
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
