@@ -50,7 +50,9 @@ def load_served_model(
     try:
         tokenizer = Qwen3Tokenizer.from_dir(path)
         model = Qwen3.from_pretrained(path, device=torch_device, dtype=DTYPES.get(dtype or ""))
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
+    # The files passed check_qwen3_dir; what qwen3's loaders still raise for a bad file is
+    # OSError/ValueError/KeyError. RuntimeError (CUDA out of memory among them) keeps its traceback.
+    except (OSError, ValueError, KeyError) as err:
         raise CheckpointError(f"cannot load {path} as a Qwen3 model: {err}") from err
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointError(
