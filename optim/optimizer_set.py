@@ -9,12 +9,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.optim import AdamW, Muon, Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from optim.config import OptimConfig
 from optim.param_groups import ParamSplit, split_parameters
 from optim.schedules import fit_warmup, lr_lambda, muon_momentum
+from optim.sharded_muon import ShardedMuon
 
 # adamw_impl -> AdamW's (foreach, fused); None lets torch choose
 _ADAMW_IMPLS: dict[str, tuple[bool | None, bool | None]] = {
@@ -196,7 +198,9 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, max_steps: int) -> Opti
                 "optim.name='muon' found no 2-D weight matrices in the model; use optim.name=adamw"
             )
         _check_muon_dtypes(cfg, split)
-        optimizers["muon"] = Muon(
+        # FSDP2-sharded matrices (DTensors) are orthogonalised whole, once per step.
+        sharded = any(isinstance(p, DTensor) for _, p in split.matrices)
+        optimizers["muon"] = (ShardedMuon if sharded else Muon)(
             [{"name": "matrices", "params": [p for _, p in split.matrices]}],
             lr=cfg.lr,
             weight_decay=cfg.weight_decay,

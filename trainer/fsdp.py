@@ -22,11 +22,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.optim import Muon
 
 from optim import OptimizerSet
 from qwen3 import Qwen3
-from trainer.sharded_muon import ShardedMuon
 
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
 _SCATTER = StateDictOptions(full_state_dict=True)
@@ -45,16 +43,6 @@ def shard_model(model: Qwen3, device: torch.device) -> None:
 
 def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
-
-
-def use_sharded_muon(optimizers: OptimizerSet) -> None:
-    """Let Muon orthogonalise whole matrices: each step gathers a matrix's update, runs
-    Newton-Schulz on it, and keeps this rank's rows (see :mod:`trainer.sharded_muon`)."""
-    for opt in optimizers.optimizers:
-        if type(opt) is Muon:
-            # Same object, so its LR scheduler and state stay attached; only step() changes
-            # (fully_shard swaps the module class the same way).
-            opt.__class__ = ShardedMuon
 
 
 def full_model_copy(model: Qwen3, is_main: bool) -> Qwen3 | None:

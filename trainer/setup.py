@@ -15,7 +15,6 @@ from data.errors import DataError
 from optim import OptimizerSet, build_optimizers
 from qwen3 import Qwen3, Qwen3Config, pick_device
 from trainer.distributed import DistInfo, main_first
-from trainer.fsdp import is_sharded, use_sharded_muon
 from trainer.parallel import wrap_model
 from trainer.precision import Precision, resolve_precision
 from trainer.run_config import RunConfig
@@ -105,8 +104,6 @@ def build_parts(
     model.train()
     forward = wrap_model(model, dist, device, tcfg.fsdp, tcfg.compile)
     optimizers = build_optimizers(model, cfg.optim, tcfg.max_steps)
-    if is_sharded(model):
-        use_sharded_muon(optimizers)
     sampler = BatchSampler(
         data.train, tcfg.batch_size * tcfg.grad_accum, tcfg.seq_len, cfg.seed,
         rank=dist.rank, world_size=dist.world_size,
