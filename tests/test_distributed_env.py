@@ -13,11 +13,12 @@ from trainer.distributed import (
     any_rank,
     dist_info,
     from_main,
+    gradient_sync,
     local_device,
     main_first,
     mean_across_ranks,
+    wrap_model,
 )
-from trainer.parallel import gradient_sync, wrap_model
 
 
 def test_plain_python_is_rank_0_of_1(monkeypatch) -> None:

@@ -20,7 +20,7 @@ import yaml
 
 from qwen3 import Qwen3, Qwen3Config
 from qwen3.tokenizer import Qwen3Tokenizer
-from trainer.fsdp import is_sharded, load_full_weights
+from trainer.distributed import is_sharded, load_full_weights
 from trainer.run_dirs import (
     BEST,
     LATEST,

@@ -41,8 +41,11 @@ def register_resolvers(stamp: str | None = None) -> None:
 
 def _config_keys() -> tuple[set[str], set[str]]:
     """Every key the shipped config defines, dotted (``trainer.max_steps``, ``model.preset``),
-    and the subset that holds a value rather than a section. Read from the YAML files, so they
-    are exactly what Hydra accepts; the options of a group share their keys."""
+    and the subset that holds a value rather than a section. Read from the YAML files and the
+    model fields that :func:`trainer.run_config.register_config_nodes` adds, so they are exactly
+    what Hydra accepts; the options of a group share their keys."""
+    from trainer.run_config import MODEL_FIELDS  # imports torch: only for a training run
+
     keys: set[str] = set()
     leaves: set[str] = set()
 
@@ -64,6 +67,7 @@ def _config_keys() -> tuple[set[str], set[str]]:
             section = OmegaConf.to_container(OmegaConf.load(option), resolve=False)
             assert isinstance(section, dict)
             walk(section, group.name + ".")
+    walk({"model": dict.fromkeys(MODEL_FIELDS)}, "")
     return keys, leaves
 
 
@@ -126,7 +130,7 @@ def train_from_hydra(cfg: DictConfig, start_time: float) -> int:
 
 def _train(cfg: DictConfig, hc: Any, run_dir: Path, start_time: float) -> int:
     from trainer.main import run_training
-    from trainer.run_config import build_run_config, to_container
+    from trainer.run_config import build_run_config, run_record, to_container
     from trainer.typed_config import ConfigError
 
     try:
@@ -140,8 +144,7 @@ def _train(cfg: DictConfig, hc: Any, run_dir: Path, start_time: float) -> int:
         for note in run_cfg.notes:
             print(note)
     # The saved config says what the run does, also where a setting was adapted to it.
-    if isinstance(data.get("optim"), dict):
-        data["optim"]["warmup_steps"] = run_cfg.optim.warmup_steps
+    data = run_record(data, run_cfg)
     yaml = OmegaConf.to_yaml(OmegaConf.create(data))
     return run_training(run_cfg, run_dir, yaml, data, list(hc.overrides.task), start_time)
 
@@ -164,6 +167,9 @@ def main(argv: list[str], start_time: float) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     register_resolvers(from_main(timestamp_name()) if dist.is_distributed else None)
+    from trainer.run_config import register_config_nodes
+
+    register_config_nodes()
     codes: list[int] = []
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

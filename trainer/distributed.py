@@ -1,19 +1,44 @@
-"""Which process this is, and the process group that ties ``torchrun``'s processes together.
+"""Several processes: the process group ``torchrun`` ties together, collectives, and the model's
+wrapping for them (DistributedDataParallel, or FSDP2 sharding).
 
 ``torchrun`` sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; a plain
 ``python train.py`` sets none of them and runs as rank 0 of 1 without a process group. The
 collectives below are no-ops then, so single-process code paths call them unconditionally.
+
+Wrapping: one process trains the model as is. Several, ``trainer.fsdp=false``: every rank holds
+the whole model and DDP all-reduces (averages) the gradients in buckets during ``backward``.
+``trainer.fsdp=true``: ``fully_shard`` makes each decoder layer its own shard group (all-gathered
+just before it runs, freed after) and the root holds the rest (the embedding, tied to the LM
+head, and the final norm). Parameters become DTensors sharded along their first dimension;
+optimizers step on the local shards. Checkpoints stay ordinary Hugging Face directories: the
+full weights and optimizer state are gathered to rank 0 on the CPU when saving, and every rank
+reads the full state and keeps its own shard when resuming.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from optim import OptimizerSet
+from qwen3 import Qwen3
 
 T = TypeVar("T")
 _ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
@@ -162,3 +187,119 @@ def main_first(fn: Callable[[], T], what: str, error: type[Exception] = RuntimeE
     if not from_main(False):
         raise error(f"rank 0 failed {what}; its message above says why")
     return fn()
+
+
+def wrap_model(
+    model: Qwen3, dist: DistInfo, device: torch.device, fsdp: bool, compile: bool
+) -> nn.Module:
+    """What the training step calls. ``model`` is sharded in place when ``fsdp``; build the
+    optimizers after this call, on ``model``'s (then sharded) parameters."""
+    forward: nn.Module = model
+    if fsdp and not dist.is_distributed:
+        warnings.warn(
+            "trainer.fsdp=true in a single process: nothing to shard across, training unsharded; "
+            "launch with torchrun --nproc_per_node=N to shard",
+            stacklevel=2,
+        )
+    elif fsdp:
+        shard_model(model, device)
+    elif dist.is_distributed:
+        forward = DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            forward_sync_buffers=False,  # only RoPE tables, the same on every rank
+        )
+    return cast(nn.Module, torch.compile(forward)) if compile else forward
+
+
+def _unwrap_compiled(model: nn.Module) -> nn.Module:
+    return getattr(model, "_orig_mod", model)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Within this context ``backward`` only accumulates local gradients when ``enabled`` is
+    false (the non-final micro-batches of gradient accumulation), so the ranks communicate
+    once per optimizer step."""
+    inner = _unwrap_compiled(model)
+    if enabled:
+        yield
+    elif isinstance(inner, DistributedDataParallel):
+        with inner.no_sync():
+            yield
+    elif isinstance(inner, FSDPModule):
+        inner.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            inner.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+_GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
+_SCATTER = StateDictOptions(full_state_dict=True)
+
+
+def shard_model(model: Qwen3, device: torch.device) -> None:
+    """Shard ``model`` in place: one FSDP group per decoder layer, plus the root."""
+    mesh_device = "cuda" if device.type == "cuda" else "cpu"
+    mesh = torch.distributed.device_mesh.init_device_mesh(
+        mesh_device, (torch.distributed.get_world_size(),)
+    )
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def full_model_copy(model: Qwen3, is_main: bool) -> Qwen3 | None:
+    """The whole model as a plain module on rank 0's CPU (None elsewhere). Collective: every
+    rank must call it."""
+    state = get_model_state_dict(model, options=_GATHER)
+    if not is_main:
+        return None
+    with torch.device("meta"):
+        plain = Qwen3(model.config)
+    plain.to_empty(device="cpu")
+    plain.model.rotary_emb.reset()
+    if model.config.tie_word_embeddings:
+        plain.lm_head.weight = plain.model.embed_tokens.weight
+    plain.load_state_dict(state, strict=False)
+    missing = {n for n, _ in plain.named_parameters()} - set(state)
+    if missing:
+        raise RuntimeError(f"gathered state dict lacks {sorted(missing)[:3]}")
+    return plain
+
+
+def load_full_weights(model: Qwen3, full: dict[str, Any]) -> None:
+    """Copy a full (unsharded) state dict into the sharded ``model``; each rank keeps its shard."""
+    set_model_state_dict(model, full, options=_SCATTER)
+
+
+def full_optimizer_state(model: Qwen3, optimizers: OptimizerSet) -> dict[str, Any]:
+    """:meth:`OptimizerSet.state_dict` with each optimizer's state gathered whole (keyed by
+    parameter name) to rank 0's CPU. Collective."""
+    state = optimizers.state_dict()
+    state["optimizers"] = [
+        get_optimizer_state_dict(model, opt, options=_GATHER) for opt in optimizers.optimizers
+    ]
+    return state
+
+
+def load_full_optimizer_state(
+    model: Qwen3, optimizers: OptimizerSet, state: dict[str, Any]
+) -> None:
+    """Restore what :func:`full_optimizer_state` saved; each rank keeps its shard of it."""
+    if list(state.get("names", [])) != optimizers.names:
+        optimizers.load_state_dict(state)  # raises its clear mismatch message
+    for opt, opt_state in zip(optimizers.optimizers, state["optimizers"], strict=True):
+        set_optimizer_state_dict(model, opt, opt_state, options=_SCATTER)
+    # Steps, schedulers and the Muon momentum schedule through the usual path; the optimizers
+    # get their own (just restored) state back.
+    optimizers.load_state_dict(
+        {**state, "optimizers": [opt.state_dict() for opt in optimizers.optimizers]}
+    )

@@ -20,14 +20,15 @@ from trainer.checkpoint import (
     set_pointer,
     tokenizer_hash,
 )
-from trainer.distributed import DistInfo, any_rank
-from trainer.evaluation import evaluate
-from trainer.fsdp import (
+from trainer.distributed import (
+    DistInfo,
+    any_rank,
     full_model_copy,
     full_optimizer_state,
     is_sharded,
     load_full_optimizer_state,
 )
+from trainer.evaluation import evaluate
 from trainer.metrics_log import MetricsLog
 from trainer.plot import write_plot
 from trainer.rng_state import capture_rng, restore_rng

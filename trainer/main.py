@@ -12,8 +12,7 @@ from data.errors import DataError
 from qwen3 import Qwen3
 from trainer.checkpoint import check_setup_matches
 from trainer.config import SampleConfig
-from trainer.distributed import DistInfo, dist_info, local_device
-from trainer.fsdp import full_model_copy, is_sharded
+from trainer.distributed import DistInfo, dist_info, full_model_copy, is_sharded, local_device
 from trainer.loop import Trainer, TrainingDiverged
 from trainer.run_config import RunConfig
 from trainer.run_dirs import CheckpointError, resolve_resume

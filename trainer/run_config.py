@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
@@ -37,8 +38,26 @@ class RunConfig:
     notes: list[str] = field(default_factory=list)
 
 
+# The settable Qwen3Config fields (``extra`` only carries a config.json's unknown keys through).
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(Qwen3Config) if f.name != "extra")
+MODEL_FIELDS_NODE = "model_fields"
+
+
+def register_config_nodes() -> None:
+    """Store, for ``conf/config.yaml``'s defaults list, a ``model`` section holding every
+    Qwen3Config field as null, composed before the ``model`` group: Hydra overrides only keys
+    that exist (``model.num_hidden_layers=2``), so every field must be there, while
+    ``conf/model/*.yaml`` names a preset and sets only what differs from it. Call before
+    Hydra composes the config."""
+    node = dict.fromkeys(MODEL_FIELDS)
+    ConfigStore.instance().store(name=MODEL_FIELDS_NODE, node=node, package="model")
+
+
 def build_model_config(section: dict[str, Any]) -> Qwen3Config:
-    """``preset`` plus every other key of ``conf/model/*.yaml`` applied over it."""
+    """``preset`` with every other key of the ``model`` section applied over it. A null key
+    keeps the preset's value: that is how the composed config leaves a field unset. The fields
+    whose own value may be null (the special-token ids) are null in every preset, the model
+    taking them from the tokenizer, so for them null means the same either way."""
     values = dict(section)
     preset = values.pop("preset", "tiny")
     if preset not in PRESETS:
@@ -46,8 +65,22 @@ def build_model_config(section: dict[str, Any]) -> Qwen3Config:
             f"model.preset={preset!r} is unknown; choose one of: {', '.join(PRESETS)}."
         )
     base = Qwen3Config.from_preset(preset)
-    merged = {**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)}, **values}
+    merged = {name: getattr(base, name) for name in MODEL_FIELDS}
+    merged.update((k, v) for k, v in values.items() if v is not None)
     return build_dataclass(Qwen3Config, merged, "model", skip=())
+
+
+def run_record(data: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
+    """``data`` (the composed config) as the run uses it, for the ``config.yaml`` saved with
+    each checkpoint and for wandb: every model field with its value (the preset's where the
+    composed config says null), and settings adapted to the run (a shortened warmup)."""
+    record = dict(data)
+    model = cfg.model
+    preset = (data.get("model") or {}).get("preset", "tiny")
+    record["model"] = {"preset": preset, **{name: getattr(model, name) for name in MODEL_FIELDS}}
+    if isinstance(data.get("optim"), dict):
+        record["optim"] = {**data["optim"], "warmup_steps": cfg.optim.warmup_steps}
+    return record
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

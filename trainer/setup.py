@@ -14,8 +14,7 @@ from data import BatchSampler, PreparedData, prepare_data
 from data.errors import DataError
 from optim import OptimizerSet, build_optimizers
 from qwen3 import Qwen3, Qwen3Config, pick_device
-from trainer.distributed import DistInfo, main_first
-from trainer.parallel import wrap_model
+from trainer.distributed import DistInfo, main_first, wrap_model
 from trainer.precision import Precision, resolve_precision
 from trainer.run_config import RunConfig
 from trainer.typed_config import ConfigError

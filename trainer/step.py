@@ -10,8 +10,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from optim import OptimizerSet
-from trainer.distributed import mean_across_ranks
-from trainer.parallel import gradient_sync
+from trainer.distributed import gradient_sync, mean_across_ranks
 from trainer.precision import Precision
 
 
