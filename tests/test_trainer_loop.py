@@ -150,7 +150,7 @@ def test_each_rank_evaluates_its_share_of_the_val_batches(monkeypatch) -> None:
 
     import trainer.evaluation as evaluation
     from qwen3 import Qwen3, Qwen3Config
-    from trainer.precision import resolve_precision
+    from trainer.build import resolve_precision
 
     torch.manual_seed(0)
     model = Qwen3(Qwen3Config(vocab_size=50, hidden_size=16, intermediate_size=32,

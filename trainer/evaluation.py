@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from data import val_batches
+from trainer.build import Precision
 from trainer.distributed import group_rank_world, sum_across_ranks
-from trainer.precision import Precision
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ from typing import Any
 from tqdm import tqdm
 
 from qwen3 import Qwen3
+from trainer.build import RunParts
 from trainer.checkpoint import (
     check_compatible,
     load_model_weights,
@@ -34,7 +35,6 @@ from trainer.plot import write_plot
 from trainer.rng_state import capture_rng, restore_rng
 from trainer.run_config import RunConfig
 from trainer.run_dirs import BEST, LATEST
-from trainer.setup import RunParts
 from trainer.signals import StopRequest
 from trainer.step import train_step
 from trainer.throughput import mfu

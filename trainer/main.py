@@ -5,11 +5,18 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from data.errors import DataError
 from qwen3 import Qwen3
+from trainer.build import (
+    apply_runtime_settings,
+    build_parts,
+    check_optimizer_config,
+    resolve_device,
+)
 from trainer.checkpoint import check_setup_matches
 from trainer.config import SampleConfig
 from trainer.distributed import DistInfo, dist_info, full_model_copy, is_sharded, local_device
@@ -17,12 +24,6 @@ from trainer.loop import Trainer, TrainingDiverged
 from trainer.run_config import RunConfig
 from trainer.run_dirs import CheckpointError, resolve_resume
 from trainer.sampling import complete
-from trainer.setup import (
-    apply_runtime_settings,
-    build_parts,
-    check_optimizer_config,
-    resolve_device,
-)
 from trainer.summary import samples_text, summary_text
 from trainer.throughput import peak_flops
 from trainer.typed_config import ConfigError
@@ -122,8 +123,7 @@ def run_training(
         return 0
     if sample_model is not None and sample_cfg.prompts and sample_cfg.max_new_tokens:
         sample_model.eval()
-        texts = complete(
-            sample_model, parts.data.tokenizer, sample_cfg.prompts, sample_cfg, cfg.seed
-        )
+        sampling = replace(sample_cfg, seed=cfg.seed)  # the run's seed
+        texts = complete(sample_model, parts.data.tokenizer, sample_cfg.prompts, sampling)
         print(samples_text(sample_cfg.prompts, texts))
     return 0

@@ -10,8 +10,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from optim import OptimizerSet
+from trainer.build import Precision
 from trainer.distributed import gradient_sync, mean_across_ranks
-from trainer.precision import Precision
 
 
 @dataclass
