@@ -24,7 +24,7 @@ from test_trainer_support import (
 )
 
 from trainer.checkpoint import load_trainer_state
-from trainer.main import run_training
+from trainer.run import run_training
 
 STEPS = 24
 

@@ -148,9 +148,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def make_trainer(overrides: list[str], run_dir: Path, wandb=None):
     """A :class:`trainer.loop.Trainer` built exactly as ``train.py`` builds one (in process)."""
+    from trainer.build import apply_runtime_settings, build_parts, resolve_device
     from trainer.distributed import DistInfo
     from trainer.loop import Trainer
-    from trainer.build import apply_runtime_settings, build_parts, resolve_device
 
     cfg = compose_run_config(overrides)
     device, precision = resolve_device(cfg)

@@ -1,6 +1,6 @@
 """Training: the loop, evaluation, checkpoints, logging, and the ``train.py`` command line.
 
-Entry points: ``trainer.cli_entry.main`` (what ``train.py`` runs), ``trainer.main.run_training``
+Entry points: ``trainer.cli_entry.main`` (what ``train.py`` runs), ``trainer.run.run_training``
 (a typed :class:`trainer.run_config.RunConfig` to a finished run), ``trainer.loop.Trainer``.
 """
 

@@ -129,7 +129,7 @@ def train_from_hydra(cfg: DictConfig, start_time: float) -> int:
 
 
 def _train(cfg: DictConfig, hc: Any, run_dir: Path, start_time: float) -> int:
-    from trainer.main import run_training
+    from trainer.run import run_training
     from trainer.run_config import build_run_config, run_record, to_container
     from trainer.typed_config import ConfigError
 

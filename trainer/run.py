@@ -1,7 +1,9 @@
-"""One training run from a typed config to the printed summary (what ``train.py`` hands off to)."""
+"""One training run, from a typed config to the printed summary: check what can be checked
+without data, build the parts, resume, train, report, and print samples."""
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -20,11 +22,10 @@ from trainer.build import (
 from trainer.checkpoint import check_setup_matches
 from trainer.config import SampleConfig
 from trainer.distributed import DistInfo, dist_info, full_model_copy, is_sharded, local_device
-from trainer.loop import Trainer, TrainingDiverged
+from trainer.loop import Outcome, Trainer, TrainingDiverged
 from trainer.run_config import RunConfig
 from trainer.run_dirs import CheckpointError, resolve_resume
 from trainer.sampling import complete
-from trainer.summary import samples_text, summary_text
 from trainer.throughput import peak_flops
 from trainer.typed_config import ConfigError
 from trainer.wandb_logger import WandbLogger
@@ -127,3 +128,48 @@ def run_training(
         texts = complete(sample_model, parts.data.tokenizer, sample_cfg.prompts, sampling)
         print(samples_text(sample_cfg.prompts, texts))
     return 0
+
+
+def format_duration(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    return f"{m}m {s:02d}s" if m else f"{seconds:.1f}s"
+
+
+def summary_text(
+    outcome: Outcome, run_dir: Path, wall_seconds: float, peak_flops: float, tokens_per_step: int
+) -> str:
+    """A few aligned lines; the val metrics are those of the last evaluation."""
+    ev = outcome.final_eval
+    lines = [
+        "",
+        "== summary ==",
+        f"run dir         {run_dir}",
+        f"steps           {outcome.step} ({outcome.step * tokens_per_step:,} tokens)",
+    ]
+    if ev:
+        bpb = f"   val bpb {ev['val_bpb']:.3f}" if "val_bpb" in ev else ""
+        lines.append(
+            f"val loss        {ev['val_loss']:.4f}   val acc {ev['val_acc']:.4f}   "
+            f"val ppl {ev['val_ppl']:.2f}{bpb}"
+        )
+    if math.isfinite(outcome.best_val_loss):
+        lines.append(
+            f"best            {run_dir / 'best'} -> step {outcome.best_step} "
+            f"(val loss {outcome.best_val_loss:.4f})"
+        )
+    lines += [
+        f"tokens/s        {outcome.tokens_per_s:,.0f}   MFU {outcome.mfu:.1%} of "
+        f"{peak_flops / 1e9:,.0f} GFLOP/s",
+        f"training time   {format_duration(outcome.train_seconds)}",
+        f"wall time       {format_duration(wall_seconds)}",
+    ]
+    return "\n".join(lines)
+
+
+def samples_text(prompts: list[str], completions: list[str]) -> str:
+    """Each prompt with its completion, separated by rules."""
+    parts = ["", "== samples =="]
+    for prompt, text in zip(prompts, completions, strict=True):
+        parts += ["-" * 60, prompt + text]
+    parts.append("-" * 60)
+    return "\n".join(parts)
