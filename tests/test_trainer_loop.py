@@ -115,7 +115,7 @@ def test_metrics_checkpoints_and_best_pointer(corpus, tmp_path) -> None:
 
 def test_wandb_offline_run_files_are_written(corpus, tmp_path, monkeypatch) -> None:
     from trainer.config import WandbConfig
-    from trainer.wandb_logger import WandbLogger, resolve_mode
+    from trainer.metrics import WandbLogger, resolve_mode
 
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
     monkeypatch.delenv("WANDB_MODE", raising=False)

@@ -30,15 +30,12 @@ from trainer.distributed import (
     load_full_optimizer_state,
 )
 from trainer.evaluation import evaluate
-from trainer.metrics_log import MetricsLog
-from trainer.plot import write_plot
+from trainer.metrics import MetricsLog, WandbLogger, mfu, write_plot
 from trainer.rng_state import capture_rng, restore_rng
 from trainer.run_config import RunConfig
 from trainer.run_dirs import BEST, LATEST
 from trainer.signals import StopRequest
 from trainer.step import train_step
-from trainer.throughput import mfu
-from trainer.wandb_logger import WandbLogger
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"

@@ -23,12 +23,11 @@ from trainer.checkpoint import check_setup_matches
 from trainer.config import SampleConfig
 from trainer.distributed import DistInfo, dist_info, full_model_copy, is_sharded, local_device
 from trainer.loop import Outcome, Trainer, TrainingDiverged
+from trainer.metrics import WandbLogger, peak_flops
 from trainer.run_config import RunConfig
 from trainer.run_dirs import CheckpointError, resolve_resume
 from trainer.sampling import complete
-from trainer.throughput import peak_flops
 from trainer.typed_config import ConfigError
-from trainer.wandb_logger import WandbLogger
 
 
 def resume_command(overrides: list[str], run_name: str, dist: DistInfo | None = None) -> str:

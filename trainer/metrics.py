@@ -1,0 +1,202 @@
+"""Where a run's metrics go: ``metrics.jsonl`` (one JSON row per logged step), the ``metrics.png``
+plot, Weights & Biases, and the throughput figures (tokens/s, MFU against a peak FLOP/s)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+
+from trainer.config import WandbConfig
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsLog:
+    """Appends step records to ``path``; on resume, drops the records past the resumed step."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def read(self) -> list[dict[str, Any]]:
+        """Every record so far (a torn last line from a killed run is skipped)."""
+        if not self.path.exists():
+            return []
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
+
+    def truncate_after(self, step: int) -> None:
+        """Keep only records with ``step <= step`` (rewritten to a temp file, then renamed)."""
+        kept = [r for r in self.read() if r.get("step", 0) <= step]
+        tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Write one record as a line and flush it to disk."""
+        line = json.dumps({k: _clean(v) for k, v in record.items()})
+        with self.path.open("a") as f:
+            f.write(line + "\n")
+            f.flush()
+
+
+def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def write_plot(records: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Draw the curves in ``records`` (metrics.jsonl rows) to ``path``, replacing it atomically."""
+    # A bare Figure renders headless (Agg) and needs no pyplot global state.
+    fig = Figure(figsize=(15, 4))
+    ax_loss, ax_acc, ax_ppl = fig.subplots(1, 3)
+    ax_loss.plot(*_series(records, "train_loss"), label="train", alpha=0.8)
+    ax_loss.plot(*_series(records, "val_loss"), "o-", label="val")
+    ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
+    ax_loss.legend()
+    ax_acc.plot(*_series(records, "val_acc"), "o-", color="tab:green")
+    ax_acc.set(xlabel="step", ylabel="next-token accuracy", title="val accuracy")
+    ax_ppl.plot(*_series(records, "val_ppl"), "o-", color="tab:red")
+    ax_ppl.set(xlabel="step", ylabel="perplexity", title="val perplexity", yscale="log")
+    for ax in (ax_loss, ax_acc, ax_ppl):
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=80)
+    os.replace(tmp, path)
+
+
+_ENV_MODES = {"online": "online", "offline": "offline", "disabled": "disabled", "dryrun": "offline"}
+
+
+def resolve_mode(mode: str) -> str:
+    """``auto`` becomes WANDB_MODE if set, else online when logged in (an API key is found
+    without prompting), else offline (sync later with ``wandb sync``)."""
+    if mode != "auto":
+        return mode
+    env = os.environ.get("WANDB_MODE", "").lower()
+    if env in _ENV_MODES:
+        return _ENV_MODES[env]
+    import wandb
+
+    return "online" if wandb.login(prompt=False, verify=False) else "offline"
+
+
+class WandbLogger:
+    """One wandb run per run directory (a resumed run continues the same wandb run id)."""
+
+    def __init__(
+        self, cfg: WandbConfig, run_dir: Path, run_name: str, config: dict[str, Any]
+    ) -> None:
+        self.mode = resolve_mode(cfg.mode)
+        self.run = None
+        if self.mode == "disabled":
+            return
+        import wandb
+
+        wandb_dir = Path(os.environ.get("WANDB_DIR") or run_dir)
+        wandb_dir.mkdir(parents=True, exist_ok=True)
+        run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]
+        try:
+            self.run = wandb.init(
+                project=cfg.project,
+                entity=cfg.entity,
+                name=run_name,
+                id=run_id,
+                resume="allow",
+                tags=list(cfg.tags),
+                dir=str(wandb_dir),
+                mode=self.mode,
+                config=config,
+                settings=wandb.Settings(console="off", silent=True),
+            )
+        except Exception as e:  # wandb raises many types (network, auth, service start)
+            print(f"wandb: could not start a {self.mode} run ({e}); training continues without "
+                  "wandb (set wandb.mode=offline, or disabled to silence this)", file=sys.stderr)  # fmt: skip
+            self.run = None
+
+    @property
+    def run_path(self) -> Path | None:
+        """The local folder wandb writes this run's files to."""
+        return Path(self.run.dir).parent if self.run is not None else None
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.run is not None:
+            step = record["step"]
+            self.run.log(
+                {k: v for k, v in record.items() if k != "step" and v is not None}, step=step
+            )
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=exit_code)
+            self.run = None
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) of common GPUs, from the vendors' data sheets.
+_GPU_BF16_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def measure_matmul_flops(
+    device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024
+) -> float:
+    """FLOP/s of a square ``n`` x ``n`` matmul on ``device``: the best of a few timed repeats.
+
+    A peak is what the hardware can do, so the fastest repeat counts (a median taken while
+    another process shares the cores underestimates it and pushes MFU past 100%).
+    """
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    reps = 8 if device.type == "cpu" else 50
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    torch.mm(a, b)
+    sync()
+    times = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 * reps / min(times)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype | None, configured: float | None) -> float:
+    """``configured`` if set; on a known GPU its data-sheet bf16 peak; else measured once."""
+    if configured:
+        return float(configured)
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        name = torch.cuda.get_device_name(device)
+        for key, value in _GPU_BF16_PEAKS.items():
+            if key in name:
+                return value
+    return measure_matmul_flops(device, dtype or torch.float32)
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak: float) -> float:
+    """Fraction of ``peak`` the training step reaches."""
+    return tokens_per_s * flops_per_token / peak
