@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import pytest
-from test_trainer_support import compose_run_config, run_train
+from test_trainer_support import compose_config_dict, compose_run_config, run_train
 
 from data import DataConfig
 from optim import OptimConfig
 from qwen3 import PRESETS, Qwen3Config
 from trainer.cli_entry import CONF_DIR
 from trainer.config import SampleConfig, TrainConfig, WandbConfig
+from trainer.run_config import MODEL_FIELDS, run_record
 from trainer.typed_config import ConfigError
 
 
@@ -53,6 +55,66 @@ def test_optim_and_data_groups_mirror_their_dataclasses() -> None:
 def test_model_overrides_apply_over_the_preset() -> None:
     cfg = compose_run_config(["model=small", "model.num_hidden_layers=2"])
     assert cfg.model == dataclasses.replace(Qwen3Config.from_preset("small"), num_hidden_layers=2)
+
+
+def test_a_change_to_presets_reaches_the_run(monkeypatch) -> None:
+    """The shape of a preset is written once, in ``PRESETS``: the model yaml only names it."""
+    monkeypatch.setitem(PRESETS, "small", {**PRESETS["small"], "num_hidden_layers": 5})
+    monkeypatch.setitem(PRESETS, "tiny", {**PRESETS["tiny"], "hidden_size": 96, "head_dim": 24})
+    small = compose_run_config(["model=small"]).model
+    assert small.num_hidden_layers == 5 and small == Qwen3Config.from_preset("small")
+    tiny = compose_run_config(["model.num_key_value_heads=4"]).model
+    assert (tiny.hidden_size, tiny.head_dim, tiny.num_key_value_heads) == (96, 24, 4)
+
+
+def test_shipped_model_yamls_only_name_their_preset() -> None:
+    from omegaconf import OmegaConf
+
+    for path in (CONF_DIR / "model").glob("*.yaml"):
+        assert OmegaConf.to_container(OmegaConf.load(path)) == {"preset": path.stem}, path
+
+
+def test_every_model_field_can_be_set_on_the_command_line() -> None:
+    """Hydra and the mistyped-key check accept ``model.FIELD=VALUE`` for every Qwen3Config field,
+    though no yaml lists them."""
+    from trainer.cli_entry import unknown_override
+
+    expected = Qwen3Config.from_preset("small", num_hidden_layers=2, rms_norm_eps=1e-5)
+    values = {name: getattr(expected, name) for name in MODEL_FIELDS}
+    args = [f"model.{k}={'null' if v is None else str(v).lower()}" for k, v in values.items()]
+    assert unknown_override(args) is None
+    assert compose_run_config(["model=small", *args]).model == expected
+
+
+def test_null_keeps_the_preset_value_and_presets_never_set_nullable_fields() -> None:
+    """A null model key means the preset's value; so no preset may set a field whose own value
+    can be null (the special-token ids, which the tokenizer supplies), or null could not
+    restore it."""
+    nullable = [
+        name
+        for name in MODEL_FIELDS
+        if type(None) in typing.get_args(typing.get_type_hints(Qwen3Config)[name])
+    ]
+    assert nullable == ["bos_token_id", "eos_token_id", "pad_token_id"]
+    for name, shape in PRESETS.items():
+        assert not set(nullable) & set(shape), name
+    cfg = compose_run_config(["model=small", "model.hidden_size=null", "model.bos_token_id=null"])
+    assert cfg.model == Qwen3Config.from_preset("small")
+
+
+def test_the_saved_run_config_holds_the_effective_model_values() -> None:
+    """The config.yaml saved with a checkpoint records every model value the run used, not the
+    nulls of the composed config."""
+    overrides = ["model=small", "model.num_hidden_layers=2", "trainer.max_steps=20"]
+    data = compose_config_dict(overrides)
+    assert data["model"]["hidden_size"] is None  # composed: left to the preset
+    record = run_record(data, compose_run_config(overrides))
+    model = dataclasses.replace(Qwen3Config.from_preset("small"), num_hidden_layers=2)
+    assert record["model"] == {"preset": "small", **{n: getattr(model, n) for n in MODEL_FIELDS}}
+    assert record["optim"]["warmup_steps"] == 2 and data["optim"]["warmup_steps"] == 100
+    assert {k: v for k, v in record.items() if k not in ("model", "optim")} == {
+        k: v for k, v in data.items() if k not in ("model", "optim")
+    }
 
 
 @pytest.mark.parametrize(

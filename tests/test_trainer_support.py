@@ -9,11 +9,12 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 
 from trainer.cli_entry import CONF_DIR, register_resolvers
-from trainer.run_config import RunConfig, build_run_config, to_container
+from trainer.run_config import RunConfig, build_run_config, register_config_nodes, to_container
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -116,12 +117,18 @@ def small_run_overrides(tmp: Path, corpus: Path, cache_dir: Path | None = None) 
     ]
 
 
-def compose_run_config(overrides: list[str]) -> RunConfig:
-    """The typed config ``train.py`` would build from these overrides (Hydra compose API)."""
+def compose_config_dict(overrides: list[str]) -> dict[str, Any]:
+    """The composed config ``train.py`` would convert, as plain values (Hydra compose API)."""
     register_resolvers()
+    register_config_nodes()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
-    return build_run_config(to_container(cfg))
+    return to_container(cfg)
+
+
+def compose_run_config(overrides: list[str]) -> RunConfig:
+    """The typed config ``train.py`` would build from these overrides."""
+    return build_run_config(compose_config_dict(overrides))
 
 
 def train_cmd(*args: str) -> list[str]:
