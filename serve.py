@@ -16,7 +16,7 @@ import argparse
 import socket
 import sys
 
-from serving.checkpoint import CheckpointError, resolve_checkpoint
+from trainer.run_layout import CheckpointError, find_model_dir
 
 DEFAULT_MAX_TOKENS_CAP = (
     1024  # the largest max_tokens a request may ask for, unless --max-tokens-cap says otherwise
@@ -105,7 +105,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        path = resolve_checkpoint(args.ckpt, args.checkpoints)
+        path = find_model_dir(args.ckpt, args.checkpoints, "--ckpt ")
         sock = bind_socket(args.host, args.port)
         # Imported late so that the checks above answer before torch and FastAPI load.
         from serving.served_model import load_served_model

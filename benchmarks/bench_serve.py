@@ -28,8 +28,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serving.checkpoint import CheckpointError, resolve_checkpoint
 from serving.launch import serve_in_subprocess
+from trainer.run_layout import CheckpointError, find_model_dir
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
 
@@ -127,7 +127,7 @@ def main() -> int:
             ckpt = (
                 random_checkpoint(args.random, Path(tmp) / args.random)
                 if args.random
-                else resolve_checkpoint(args.ckpt)
+                else find_model_dir(args.ckpt, "checkpoints", "--ckpt ")
             )
         except CheckpointError as err:
             print(f"bench_serve.py: error: {err} (or use --random tiny)", file=sys.stderr)

@@ -10,7 +10,7 @@ import torch
 
 from qwen3 import Qwen3, pick_device
 from qwen3.tokenizer import Qwen3Tokenizer
-from serving.checkpoint import CheckpointError, check_qwen3_dir, model_name
+from trainer.run_layout import CheckpointError, check_checkpoint, display_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,7 +40,7 @@ def load_served_model(
     path: Path, device: str = "auto", dtype: str | None = None, name: str | None = None
 ) -> ServedModel:
     """Load `path` (already resolved) for serving; CheckpointError says what is wrong with it."""
-    check_qwen3_dir(path)
+    check_checkpoint(path)
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     try:
@@ -50,7 +50,7 @@ def load_served_model(
     try:
         tokenizer = Qwen3Tokenizer.from_dir(path)
         model = Qwen3.from_pretrained(path, device=torch_device, dtype=DTYPES.get(dtype or ""))
-    # The files passed check_qwen3_dir; what qwen3's loaders still raise for a bad file is
+    # The files passed check_checkpoint; what qwen3's loaders still raise for a bad file is
     # OSError/ValueError/KeyError. RuntimeError (CUDA out of memory among them) keeps its traceback.
     except (OSError, ValueError, KeyError) as err:
         raise CheckpointError(f"cannot load {path} as a Qwen3 model: {err}") from err
@@ -63,7 +63,7 @@ def load_served_model(
     return ServedModel(
         model=model,
         tokenizer=tokenizer,
-        name=name or model_name(path),
+        name=name or display_name(path),
         path=path,
         context_length=model.config.max_position_embeddings,
         num_params=model.num_params(),

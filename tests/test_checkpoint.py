@@ -20,13 +20,17 @@ from trainer.checkpoint import (
     check_setup_matches,
     load_model_weights,
     load_trainer_state,
-    pointer_target,
-    prune_checkpoints,
     save_checkpoint,
-    set_pointer,
     tokenizer_hash,
 )
-from trainer.run_dirs import check_checkpoint, most_recent_run, resolve_resume
+from trainer.run_layout import (
+    check_checkpoint,
+    most_recent_run,
+    prune_checkpoints,
+    read_pointer,
+    resolve_resume,
+    set_pointer,
+)
 from trainer.typed_config import ConfigError
 
 
@@ -67,7 +71,7 @@ def test_save_pointers_and_pruning(tmp_path, model, tokenizer) -> None:
         "step-000004",
     ]
     assert os.readlink(run / "latest") == "step-000004"  # relative: the run dir can move
-    assert pointer_target(run, "best") == (run / "step-000001").resolve()
+    assert read_pointer(run, "best") == (run / "step-000001").resolve()
     assert not stale.exists() and not list(run.glob(".*tmp*"))
     state = load_trainer_state(run / "latest")
     assert state["step"] == 4 and torch.equal(state["tensor"], torch.arange(3))

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from test_serve_support import build_tiny_checkpoint, run_serve
 
-from serving.checkpoint import CheckpointError, model_name, resolve_checkpoint
 from serving.served_model import load_served_model
+from trainer.run_layout import CheckpointError, display_name, find_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +47,10 @@ def test_default_is_the_best_of_the_most_recent_run(tmp_path: Path, tiny: Path) 
     newest = make_run(root, "new", 20, tiny, "text", mtime=2_000)
     make_run(root, "older", 30, tiny, "symlink", mtime=500)
     (root / "no-best-yet").mkdir()
-    assert resolve_checkpoint(None, root) == newest.resolve()
-    assert resolve_checkpoint(root / "old", root) == (root / "old" / "step-000010").resolve()
-    assert model_name(newest) == "new/step-000020"
-    assert model_name(tiny) == "tiny"
+    assert find_model_dir(None, root) == newest.resolve()
+    assert find_model_dir(root / "old", root) == (root / "old" / "step-000010").resolve()
+    assert display_name(newest) == "new/step-000020"
+    assert display_name(tiny) == "tiny"
 
 
 def test_no_checkpoint_yet_says_how_to_train(tmp_path: Path) -> None:
@@ -58,7 +58,7 @@ def test_no_checkpoint_yet_says_how_to_train(tmp_path: Path) -> None:
     assert "no checkpoint yet" in error and "python train.py model=tiny" in error
     (tmp_path / "checkpoints" / "run").mkdir(parents=True)
     with pytest.raises(CheckpointError, match="python train.py model=tiny"):
-        resolve_checkpoint(None, tmp_path / "checkpoints")
+        find_model_dir(None, tmp_path / "checkpoints")
 
 
 def test_a_directory_that_is_not_a_qwen3_model_is_refused(tmp_path: Path, tiny: Path) -> None:
@@ -74,7 +74,7 @@ def test_a_directory_that_is_not_a_qwen3_model_is_refused(tmp_path: Path, tiny: 
     shutil.copytree(tiny, no_tok)
     (no_tok / "tokenizer.json").unlink()
     with pytest.raises(CheckpointError, match=r"tokenizer\.json"):
-        resolve_checkpoint(no_tok)
+        find_model_dir(no_tok, "checkpoints")
 
 
 @pytest.mark.parametrize("name", ["model.safetensors", "tokenizer.json"])
@@ -110,6 +110,6 @@ def test_a_directory_saved_by_transformers_loads(tmp_path: Path, tiny: Path) -> 
     transformers.Qwen3ForCausalLM(config).save_pretrained(hf_dir)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny / name, hf_dir / name)
-    served = load_served_model(resolve_checkpoint(hf_dir), device="cpu")
+    served = load_served_model(find_model_dir(hf_dir, "checkpoints"), device="cpu")
     assert served.name == "hf-qwen3" and served.context_length == 512
     assert served.num_params == sum(p.numel() for p in served.model.parameters())

@@ -10,25 +10,24 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import random
 import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
 from qwen3 import Qwen3, Qwen3Config
 from qwen3.tokenizer import Qwen3Tokenizer
 from trainer.distributed import is_sharded, load_full_weights
-from trainer.run_dirs import (
-    BEST,
-    LATEST,
+from trainer.run_layout import (
     MODEL_CONFIG,
     STATE_FILE,
     CheckpointError,
     step_dir_name,
-    step_dirs,
 )
 
 CONFIG_FILE = "config.yaml"
@@ -79,34 +78,6 @@ def save_checkpoint(
     else:
         os.replace(tmp, final)
     return final
-
-
-def set_pointer(run_dir: Path, name: str, target: Path) -> None:
-    """Point ``run_dir/name`` at ``target`` (a sibling directory) in one atomic rename."""
-    tmp = run_dir / f".{name}.tmp-{os.getpid()}"
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    os.symlink(target.name, tmp)
-    os.replace(tmp, run_dir / name)
-
-
-def pointer_target(run_dir: Path, name: str) -> Path | None:
-    """The directory ``run_dir/name`` points at, or None."""
-    link = run_dir / name
-    return link.resolve() if link.exists() else None
-
-
-def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
-    """Delete step directories beyond the newest ``keep_last``, never ``best`` or ``latest``,
-    and leftovers of interrupted saves."""
-    keep = {pointer_target(run_dir, BEST), pointer_target(run_dir, LATEST)}
-    steps = step_dirs(run_dir)
-    for d in steps[:-keep_last]:
-        if d.resolve() not in keep:
-            shutil.rmtree(d)
-    for leftover in (*run_dir.glob(".tmp-step-*"), *run_dir.glob(".old-step-*")):
-        if not leftover.name.endswith(f"-{os.getpid()}"):
-            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def load_trainer_state(ckpt_dir: Path) -> dict[str, Any]:
@@ -207,3 +178,35 @@ def load_model_weights(model: Qwen3, ckpt_dir: Path) -> None:
         return
     with torch.no_grad():
         model.load_state_dict(loaded.state_dict())
+
+
+def capture_rng() -> dict[str, Any]:
+    """RNG states as tensors and plain values (``torch.load(weights_only=True)`` can read them)."""
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "name": np_name,
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "gauss": float(np_gauss),
+        },
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Put back what :func:`capture_rng` saved."""
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

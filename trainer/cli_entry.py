@@ -21,7 +21,7 @@ from trainer.distributed import (
     init_process_group,
     shutdown,
 )
-from trainer.run_dirs import default_run_name, timestamp_name
+from trainer.run_layout import default_run_name, timestamp_name
 from trainer.typed_config import unknown_key_message
 
 SUBCOMMANDS = ("demo", "interactive")

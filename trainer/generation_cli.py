@@ -14,7 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 from qwen3 import Qwen3, pick_device
 from qwen3.tokenizer import Qwen3Tokenizer
 from trainer.config import _DEVICE_RE, SampleConfig
-from trainer.run_dirs import BEST, CheckpointError, check_checkpoint, most_recent_run
+from trainer.run_layout import CheckpointError, find_model_dir
 from trainer.sampling import complete, stream_text
 from trainer.typed_config import ConfigError, build_dataclass
 
@@ -74,30 +74,6 @@ def parse_options(command: str, args: list[str]) -> GenerationCliConfig:
     return cfg
 
 
-def find_checkpoint(cfg: GenerationCliConfig) -> Path:
-    """``ckpt`` (a run dir means its best), else the best of the most recent run; checked
-    (config, readable weights, tokenizer) before anything loads."""
-    if cfg.ckpt:
-        path = Path(cfg.ckpt)
-        if not path.exists():
-            raise ConfigError(
-                f"ckpt={cfg.ckpt}: no such directory; pass a checkpoint or run directory"
-            )
-        if (path / BEST).exists():
-            path = path / BEST
-    else:
-        run = most_recent_run(cfg.out_dir, BEST)
-        if run is None:
-            raise ConfigError(
-                f"no trained run under {cfg.out_dir}/ (none has a 'best' checkpoint); train one "
-                "with `python train.py model=tiny`, or pass ckpt=DIR (any Hugging Face Qwen3 "
-                "directory)"
-            )
-        path = run / BEST
-    check_checkpoint(path)
-    return path
-
-
 def run_prompts(ckpt: Path) -> list[str] | None:
     """The ``sample.prompts`` of the run that wrote ``ckpt``, if it is one of ours."""
     config = ckpt / "config.yaml"
@@ -116,7 +92,7 @@ def run_prompts(ckpt: Path) -> list[str] | None:
 
 
 def load(cfg: GenerationCliConfig) -> tuple[Path, Qwen3, Qwen3Tokenizer]:
-    ckpt = find_checkpoint(cfg)
+    ckpt = find_model_dir(cfg.ckpt, cfg.out_dir)
     try:
         device = pick_device(cfg.device)
     except RuntimeError as e:  # the device is not available on this machine

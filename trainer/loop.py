@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType, TracebackType
 from typing import Any
 
 from tqdm import tqdm
@@ -13,12 +17,12 @@ from tqdm import tqdm
 from qwen3 import Qwen3
 from trainer.build import RunParts
 from trainer.checkpoint import (
+    capture_rng,
     check_compatible,
     load_model_weights,
     load_trainer_state,
-    prune_checkpoints,
+    restore_rng,
     save_checkpoint,
-    set_pointer,
     tokenizer_hash,
 )
 from trainer.distributed import (
@@ -31,10 +35,8 @@ from trainer.distributed import (
 )
 from trainer.evaluation import evaluate
 from trainer.metrics import MetricsLog, WandbLogger, mfu, write_plot
-from trainer.rng_state import capture_rng, restore_rng
 from trainer.run_config import RunConfig
-from trainer.run_dirs import BEST, LATEST
-from trainer.signals import StopRequest
+from trainer.run_layout import BEST, LATEST, prune_checkpoints, set_pointer
 from trainer.step import train_step
 
 METRICS_FILE = "metrics.jsonl"
@@ -288,3 +290,45 @@ class Trainer:
             )
             outcome.mfu = mfu(outcome.tokens_per_s, self.flops_per_token, self.peak)
         return outcome
+
+
+class StopRequest:
+    """Context manager that turns the first SIGINT/SIGTERM into a flag the loop polls.
+
+    A second SIGINT raises KeyboardInterrupt at once (for a step that never ends).
+    """
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        print(
+            f"\n{self.signal_name} received: finishing this step and saving a checkpoint "
+            "(press Ctrl-C again to abort without saving)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous.clear()

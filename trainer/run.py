@@ -25,7 +25,7 @@ from trainer.distributed import DistInfo, dist_info, full_model_copy, is_sharded
 from trainer.loop import Outcome, Trainer, TrainingDiverged
 from trainer.metrics import WandbLogger, peak_flops
 from trainer.run_config import RunConfig
-from trainer.run_dirs import CheckpointError, resolve_resume
+from trainer.run_layout import CheckpointError, resolve_resume
 from trainer.sampling import complete
 from trainer.typed_config import ConfigError
 

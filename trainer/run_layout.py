@@ -1,5 +1,7 @@
-"""Where runs live and what a checkpoint directory must hold: the default run name, finding the
-most recent run, checking a checkpoint before it is used, and resolving ``resume``.
+"""The run layout, the one place that knows it: where runs live (the default run name, the most
+recent run), their step directories and ``best``/``latest`` pointers, what a checkpoint
+directory must hold (checked before it is used), and which checkpoint a command means
+(``resume`` for training, ``ckpt`` for demo/interactive/serve).
 
 Light on purpose (no torch at import): ``serve.py`` reads the run layout with these rules and
 reports a bad checkpoint before torch loads.
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import zipfile
 from datetime import datetime
 from pathlib import Path
@@ -70,6 +73,27 @@ def read_pointer(run_dir: Path, name: str) -> Path | None:
         target = Path(named) if Path(named).is_absolute() else run_dir / named
         return target.resolve() if target.is_dir() else None
     return None
+
+
+def set_pointer(run_dir: Path, name: str, target: Path) -> None:
+    """Point ``run_dir/name`` at ``target`` (a sibling directory) in one atomic rename."""
+    tmp = run_dir / f".{name}.tmp-{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(target.name, tmp)
+    os.replace(tmp, run_dir / name)
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
+    """Delete step directories beyond the newest ``keep_last``, never ``best`` or ``latest``,
+    and leftovers of interrupted saves."""
+    keep = {read_pointer(run_dir, BEST), read_pointer(run_dir, LATEST)}
+    for d in step_dirs(run_dir)[:-keep_last]:
+        if d.resolve() not in keep:
+            shutil.rmtree(d)
+    for leftover in (*run_dir.glob(".tmp-step-*"), *run_dir.glob(".old-step-*")):
+        if not leftover.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def run_dirs(out_dir: str | os.PathLike[str], pointer: str) -> list[Path]:
@@ -291,3 +315,47 @@ def resolve_resume(resume: str, run_dir: Path) -> tuple[Path, str | None]:
                 "(without resume)"
             ) from None
         return intact[0], f"{err}; resuming from {intact[0]}, the newest intact checkpoint"
+
+
+# ---- the model directory demo, interactive and serve.py load -------------------------------
+TRAIN_HINT = "train one with `python train.py model=tiny`"
+
+
+def find_model_dir(
+    ckpt: str | os.PathLike[str] | None,
+    out_dir: str | os.PathLike[str] = "checkpoints",
+    how: str = "ckpt=",
+) -> Path:
+    """The checked model directory a command loads: ``ckpt`` itself (a run directory means its
+    ``best``), or with no ``ckpt`` the ``best`` of the most recent run under ``out_dir``.
+    ``how`` is how the user names a directory in messages (``ckpt=`` or ``--ckpt ``)."""
+    if ckpt is None or str(ckpt) == "":
+        run = most_recent_run(out_dir, BEST)
+        best = read_pointer(run, BEST) if run is not None else None
+        if best is None:
+            raise CheckpointError(
+                f"no checkpoint yet: no trained run under {Path(out_dir)}/ has a '{BEST}' "
+                f"checkpoint; {TRAIN_HINT}, or pass {how}DIR (any Hugging Face Qwen3 directory)"
+            )
+        path = best
+    else:
+        path = Path(ckpt).expanduser()
+        if not path.exists():
+            raise CheckpointError(
+                f"{how}{ckpt}: no such directory; pass a checkpoint or run directory"
+            )
+        if not path.is_dir():
+            raise CheckpointError(f"{how}{ckpt}: not a directory; pass a checkpoint directory")
+        run_best = read_pointer(path, BEST)
+        if run_best is not None and not (path / MODEL_CONFIG).exists():
+            path = run_best  # a run directory: its best checkpoint
+    check_checkpoint(path)
+    return path
+
+
+def display_name(path: Path) -> str:
+    """A readable model id: ``<run>/<step dir>`` for a run's checkpoint, else the directory name."""
+    path = path.resolve()
+    if any(read_pointer(path.parent, p) == path for p in (BEST, LATEST)):
+        return f"{path.parent.name}/{path.name}"
+    return path.name
