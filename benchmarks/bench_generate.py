@@ -18,11 +18,11 @@ from pathlib import Path
 import harness
 import torch
 
-from qwen3 import Qwen3, generate
+from qwen3 import Qwen3, Sampling, generate
 
 
 def _ours(model: Qwen3, prompts: torch.Tensor, n: int) -> list[list[int]]:
-    return generate(model, prompts.tolist(), n, temperature=0)
+    return generate(model, prompts.tolist(), Sampling(n, temperature=0))
 
 
 def _ours_no_cache(model: Qwen3, prompts: torch.Tensor, n: int) -> list[list[int]]:

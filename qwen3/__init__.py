@@ -6,7 +6,7 @@ Usable without Hydra, wandb or datasets: it needs torch, safetensors and tokeniz
 from qwen3.cache import KVCache
 from qwen3.config import PRESETS, Qwen3Config
 from qwen3.device import pick_device
-from qwen3.generate import generate, generate_steps, sample_next, stream_generate
+from qwen3.generate import Sampling, generate, generate_steps, sample_next, stream_generate
 from qwen3.model import Qwen3
 from qwen3.tokenizer import SPECIAL_TOKENS, Qwen3Tokenizer
 
@@ -17,6 +17,7 @@ __all__ = [
     "Qwen3",
     "Qwen3Config",
     "Qwen3Tokenizer",
+    "Sampling",
     "generate",
     "generate_steps",
     "pick_device",

@@ -3,27 +3,79 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
 from qwen3.cache import KVCache
 from qwen3.model import Qwen3
 
+# The seeds torch.Generator.manual_seed takes (a negative one counts modulo 2**64).
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to generate: how many new tokens at most, how each is picked, where a row stops, and
+    the seed. Frozen and hashable; every value is checked on construction.
+
+    The one sampling-settings type: ``generate`` takes it, the trainer's ``sample`` section and
+    the ``demo``/``interactive`` options subclass it (adding their own keys), and each request to
+    the server maps onto one (equal settings without a seed may share a batch).
+    """
+
+    # How errors name the fields: a config section that subclasses this sets its own ("sample.").
+    key_prefix: ClassVar[str] = ""
+
+    max_new_tokens: int
+    temperature: float = 1.0  # 0: greedy
+    top_k: int | None = None  # keep only the k likeliest tokens; None: no limit
+    top_p: float | None = None  # keep the likeliest tokens holding this much probability; None: all
+    stop_ids: tuple[int, ...] = ()  # a row stops at any of these, which is not returned
+    seed: int | None = None  # None: torch's global generator
+
+    def __post_init__(self) -> None:
+        self._check_whole("max_new_tokens", self.max_new_tokens, 0, "120")
+        if not isinstance(self.temperature, int | float) or self.temperature < 0:
+            self._fail("temperature", self.temperature, "must be >= 0 (0 = greedy)", "0.8")
+        if self.top_k is not None:
+            self._check_whole("top_k", self.top_k, 1, "50")
+        if self.top_p is not None and not (
+            isinstance(self.top_p, int | float) and 0 < self.top_p <= 1
+        ):
+            self._fail("top_p", self.top_p, "must lie in (0, 1]", "0.9")
+        stops = self.stop_ids
+        if isinstance(stops, str) or not isinstance(stops, Iterable):
+            self._fail("stop_ids", stops, "must be a list of token ids", "[0]")
+        object.__setattr__(self, "stop_ids", tuple(stops))  # any iterable given: stored hashable
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.stop_ids):
+            self._fail("stop_ids", stops, "must be a list of token ids (whole numbers >= 0)", "[0]")
+        if self.seed is not None and (
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, int)
+            or not MIN_SEED <= self.seed <= MAX_SEED
+        ):
+            self._fail("seed", self.seed, "must be a whole number from -2**63 to 2**64-1", "0")
+
+    def _fail(self, name: str, value: Any, problem: str, example: str) -> None:
+        key = self.key_prefix + name
+        raise ValueError(f"{key}={value!r} {problem}; set e.g. {key}={example}")
+
+    def _check_whole(self, name: str, value: Any, low: int, example: str) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            self._fail(name, value, f"must be a whole number >= {low}", example)
+
 
 def sample_next(
     logits: torch.Tensor,  # (B, V)
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    sampling: Sampling,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Pick one token per row: argmax at temperature 0, else sample the filtered softmax."""
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature}: must be >= 0 (0 means greedy).")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p}: must be in (0, 1].")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k={top_k}: must be >= 1 (or None for no limit).")
+    """Pick one token per row as ``sampling`` says: argmax at temperature 0, else sample the
+    softmax filtered by top_k and top_p (its other fields are the caller's: ``generator`` is the
+    one seeded with its seed)."""
+    temperature, top_k, top_p = sampling.temperature, sampling.top_k, sampling.top_p
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -58,18 +110,13 @@ def _left_pad(
 def generate_steps(
     model: Qwen3,
     prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_ids: Iterable[int] = (),
-    seed: int | None = None,
+    sampling: Sampling,
     cache: KVCache | None = None,
 ) -> Iterator[list[int | None]]:
     """Yield, step by step, one new token per prompt (None for a row that has already stopped).
 
-    Prompts of different lengths are left-padded and masked. A row stops at one of ``eos_ids``
-    (not yielded) or at the limit.
+    Prompts of different lengths are left-padded and masked. A row stops at one of
+    ``sampling.stop_ids`` (not yielded) or after ``sampling.max_new_tokens``.
 
     A ``cache`` given by the caller holds the conversation so far, and every call extends it:
 
@@ -84,16 +131,15 @@ def generate_steps(
       last logits are those after the stop id. A turn appended to it thus continues exactly the
       text prompt + returned tokens + stop id + turn.
     """
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0.")
+    max_new_tokens = sampling.max_new_tokens
     device = model.device
     b = len(prompts)
     if b == 0:
         return
-    eos = set(eos_ids)
+    eos = set(sampling.stop_ids)
     generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+    if sampling.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
     longest = max(len(p) for p in prompts)
     empty = [i for i, p in enumerate(prompts) if not p]
     keep = cache is not None  # the caller's cache: it must end up holding every token returned
@@ -129,7 +175,7 @@ def generate_steps(
     stopped: dict[int, tuple[int, torch.Tensor]] = {}  # row -> (slot of its stop id, logits after)
     try:
         for step in range(max_new_tokens):
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+            nxt = sample_next(logits, sampling, generator)  # (B,)
             tokens: list[int] = nxt.tolist()
             newly = [i for i, t in enumerate(tokens) if t in eos and not done[i]]
             done = [d or t in eos for t, d in zip(tokens, done, strict=True)]
@@ -169,23 +215,16 @@ def _forget_after_stops(cache: KVCache, stopped: dict[int, tuple[int, torch.Tens
 def generate(
     model: Qwen3,
     prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_ids: Iterable[int] = (),
-    seed: int | None = None,
+    sampling: Sampling,
     cache: KVCache | None = None,
 ) -> list[list[int]]:
-    """New tokens for each prompt (stop token excluded). ``temperature=0`` is greedy.
+    """New tokens for each prompt, as ``sampling`` says (stop token excluded).
 
     With ``cache``, the prompts continue the conversation it holds, which afterwards also holds
     the tokens returned (see :func:`generate_steps`).
     """
     out: list[list[int]] = [[] for _ in prompts]
-    for step in generate_steps(
-        model, prompts, max_new_tokens, temperature, top_k, top_p, eos_ids, seed, cache
-    ):
+    for step in generate_steps(model, prompts, sampling, cache):
         for row, tok in zip(out, step, strict=True):
             if tok is not None:
                 row.append(tok)
@@ -195,18 +234,11 @@ def generate(
 def stream_generate(
     model: Qwen3,
     prompt: Sequence[int],
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_ids: Iterable[int] = (),
-    seed: int | None = None,
+    sampling: Sampling,
     cache: KVCache | None = None,
 ) -> Iterator[int]:
     """Yield the new tokens of one prompt as they are generated (``cache``: as in generate_steps)."""
-    for step in generate_steps(
-        model, [prompt], max_new_tokens, temperature, top_k, top_p, eos_ids, seed, cache
-    ):
+    for step in generate_steps(model, [prompt], sampling, cache):
         # A stop yields None as the last step: run the steps out, so the cache is settled.
         if step[0] is not None:
             yield step[0]

@@ -19,7 +19,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
 from qwen3.tokenizer import Qwen3Tokenizer
-from serving.engine import Choice, GenerationEngine, GenerationRequest, SamplingParams
+from serving.engine import Choice, GenerationEngine, GenerationRequest
 from serving.errors import APIError
 from serving.formats import ChatFormat, CompletionFormat
 from serving.schemas import (
@@ -120,7 +120,8 @@ def _build_request(
             param="max_tokens",
         )
     ctx = served.context_length
-    most = http.app.state.engine.max_batch_size
+    engine: GenerationEngine = http.app.state.engine
+    most = engine.max_batch_size
     if len(prompts) * body.n > most:
         raise APIError(
             400,
@@ -143,8 +144,8 @@ def _build_request(
             choices.append(
                 Choice(p_index * body.n + j, ids, min(max_tokens, ctx - len(ids)), stream)
             )
-    params = SamplingParams(body.temperature, body.top_p, body.top_k, body.seed, body.ignore_eos)
-    return GenerationRequest(choices=choices, params=params, loop=asyncio.get_running_loop())
+    sampling = body.sampling(max_tokens, engine.eos_ids)
+    return GenerationRequest(choices=choices, sampling=sampling, loop=asyncio.get_running_loop())
 
 
 def _usage(req: GenerationRequest) -> Usage:

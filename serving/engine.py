@@ -1,11 +1,12 @@
 """The generation engine: one worker thread that batches requests and serves them round-robin.
 
-Requests waiting at the same moment with the same sampling settings (and no seed) are decoded
-as one left-padded batch (`qwen3.generate_steps`); a seeded request gets a batch of its own so
-its output does not depend on the load. Each round the worker advances every live batch by one
-token, so a new request starts while long ones are still running and no batch starves another.
-Tokens go back to the event loop through each request's asyncio queue; a cancelled request (its
-client went away) is dropped at the next step, and a batch stops once none of its rows is wanted.
+Requests waiting at the same moment with the same sampling settings (`qwen3.Sampling`, whatever
+their `max_new_tokens`, and no seed) are decoded as one left-padded batch (`qwen3.generate_steps`);
+a seeded request gets a batch of its own so its output does not depend on the load. Each round
+the worker advances every live batch by one token, so a new request starts while long ones are
+still running and no batch starves another. Tokens go back to the event loop through each
+request's asyncio queue; a cancelled request (its client went away) is dropped at the next step,
+and a batch stops once none of its rows is wanted.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from qwen3 import Qwen3, generate_steps
+from qwen3 import Qwen3, Sampling, generate_steps
 from qwen3.tokenizer import Qwen3Tokenizer
 from serving.text_stream import TextStream
 
@@ -28,21 +29,13 @@ log = logging.getLogger("serving.engine")
 Event = tuple[str, int, str]  # (kind, choice index or -1, text / finish reason / error message)
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to pick tokens; requests with equal params and no seed may share a batch."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int | None = None
-    seed: int | None = None
-    ignore_eos: bool = False
-
-    def batch_key(self) -> tuple[float, float, int | None, bool] | None:
-        """Requests with the same key can be decoded together; None: a batch of its own."""
-        if self.seed is not None:
-            return None
-        return (self.temperature, self.top_p, self.top_k, self.ignore_eos)
+def batch_key(sampling: Sampling) -> Sampling | None:
+    """Requests with the same key can be decoded together (a batch runs as long as its longest
+    choice needs); None: a batch of its own, as a seeded request's output must not depend on
+    what else is running."""
+    if sampling.seed is not None:
+        return None
+    return replace(sampling, max_new_tokens=0)
 
 
 @dataclass
@@ -69,7 +62,7 @@ class GenerationRequest:
     """
 
     choices: list[Choice]
-    params: SamplingParams
+    sampling: Sampling  # max_new_tokens: the request's; each choice holds its own cap
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -116,6 +109,7 @@ class GenerationEngine:
         self.threads = threads if threads is not None else default_threads(model.device)
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
+        # The end-of-text ids a request stops at unless it asks to ignore them.
         self.eos_ids = (
             tuple(eos_ids) if eos_ids is not None else (tokenizer.eos_id, tokenizer.im_end_id)
         )
@@ -184,23 +178,14 @@ class GenerationEngine:
                 break  # wait for rows to free up
             self._waiting.popleft()
             room -= size
-            key = request.params.batch_key() or id(request)
+            key = batch_key(request.sampling) or id(request)
             groups.setdefault(key, []).append(request)
         return [self._start_batch(requests) for requests in groups.values()]
 
     def _start_batch(self, requests: list[GenerationRequest]) -> _Batch:
         rows = [(r, c) for r in requests for c in r.choices]
-        p = requests[0].params
-        steps = generate_steps(
-            self.model,
-            [c.prompt_ids for _, c in rows],
-            max_new_tokens=max(c.max_tokens for _, c in rows),
-            temperature=p.temperature,
-            top_k=p.top_k,
-            top_p=p.top_p if p.top_p < 1.0 else None,
-            eos_ids=() if p.ignore_eos else self.eos_ids,
-            seed=p.seed,
-        )
+        sampling = replace(requests[0].sampling, max_new_tokens=max(c.max_tokens for _, c in rows))
+        steps = generate_steps(self.model, [c.prompt_ids for _, c in rows], sampling)
         return _Batch(rows=rows, steps=steps)
 
     def _advance(self, batch: _Batch) -> bool:

@@ -7,14 +7,15 @@ never silently gets less than it asked for; each refusal is a 400 naming the fie
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from qwen3.generate import MAX_SEED, MIN_SEED, Sampling
+
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 MAX_CHOICES = 8  # `n` above this is refused: each choice is a full generation
-# The seeds torch.Generator.manual_seed takes (a negative one counts modulo 2**64).
-MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
 
 
 class RequestPart(BaseModel):
@@ -102,6 +103,19 @@ class SamplingFields(RequestPart):
     def stop_list(self) -> list[str]:
         """`stop` normalised to a list (the validator already made it one)."""
         return list(self.stop or [])
+
+    def sampling(self, max_new_tokens: int, eos_ids: Sequence[int]) -> Sampling:
+        """The request's settings as the generator takes them: top_p 1 is no limit, and the
+        end-of-text ids stop a choice unless `ignore_eos`. (`stop` strings are matched in the
+        text, not here.)"""
+        return Sampling(
+            max_new_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p if self.top_p < 1.0 else None,
+            stop_ids=() if self.ignore_eos else tuple(eos_ids),
+            seed=self.seed,
+        )
 
 
 class CompletionRequest(SamplingFields):

@@ -9,7 +9,15 @@ import itertools
 import pytest
 import torch
 
-from qwen3 import KVCache, Qwen3, Qwen3Config, generate, generate_steps, stream_generate
+from qwen3 import (
+    KVCache,
+    Qwen3,
+    Qwen3Config,
+    Sampling,
+    generate,
+    generate_steps,
+    stream_generate,
+)
 
 CFG = Qwen3Config(
     vocab_size=61,
@@ -49,11 +57,11 @@ def recompute(model: Qwen3, ids: list[int], n: int) -> list[int]:
 @pytest.mark.parametrize("batch", [1, 2])
 def test_twelve_and_twelve_tokens_equal_twenty_four_at_once(model: Qwen3, batch: int) -> None:
     prompts = PROMPTS[batch]
-    at_once = generate(model, prompts, 24, temperature=0)
+    at_once = generate(model, prompts, Sampling(24, temperature=0))
     assert at_once == [recompute(model, p, 24) for p in prompts]
     cache = KVCache(CFG, batch, 64)
-    first = generate(model, prompts, 12, temperature=0, cache=cache)
-    second = generate(model, [[] for _ in prompts], 12, temperature=0, cache=cache)
+    first = generate(model, prompts, Sampling(12, temperature=0), cache=cache)
+    second = generate(model, [[] for _ in prompts], Sampling(12, temperature=0), cache=cache)
     assert [a + b for a, b in zip(first, second, strict=True)] == at_once
     assert cache.length == max(len(p) for p in prompts) + 24  # prompt + every returned token
 
@@ -64,8 +72,8 @@ def test_a_turn_appended_to_the_cache_equals_recomputing_the_conversation(
 ) -> None:
     prompts, turns = PROMPTS[batch], TURNS[batch]
     cache = KVCache(CFG, batch, 64)
-    first = generate(model, prompts, 8, temperature=0, cache=cache)
-    second = generate(model, turns, 8, temperature=0, cache=cache)
+    first = generate(model, prompts, Sampling(8, temperature=0), cache=cache)
+    second = generate(model, turns, Sampling(8, temperature=0), cache=cache)
     assert second == [
         recompute(model, p + a + t, 8) for p, a, t in zip(prompts, first, turns, strict=True)
     ]
@@ -85,23 +93,23 @@ def test_a_stopped_row_holds_its_stop_id_but_nothing_decoded_after_it(model: Qwe
     prompts, turns = PROMPTS[2], TURNS[2]
     stop, cut = _stop_hit_early_by_row_0_only(model, 12)
     cache = KVCache(CFG, 2, 64)
-    first = generate(model, prompts, 12, temperature=0, eos_ids=[stop], cache=cache)
+    first = generate(model, prompts, Sampling(12, temperature=0, stop_ids=(stop,)), cache=cache)
     assert len(first[0]) == cut and len(first[1]) > cut + 2  # row 1 decoded on past the stop
     held = [p + a + ([stop] if len(a) < 12 else []) for p, a in zip(prompts, first, strict=True)]
     assert held[0][-1] == stop
     # Continued with nothing new, row 0 goes on from just after its stop id.
-    more = generate(model, [[], []], 4, temperature=0, cache=cache)
+    more = generate(model, [[], []], Sampling(4, temperature=0), cache=cache)
     assert more == [recompute(model, h, 4) for h in held]
     held = [h + m for h, m in zip(held, more, strict=True)]
-    second = generate(model, turns, 8, temperature=0, cache=cache)
+    second = generate(model, turns, Sampling(8, temperature=0), cache=cache)
     assert second == [recompute(model, h + t, 8) for h, t in zip(held, turns, strict=True)]
 
 
 def test_an_empty_prompt_continues_its_row_while_another_row_gets_a_turn(model: Qwen3) -> None:
     prompts = PROMPTS[2]
     cache = KVCache(CFG, 2, 64)
-    first = generate(model, prompts, 6, temperature=0, cache=cache)
-    second = generate(model, [[], [16, 23]], 6, temperature=0, cache=cache)
+    first = generate(model, prompts, Sampling(6, temperature=0), cache=cache)
+    second = generate(model, [[], [16, 23]], Sampling(6, temperature=0), cache=cache)
     assert second == [
         recompute(model, prompts[0] + first[0], 6),
         recompute(model, prompts[1] + first[1] + [16, 23], 6),
@@ -111,11 +119,11 @@ def test_an_empty_prompt_continues_its_row_while_another_row_gets_a_turn(model: 
 def test_a_cache_given_to_generate_steps_holds_every_token_yielded_so_far(model: Qwen3) -> None:
     prompts = PROMPTS[2]
     cache = KVCache(CFG, 2, 64)
-    steps = generate_steps(model, prompts, 20, temperature=0, cache=cache)
+    steps = generate_steps(model, prompts, Sampling(20, temperature=0), cache=cache)
     taken = list(itertools.islice(steps, 5))
     steps.close()  # the caller stops early
     first = [[step[i] for step in taken] for i in range(2)]
-    assert generate(model, [[], []], 6, temperature=0, cache=cache) == [
+    assert generate(model, [[], []], Sampling(6, temperature=0), cache=cache) == [
         recompute(model, p + a, 6) for p, a in zip(prompts, first, strict=True)
     ]
 
@@ -123,21 +131,23 @@ def test_a_cache_given_to_generate_steps_holds_every_token_yielded_so_far(model:
 def test_stream_generate_keeps_the_same_contract(model: Qwen3) -> None:
     prompt = PROMPTS[1][0]
     cache = KVCache(CFG, 1, 64)
-    first = list(stream_generate(model, prompt, 12, temperature=0, cache=cache))
-    second = list(stream_generate(model, [], 12, temperature=0, cache=cache))
+    first = list(stream_generate(model, prompt, Sampling(12, temperature=0), cache=cache))
+    second = list(stream_generate(model, [], Sampling(12, temperature=0), cache=cache))
     assert first + second == recompute(model, prompt, 24)
     # Stopped at a stop id: the cache holds it, and a new turn follows it.
     free = recompute(model, prompt, 12)
     stop = free[4]
     cut = free.index(stop)
     cache = KVCache(CFG, 1, 64)
-    out = list(stream_generate(model, prompt, 12, temperature=0, eos_ids=[stop], cache=cache))
+    out = list(
+        stream_generate(model, prompt, Sampling(12, temperature=0, stop_ids=(stop,)), cache=cache)
+    )
     assert out == free[:cut]
     turn = TURNS[1][0]
-    again = list(stream_generate(model, turn, 8, temperature=0, cache=cache))
+    again = list(stream_generate(model, turn, Sampling(8, temperature=0), cache=cache))
     assert again == recompute(model, prompt + out + [stop] + turn, 8)
 
 
 def test_an_empty_prompt_without_a_cache_is_refused(model: Qwen3) -> None:
     with pytest.raises(ValueError, match="prompt 1 is empty"):
-        generate(model, [[1, 2], []], 3, temperature=0)
+        generate(model, [[1, 2], []], Sampling(3, temperature=0))

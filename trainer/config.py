@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
+
+from qwen3.generate import Sampling
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
@@ -85,27 +87,19 @@ class TrainConfig:
                   "set e.g. trainer.peak_flops=2.5e11, or null to measure it")  # fmt: skip
 
 
-@dataclass
-class SampleConfig:
-    """Text generated at the end of training (and the defaults of ``train.py demo``)."""
+@dataclass(frozen=True)
+class SampleConfig(Sampling):
+    """Text generated at the end of training (and the defaults of ``train.py demo``): the
+    prompts, and the sampling settings of :class:`qwen3.Sampling`, which checks them. Its stop
+    ids and seed are not keys: generation stops at <|endoftext|> and uses the run's seed."""
 
-    prompts: list[str] = field(default_factory=lambda: ["ROMEO:", "JULIET:\n", "First Citizen:\n"])
+    key_prefix: ClassVar[str] = "sample."
+    not_keys: ClassVar[tuple[str, ...]] = ("stop_ids", "seed")
+
     max_new_tokens: int = 120
     temperature: float = 0.8
     top_k: int | None = 50
-    top_p: float | None = None
-
-    def __post_init__(self) -> None:
-        _check_int("sample.max_new_tokens", self.max_new_tokens, 0, "120")
-        if not isinstance(self.temperature, int | float) or self.temperature < 0:
-            _fail("sample.temperature", self.temperature, "must be >= 0 (0 = greedy)",
-                  "set e.g. sample.temperature=0.8")  # fmt: skip
-        if self.top_k is not None:
-            _check_int("sample.top_k", self.top_k, 1, "50")
-        if self.top_p is not None and not (
-            isinstance(self.top_p, int | float) and 0 < self.top_p <= 1
-        ):
-            _fail("sample.top_p", self.top_p, "must lie in (0, 1]", "set e.g. sample.top_p=0.9")
+    prompts: list[str] = field(default_factory=lambda: ["ROMEO:", "JULIET:\n", "First Citizen:\n"])
 
 
 @dataclass

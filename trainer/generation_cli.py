@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from qwen3 import Qwen3, pick_device
+from qwen3 import Qwen3, Sampling, pick_device
 from qwen3.tokenizer import Qwen3Tokenizer
-from trainer.config import _DEVICE_RE, SampleConfig
+from trainer.config import _DEVICE_RE
 from trainer.run_layout import CheckpointError, find_model_dir
 from trainer.sampling import complete, stream_text
 from trainer.typed_config import ConfigError, build_dataclass
@@ -21,20 +22,23 @@ from trainer.typed_config import ConfigError, build_dataclass
 GENERIC_PROMPTS = ["Once upon a time", "The meaning of life is", "ROMEO:"]
 
 
-@dataclass
-class GenerationCliConfig:
-    """Options of ``demo`` and ``interactive``, given as ``key=value`` words."""
+@dataclass(frozen=True)
+class GenerationCliConfig(Sampling):
+    """Options of ``demo`` and ``interactive``, given as ``key=value`` words: the sampling
+    settings of :class:`qwen3.Sampling` (``max_new_tokens``, ``temperature``, ``top_k``,
+    ``top_p``, ``seed``), which checks them, and the ones below. Stop ids are not an option:
+    generation stops at <|endoftext|> unless ``stop_at_eos=false``."""
 
+    not_keys: ClassVar[tuple[str, ...]] = ("stop_ids", "extra")
+
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int | None = 50
     ckpt: str | None = None  # a checkpoint or any Hugging Face Qwen3 dir; None: latest run's best
     out_dir: str = "checkpoints"
     prompts: list[str] | None = (
         None  # demo only, e.g. prompts='["ROMEO:", "JULIET:"]'; None: the run's
     )
-    max_new_tokens: int = 200
-    temperature: float = 0.8
-    top_k: int | None = 50
-    top_p: float | None = None
-    seed: int | None = None
     device: str = "auto"
     stop_at_eos: bool = True
     extra: list[str] = field(default_factory=list, repr=False)
@@ -45,12 +49,7 @@ class GenerationCliConfig:
                 f"device={self.device!r} is not a device; choose one of: auto, cpu, cuda, "
                 "cuda:N, mps"
             )
-
-    def sample_config(self) -> SampleConfig:
-        return SampleConfig(
-            prompts=self.prompts or [], max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-        )  # fmt: skip
+        super().__post_init__()
 
 
 def parse_options(command: str, args: list[str]) -> GenerationCliConfig:
@@ -66,12 +65,7 @@ def parse_options(command: str, args: list[str]) -> GenerationCliConfig:
         raise ConfigError(f"{command}: cannot parse the options ({e})") from None
     if isinstance(values.get("prompts"), str):  # prompts="ROMEO:" means one prompt
         values["prompts"] = [values["prompts"]]
-    cfg = build_dataclass(GenerationCliConfig, values, command, skip=("extra",))
-    try:
-        cfg.sample_config()  # validates the sampling values
-    except ValueError as e:  # SampleConfig's own check; here its keys are plain options
-        raise ConfigError(f"{command}: {str(e).replace('sample.', '')}") from None
-    return cfg
+    return build_dataclass(GenerationCliConfig, values, command, skip=GenerationCliConfig.not_keys)
 
 
 def run_prompts(ckpt: Path) -> list[str] | None:
@@ -112,7 +106,8 @@ def demo(cfg: GenerationCliConfig) -> None:
     ckpt, model, tok = load(cfg)
     prompts = cfg.prompts or run_prompts(ckpt) or GENERIC_PROMPTS
     print(f"checkpoint {ckpt.resolve()} ({model.num_params() / 1e6:.2f} M parameters)")
-    texts = complete(model, tok, prompts, cfg.sample_config(), seed=cfg.seed or 0)
+    # Unseeded, demo still shows the same samples each time.
+    texts = complete(model, tok, prompts, replace(cfg, seed=cfg.seed or 0))
     for prompt, text in zip(prompts, texts, strict=True):
         print("-" * 60)
         print(prompt + text)
@@ -121,7 +116,6 @@ def demo(cfg: GenerationCliConfig) -> None:
 
 def interactive(cfg: GenerationCliConfig) -> None:
     ckpt, model, tok = load(cfg)
-    sample = cfg.sample_config()
     print(f"checkpoint {ckpt.resolve()} ({model.num_params() / 1e6:.2f} M parameters)")
     print("Type a prompt and press Enter (\\n for a newline). Ctrl-C stops a generation; "
           "/quit or Ctrl-D exits.", flush=True)  # fmt: skip
@@ -141,7 +135,7 @@ def interactive(cfg: GenerationCliConfig) -> None:
         prompt = line.replace("\\n", "\n")
         print(prompt, end="", flush=True)
         try:
-            for piece in stream_text(model, tok, prompt, sample, cfg.seed, cfg.stop_at_eos):
+            for piece in stream_text(model, tok, prompt, cfg, cfg.stop_at_eos):
                 print(piece, end="", flush=True)
             print(flush=True)
         except KeyboardInterrupt:

@@ -125,7 +125,9 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
         data=data_cfg,
         optim=optim,
         trainer=trainer,
-        sample=build_dataclass(SampleConfig, data.get("sample") or {}, "sample"),
+        sample=build_dataclass(
+            SampleConfig, data.get("sample") or {}, "sample", skip=SampleConfig.not_keys
+        ),
         wandb=build_dataclass(WandbConfig, data.get("wandb") or {}, "wandb"),
         notes=[note] if note else [],
     )
