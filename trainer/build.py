@@ -125,7 +125,7 @@ class Precision:
     dtype: torch.dtype | None  # autocast dtype; None = plain float32
     scaler: torch.amp.GradScaler | None = None
 
-    def autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self) -> contextlib.AbstractContextManager[object]:
         """The forward-pass context: autocast to ``dtype``, or nothing for fp32."""
         if self.dtype is None:
             return contextlib.nullcontext()

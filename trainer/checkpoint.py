@@ -99,6 +99,7 @@ def load_trainer_state(ckpt_dir: Path) -> dict[str, Any]:
             f"{path} has format version {state.get('format_version')}, this trainer reads "
             f"{FORMAT_VERSION}; resume with the trainer version that wrote it"
         )
+    assert isinstance(state, dict)
     return state
 
 
@@ -182,13 +183,13 @@ def load_model_weights(model: Qwen3, ckpt_dir: Path) -> None:
 
 def capture_rng() -> dict[str, Any]:
     """RNG states as tensors and plain values (``torch.load(weights_only=True)`` can read them)."""
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
         "numpy": {
             "name": np_name,
-            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
             "pos": int(np_pos),
             "has_gauss": int(np_has_gauss),
             "gauss": float(np_gauss),

@@ -37,7 +37,7 @@ def evaluate(
     """
     was_training = model.training
     model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
+    loss_sum, correct, count = 0.0, 0.0, 0.0  # floats: they are summed across ranks as float64
     rank, world_size = group_rank_world()
     batches = list(val_batches(val_tokens, batch_size, seq_len, num_batches))
     mine = batches[rank::world_size]
@@ -69,5 +69,5 @@ def evaluate(
 def _logits(model: nn.Module, x: torch.Tensor, precision: Precision) -> torch.Tensor:
     """(B * T, V) float32 logits."""
     with precision.autocast():
-        logits = model(x)  # (B, T, V)
+        logits: torch.Tensor = model(x)  # (B, T, V)
     return logits.float().flatten(0, 1)

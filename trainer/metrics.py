@@ -126,7 +126,7 @@ class WandbLogger:
                 resume="allow",
                 tags=list(cfg.tags),
                 dir=str(wandb_dir),
-                mode=self.mode,
+                mode=self.mode,  # type: ignore[arg-type]  # resolve_mode returns one of wandb's modes
                 config=config,
                 settings=wandb.Settings(console="off", silent=True),
             )

@@ -49,11 +49,11 @@ def accumulate_gradients(
     return (loss_sum / grad_accum).item()
 
 
-def clip_gradients(params: list[torch.Tensor], clip: float) -> float:
+def clip_gradients(params: list[nn.Parameter], clip: float) -> float:
     """Scale gradients down to global norm ``clip`` (0: no clipping); returns the norm before.
 
     Under FSDP the gradients are shards (DTensors): their norm is reduced over all ranks."""
-    total = torch.nn.utils.get_total_norm([p.grad for p in params])
+    total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     if isinstance(total, DTensor):
         total = total.full_tensor()
     torch.nn.utils.clip_grads_with_norm_(params, clip if clip > 0 else math.inf, total)
