@@ -27,7 +27,7 @@ typecheck: install
 COV_FLOOR ?= 80
 test: install
 	$(PY) -m pytest --cov --cov-report=term
-	@for pkg in qwen3 optim data; do \
+	@for pkg in qwen3 optim data trainer; do \
 	  $(VENV)/bin/coverage report --include="$$pkg/*" --fail-under=$(COV_FLOOR) >/dev/null \
 	    || { echo "coverage of $$pkg/ is below $(COV_FLOOR)%:"; $(VENV)/bin/coverage report --include="$$pkg/*"; exit 1; }; \
 	done

@@ -16,7 +16,8 @@ import argparse
 import socket
 import sys
 
-from trainer.run_layout import CheckpointError, find_model_dir
+from trainer.errors import CheckpointError
+from trainer.run_layout import find_model_dir
 
 DEFAULT_MAX_TOKENS_CAP = (
     1024  # the largest max_tokens a request may ask for, unless --max-tokens-cap says otherwise

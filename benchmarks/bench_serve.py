@@ -29,7 +29,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from serving.launch import serve_in_subprocess
-from trainer.run_layout import CheckpointError, find_model_dir
+from trainer.errors import CheckpointError
+from trainer.run_layout import find_model_dir
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
 

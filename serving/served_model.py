@@ -10,7 +10,8 @@ import torch
 
 from qwen3 import Qwen3, pick_device
 from qwen3.tokenizer import Qwen3Tokenizer
-from trainer.run_layout import CheckpointError, check_checkpoint, display_name
+from trainer.errors import CheckpointError
+from trainer.run_layout import check_checkpoint, display_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

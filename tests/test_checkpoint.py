@@ -15,7 +15,6 @@ from test_trainer_support import write_corpus
 from data.tokenizer_training import train_tokenizer
 from qwen3 import Qwen3, Qwen3Config
 from trainer.checkpoint import (
-    CheckpointError,
     check_compatible,
     check_setup_matches,
     load_model_weights,
@@ -23,6 +22,7 @@ from trainer.checkpoint import (
     save_checkpoint,
     tokenizer_hash,
 )
+from trainer.errors import CheckpointError, ConfigError
 from trainer.run_layout import (
     check_checkpoint,
     most_recent_run,
@@ -31,7 +31,6 @@ from trainer.run_layout import (
     resolve_resume,
     set_pointer,
 )
-from trainer.typed_config import ConfigError
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from test_distributed_support import (
 )
 from test_trainer_support import make_trainer, read_metrics, write_corpus
 
-from trainer.checkpoint import CheckpointError
+from trainer.errors import CheckpointError
 
 
 @pytest.fixture(scope="module")

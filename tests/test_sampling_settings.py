@@ -10,8 +10,8 @@ from qwen3 import Sampling
 from serving.engine import batch_key
 from serving.schemas import ChatCompletionRequest, CompletionRequest
 from trainer.config import SampleConfig
+from trainer.errors import ConfigError
 from trainer.generation_cli import parse_options
-from trainer.typed_config import ConfigError
 
 EOS = (0, 5)
 

@@ -12,7 +12,8 @@ import pytest
 from test_serve_support import build_tiny_checkpoint, run_serve
 
 from serving.served_model import load_served_model
-from trainer.run_layout import CheckpointError, display_name, find_model_dir
+from trainer.errors import CheckpointError
+from trainer.run_layout import display_name, find_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,8 @@ from data import DataConfig
 from optim import OptimConfig
 from qwen3 import PRESETS, Qwen3Config
 from trainer.cli_entry import CONF_DIR
-from trainer.config import SampleConfig, TrainConfig, WandbConfig
-from trainer.run_config import MODEL_FIELDS, run_record
-from trainer.typed_config import ConfigError
+from trainer.config import MODEL_FIELDS, SampleConfig, TrainConfig, WandbConfig, run_record
+from trainer.errors import ConfigError
 
 
 def test_defaults_compose_into_typed_configs() -> None:

@@ -1,10 +1,9 @@
-"""Training: the loop, evaluation, checkpoints, logging, and the ``train.py`` command line.
+"""Training: the command line, the run's config, the loop, evaluation, checkpoints, metrics.
 
-Entry points: ``trainer.cli_entry.main`` (what ``train.py`` runs), ``trainer.run.run_training``
-(a typed :class:`trainer.run_config.RunConfig` to a finished run), ``trainer.loop.Trainer``.
+A run reads top to bottom: ``trainer.cli`` (what ``train.py`` runs) -> ``trainer.config``
+(:class:`~trainer.config.RunConfig`, validated once) -> ``trainer.run`` -> ``trainer.build``
+(device, precision, data, model, optimizers) -> ``trainer.loop`` (with ``trainer.step`` and
+``trainer.evaluation``) -> ``trainer.checkpoint`` and ``trainer.run_layout`` (where and what a
+checkpoint is) and ``trainer.metrics``; ``trainer.distributed`` under torchrun. This package
+file imports nothing, so each entry point loads only what it uses.
 """
-
-from trainer.config import SampleConfig, TrainConfig, WandbConfig
-from trainer.typed_config import ConfigError
-
-__all__ = ["ConfigError", "SampleConfig", "TrainConfig", "WandbConfig"]

@@ -17,9 +17,9 @@ from data import BatchSampler, PreparedData, prepare_data
 from data.errors import DataError
 from optim import OptimizerSet, build_optimizers
 from qwen3 import Qwen3, Qwen3Config, pick_device
+from trainer.config import RunConfig
 from trainer.distributed import DistInfo, main_first, wrap_model
-from trainer.run_config import RunConfig
-from trainer.typed_config import ConfigError
+from trainer.errors import ConfigError
 
 
 @dataclass

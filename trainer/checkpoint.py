@@ -23,12 +23,8 @@ import yaml
 from qwen3 import Qwen3, Qwen3Config
 from qwen3.tokenizer import Qwen3Tokenizer
 from trainer.distributed import is_sharded, load_full_weights
-from trainer.run_layout import (
-    MODEL_CONFIG,
-    STATE_FILE,
-    CheckpointError,
-    step_dir_name,
-)
+from trainer.errors import CheckpointError
+from trainer.run_layout import MODEL_CONFIG, STATE_FILE, step_dir_name
 
 CONFIG_FILE = "config.yaml"
 FORMAT_VERSION = 1

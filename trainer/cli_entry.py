@@ -13,6 +13,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 
+from trainer.config import unknown_key_message
 from trainer.distributed import (
     DistInfo,
     barrier,
@@ -22,7 +23,6 @@ from trainer.distributed import (
     shutdown,
 )
 from trainer.run_layout import default_run_name, timestamp_name
-from trainer.typed_config import unknown_key_message
 
 SUBCOMMANDS = ("demo", "interactive")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -42,9 +42,9 @@ def register_resolvers(stamp: str | None = None) -> None:
 def _config_keys() -> tuple[set[str], set[str]]:
     """Every key the shipped config defines, dotted (``trainer.max_steps``, ``model.preset``),
     and the subset that holds a value rather than a section. Read from the YAML files and the
-    model fields that :func:`trainer.run_config.register_config_nodes` adds, so they are exactly
+    model fields that :func:`trainer.config.register_config_nodes` adds, so they are exactly
     what Hydra accepts; the options of a group share their keys."""
-    from trainer.run_config import MODEL_FIELDS  # imports torch: only for a training run
+    from trainer.config import MODEL_FIELDS  # imports torch: only for a training run
 
     keys: set[str] = set()
     leaves: set[str] = set()
@@ -129,9 +129,9 @@ def train_from_hydra(cfg: DictConfig, start_time: float) -> int:
 
 
 def _train(cfg: DictConfig, hc: Any, run_dir: Path, start_time: float) -> int:
+    from trainer.config import build_run_config, run_record, to_container
+    from trainer.errors import ConfigError
     from trainer.run import run_training
-    from trainer.run_config import build_run_config, run_record, to_container
-    from trainer.typed_config import ConfigError
 
     try:
         data = to_container(cfg)
@@ -167,7 +167,7 @@ def main(argv: list[str], start_time: float) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     register_resolvers(from_main(timestamp_name()) if dist.is_distributed else None)
-    from trainer.run_config import register_config_nodes
+    from trainer.config import register_config_nodes
 
     register_config_nodes()
     codes: list[int] = []

@@ -1,13 +1,108 @@
-"""Typed configuration of a training run: the ``trainer``, ``sample`` and ``wandb`` sections."""
+"""A run's configuration, typed and validated once: the ``trainer``, ``sample`` and ``wandb``
+sections (the ``model``, ``data`` and ``optim`` sections are their packages' own dataclasses),
+:class:`RunConfig` built from the composed Hydra config, and the options of ``demo`` and
+``interactive``.
+
+Each section is a plain dataclass whose ``__post_init__`` checks its values; pydantic validates
+the types of a mapping against the annotations first (``Literal`` choices, tuples, nested
+types), and every problem becomes one :class:`ConfigError` naming the dotted key.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from pydantic import TypeAdapter, ValidationError
+
+from data import DataConfig
+from optim import OptimConfig, fit_warmup
+from qwen3 import PRESETS, Qwen3Config
 from qwen3.generate import Sampling
+from trainer.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def unknown_key_message(key: str, valid: Iterable[str]) -> str:
+    """One line saying the dotted ``key`` is unknown and naming the closest of the dotted
+    ``valid`` keys (a key of the same section first), or all keys of its section when none is
+    close, e.g. ``trainer.maxsteps is not a known config key; did you mean trainer.max_steps?``"""
+    valid = sorted(valid)
+    parent, _, name = key.rpartition(".")
+    sections = {k.rpartition(".")[0] for k in valid}
+    if parent not in sections:
+        parent = ""  # a misspelt section: compare whole keys, list the top level
+
+    def score(candidate: str) -> float:
+        c_parent, _, c_name = candidate.rpartition(".")
+        by_name = difflib.SequenceMatcher(None, name, c_name).ratio()
+        if c_parent == parent:
+            return by_name
+        # A key of another section, or the whole key misspelt (traner.max_steps): ranked lower.
+        return max(by_name, difflib.SequenceMatcher(None, key, candidate).ratio()) - 0.1
+
+    ancestors = {key.rsplit(".", n)[0] for n in range(1, key.count(".") + 1)}
+    scores = sorted(((score(k), k) for k in valid if k not in ancestors), reverse=True)
+    best = scores[0][0] if scores else 0.0
+    close = [k for sc, k in scores[:3] if sc >= max(0.6, best - 0.1)]
+    if close:
+        return f"{key} is not a known config key; did you mean {' or '.join(close)}?"
+    siblings = [k.rpartition(".")[2] for k in valid if k.rpartition(".")[0] == parent]
+    where = f"of {parent}" if parent else "at the top level"
+    return f"{key} is not a known config key; valid keys {where}: {', '.join(siblings)}."
+
+
+_ADAPTERS: dict[type[Any], TypeAdapter[Any]] = {}
+
+
+def _adapter(cls: type[Any]) -> TypeAdapter[Any]:
+    """pydantic's validator for ``cls``, built once (building one costs milliseconds)."""
+    if cls not in _ADAPTERS:
+        _ADAPTERS[cls] = TypeAdapter(cls)
+    return _ADAPTERS[cls]
+
+
+def _problem(err: ValidationError, section: str, values: Mapping[str, Any]) -> str:
+    """pydantic's first error as one line naming the dotted key, its value and what is wanted.
+    A value the dataclass itself refused (its ``__post_init__``) keeps that message."""
+    first = err.errors(include_url=False)[0]
+    if first["type"] == "value_error" and not first["loc"]:
+        msg = str(first["ctx"]["error"])
+        return msg if section in msg else f"{section}: {msg}"
+    name, *inner = first["loc"]
+    where = "".join(f"[{part}]" for part in inner)
+    wanted = first["msg"][0].lower() + first["msg"][1:]
+    item = f"item {where}: " if where else ""
+    return f"{section}.{name}={values.get(str(name))!r} is not valid: {item}{wanted}."
+
+
+def build_dataclass(
+    cls: type[T], values: Mapping[str, Any], section: str, skip: tuple[str, ...] = ()
+) -> T:
+    """An instance of the config dataclass ``cls`` from ``values``, validated by pydantic
+    against its annotations (``Literal`` choices, tuples, nested types) and then by its own
+    ``__post_init__``; unknown keys, wrong types and invalid values raise one
+    :class:`ConfigError` naming ``section.key``."""
+    fields = {f.name for f in dataclasses.fields(cls) if f.init and f.name not in skip}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        valid = [f"{section}.{name}" for name in fields]
+        raise ConfigError(unknown_key_message(f"{section}.{unknown[0]}", valid))
+    try:
+        built: T = _adapter(cls).validate_python(dict(values))
+    except ValidationError as err:
+        raise ConfigError(_problem(err, section, values)) from None
+    return built
+
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
@@ -119,3 +214,150 @@ class WandbConfig:
             _fail(
                 "wandb.project", self.project, "must be a non-empty name", "set wandb.project=NAME"
             )
+
+
+@dataclass(frozen=True)
+class GenerationCliConfig(Sampling):
+    """Options of ``demo`` and ``interactive``, given as ``key=value`` words: the sampling
+    settings of :class:`qwen3.Sampling` (``max_new_tokens``, ``temperature``, ``top_k``,
+    ``top_p``, ``seed``), which checks them, and the ones below. Stop ids are not an option:
+    generation stops at <|endoftext|> unless ``stop_at_eos=false``."""
+
+    not_keys: ClassVar[tuple[str, ...]] = ("stop_ids", "extra")
+
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int | None = 50
+    ckpt: str | None = None  # a checkpoint or any Hugging Face Qwen3 dir; None: latest run's best
+    out_dir: str = "checkpoints"
+    prompts: list[str] | None = (
+        None  # demo only, e.g. prompts='["ROMEO:", "JULIET:"]'; None: the run's
+    )
+    device: str = "auto"
+    stop_at_eos: bool = True
+    extra: list[str] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.device, str) or not _DEVICE_RE.match(self.device):
+            raise ValueError(
+                f"device={self.device!r} is not a device; choose one of: auto, cpu, cuda, "
+                "cuda:N, mps"
+            )
+        super().__post_init__()
+
+
+TOP_LEVEL_KEYS = ("run_name", "out_dir", "seed", "resume")
+SECTIONS = ("model", "data", "optim", "trainer", "sample", "wandb")
+
+
+@dataclass
+class RunConfig:
+    """Every section of a run, typed and validated. ``notes``: one line for each setting that was
+    adapted to the run (e.g. a warmup longer than the run, shortened), for the CLI to print."""
+
+    run_name: str
+    out_dir: str
+    seed: int
+    resume: str | None
+    model: Qwen3Config
+    data: DataConfig
+    optim: OptimConfig
+    trainer: TrainConfig
+    sample: SampleConfig
+    wandb: WandbConfig
+    notes: list[str] = field(default_factory=list)
+
+
+# The settable Qwen3Config fields (``extra`` only carries a config.json's unknown keys through).
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(Qwen3Config) if f.name != "extra")
+MODEL_FIELDS_NODE = "model_fields"
+
+
+def register_config_nodes() -> None:
+    """Store, for ``conf/config.yaml``'s defaults list, a ``model`` section holding every
+    Qwen3Config field as null, composed before the ``model`` group: Hydra overrides only keys
+    that exist (``model.num_hidden_layers=2``), so every field must be there, while
+    ``conf/model/*.yaml`` names a preset and sets only what differs from it. Call before
+    Hydra composes the config."""
+    node = dict.fromkeys(MODEL_FIELDS)
+    ConfigStore.instance().store(name=MODEL_FIELDS_NODE, node=node, package="model")
+
+
+def build_model_config(section: dict[str, Any]) -> Qwen3Config:
+    """``preset`` with every other key of the ``model`` section applied over it. A null key
+    keeps the preset's value: that is how the composed config leaves a field unset. The fields
+    whose own value may be null (the special-token ids) are null in every preset, the model
+    taking them from the tokenizer, so for them null means the same either way."""
+    values = dict(section)
+    preset = values.pop("preset", "tiny")
+    if preset not in PRESETS:
+        raise ConfigError(
+            f"model.preset={preset!r} is unknown; choose one of: {', '.join(PRESETS)}."
+        )
+    base = Qwen3Config.from_preset(preset)
+    merged = {name: getattr(base, name) for name in MODEL_FIELDS}
+    merged.update((k, v) for k, v in values.items() if v is not None)
+    return build_dataclass(Qwen3Config, merged, "model", skip=())
+
+
+def run_record(data: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
+    """``data`` (the composed config) as the run uses it, for the ``config.yaml`` saved with
+    each checkpoint and for wandb: every model field with its value (the preset's where the
+    composed config says null), and settings adapted to the run (a shortened warmup)."""
+    record = dict(data)
+    model = cfg.model
+    preset = (data.get("model") or {}).get("preset", "tiny")
+    record["model"] = {"preset": preset, **{name: getattr(model, name) for name in MODEL_FIELDS}}
+    if isinstance(data.get("optim"), dict):
+        record["optim"] = {**data["optim"], "warmup_steps": cfg.optim.warmup_steps}
+    return record
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain Python values, without Hydra's own node."""
+    try:
+        data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as e:
+        raise ConfigError(
+            f"{e.full_key} must be set (it has no default); add {e.full_key}=VALUE."
+        ) from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(
+            f"{getattr(e, 'full_key', '') or 'config'}: {e.msg if hasattr(e, 'msg') else e}"
+        ) from None
+    assert isinstance(data, dict)
+    data.pop("hydra", None)
+    return {str(k): v for k, v in data.items()}
+
+
+def build_run_config(data: dict[str, Any]) -> RunConfig:
+    """Check and convert every section; the first problem raises one :class:`ConfigError`."""
+    unknown = sorted(set(data) - set(TOP_LEVEL_KEYS) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(unknown_key_message(unknown[0], TOP_LEVEL_KEYS + SECTIONS))
+    seed = data.get("seed", 1337)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed={seed!r} must be an integer, e.g. seed=1337.")
+    resume = data.get("resume")
+    if resume is not None and not isinstance(resume, str):
+        raise ConfigError(f"resume={resume!r} must be null, latest, or a checkpoint path.")
+    model = build_model_config(data.get("model") or {})
+    data_cfg = build_dataclass(DataConfig, data.get("data") or {}, "data")
+    optim = build_dataclass(OptimConfig, data.get("optim") or {}, "optim")
+    trainer = build_dataclass(TrainConfig, data.get("trainer") or {}, "trainer")
+    optim, note = fit_warmup(optim, trainer.max_steps)
+    return RunConfig(
+        run_name=str(data.get("run_name") or ""),
+        out_dir=str(data.get("out_dir") or "checkpoints"),
+        seed=seed,
+        resume=resume,
+        model=model,
+        data=data_cfg,
+        optim=optim,
+        trainer=trainer,
+        sample=build_dataclass(
+            SampleConfig, data.get("sample") or {}, "sample", skip=SampleConfig.not_keys
+        ),
+        wandb=build_dataclass(WandbConfig, data.get("wandb") or {}, "wandb"),
+        notes=[note] if note else [],
+    )

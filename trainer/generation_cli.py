@@ -3,53 +3,22 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from qwen3 import Qwen3, Sampling, pick_device
+from qwen3 import Qwen3, pick_device
 from qwen3.tokenizer import Qwen3Tokenizer
-from trainer.config import _DEVICE_RE
-from trainer.run_layout import CheckpointError, find_model_dir
+from trainer.config import GenerationCliConfig, build_dataclass
+from trainer.errors import CheckpointError, ConfigError
+from trainer.run_layout import find_model_dir
 from trainer.sampling import complete, stream_text
-from trainer.typed_config import ConfigError, build_dataclass
 
 GENERIC_PROMPTS = ["Once upon a time", "The meaning of life is", "ROMEO:"]
-
-
-@dataclass(frozen=True)
-class GenerationCliConfig(Sampling):
-    """Options of ``demo`` and ``interactive``, given as ``key=value`` words: the sampling
-    settings of :class:`qwen3.Sampling` (``max_new_tokens``, ``temperature``, ``top_k``,
-    ``top_p``, ``seed``), which checks them, and the ones below. Stop ids are not an option:
-    generation stops at <|endoftext|> unless ``stop_at_eos=false``."""
-
-    not_keys: ClassVar[tuple[str, ...]] = ("stop_ids", "extra")
-
-    max_new_tokens: int = 200
-    temperature: float = 0.8
-    top_k: int | None = 50
-    ckpt: str | None = None  # a checkpoint or any Hugging Face Qwen3 dir; None: latest run's best
-    out_dir: str = "checkpoints"
-    prompts: list[str] | None = (
-        None  # demo only, e.g. prompts='["ROMEO:", "JULIET:"]'; None: the run's
-    )
-    device: str = "auto"
-    stop_at_eos: bool = True
-    extra: list[str] = field(default_factory=list, repr=False)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.device, str) or not _DEVICE_RE.match(self.device):
-            raise ValueError(
-                f"device={self.device!r} is not a device; choose one of: auto, cpu, cuda, "
-                "cuda:N, mps"
-            )
-        super().__post_init__()
 
 
 def parse_options(command: str, args: list[str]) -> GenerationCliConfig:
@@ -60,9 +29,11 @@ def parse_options(command: str, args: list[str]) -> GenerationCliConfig:
             f"{command}: {bad[0]!r} is not key=value (e.g. ckpt=checkpoints/RUN/best)"
         )
     try:
-        values = OmegaConf.to_container(OmegaConf.from_dotlist(args))
+        parsed = OmegaConf.to_container(OmegaConf.from_dotlist(args))
     except OmegaConfBaseException as e:
         raise ConfigError(f"{command}: cannot parse the options ({e})") from None
+    assert isinstance(parsed, dict)  # a dotlist always makes a mapping
+    values = {str(k): v for k, v in parsed.items()}
     if isinstance(values.get("prompts"), str):  # prompts="ROMEO:" means one prompt
         values["prompts"] = [values["prompts"]]
     return build_dataclass(GenerationCliConfig, values, command, skip=GenerationCliConfig.not_keys)

@@ -25,6 +25,7 @@ from trainer.checkpoint import (
     save_checkpoint,
     tokenizer_hash,
 )
+from trainer.config import RunConfig
 from trainer.distributed import (
     DistInfo,
     any_rank,
@@ -35,7 +36,6 @@ from trainer.distributed import (
 )
 from trainer.evaluation import evaluate
 from trainer.metrics import MetricsLog, WandbLogger, mfu, write_plot
-from trainer.run_config import RunConfig
 from trainer.run_layout import BEST, LATEST, prune_checkpoints, set_pointer
 from trainer.step import train_step
 

@@ -20,14 +20,13 @@ from trainer.build import (
     resolve_device,
 )
 from trainer.checkpoint import check_setup_matches
-from trainer.config import SampleConfig
+from trainer.config import RunConfig, SampleConfig
 from trainer.distributed import DistInfo, dist_info, full_model_copy, is_sharded, local_device
+from trainer.errors import CheckpointError, ConfigError
 from trainer.loop import Outcome, Trainer, TrainingDiverged
 from trainer.metrics import WandbLogger, peak_flops
-from trainer.run_config import RunConfig
-from trainer.run_layout import CheckpointError, resolve_resume
+from trainer.run_layout import resolve_resume
 from trainer.sampling import complete
-from trainer.typed_config import ConfigError
 
 
 def resume_command(overrides: list[str], run_name: str, dist: DistInfo | None = None) -> str:

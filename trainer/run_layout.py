@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from trainer.typed_config import ConfigError
+from trainer.errors import CheckpointError, ConfigError
 
 LATEST = "latest"
 BEST = "best"
@@ -28,11 +28,6 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 TOKENIZER = "tokenizer.json"
 STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"step-(\d+)")
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used: missing, damaged, or from a different setup; the
-    message names the file or setting and what to do."""
 
 
 def timestamp_name() -> str:
