@@ -14,7 +14,7 @@ START = time.perf_counter()
 
 import sys  # noqa: E402
 
-from trainer.cli_entry import main  # noqa: E402
+from trainer.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv, START))

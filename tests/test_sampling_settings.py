@@ -9,9 +9,9 @@ from test_trainer_support import compose_run_config
 from qwen3 import Sampling
 from serving.engine import batch_key
 from serving.schemas import ChatCompletionRequest, CompletionRequest
+from trainer.cli import parse_options
 from trainer.config import SampleConfig
 from trainer.errors import ConfigError
-from trainer.generation_cli import parse_options
 
 EOS = (0, 5)
 

@@ -13,7 +13,7 @@ from data.tokenizer_training import train_tokenizer
 from qwen3 import Qwen3, Qwen3Config
 from qwen3.tokenizer import Qwen3Tokenizer
 from trainer.config import SampleConfig
-from trainer.sampling import complete, stream_text
+from trainer.generation import complete, stream_text
 
 WIDE = "Tom the cat said 猫 and café, ok 🐈! 日本語 😀"
 

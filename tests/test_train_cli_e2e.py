@@ -102,7 +102,7 @@ def test_ctrl_c_outside_the_training_loop_ends_with_a_message_not_a_traceback(
 ) -> None:
     """Ctrl-C during data preparation (here: the moment the run starts) exits 130 with a line
     saying nothing is half-written, instead of a KeyboardInterrupt traceback."""
-    import trainer.cli_entry as cli_entry
+    import trainer.cli as cli_entry
 
     def interrupted(cfg, start_time):  # what a Ctrl-C in prepare_data raises up to here
         raise KeyboardInterrupt

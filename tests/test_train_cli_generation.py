@@ -15,7 +15,7 @@ from test_trainer_support import REPO, run_train, subprocess_env, train_cmd, wri
 from data.tokenizer_training import train_tokenizer
 from qwen3 import Qwen3, Qwen3Config
 from trainer.checkpoint import save_checkpoint
-from trainer.generation_cli import run_subcommand
+from trainer.cli import run_subcommand
 from trainer.run_layout import set_pointer
 
 

@@ -11,7 +11,7 @@ from test_trainer_support import compose_config_dict, compose_run_config, run_tr
 from data import DataConfig
 from optim import OptimConfig
 from qwen3 import PRESETS, Qwen3Config
-from trainer.cli_entry import CONF_DIR
+from trainer.cli import CONF_DIR
 from trainer.config import MODEL_FIELDS, SampleConfig, TrainConfig, WandbConfig, run_record
 from trainer.errors import ConfigError
 
@@ -76,7 +76,7 @@ def test_shipped_model_yamls_only_name_their_preset() -> None:
 def test_every_model_field_can_be_set_on_the_command_line() -> None:
     """Hydra and the mistyped-key check accept ``model.FIELD=VALUE`` for every Qwen3Config field,
     though no yaml lists them."""
-    from trainer.cli_entry import unknown_override
+    from trainer.cli import unknown_override
 
     expected = Qwen3Config.from_preset("small", num_hidden_layers=2, rms_norm_eps=1e-5)
     values = {name: getattr(expected, name) for name in MODEL_FIELDS}
@@ -183,7 +183,7 @@ def test_a_run_long_enough_for_its_warmup_has_no_notes() -> None:
 def test_a_mistyped_key_is_named_with_the_closest_valid_keys(
     override: str, suggestion: str, tmp_path, capsys
 ) -> None:
-    from trainer.cli_entry import main
+    from trainer.cli import main
 
     argv = ["train.py", "model=small", override, f"out_dir={tmp_path}", "optim.lr=1e-3,3e-3"]
     assert main(argv, start_time=0.0) == 2
@@ -196,7 +196,7 @@ def test_a_mistyped_key_is_named_with_the_closest_valid_keys(
 
 
 def test_a_key_with_nothing_close_lists_its_section(capsys) -> None:
-    from trainer.cli_entry import main
+    from trainer.cli import main
 
     assert main(["train.py", "trainer.zzz=1"], start_time=0.0) == 2
     err = capsys.readouterr().err

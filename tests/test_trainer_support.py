@@ -13,7 +13,7 @@ from typing import Any
 
 from hydra import compose, initialize_config_dir
 
-from trainer.cli_entry import CONF_DIR, register_resolvers
+from trainer.cli import CONF_DIR, register_resolvers
 from trainer.config import RunConfig, build_run_config, register_config_nodes, to_container
 
 REPO = Path(__file__).resolve().parents[1]

@@ -39,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from optim import OptimizerSet
 from qwen3 import Qwen3
+from trainer.errors import LaunchError
 
 T = TypeVar("T")
 _ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
@@ -69,7 +70,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError:
-        raise RuntimeError(
+        raise LaunchError(
             f"{name}={value!r} is not a whole number; launch multi-process runs with torchrun, "
             "which sets RANK, LOCAL_RANK and WORLD_SIZE"
         ) from None
@@ -80,7 +81,7 @@ def dist_info() -> DistInfo:
     world_size = _env_int("WORLD_SIZE", 1)
     rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
     if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
-        raise RuntimeError(
+        raise LaunchError(
             f"RANK={rank}, LOCAL_RANK={local_rank}, WORLD_SIZE={world_size} do not describe a "
             "process of a run; launch with torchrun --nproc_per_node=N train.py ..."
         )
@@ -97,7 +98,7 @@ def init_process_group(info: DistInfo) -> None:
         return
     if torch.cuda.is_available():
         if info.local_rank >= torch.cuda.device_count():
-            raise RuntimeError(
+            raise LaunchError(
                 f"LOCAL_RANK={info.local_rank} but this machine has {torch.cuda.device_count()} "
                 "GPUs; start at most one process per GPU (torchrun --nproc_per_node)"
             )

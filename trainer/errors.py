@@ -11,3 +11,8 @@ class ConfigError(ValueError):
 class CheckpointError(Exception):
     """A checkpoint that cannot be used: missing, damaged, or from a different setup; the
     message names the file or setting and what to do."""
+
+
+class LaunchError(RuntimeError):
+    """A process started outside what ``torchrun`` sets up (RANK/WORLD_SIZE that describe no
+    process of a run, more processes than GPUs); the message says how to launch."""

@@ -23,10 +23,10 @@ from trainer.checkpoint import check_setup_matches
 from trainer.config import RunConfig, SampleConfig
 from trainer.distributed import DistInfo, dist_info, full_model_copy, is_sharded, local_device
 from trainer.errors import CheckpointError, ConfigError
+from trainer.generation import complete
 from trainer.loop import Outcome, Trainer, TrainingDiverged
 from trainer.metrics import WandbLogger, peak_flops
 from trainer.run_layout import resolve_resume
-from trainer.sampling import complete
 
 
 def resume_command(overrides: list[str], run_name: str, dist: DistInfo | None = None) -> str:

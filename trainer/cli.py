@@ -1,4 +1,5 @@
-"""``train.py``: the ``demo``/``interactive`` subcommands, or a Hydra training run."""
+"""The ``train.py`` command line: a Hydra training run, or the ``demo``/``interactive``
+subcommands with their ``key=value`` options."""
 
 from __future__ import annotations
 
@@ -12,8 +13,18 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from trainer.config import unknown_key_message
+from trainer.config import (
+    MODEL_FIELDS,
+    GenerationCliConfig,
+    build_dataclass,
+    build_run_config,
+    register_config_nodes,
+    run_record,
+    to_container,
+    unknown_key_message,
+)
 from trainer.distributed import (
     DistInfo,
     barrier,
@@ -22,6 +33,8 @@ from trainer.distributed import (
     init_process_group,
     shutdown,
 )
+from trainer.errors import CheckpointError, ConfigError, LaunchError
+from trainer.generation import demo, interactive
 from trainer.run_layout import default_run_name, timestamp_name
 
 SUBCOMMANDS = ("demo", "interactive")
@@ -44,8 +57,6 @@ def _config_keys() -> tuple[set[str], set[str]]:
     and the subset that holds a value rather than a section. Read from the YAML files and the
     model fields that :func:`trainer.config.register_config_nodes` adds, so they are exactly
     what Hydra accepts; the options of a group share their keys."""
-    from trainer.config import MODEL_FIELDS  # imports torch: only for a training run
-
     keys: set[str] = set()
     leaves: set[str] = set()
 
@@ -129,9 +140,7 @@ def train_from_hydra(cfg: DictConfig, start_time: float) -> int:
 
 
 def _train(cfg: DictConfig, hc: Any, run_dir: Path, start_time: float) -> int:
-    from trainer.config import build_run_config, run_record, to_container
-    from trainer.errors import ConfigError
-    from trainer.run import run_training
+    from trainer.run import run_training  # data, wandb, datasets: only for a training run
 
     try:
         data = to_container(cfg)
@@ -152,8 +161,6 @@ def _train(cfg: DictConfig, hc: Any, run_dir: Path, start_time: float) -> int:
 def main(argv: list[str], start_time: float) -> int:
     """Dispatch on the first word: a subcommand, else Hydra's own command line."""
     if len(argv) > 1 and argv[1] in SUBCOMMANDS:
-        from trainer.generation_cli import run_subcommand
-
         return run_subcommand(argv[1], argv[2:])
     try:
         dist = dist_info()
@@ -163,12 +170,10 @@ def main(argv: list[str], start_time: float) -> int:
                 print(f"config error: {unknown}", file=sys.stderr)
             return 2
         init_process_group(dist)  # before Hydra: the ranks agree on the run directory's name
-    except RuntimeError as e:
+    except LaunchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     register_resolvers(from_main(timestamp_name()) if dist.is_distributed else None)
-    from trainer.config import register_config_nodes
-
     register_config_nodes()
     codes: list[int] = []
 
@@ -196,3 +201,33 @@ def main(argv: list[str], start_time: float) -> int:
         raise
     shutdown()
     return max(codes, default=0)
+
+
+# ---- demo and interactive -------------------------------------------------------------------
+def parse_options(command: str, args: list[str]) -> GenerationCliConfig:
+    """``key=value`` words (YAML values, as Hydra overrides) into a checked config."""
+    bad = [a for a in args if "=" not in a]
+    if bad:
+        raise ConfigError(
+            f"{command}: {bad[0]!r} is not key=value (e.g. ckpt=checkpoints/RUN/best)"
+        )
+    try:
+        parsed = OmegaConf.to_container(OmegaConf.from_dotlist(args))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{command}: cannot parse the options ({e})") from None
+    assert isinstance(parsed, dict)  # a dotlist always makes a mapping
+    values = {str(k): v for k, v in parsed.items()}
+    if isinstance(values.get("prompts"), str):  # prompts="ROMEO:" means one prompt
+        values["prompts"] = [values["prompts"]]
+    return build_dataclass(GenerationCliConfig, values, command, skip=GenerationCliConfig.not_keys)
+
+
+def run_subcommand(command: str, args: list[str]) -> int:
+    """Run ``demo`` or ``interactive`` with ``key=value`` options; returns the exit code."""
+    try:
+        cfg = parse_options(command, args)
+        (demo if command == "demo" else interactive)(cfg)
+    except (ConfigError, CheckpointError) as e:  # a user's to fix; anything else is a bug
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,42 +1,81 @@
-"""``train.py demo`` (a few samples) and ``train.py interactive`` (a prompt loop)."""
+"""Text from a model: the samples printed after training, ``train.py demo`` (a few samples from
+a checkpoint) and ``train.py interactive`` (a prompt loop)."""
 
 from __future__ import annotations
 
-import sys
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from qwen3 import Qwen3, pick_device
+from qwen3 import Qwen3, Sampling, generate, pick_device, stream_generate
 from qwen3.tokenizer import Qwen3Tokenizer
-from trainer.config import GenerationCliConfig, build_dataclass
+from trainer.config import GenerationCliConfig
 from trainer.errors import CheckpointError, ConfigError
 from trainer.run_layout import find_model_dir
-from trainer.sampling import complete, stream_text
+
+
+def _prompt_ids(tokenizer: Qwen3Tokenizer, prompt: str) -> list[int]:
+    """The prompt's tokens; an empty prompt starts from <|endoftext|> (a document boundary)."""
+    return tokenizer.encode(prompt) or [tokenizer.eos_id]
+
+
+def max_new_for(model: Qwen3, prompt_len: int, wanted: int) -> int:
+    """``wanted`` capped so prompt + completion fit the model's context."""
+    return max(0, min(wanted, model.config.max_position_embeddings - prompt_len))
+
+
+def _fitted(
+    model: Qwen3,
+    tokenizer: Qwen3Tokenizer,
+    sampling: Sampling,
+    prompt_len: int,
+    stop_at_eos: bool,
+) -> Sampling:
+    """``sampling`` with only as many new tokens as fit the context after the prompt, and
+    stopping at <|endoftext|> as well unless ``stop_at_eos`` is off."""
+    stops = (*sampling.stop_ids, tokenizer.eos_id) if stop_at_eos else sampling.stop_ids
+    wanted = max_new_for(model, prompt_len, sampling.max_new_tokens)
+    return replace(sampling, max_new_tokens=wanted, stop_ids=stops)
+
+
+@torch.no_grad()
+def complete(
+    model: Qwen3, tokenizer: Qwen3Tokenizer, prompts: list[str], sampling: Sampling
+) -> list[str]:
+    """One completion per prompt (batched, KV cache) as ``sampling`` says, stopping at
+    <|endoftext|> too."""
+    ids = [_prompt_ids(tokenizer, p) for p in prompts]
+    longest = max(len(i) for i in ids)
+    out = generate(model, ids, _fitted(model, tokenizer, sampling, longest, True))
+    return [tokenizer.decode(o, skip_special_tokens=True) for o in out]
+
+
+def stream_text(
+    model: Qwen3,
+    tokenizer: Qwen3Tokenizer,
+    prompt: str,
+    sampling: Sampling,
+    stop_at_eos: bool = True,
+) -> Iterator[str]:
+    """Yield pieces of text as tokens are generated: whole characters, through the tokenizer's
+    incremental decoder; a character left unfinished when generation ends shows as U+FFFD."""
+    ids = _prompt_ids(tokenizer, prompt)
+    decoder = tokenizer.stream_decoder(skip_special_tokens=True)
+    for tok in stream_generate(
+        model, ids, _fitted(model, tokenizer, sampling, len(ids), stop_at_eos)
+    ):
+        text = decoder.step(tok)
+        if text:
+            yield text
+    tail = decoder.flush()
+    if tail:
+        yield tail
+
 
 GENERIC_PROMPTS = ["Once upon a time", "The meaning of life is", "ROMEO:"]
-
-
-def parse_options(command: str, args: list[str]) -> GenerationCliConfig:
-    """``key=value`` words (YAML values, as Hydra overrides) into a checked config."""
-    bad = [a for a in args if "=" not in a]
-    if bad:
-        raise ConfigError(
-            f"{command}: {bad[0]!r} is not key=value (e.g. ckpt=checkpoints/RUN/best)"
-        )
-    try:
-        parsed = OmegaConf.to_container(OmegaConf.from_dotlist(args))
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{command}: cannot parse the options ({e})") from None
-    assert isinstance(parsed, dict)  # a dotlist always makes a mapping
-    values = {str(k): v for k, v in parsed.items()}
-    if isinstance(values.get("prompts"), str):  # prompts="ROMEO:" means one prompt
-        values["prompts"] = [values["prompts"]]
-    return build_dataclass(GenerationCliConfig, values, command, skip=GenerationCliConfig.not_keys)
 
 
 def run_prompts(ckpt: Path) -> list[str] | None:
@@ -111,14 +150,3 @@ def interactive(cfg: GenerationCliConfig) -> None:
             print(flush=True)
         except KeyboardInterrupt:
             print("\n[generation stopped]", flush=True)
-
-
-def run_subcommand(command: str, args: list[str]) -> int:
-    """Run ``demo`` or ``interactive`` with ``key=value`` options; returns the exit code."""
-    try:
-        cfg = parse_options(command, args)
-        (demo if command == "demo" else interactive)(cfg)
-    except (ConfigError, CheckpointError) as e:  # a user's to fix; anything else is a bug
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
