@@ -21,8 +21,8 @@ _ROPE_PRECOMPUTE = 4096
 
 
 # Projections are stacked only up to this many weight elements per stack (4 MiB in float32): there
-# one call saves real per-call overhead (a 128 x 128 matmul at batch 1 takes ~3 us, about what the
-# call costs); above it the matmuls dominate, and the stacked copy (kept for backward in training,
+# one call saves real per-call overhead (at batch 1 a small matmul takes about as long as the
+# overhead of the call itself); above it the matmuls dominate, and the stacked copy (kept for backward in training,
 # cached in inference) would only cost memory.
 _STACK_MAX_NUMEL = 2**20
 

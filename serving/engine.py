@@ -87,7 +87,8 @@ class _Batch:
 
 def default_threads(device: torch.device) -> int | None:
     """CPU: all cores but one, which stays free for HTTP, tokenizing and the clients (torch's
-    default of every core oversubscribes: measured 10x slower decoding on a busy 2-core box).
+    default of every core oversubscribes and slows decoding severalfold; see
+    benchmarks/results/design-measurements.md).
     Other devices: None, torch's own choice."""
     if device.type != "cpu":
         return None
