@@ -36,9 +36,13 @@ def _ours_no_cache(model: Qwen3, prompts: torch.Tensor, n: int) -> list[list[int
 
 def _transformers(model: torch.nn.Module, prompts: torch.Tensor, n: int) -> list[list[int]]:
     out = model.generate(
-        prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n, min_new_tokens=n,
-        do_sample=False, pad_token_id=0,
-    )  # fmt: skip
+        prompts,
+        attention_mask=torch.ones_like(prompts),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        pad_token_id=0,
+    )
     return out[:, prompts.shape[1] :].tolist()
 
 
@@ -92,9 +96,12 @@ def main() -> None:
         runs = harness.alternate(timers, args.rounds)
         # Per round: decode tokens/s of each side, from that round's full and prefill-only runs.
         decode = {
-            name: [b * (n - 1) / (full - pre) for full, pre in zip(runs[f"{name} n"], runs[f"{name} 1"], strict=True)]
+            name: [
+                b * (n - 1) / (full - pre)
+                for full, pre in zip(runs[f"{name} n"], runs[f"{name} 1"], strict=True)
+            ]
             for name in sides
-        }  # fmt: skip
+        }
         ref = decode["transformers generate"]
         for name in sides:
             # The ratio pairs the sides within each round (measured back to back, so a slow phase

@@ -86,8 +86,20 @@ def main() -> None:
     steps = 1 if args.quick else args.steps
 
     def run(side: str) -> dict[str, float]:
-        cmd = [sys.executable, __file__, "--child", side, "--shape", args.shape,
-               "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(steps)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            side,
+            "--shape",
+            args.shape,
+            "--batch",
+            str(args.batch),
+            "--seq",
+            str(args.seq),
+            "--steps",
+            str(steps),
+        ]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         return json.loads(out.strip().splitlines()[-1])
 

@@ -114,9 +114,16 @@ def bench_shape(name: str, args, dtype: torch.dtype, device: torch.device) -> li
             [r * flops_per_token / (p * 1e9) for r, p in zip(rates, peaks, strict=True)]
         )
         rows.append(
-            [name, f"{base.num_params() / 1e6:.1f}M", f"{batch_size}x{seq_len}", label,
-             f"{tps:,.0f}", f"{ratio:.2f}", f"{100 * mfu:.0f}%"]
-        )  # fmt: skip
+            [
+                name,
+                f"{base.num_params() / 1e6:.1f}M",
+                f"{batch_size}x{seq_len}",
+                label,
+                f"{tps:,.0f}",
+                f"{ratio:.2f}",
+                f"{100 * mfu:.0f}%",
+            ]
+        )
     return rows
 
 
@@ -136,10 +143,12 @@ def main() -> None:
     rows = []
     for name in args.shapes.split(","):
         rows += bench_shape(name, args, dtype, device)
-    print(f"\n{args.rounds} alternating rounds x {args.steps} steps, median tokens/s; "
-          "ratio = median over rounds of tokens/s over transformers AdamW's in the same round; "
-          "MFU = median over rounds of achieved FLOP/s over "
-          "the matmul peak measured in the same round")  # fmt: skip
+    print(
+        f"\n{args.rounds} alternating rounds x {args.steps} steps, median tokens/s; "
+        "ratio = median over rounds of tokens/s over transformers AdamW's in the same round; "
+        "MFU = median over rounds of achieved FLOP/s over "
+        "the matmul peak measured in the same round"
+    )
     harness.print_table(
         ["shape", "params", "batch", "model + optimizer", "tokens/s", "ratio", "MFU"], rows
     )

@@ -72,12 +72,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=400, help="N: AdamW's budget in optimizer steps")
     p.add_argument("--adamw-lrs", type=_floats, default=[7.5e-4, 1.5e-3, 3e-3, 6e-3])
     p.add_argument("--muon-lrs", type=_floats, default=[6e-3, 1.2e-2, 2.4e-2])
-    p.add_argument("--muon-adamw-lr", type=float, default=None,
-                   help="AdamW lr inside Muon runs (embeddings, norms); default: same as Muon's lr")  # fmt: skip
-    p.add_argument("--fractions", type=_floats, default=[0.5, 0.4],
-                   help="Muon budgets as fractions of N; the first is the one swept")  # fmt: skip
-    p.add_argument("--warmup-fraction", type=float, default=1 / 6,
-                   help="warmup steps as a fraction of each run (conf default: 100 of 600)")  # fmt: skip
+    p.add_argument(
+        "--muon-adamw-lr",
+        type=float,
+        default=None,
+        help="AdamW lr inside Muon runs (embeddings, norms); default: same as Muon's lr",
+    )
+    p.add_argument(
+        "--fractions",
+        type=_floats,
+        default=[0.5, 0.4],
+        help="Muon budgets as fractions of N; the first is the one swept",
+    )
+    p.add_argument(
+        "--warmup-fraction",
+        type=float,
+        default=1 / 6,
+        help="warmup steps as a fraction of each run (conf default: 100 of 600)",
+    )
     p.add_argument("--evals", type=int, default=10, help="val evaluations over AdamW's N steps")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--model", default="tiny")
@@ -144,8 +156,13 @@ def train(args: argparse.Namespace, optim: str, lr: float, steps: int) -> Run:
             return Run(optim, lr, steps, curve, json.loads(spec.read_text())["seconds"])
     if run_dir.exists():
         shutil.rmtree(run_dir)  # stale or unfinished: start over
-    cmd = [sys.executable, str(ROOT / "train.py"), *overrides,
-           f"out_dir={args.out_dir}", f"run_name={name}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *overrides,
+        f"out_dir={args.out_dir}",
+        f"run_name={name}",
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
@@ -154,8 +171,10 @@ def train(args: argparse.Namespace, optim: str, lr: float, steps: int) -> Run:
         raise SystemExit(f"train.py failed for {name} (exit {proc.returncode}):\n{tail}")
     curve = _read_curve(metrics)
     spec.write_text(json.dumps({"overrides": overrides, "seconds": seconds}))
-    print(f"  {name}: val loss {curve[-1][1]:.4f}, bpb {curve[-1][2]:.3f} "
-          f"({seconds / 60:.1f} min)", flush=True)  # fmt: skip
+    print(
+        f"  {name}: val loss {curve[-1][1]:.4f}, bpb {curve[-1][2]:.3f} ({seconds / 60:.1f} min)",
+        flush=True,
+    )
     return Run(optim, lr, steps, curve, seconds)
 
 
@@ -193,20 +212,30 @@ def best_of(runs: list[Run]) -> Run:
     return min(finite, key=lambda r: r.final_loss)
 
 
-def report(args: argparse.Namespace, adamw_runs: list[Run], muon_runs: list[Run],
-           muon_best: list[Run]) -> None:  # fmt: skip
+def report(
+    args: argparse.Namespace, adamw_runs: list[Run], muon_runs: list[Run], muon_best: list[Run]
+) -> None:
     """Print the sweep table, the curves, steps-to-target and final val_bpb."""
     adamw = best_of(adamw_runs)
     print("\n## LR sweep (final val loss / val bpb; each run its own full schedule)\n")
-    rows = [[r.label, f"{r.final_loss:.4f}", f"{r.final_bpb:.3f}", f"{r.seconds / 60:.1f}",
-             "best" if r is adamw or r is muon_best[0] else ""]
-            for r in [*adamw_runs, *muon_runs]]  # fmt: skip
+    rows = [
+        [
+            r.label,
+            f"{r.final_loss:.4f}",
+            f"{r.final_bpb:.3f}",
+            f"{r.seconds / 60:.1f}",
+            "best" if r is adamw or r is muon_best[0] else "",
+        ]
+        for r in [*adamw_runs, *muon_runs]
+    ]
     table(["run", "val loss", "val bpb", "min", ""], rows)
     for runs, best in ((adamw_runs, adamw), (muon_runs, muon_best[0])):
         lrs = sorted(r.lr for r in runs)
         if len(lrs) > 1 and best.lr in (lrs[0], lrs[-1]):
-            print(f"note: the best {best.optim} lr {best.lr:g} is at the edge of its grid; "
-                  "widen the grid to be sure it is the optimum")  # fmt: skip
+            print(
+                f"note: the best {best.optim} lr {best.lr:g} is at the edge of its grid; "
+                "widen the grid to be sure it is the optimum"
+            )
 
     contenders = [adamw, *muon_best]
     print("\n## Val loss by step at the best LRs\n")
@@ -230,10 +259,27 @@ def report(args: argparse.Namespace, adamw_runs: list[Run], muon_runs: list[Run]
                 "yes" if r.final_loss <= target else "no",
             ]
         )
-    rows.append([adamw.label, f"{adamw.final_loss:.4f}", f"{adamw.final_bpb:.3f}",
-                 str(adamw.steps), "1.00", "-"])  # fmt: skip
-    table(["run", "final val loss", "final val bpb", "steps to target (interp.)",
-           "ratio to N", "final <= AdamW"], rows)  # fmt: skip
+    rows.append(
+        [
+            adamw.label,
+            f"{adamw.final_loss:.4f}",
+            f"{adamw.final_bpb:.3f}",
+            str(adamw.steps),
+            "1.00",
+            "-",
+        ]
+    )
+    table(
+        [
+            "run",
+            "final val loss",
+            "final val bpb",
+            "steps to target (interp.)",
+            "ratio to N",
+            "final <= AdamW",
+        ],
+        rows,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,9 +295,11 @@ def main(argv: list[str] | None = None) -> int:
     muon_best = [best, *[train(args, "muon", best.lr, n) for n in muon_steps[1:]]]
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        print(f"# Convergence: model={args.model}, seed {args.seed}, N={args.steps}, "
-              f"warmup {args.warmup_fraction:.3f} of each run, cosine, "
-              f"overrides {args.overrides or 'none'}")  # fmt: skip
+        print(
+            f"# Convergence: model={args.model}, seed {args.seed}, N={args.steps}, "
+            f"warmup {args.warmup_fraction:.3f} of each run, cosine, "
+            f"overrides {args.overrides or 'none'}"
+        )
         report(args, adamw_runs, muon_runs, muon_best)
         print(
             f"\nthis invocation: {(time.perf_counter() - t0) / 60:.1f} min (finished runs reused)"

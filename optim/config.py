@@ -114,8 +114,12 @@ class OptimConfig:
         if not isinstance(self.nesterov, bool):
             _fail("nesterov", self.nesterov, "must be true or false", "set optim.nesterov=true")
         if not isinstance(self.embed_weight_decay, bool):
-            _fail("embed_weight_decay", self.embed_weight_decay, "must be true or false",
-                  "set optim.embed_weight_decay=false")  # fmt: skip
+            _fail(
+                "embed_weight_decay",
+                self.embed_weight_decay,
+                "must be true or false",
+                "set optim.embed_weight_decay=false",
+            )
         _check_choice("adamw_impl", self.adamw_impl, ADAMW_IMPLS)
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_count("warmup_steps", self.warmup_steps)

@@ -159,8 +159,10 @@ def _check_same_maths(d: dict[str, Any]) -> None:
     types = d.get("layer_types")
     if types is None:
         first = d.get("max_window_layers", 28)  # transformers' default
-        types = ["sliding_attention" if i >= first else "full_attention"
-                 for i in range(d.get("num_hidden_layers", 0))]  # fmt: skip
+        types = [
+            "sliding_attention" if i >= first else "full_attention"
+            for i in range(d.get("num_hidden_layers", 0))
+        ]
     sliding = [i for i, kind in enumerate(types) if kind == "sliding_attention"]
     if window is not None and sliding:
         raise ValueError(

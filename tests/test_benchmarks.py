@@ -15,8 +15,11 @@ REPO = Path(__file__).resolve().parents[1]
 def _run(script: str, *args: str) -> str:
     res = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / script), "--quick", "--threads", "1", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout
 

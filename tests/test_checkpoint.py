@@ -42,15 +42,28 @@ def tokenizer(tmp_path_factory):
 @pytest.fixture
 def model(tokenizer):
     torch.manual_seed(0)
-    cfg = Qwen3Config(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                      head_dim=32, max_position_embeddings=64, eos_token_id=tokenizer.eos_id)  # fmt: skip
+    cfg = Qwen3Config(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=64,
+        eos_token_id=tokenizer.eos_id,
+    )
     return Qwen3(cfg)
 
 
 def _state(step: int, tokenizer) -> dict:
-    return {"step": step, "tensor": torch.arange(3), "rng": torch.get_rng_state(),
-            "tokenizer_hash": tokenizer_hash(tokenizer), "world_size": 1}  # fmt: skip
+    return {
+        "step": step,
+        "tensor": torch.arange(3),
+        "rng": torch.get_rng_state(),
+        "tokenizer_hash": tokenizer_hash(tokenizer),
+        "world_size": 1,
+    }
 
 
 def test_save_pointers_and_pruning(tmp_path, model, tokenizer) -> None:

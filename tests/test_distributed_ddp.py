@@ -52,8 +52,12 @@ def test_two_processes_match_one_with_the_whole_batch_adamw(corpus, tmp_path) ->
     """Also the evaluations: each rank takes every other val batch (3 batches: one rank runs a
     discarded extra forward to stay in step) and the sums are added across ranks."""
     _, text = corpus
-    base = [*base_overrides(tmp_path, text, tmp_path / "cache"), "optim=adamw",
-            "trainer.eval_every=2", "trainer.eval_batches=3"]  # fmt: skip
+    base = [
+        *base_overrides(tmp_path, text, tmp_path / "cache"),
+        "optim=adamw",
+        "trainer.eval_every=2",
+        "trainer.eval_batches=3",
+    ]
     res = run_torchrun(tmp_path, 2, *base, "run_name=ddp", "trainer.batch_size=8")
     assert res.returncode == 0, res.stderr
     ref = single_process_losses([*base, "trainer.batch_size=16"], tmp_path / "ref")

@@ -36,9 +36,15 @@ def test_sharded_run_matches_the_unsharded_one_and_saves_a_transformers_dir(
     # the updated weights (no stale inference-only copies of them).
     base = [*base, "trainer.eval_every=2"]
     res = run_torchrun(
-        tmp_path, 2, *base, "run_name=fsdp", "trainer.fsdp=true",
-        "trainer.batch_size=4", "trainer.grad_accum=2", "sample.max_new_tokens=4",
-    )  # fmt: skip
+        tmp_path,
+        2,
+        *base,
+        "run_name=fsdp",
+        "trainer.fsdp=true",
+        "trainer.batch_size=4",
+        "trainer.grad_accum=2",
+        "sample.max_new_tokens=4",
+    )
     assert res.returncode == 0, res.stderr
     assert "== samples ==" in res.stdout  # rank 0 sampled from the gathered model
     ref = single_process_losses([*base, "trainer.batch_size=16"], tmp_path / "ref")

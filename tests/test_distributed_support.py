@@ -39,9 +39,14 @@ def run_torchrun(tmp: Path, nproc: int, *args: str) -> subprocess.CompletedProce
     """``torchrun --standalone --nproc_per_node=NPROC train.py ARGS`` (a free port on
     127.0.0.1, chosen by torchrun's standalone rendezvous); captures output."""
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={nproc}", str(REPO / "train.py"), *args,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(REPO / "train.py"),
+        *args,
+    ]
     return subprocess.run(cmd, cwd=REPO, env=subprocess_env(tmp), capture_output=True, text=True)
 
 

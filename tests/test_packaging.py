@@ -28,8 +28,11 @@ def test_wheel_and_editable_builds_are_quiet(tmp_path) -> None:
     )
     res = subprocess.run(
         [sys.executable, "-W", "default", "-c", build],
-        cwd=src, capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        cwd=src,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert res.returncode == 0, res.stderr
     assert "Warning" not in res.stderr, res.stderr
     (wheel,) = (p for p in out.glob("*.whl") if "editable" not in p.name)

@@ -91,8 +91,15 @@ def test_not_a_qwen3_config_is_refused(tmp_path) -> None:
 def _hf_dict(**overrides: object) -> dict:
     """A config.json as transformers writes one for a small Qwen3."""
     transformers = pytest.importorskip("transformers")
-    shape = dict(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16)  # fmt: skip
+    shape = dict(
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
     return transformers.Qwen3Config(**{**shape, **overrides}).to_dict()
 
 

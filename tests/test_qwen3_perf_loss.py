@@ -69,9 +69,15 @@ def test_bf16_autocast_is_close_to_float32() -> None:
 
 def test_model_loss_matches_logits_cross_entropy_in_value_and_gradient() -> None:
     cfg = Qwen3Config(
-        vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-    )  # fmt: skip
+        vocab_size=101,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(4)
     model = Qwen3(cfg)
     x, y = torch.randint(0, 101, (3, 20)), torch.randint(0, 101, (3, 20))

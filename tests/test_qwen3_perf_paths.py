@@ -13,9 +13,15 @@ from qwen3.layers import RMSNorm, RotaryEmbedding, apply_rope
 from qwen3.loss import default_chunk_rows
 
 CFG = Qwen3Config(
-    vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-)  # fmt: skip
+    vocab_size=50,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=64,
+)
 
 
 def test_rope_by_roll_equals_the_rotate_half_formula() -> None:

@@ -196,15 +196,24 @@ HI = [{"role": "user", "content": "hi"}]
     ("body", "field"),
     [
         ({"messages": HI, "response_format": {"type": "json_object"}}, "response_format"),
-        ({"messages": HI, "response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+        (
+            {"messages": HI, "response_format": {"type": "json_schema", "json_schema": {}}},
+            "response_format",
+        ),
         ({"messages": HI, "chat_template_kwargs": {"thinking": False}}, "chat_template_kwargs"),
         ({"messages": HI, "chat_template_kwargs": {"enable_thinking": "no"}}, "enable_thinking"),
         ({"messages": [{"role": "user", "content": "hi", "name": "Tom"}]}, "messages[0].name"),
-        ({"messages": [{"role": "user", "content": "hi", "tool_call_id": "x"}]}, "messages[0].tool_call_id"),
-        ({"messages": [{"role": "user", "content": "hi", "reasoning_content": "x"}]}, "messages[0]"),
+        (
+            {"messages": [{"role": "user", "content": "hi", "tool_call_id": "x"}]},
+            "messages[0].tool_call_id",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi", "reasoning_content": "x"}]},
+            "messages[0]",
+        ),
         ({"messages": HI, "tool_choice": "required"}, "unknown field 'tool_choice'"),
     ],
-)  # fmt: skip
+)
 def test_bad_chat_fields_get_400_naming_the_field(server: str, body: dict, field: str) -> None:
     res = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60)
     assert res.status_code == 400, res.text

@@ -65,10 +65,13 @@ def test_developer_role_and_text_parts_render_as_system_and_text(ckpt: Path) -> 
     hf = AutoTokenizer.from_pretrained(ckpt)
     body = ChatCompletionRequest(
         messages=[
-            {"role": "developer", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
+            {
+                "role": "developer",
+                "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}],
+            },
             {"role": "user", "content": "hi", "tool_calls": None},
         ]
-    )  # fmt: skip
+    )
     plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
     assert chat_prompt_ids(Qwen3Tokenizer.from_dir(ckpt), body) == hf.apply_chat_template(
         plain, add_generation_prompt=True, return_dict=False

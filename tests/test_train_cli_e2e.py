@@ -21,16 +21,35 @@ def test_short_run_on_the_default_corpus(tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
     res = run_train(
-        tmp_path, *SMALL_MODEL, "data.max_tokens=60000", f"data.cache_dir={tmp_path / 'cache'}",
-        f"out_dir={tmp_path / 'runs'}", "run_name=e2e", "trainer.max_steps=8",
-        "trainer.eval_every=4", "trainer.batch_size=8", "trainer.seq_len=64",
-        "trainer.eval_batches=2", "trainer.num_threads=1", "optim.warmup_steps=2",
-        "wandb.mode=offline", "sample.max_new_tokens=16",
-    )  # fmt: skip
+        tmp_path,
+        *SMALL_MODEL,
+        "data.max_tokens=60000",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"out_dir={tmp_path / 'runs'}",
+        "run_name=e2e",
+        "trainer.max_steps=8",
+        "trainer.eval_every=4",
+        "trainer.batch_size=8",
+        "trainer.seq_len=64",
+        "trainer.eval_batches=2",
+        "trainer.num_threads=1",
+        "optim.warmup_steps=2",
+        "wandb.mode=offline",
+        "sample.max_new_tokens=16",
+    )
     assert res.returncode == 0, res.stderr
     run = tmp_path / "runs" / "e2e"
-    for line in ("== summary ==", "val loss", "val acc", "val ppl", "val bpb", "tokens/s",
-                 "wall time", "== samples ==", "ROMEO:"):  # fmt: skip
+    for line in (
+        "== summary ==",
+        "val loss",
+        "val acc",
+        "val ppl",
+        "val bpb",
+        "tokens/s",
+        "wall time",
+        "== samples ==",
+        "ROMEO:",
+    ):
         assert line in res.stdout, line
     assert (run / ".hydra" / "config.yaml").is_file()  # Hydra's output lives in the run dir
     rows = read_metrics(run)
@@ -53,8 +72,9 @@ def test_two_steps_with_the_shipped_warmup_run_and_leave_no_empty_log(tmp_path) 
     no empty train.log."""
     corpus = write_corpus(tmp_path / "play.txt")
     overrides = [o for o in small_run_overrides(tmp_path, corpus) if not o.startswith("optim.")]
-    res = run_train(tmp_path, *overrides, "trainer.max_steps=2", "run_name=short",
-                    "sample.max_new_tokens=0")  # fmt: skip
+    res = run_train(
+        tmp_path, *overrides, "trainer.max_steps=2", "run_name=short", "sample.max_new_tokens=0"
+    )
     assert res.returncode == 0, res.stderr
     notes = [line for line in res.stdout.splitlines() if "optim.warmup_steps=100" in line]
     assert notes == [
@@ -71,12 +91,22 @@ def test_compiled_run_saves_plain_weight_names(tmp_path) -> None:
     from safetensors.torch import load_file
 
     res = run_train(
-        tmp_path, *SMALL_MODEL, "data.max_tokens=30000", f"data.cache_dir={tmp_path / 'cache'}",
-        f"out_dir={tmp_path / 'runs'}", "run_name=compiled", "trainer.max_steps=3",
-        "trainer.eval_every=3", "trainer.batch_size=4", "trainer.seq_len=32",
-        "trainer.eval_batches=1", "trainer.compile=true", "optim.warmup_steps=1",
-        "wandb.mode=disabled", "sample.max_new_tokens=4",
-    )  # fmt: skip
+        tmp_path,
+        *SMALL_MODEL,
+        "data.max_tokens=30000",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"out_dir={tmp_path / 'runs'}",
+        "run_name=compiled",
+        "trainer.max_steps=3",
+        "trainer.eval_every=3",
+        "trainer.batch_size=4",
+        "trainer.seq_len=32",
+        "trainer.eval_batches=1",
+        "trainer.compile=true",
+        "optim.warmup_steps=1",
+        "wandb.mode=disabled",
+        "sample.max_new_tokens=4",
+    )
     assert res.returncode == 0, res.stderr
     names = load_file(tmp_path / "runs" / "compiled" / "best" / "model.safetensors").keys()
     assert names and not [n for n in names if "_orig_mod" in n]
@@ -84,9 +114,17 @@ def test_compiled_run_saves_plain_weight_names(tmp_path) -> None:
 
 def test_multirun_sweep_writes_one_dir_per_job(tmp_path) -> None:
     corpus = write_corpus(tmp_path / "play.txt")
-    res = run_train(tmp_path, "-m", *small_run_overrides(tmp_path, corpus), "trainer.max_steps=3",
-                    "trainer.eval_every=3", "optim.warmup_steps=1", "optim.lr=1e-3,3e-3",
-                    "run_name=sweep", "sample.max_new_tokens=0")  # fmt: skip
+    res = run_train(
+        tmp_path,
+        "-m",
+        *small_run_overrides(tmp_path, corpus),
+        "trainer.max_steps=3",
+        "trainer.eval_every=3",
+        "optim.warmup_steps=1",
+        "optim.lr=1e-3,3e-3",
+        "run_name=sweep",
+        "sample.max_new_tokens=0",
+    )
     assert res.returncode == 0, res.stderr
     sweep = tmp_path / "runs" / "sweep"
     assert (sweep / "multirun.yaml").is_file()

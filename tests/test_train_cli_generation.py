@@ -27,13 +27,27 @@ def runs(tmp_path_factory):
     out = root / "runs"
     for i, name in enumerate(("older", "newer")):
         torch.manual_seed(i)
-        cfg = Qwen3Config(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
-                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                          head_dim=32, max_position_embeddings=4096, eos_token_id=tok.eos_id)  # fmt: skip
+        cfg = Qwen3Config(
+            vocab_size=tok.vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=32,
+            max_position_embeddings=4096,
+            eos_token_id=tok.eos_id,
+        )
         run = out / name
         run.mkdir(parents=True)
-        path = save_checkpoint(run, 10, Qwen3(cfg), tok, {"step": 10},
-                               f"sample:\n  prompts: ['{name.upper()} SAYS:']\n")  # fmt: skip
+        path = save_checkpoint(
+            run,
+            10,
+            Qwen3(cfg),
+            tok,
+            {"step": 10},
+            f"sample:\n  prompts: ['{name.upper()} SAYS:']\n",
+        )
         set_pointer(run, "best", path)
         time.sleep(0.05)  # distinct pointer mtimes
     return root, out
@@ -49,8 +63,13 @@ def test_demo_uses_the_best_checkpoint_of_the_most_recent_run(runs) -> None:
 
 def test_demo_with_ckpt_and_sampling_overrides(runs) -> None:
     root, out = runs
-    args = ["demo", f"ckpt={out / 'older' / 'best'}", 'prompts=["ROMEO:", "JULIET:"]', "temperature=0",
-            "max_new_tokens=8"]  # fmt: skip
+    args = [
+        "demo",
+        f"ckpt={out / 'older' / 'best'}",
+        'prompts=["ROMEO:", "JULIET:"]',
+        "temperature=0",
+        "max_new_tokens=8",
+    ]
     first = run_train(root, *args)
     assert first.returncode == 0, first.stderr
     assert "ROMEO:" in first.stdout and "JULIET:" in first.stdout
@@ -101,12 +120,19 @@ def test_out_of_memory_keeps_its_traceback(runs, monkeypatch) -> None:
 def test_interactive_prompt_quit_and_eof(runs) -> None:
     root, out = runs
     base = train_cmd("interactive", f"out_dir={out}", "max_new_tokens=10")
-    res = subprocess.run(base, input="ROMEO:\n\n/quit\nnever read\n", capture_output=True, text=True,
-                         cwd=REPO, env=subprocess_env(root))  # fmt: skip
+    res = subprocess.run(
+        base,
+        input="ROMEO:\n\n/quit\nnever read\n",
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=subprocess_env(root),
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.count(">>> ") == 3 and "ROMEO:" in res.stdout
-    res = subprocess.run(base, input="JULIET:\n", capture_output=True, text=True, cwd=REPO,
-                         env=subprocess_env(root))  # fmt: skip
+    res = subprocess.run(
+        base, input="JULIET:\n", capture_output=True, text=True, cwd=REPO, env=subprocess_env(root)
+    )
     assert res.returncode == 0 and "JULIET:" in res.stdout
 
 
@@ -114,9 +140,14 @@ def test_interactive_ctrl_c_stops_the_generation_not_the_program(runs) -> None:
     root, out = runs
     proc = subprocess.Popen(
         train_cmd("interactive", f"out_dir={out}", "max_new_tokens=4000", "stop_at_eos=false"),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        cwd=REPO, env=subprocess_env(root), bufsize=1,
-    )  # fmt: skip
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=subprocess_env(root),
+        bufsize=1,
+    )
     chunks: list[str] = []
     reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stdout.read(1), "")))
     reader.start()

@@ -55,8 +55,12 @@ def setup(tmp_path_factory):
 def _start_long_run(tmp, base, name) -> subprocess.Popen:
     return subprocess.Popen(
         train_cmd(*base, "trainer.max_steps=100000", f"run_name={name}"),
-        cwd=REPO, env=subprocess_env(tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        cwd=REPO,
+        env=subprocess_env(tmp),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for(proc: subprocess.Popen, ready) -> None:
@@ -146,9 +150,12 @@ def _damaged_copy(tmp: Path, kind: str, name: str) -> tuple[Path, str]:
 
 @pytest.mark.parametrize(
     "kind",
-    ["weights", pytest.param("state", marks=pytest.mark.slow),
-     pytest.param("config", marks=pytest.mark.slow)],
-)  # fmt: skip
+    [
+        "weights",
+        pytest.param("state", marks=pytest.mark.slow),
+        pytest.param("config", marks=pytest.mark.slow),
+    ],
+)
 def test_resume_latest_skips_a_damaged_checkpoint(two_steps, kind) -> None:
     tmp, base = two_steps
     run, problem = _damaged_copy(tmp, kind, f"skip-{kind}")

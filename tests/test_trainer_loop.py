@@ -30,8 +30,12 @@ def test_grad_accumulation_gives_the_same_gradients_and_update(corpus, tmp_path)
     (AdamW; Muon's bf16 Newton-Schulz would amplify rounding) the same parameters after the step."""
     runs = {}
     for name, bs, ga in (("whole", 16, 1), ("accum", 4, 4)):
-        t = make_trainer(_overrides(corpus, "optim=adamw", f"trainer.batch_size={bs}",
-                                    f"trainer.grad_accum={ga}"), tmp_path / name)  # fmt: skip
+        t = make_trainer(
+            _overrides(
+                corpus, "optim=adamw", f"trainer.batch_size={bs}", f"trainer.grad_accum={ga}"
+            ),
+            tmp_path / name,
+        )
         x, y = t.parts.sampler.batch(0)
         assert x.shape == (16, 32)
         loss = accumulate_gradients(t.parts.forward, x, y, ga, t.parts.precision)
@@ -55,8 +59,16 @@ def test_grad_accumulation_gives_the_same_gradients_and_update(corpus, tmp_path)
 
 def test_metrics_checkpoints_and_best_pointer(corpus, tmp_path) -> None:
     run = tmp_path / "run"
-    t = make_trainer(_overrides(corpus, "trainer.max_steps=6", "trainer.eval_every=2",
-                                "trainer.save_every=0", "trainer.keep_last=1"), run)  # fmt: skip
+    t = make_trainer(
+        _overrides(
+            corpus,
+            "trainer.max_steps=6",
+            "trainer.eval_every=2",
+            "trainer.save_every=0",
+            "trainer.keep_last=1",
+        ),
+        run,
+    )
     out = t.fit()
     assert out.step == 6 and out.stopped_by is None
     rows = read_metrics(run)
@@ -78,13 +90,27 @@ def test_metrics_checkpoints_and_best_pointer(corpus, tmp_path) -> None:
     assert (run / "metrics.png").stat().st_size > 1000
     state = load_trainer_state(run / "latest")
     assert state["step"] == 6 and state["best_val_loss"] == pytest.approx(best_row["val_loss"])
-    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-              "trainer_state.pt", "config.yaml"):  # fmt: skip
+    for f in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "trainer_state.pt",
+        "config.yaml",
+    ):
         assert (run / "latest" / f).is_file(), f
 
     # A worse (but finite) evaluation moves latest, never best.
-    worse = make_trainer(_overrides(corpus, "trainer.max_steps=7", "trainer.eval_every=1",
-                                    "trainer.save_every=1", "resume=latest"), run)  # fmt: skip
+    worse = make_trainer(
+        _overrides(
+            corpus,
+            "trainer.max_steps=7",
+            "trainer.eval_every=1",
+            "trainer.save_every=1",
+            "resume=latest",
+        ),
+        run,
+    )
     worse.resume_from((run / "latest").resolve())
     best_before = (run / "best").resolve()
     with torch.no_grad():
@@ -97,8 +123,12 @@ def test_metrics_checkpoints_and_best_pointer(corpus, tmp_path) -> None:
     assert (run / "latest").resolve().name == "step-000007"
 
     # Non-finite steps are skipped; after max_bad_steps in a row the run stops, checkpoints intact.
-    bad = make_trainer(_overrides(corpus, "trainer.max_steps=20", "trainer.eval_every=1",
-                                  "trainer.max_bad_steps=3"), run)  # fmt: skip
+    bad = make_trainer(
+        _overrides(
+            corpus, "trainer.max_steps=20", "trainer.eval_every=1", "trainer.max_bad_steps=3"
+        ),
+        run,
+    )
     bad.resume_from((run / "latest").resolve())
     with torch.no_grad():
         bad.parts.model.model.norm.weight.fill_(float("nan"))
@@ -153,9 +183,17 @@ def test_each_rank_evaluates_its_share_of_the_val_batches(monkeypatch) -> None:
     from trainer.build import resolve_precision
 
     torch.manual_seed(0)
-    model = Qwen3(Qwen3Config(vocab_size=50, hidden_size=16, intermediate_size=32,
-                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                              head_dim=8))  # fmt: skip
+    model = Qwen3(
+        Qwen3Config(
+            vocab_size=50,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+        )
+    )
     tokens = np.random.default_rng(0).integers(0, 50, 2000).astype(np.int32)
     precision = resolve_precision("fp32", torch.device("cpu"))
     args = (tokens, 2, 16, 3, precision, torch.device("cpu"), 1.0)

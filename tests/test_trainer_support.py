@@ -144,9 +144,13 @@ def subprocess_env(tmp: Path) -> dict[str, str]:
 def run_train(tmp: Path, *args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
     """``python train.py ARGS`` from the repo root; captures output."""
     return subprocess.run(
-        train_cmd(*args), cwd=REPO, env=subprocess_env(tmp), capture_output=True, text=True,
+        train_cmd(*args),
+        cwd=REPO,
+        env=subprocess_env(tmp),
+        capture_output=True,
+        text=True,
         timeout=timeout,
-    )  # fmt: skip
+    )
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -87,8 +87,9 @@ def build_parts(
     vocab_size = cfg.data.vocab_size or cfg.model.vocab_size
     data = main_first(  # rank 0 builds (and alone repairs) the caches, then the others load them
         lambda: prepare_data(cfg.data, vocab_size, repair=dist.is_main),
-        "preparing the data", DataError,
-    )  # fmt: skip
+        "preparing the data",
+        DataError,
+    )
     if len(data.val) < tcfg.seq_len + 1:
         raise ConfigError(
             f"trainer.seq_len={tcfg.seq_len} is longer than the whole validation split "
@@ -106,9 +107,13 @@ def build_parts(
     forward = wrap_model(model, dist, device, tcfg.fsdp, tcfg.compile)
     optimizers = build_optimizers(model, cfg.optim, tcfg.max_steps)
     sampler = BatchSampler(
-        data.train, tcfg.batch_size * tcfg.grad_accum, tcfg.seq_len, cfg.seed,
-        rank=dist.rank, world_size=dist.world_size,
-    )  # fmt: skip
+        data.train,
+        tcfg.batch_size * tcfg.grad_accum,
+        tcfg.seq_len,
+        cfg.seed,
+        rank=dist.rank,
+        world_size=dist.world_size,
+    )
     bytes_per_token = data.val_bytes / len(data.val) if data.val_bytes else None
     return RunParts(device, precision, data, model, forward, optimizers, sampler, bytes_per_token)
 

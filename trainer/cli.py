@@ -111,9 +111,13 @@ def _rank_overrides(dist: DistInfo) -> list[str]:
     if dist.is_main:
         return []
     return [
-        "hydra.run.dir=.", "hydra.sweep.dir=.", "hydra.sweep.subdir=.",
-        "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none",
-    ]  # fmt: skip
+        "hydra.run.dir=.",
+        "hydra.sweep.dir=.",
+        "hydra.sweep.subdir=.",
+        "hydra.output_subdir=null",
+        "hydra/job_logging=none",
+        "hydra/hydra_logging=none",
+    ]
 
 
 def _only_hydra_files(run_dir: Path) -> bool:

@@ -160,11 +160,19 @@ class TrainConfig:
         if not isinstance(self.fsdp, bool):
             _fail("trainer.fsdp", self.fsdp, "must be true or false", "set trainer.fsdp=true")
         if self.fsdp and self.precision == "fp16":  # GradScaler would see only local shards
-            _fail("trainer.precision", "fp16", "does not work with trainer.fsdp=true",
-                  "use trainer.precision=bf16 (or fp32) for sharded training")  # fmt: skip
+            _fail(
+                "trainer.precision",
+                "fp16",
+                "does not work with trainer.fsdp=true",
+                "use trainer.precision=bf16 (or fp32) for sharded training",
+            )
         if self.precision not in PRECISIONS:
-            _fail("trainer.precision", self.precision, "is not a known precision",
-                  f"choose one of: {', '.join(PRECISIONS)}")  # fmt: skip
+            _fail(
+                "trainer.precision",
+                self.precision,
+                "is not a known precision",
+                f"choose one of: {', '.join(PRECISIONS)}",
+            )
         if not isinstance(self.clip, int | float) or not math.isfinite(self.clip) or self.clip < 0:
             _fail(
                 "trainer.clip",
@@ -173,13 +181,21 @@ class TrainConfig:
                 "set e.g. trainer.clip=1.0",
             )
         if not isinstance(self.device, str) or not _DEVICE_RE.match(self.device):
-            _fail("trainer.device", self.device, "is not a device",
-                  "choose one of: auto, cpu, cuda, cuda:N, mps")  # fmt: skip
+            _fail(
+                "trainer.device",
+                self.device,
+                "is not a device",
+                "choose one of: auto, cpu, cuda, cuda:N, mps",
+            )
         if self.peak_flops is not None and not (
             isinstance(self.peak_flops, int | float) and self.peak_flops > 0
         ):
-            _fail("trainer.peak_flops", self.peak_flops, "must be a positive FLOP/s figure or null",
-                  "set e.g. trainer.peak_flops=2.5e11, or null to measure it")  # fmt: skip
+            _fail(
+                "trainer.peak_flops",
+                self.peak_flops,
+                "must be a positive FLOP/s figure or null",
+                "set e.g. trainer.peak_flops=2.5e11, or null to measure it",
+            )
 
 
 @dataclass(frozen=True)
@@ -208,8 +224,12 @@ class WandbConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in WANDB_MODES:
-            _fail("wandb.mode", self.mode, "is not a wandb mode",
-                  f"choose one of: {', '.join(WANDB_MODES)}")  # fmt: skip
+            _fail(
+                "wandb.mode",
+                self.mode,
+                "is not a wandb mode",
+                f"choose one of: {', '.join(WANDB_MODES)}",
+            )
         if not isinstance(self.project, str) or not self.project:
             _fail(
                 "wandb.project", self.project, "must be a non-empty name", "set wandb.project=NAME"

@@ -127,8 +127,11 @@ def demo(cfg: GenerationCliConfig) -> None:
 def interactive(cfg: GenerationCliConfig) -> None:
     ckpt, model, tok = load(cfg)
     print(f"checkpoint {ckpt.resolve()} ({model.num_params() / 1e6:.2f} M parameters)")
-    print("Type a prompt and press Enter (\\n for a newline). Ctrl-C stops a generation; "
-          "/quit or Ctrl-D exits.", flush=True)  # fmt: skip
+    print(
+        "Type a prompt and press Enter (\\n for a newline). Ctrl-C stops a generation; "
+        "/quit or Ctrl-D exits.",
+        flush=True,
+    )
     while True:
         try:
             line = input(">>> ")

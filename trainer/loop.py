@@ -153,9 +153,13 @@ class Trainer:
         if not self.dist.is_main or model is None:
             return None
         path = save_checkpoint(
-            self.run_dir, self.step, model, p.data.tokenizer, state or self.state_dict(),
+            self.run_dir,
+            self.step,
+            model,
+            p.data.tokenizer,
+            state or self.state_dict(),
             self.config_yaml,
-        )  # fmt: skip
+        )
         set_pointer(self.run_dir, LATEST, path)
         if improved:
             set_pointer(self.run_dir, BEST, path)
@@ -168,9 +172,15 @@ class Trainer:
         t = self.cfg.trainer
         p = self.parts
         return evaluate(
-            p.forward, p.data.val, t.batch_size, t.seq_len, t.eval_batches,
-            p.precision, p.device, p.bytes_per_token,
-        )  # fmt: skip
+            p.forward,
+            p.data.val,
+            t.batch_size,
+            t.seq_len,
+            t.eval_batches,
+            p.precision,
+            p.device,
+            p.bytes_per_token,
+        )
 
     def _record(self) -> dict[str, Any]:
         """The row for this step from the steps since the last row (then reset)."""
@@ -224,8 +234,10 @@ class Trainer:
         self.bad_in_row += 1
         self.accum["skipped"] += 1
         if self.dist.is_main:
-            tqdm.write(f"step {self.step}: non-finite loss/gradient (loss {res.loss}, "
-                       f"grad norm {res.grad_norm}); update skipped")  # fmt: skip
+            tqdm.write(
+                f"step {self.step}: non-finite loss/gradient (loss {res.loss}, "
+                f"grad norm {res.grad_norm}); update skipped"
+            )
         if self.bad_in_row >= t.max_bad_steps:
             self._write(self._record(), plot=True)
             raise TrainingDiverged(
@@ -243,9 +255,11 @@ class Trainer:
         if not (do_eval or stopping or self.step % t.log_every == 0):
             return
         row = self._record()
-        bar.set_postfix(loss=f"{row['train_loss']:.3f}",
-                        ppl=f"{math.exp(min(row['train_loss'], 50)):.1f}",
-                        tok_s=f"{row['tokens_per_s']:,.0f}")  # fmt: skip
+        bar.set_postfix(
+            loss=f"{row['train_loss']:.3f}",
+            ppl=f"{math.exp(min(row['train_loss'], 50)):.1f}",
+            tok_s=f"{row['tokens_per_s']:,.0f}",
+        )
         improved = False
         if do_eval:
             ev = self.evaluate()
@@ -257,9 +271,11 @@ class Trainer:
                 self.best_val_loss, self.best_step = ev["val_loss"], self.step
             bpb = f", bpb {ev['val_bpb']:.3f}" if "val_bpb" in ev else ""
             if self.dist.is_main:
-                tqdm.write(f"step {self.step}: train loss {row['train_loss']:.4f}, val loss "
-                           f"{ev['val_loss']:.4f}, acc {ev['val_acc']:.3f}, "
-                           f"ppl {ev['val_ppl']:.1f}{bpb}")  # fmt: skip
+                tqdm.write(
+                    f"step {self.step}: train loss {row['train_loss']:.4f}, val loss "
+                    f"{ev['val_loss']:.4f}, acc {ev['val_acc']:.3f}, "
+                    f"ppl {ev['val_ppl']:.1f}{bpb}"
+                )
         self._write(row, plot=bool(do_eval))
         periodic = t.save_every and self.step % t.save_every == 0
         if (improved or last or stopping or periodic) and self.last_saved != self.step:
@@ -270,8 +286,14 @@ class Trainer:
         t = self.cfg.trainer
         outcome = Outcome(step=self.step, stopped_by=None)
         start_step = self.step
-        bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step",
-                   disable=None if self.dist.is_main else True, dynamic_ncols=True)  # fmt: skip
+        bar = tqdm(
+            total=t.max_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            disable=None if self.dist.is_main else True,
+            dynamic_ncols=True,
+        )
         stopping = False
         with StopRequest() as stop:
             while self.step < t.max_steps and not stopping:

@@ -131,8 +131,11 @@ class WandbLogger:
                 settings=wandb.Settings(console="off", silent=True),
             )
         except Exception as e:  # wandb raises many types (network, auth, service start)
-            print(f"wandb: could not start a {self.mode} run ({e}); training continues without "
-                  "wandb (set wandb.mode=offline, or disabled to silence this)", file=sys.stderr)  # fmt: skip
+            print(
+                f"wandb: could not start a {self.mode} run ({e}); training continues without "
+                "wandb (set wandb.mode=offline, or disabled to silence this)",
+                file=sys.stderr,
+            )
             self.run = None
 
     @property

@@ -117,8 +117,10 @@ def run_training(
         )
     )
     if outcome.stopped_by:
-        print(f"\nstopped by {outcome.stopped_by} at step {outcome.step}; resume with:\n"
-              f"  {resume_command(overrides, cfg.run_name, dist)}")  # fmt: skip
+        print(
+            f"\nstopped by {outcome.stopped_by} at step {outcome.step}; resume with:\n"
+            f"  {resume_command(overrides, cfg.run_name, dist)}"
+        )
         return 0
     if sample_model is not None and sample_cfg.prompts and sample_cfg.max_new_tokens:
         sample_model.eval()
