@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -112,6 +112,7 @@ def generate_steps(
     prompts: Sequence[Sequence[int]],
     sampling: Sampling,
     cache: KVCache | None = None,
+    on_logits: Callable[[torch.Tensor], None] | None = None,
 ) -> Iterator[list[int | None]]:
     """Yield, step by step, one new token per prompt (None for a row that has already stopped).
 
@@ -130,6 +131,9 @@ def generate_steps(
       batch go on are taken out of its sequence once the generator finishes or is closed, and its
       last logits are those after the stop id. A turn appended to it thus continues exactly the
       text prompt + returned tokens + stop id + turn.
+
+    ``on_logits``, when given, is called at every step with the logits (B, V) the step's tokens
+    are drawn from, before temperature, top-k and top-p (the server's log-probabilities).
     """
     max_new_tokens = sampling.max_new_tokens
     device = model.device
@@ -175,6 +179,8 @@ def generate_steps(
     stopped: dict[int, tuple[int, torch.Tensor]] = {}  # row -> (slot of its stop id, logits after)
     try:
         for step in range(max_new_tokens):
+            if on_logits is not None:
+                on_logits(logits)
             nxt = sample_next(logits, sampling, generator)  # (B,)
             tokens: list[int] = nxt.tolist()
             newly = [i for i, t in enumerate(tokens) if t in eos and not done[i]]

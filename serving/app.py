@@ -14,6 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from serving.completions import router as completions_router
 from serving.engine import GenerationEngine
 from serving.errors import APIError, install_error_handlers
+from serving.logprobs import TokenNames
 from serving.schemas import ModelCard, ModelList
 from serving.served_model import ServedModel
 
@@ -47,6 +48,7 @@ def create_app(
     app.state.served = served
     app.state.engine = engine
     app.state.max_tokens_cap = max_tokens_cap
+    app.state.token_names = TokenNames(served.tokenizer)
     install_error_handlers(app)
     app.include_router(completions_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -4,7 +4,10 @@ Limits (documented in serve.py --help as well):
 - `max_tokens` above the server's cap (`--max-tokens-cap`) is refused with 400; when the prompt
   leaves less room than `max_tokens` in the context, generation ends there (finish_reason
   "length"), as the KV cache and positions cannot go past the model's context.
-- A prompt that fills the whole context (no room for one new token) is refused with 400.
+- A prompt that fills the whole context (no room for one new token) is refused with 400, unless
+  it is only scored (`echo` with `max_tokens` 0).
+- `logprobs` (and chat's `top_logprobs`) are those of the model's distribution before
+  temperature, top_k and top_p (see serving/logprobs.py).
 - `model` names the served model (or is omitted); any other name gets 404.
 """
 
@@ -21,7 +24,8 @@ from pydantic import BaseModel
 from qwen3.tokenizer import Qwen3Tokenizer
 from serving.engine import Choice, GenerationEngine, GenerationRequest
 from serving.errors import APIError
-from serving.formats import ChatFormat, CompletionFormat
+from serving.formats import ChatFormat, CompletionFormat, Part
+from serving.logprobs import TokenLogprob
 from serving.schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -107,11 +111,17 @@ def chat_prompt_ids(tokenizer: Qwen3Tokenizer, body: ChatCompletionRequest) -> l
 
 
 def _build_request(
-    http: Request, body: SamplingFields, prompts: list[list[int]], field: str, default_max: int
+    http: Request,
+    body: SamplingFields,
+    prompts: list[list[int]],
+    field: str,
+    default_max: int,
+    logprobs: int | None = None,
+    echo: bool = False,
 ) -> GenerationRequest:
     served: ServedModel = http.app.state.served
     cap: int = http.app.state.max_tokens_cap
-    max_tokens = body.max_tokens or default_max
+    max_tokens = default_max if body.max_tokens is None else body.max_tokens
     if max_tokens > cap:
         raise APIError(
             400,
@@ -131,7 +141,7 @@ def _build_request(
         )
     choices = []
     for p_index, ids in enumerate(prompts):
-        if len(ids) >= ctx:
+        if len(ids) >= ctx + (max_tokens == 0):  # a prompt only scored may fill the context
             raise APIError(
                 400,
                 f"'{field}' is {len(ids)} tokens but the model's context is {ctx} "
@@ -141,9 +151,8 @@ def _build_request(
             )
         for j in range(body.n):
             stream = TextStream(served.tokenizer, body.stop_list)
-            choices.append(
-                Choice(p_index * body.n + j, ids, min(max_tokens, ctx - len(ids)), stream)
-            )
+            room = min(max_tokens, ctx - len(ids))
+            choices.append(Choice(p_index * body.n + j, ids, room, stream, logprobs, echo))
     sampling = body.sampling(max_tokens, engine.eos_ids)
     return GenerationRequest(choices=choices, sampling=sampling, loop=asyncio.get_running_loop())
 
@@ -159,10 +168,14 @@ def _usage(req: GenerationRequest) -> Usage:
     )
 
 
-async def _collect(http: Request, req: GenerationRequest) -> tuple[list[str], list[FinishReason]]:
+Collected = tuple[list[str], list[FinishReason], list[list[TokenLogprob]]]
+
+
+async def _collect(http: Request, req: GenerationRequest) -> Collected:
     """Wait for every choice to finish, cancelling if the client disconnects meanwhile."""
     texts = [""] * len(req.choices)
     reasons: list[FinishReason] = ["stop"] * len(req.choices)
+    tokens: list[list[TokenLogprob]] = [[] for _ in req.choices]
     while True:
         try:
             kind, index, value = await asyncio.wait_for(req.events.get(), DISCONNECT_POLL_S)
@@ -170,14 +183,16 @@ async def _collect(http: Request, req: GenerationRequest) -> tuple[list[str], li
             if await http.is_disconnected():
                 raise ClientGone from None
             continue
-        if kind == "delta":
+        if isinstance(value, list):  # a "logprobs" event
+            tokens[index] += value
+        elif kind == "delta":
             texts[index] += value
         elif kind == "finish":
             reasons[index] = _reason(value)
         elif kind == "error":
             raise APIError(500, value)
         elif kind == "end":
-            return texts, reasons
+            return texts, reasons, tokens
 
 
 def _sse(payload: str) -> str:
@@ -187,14 +202,20 @@ def _sse(payload: str) -> str:
 async def _events(
     req: GenerationRequest, fmt: CompletionFormat, include_usage: bool
 ) -> AsyncIterator[str]:
-    """Stream the engine's events as SSE chunks, ending with `data: [DONE]`."""
+    """Stream the engine's events as SSE chunks, ending with `data: [DONE]`. Logprobs go out
+    with the next chunk of their choice (a token's text may be held back a while)."""
+    pending: dict[int, list[TokenLogprob]] = {}
     try:
         while True:
             kind, index, value = await req.events.get()
-            if kind == "delta":
-                yield _sse(fmt.chunk([(index, value, None)]).model_dump_json())
+            if isinstance(value, list):  # a "logprobs" event
+                pending.setdefault(index, []).extend(value)
+            elif kind == "delta":
+                part: Part = (index, value, None, pending.pop(index, []))
+                yield _sse(fmt.chunk([part]).model_dump_json())
             elif kind == "finish":
-                yield _sse(fmt.chunk([(index, None, _reason(value))]).model_dump_json())
+                part = (index, None, _reason(value), pending.pop(index, []))
+                yield _sse(fmt.chunk([part]).model_dump_json())
             elif kind == "error":
                 yield _sse(json.dumps(APIError(500, value).body()))
                 break
@@ -219,12 +240,12 @@ async def _respond(
             _events(req, fmt, include_usage), media_type="text/event-stream", headers=headers
         )
     try:
-        texts, reasons = await _collect(http, req)
+        texts, reasons, tokens = await _collect(http, req)
     except ClientGone:
         return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
     finally:
         req.cancel()
-    return fmt.full(texts, reasons, _usage(req))
+    return fmt.full(texts, reasons, tokens, _usage(req))
 
 
 @router.post("/v1/completions", response_model=CompletionResponse)
@@ -232,8 +253,10 @@ async def completions(body: CompletionRequest, http: Request) -> Response | Base
     """Continue a prompt (OpenAI text completions)."""
     served: ServedModel = http.app.state.served
     _check_model(served, body)
-    req = _build_request(http, body, _prompt_ids(served, body.prompt, "prompt"), "prompt", 16)
-    return await _respond(http, req, body, CompletionFormat(served.name))
+    prompts = _prompt_ids(served, body.prompt, "prompt")
+    req = _build_request(http, body, prompts, "prompt", 16, body.logprobs, body.echo)
+    names = http.app.state.token_names if body.logprobs is not None else None
+    return await _respond(http, req, body, CompletionFormat(served.name, names))
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
@@ -242,5 +265,8 @@ async def chat_completions(body: ChatCompletionRequest, http: Request) -> Respon
     served: ServedModel = http.app.state.served
     _check_model(served, body)
     prompts = _prompt_ids(served, chat_prompt_ids(served.tokenizer, body), "messages")
-    req = _build_request(http, body, prompts, "messages", http.app.state.max_tokens_cap)
-    return await _respond(http, req, body, ChatFormat(served.name))
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    cap = http.app.state.max_tokens_cap
+    req = _build_request(http, body, prompts, "messages", cap, top)
+    names = http.app.state.token_names if body.logprobs else None
+    return await _respond(http, req, body, ChatFormat(served.name, names))

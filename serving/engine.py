@@ -4,7 +4,10 @@ Requests waiting at the same moment with the same sampling settings (`qwen3.Samp
 their `max_new_tokens`, and no seed) are decoded as one left-padded batch (`qwen3.generate_steps`);
 a seeded request gets a batch of its own so its output does not depend on the load. Each round
 the worker advances every live batch by one token, so a new request starts while long ones are
-still running and no batch starves another. Tokens go back to the event loop through each
+still running and no batch starves another. A choice that asks for log-probabilities gets them
+from the logits each step's token is drawn from (`on_logits`), and an echoed prompt is scored by
+one forward over it when its batch starts (`serving.logprobs`); batches where no choice asks pay
+for neither. Tokens go back to the event loop through each
 request's asyncio queue; a cancelled request (its client went away) is dropped at the next step,
 and a batch stops once none of its rows is wanted.
 """
@@ -16,17 +19,20 @@ import collections
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from qwen3 import Qwen3, Sampling, generate_steps
 from qwen3.tokenizer import Qwen3Tokenizer
+from serving.logprobs import Alternatives, TokenLogprob, score_prompts, score_step
 from serving.text_stream import TextStream
 
 log = logging.getLogger("serving.engine")
-Event = tuple[str, int, str]  # (kind, choice index or -1, text / finish reason / error message)
+# (kind, choice index or -1, text / finish reason / error message, or a "logprobs" event's tokens)
+EventValue = str | list[TokenLogprob]
+Event = tuple[str, int, EventValue]
 
 
 def batch_key(sampling: Sampling) -> Sampling | None:
@@ -46,7 +52,10 @@ class Choice:
     prompt_ids: list[int]
     max_tokens: int
     text: TextStream
+    logprobs: int | None = None  # None: none wanted; k: each token's logprob and k alternatives
+    echo: bool = False  # the prompt comes first in the text (and in the logprobs)
     finish_reason: str | None = None
+    echo_chars: int = 0  # length of the echoed prompt's text, where the new text starts
 
     @property
     def done(self) -> bool:
@@ -57,8 +66,9 @@ class Choice:
 class GenerationRequest:
     """A request's choices, the queue its events go to, and its cancellation flag.
 
-    Events put on `events`: ("delta", index, text), ("finish", index, reason), ("end", -1, "")
-    after the last choice finished, or ("error", -1, message).
+    Events put on `events`: ("delta", index, text), ("logprobs", index, tokens) just before the
+    delta their text belongs to, ("finish", index, reason), ("end", -1, "") after the last
+    choice finished, or ("error", -1, message).
     """
 
     choices: list[Choice]
@@ -67,7 +77,7 @@ class GenerationRequest:
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
-    def emit(self, kind: str, index: int = -1, value: str = "") -> None:
+    def emit(self, kind: str, index: int = -1, value: EventValue = "") -> None:
         """Hand an event to the event loop (callable from the worker thread)."""
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, index, value))
@@ -81,8 +91,13 @@ class GenerationRequest:
 
 @dataclass(eq=False)
 class _Batch:
-    rows: list[tuple[GenerationRequest, Choice]]
-    steps: Iterator[list[int | None]]
+    requests: list[GenerationRequest]
+    rows: list[tuple[GenerationRequest, Choice]]  # the choices that generate (max_tokens > 0)
+    steps: Iterator[list[int | None]] = field(default_factory=lambda: iter(()))
+    logits: torch.Tensor | None = None  # (B, V) of the last step, kept when a row wants logprobs
+
+    def keep_logits(self, logits: torch.Tensor) -> None:
+        self.logits = logits
 
 
 def default_threads(device: torch.device) -> int | None:
@@ -159,9 +174,10 @@ class GenerationEngine:
                     return
                 admitted = self._admit()
             for batch in admitted:
-                self._batches.append(batch)
+                if self._guard(batch, self._begin):
+                    self._batches.append(batch)
             for batch in list(self._batches):
-                if not self._advance(batch):
+                if not self._guard(batch, self._advance):
                     self._batches.remove(batch)
 
     def _admit(self) -> list[_Batch]:
@@ -184,25 +200,78 @@ class GenerationEngine:
         return [self._start_batch(requests) for requests in groups.values()]
 
     def _start_batch(self, requests: list[GenerationRequest]) -> _Batch:
-        rows = [(r, c) for r in requests for c in r.choices]
-        sampling = replace(requests[0].sampling, max_new_tokens=max(c.max_tokens for _, c in rows))
-        steps = generate_steps(self.model, [c.prompt_ids for _, c in rows], sampling)
-        return _Batch(rows=rows, steps=steps)
+        """A batch of `requests` whose generator has not run yet (the lock is held here)."""
+        rows = [(r, c) for r in requests for c in r.choices if c.max_tokens > 0]
+        batch = _Batch(requests=requests, rows=rows)
+        if rows:
+            most = max(c.max_tokens for _, c in rows)
+            sampling = replace(requests[0].sampling, max_new_tokens=most)
+            hook = batch.keep_logits if any(c.logprobs is not None for _, c in rows) else None
+            prompts = [c.prompt_ids for _, c in rows]
+            batch.steps = generate_steps(self.model, prompts, sampling, on_logits=hook)
+        return batch
+
+    def _guard(self, batch: _Batch, work: Callable[[_Batch], bool]) -> bool:
+        """Run `work` on `batch`; a failure ends the batch's requests, not the server."""
+        try:
+            return work(batch)
+        except Exception as err:
+            log.exception("generation failed")
+            for request in batch.requests:
+                if all(c.done for c in request.choices):
+                    continue
+                request.emit("error", value=f"generation failed: {err}")
+                request.cancel()
+            return False
+
+    def _begin(self, batch: _Batch) -> bool:
+        """Echo the prompts of the choices that ask for it (scored when they also want
+        logprobs) and finish the choices that generate nothing; True if the batch goes on."""
+        echoed = [
+            (r, c) for r in batch.requests for c in r.choices if c.echo and not r.cancelled.is_set()
+        ]
+        prompts = {id(c.prompt_ids): c.prompt_ids for _, c in echoed if c.logprobs is not None}
+        scores: dict[int, list[tuple[float, Alternatives]]] = {}
+        if prompts:
+            top = max(c.logprobs or 0 for _, c in echoed)
+            scored = score_prompts(self.model, list(prompts.values()), top)
+            scores = dict(zip(prompts, scored, strict=True))
+        for request, choice in echoed:
+            self._echo(request, choice, scores.get(id(choice.prompt_ids)))
+        for request in batch.requests:
+            for choice in request.choices:
+                if choice.max_tokens == 0 and not choice.done:
+                    self._finish(request, choice, "length")
+        return bool(batch.rows)
+
+    def _echo(
+        self,
+        request: GenerationRequest,
+        choice: Choice,
+        scores: list[tuple[float, Alternatives]] | None,
+    ) -> None:
+        decoder = self.tokenizer.stream_decoder(skip_special_tokens=False)
+        text = ""
+        tokens = []
+        for i, token in enumerate(choice.prompt_ids):
+            offset = len(text)
+            text += decoder.step(token)
+            if scores is not None:  # nothing predicts the first token: no logprob for it
+                logprob, top = scores[i - 1] if i else (None, ())
+                tokens.append(TokenLogprob(token, logprob, top[: choice.logprobs], offset))
+        text += decoder.flush()
+        choice.echo_chars = len(text)
+        if tokens:
+            request.emit("logprobs", choice.index, tokens)
+        request.emit("delta", choice.index, text)
 
     def _advance(self, batch: _Batch) -> bool:
         """Decode one token for every row of `batch`; False once the batch is finished."""
         self._drop_cancelled(batch)
-        live = [(r, c) for r, c in batch.rows if not c.done]
-        if not live:
+        if all(c.done for _, c in batch.rows):
             return False  # dropping the batch frees its generator and KV cache
-        try:
-            tokens = next(batch.steps, None)
-        except Exception as err:  # a failure in one batch must not take the server down
-            log.exception("generation failed")
-            for request in {r for r, _ in live}:
-                request.emit("error", value=f"generation failed: {err}")
-                request.cancel()
-            return False
+        tokens = next(batch.steps, None)
+        scored = self._score_step(batch, tokens) if batch.logits is not None else {}
         for row, (request, choice) in enumerate(batch.rows):
             if choice.done:
                 continue
@@ -211,6 +280,10 @@ class GenerationEngine:
                 self._finish(request, choice, "stop" if tokens is not None else "length")
                 continue
             self.stats["generated_tokens"] += 1
+            if row in scored:
+                logprob, top = scored[row]
+                offset = choice.echo_chars + choice.text.chars
+                request.emit("logprobs", choice.index, [TokenLogprob(token, logprob, top, offset)])
             delta = choice.text.push(token)
             if delta:
                 request.emit("delta", choice.index, delta)
@@ -219,6 +292,25 @@ class GenerationEngine:
             elif choice.text.tokens >= choice.max_tokens:
                 self._finish(request, choice, "length")
         return tokens is not None
+
+    def _score_step(
+        self, batch: _Batch, tokens: list[int | None] | None
+    ) -> dict[int, tuple[float, Alternatives]]:
+        """Logprobs of this step's tokens for the rows that want them, by row."""
+        assert batch.logits is not None
+        wanted = {}
+        for row, (_, choice) in enumerate(batch.rows):
+            token = tokens[row] if tokens is not None else None
+            if token is not None and choice.logprobs is not None and not choice.done:
+                wanted[row] = (token, choice.logprobs)
+        if not wanted:
+            return {}
+        top = max(k for _, k in wanted.values())
+        scores = score_step(batch.logits, list(wanted), [t for t, _ in wanted.values()], top)
+        return {
+            row: (logprob, alternatives[:k])
+            for (row, (_, k)), (logprob, alternatives) in zip(wanted.items(), scores, strict=True)
+        }
 
     def _drop_cancelled(self, batch: _Batch) -> None:
         """Mark the unfinished choices of cancelled requests as done, counting each request once."""

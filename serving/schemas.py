@@ -16,6 +16,8 @@ from qwen3.generate import MAX_SEED, MIN_SEED, Sampling
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 MAX_CHOICES = 8  # `n` above this is refused: each choice is a full generation
+MAX_LOGPROBS = 5  # OpenAI's limit for /v1/completions' `logprobs`
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for /v1/chat/completions' `top_logprobs`
 
 
 class RequestPart(BaseModel):
@@ -62,7 +64,6 @@ class SamplingFields(RequestPart):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
-    logprobs: Any = None
 
     @field_validator("temperature", "top_p", mode="before")
     @classmethod
@@ -90,7 +91,6 @@ class SamplingFields(RequestPart):
             "presence_penalty": self.presence_penalty not in (0, None),
             "frequency_penalty": self.frequency_penalty not in (0, None),
             "logit_bias": bool(self.logit_bias),
-            "logprobs": self.logprobs not in (None, False, 0),
         }
         for name, used in unsupported.items():
             if used:
@@ -122,15 +122,26 @@ class CompletionRequest(SamplingFields):
     """POST /v1/completions. `prompt` is text, token ids, or a list of either (one choice set each)."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
-    echo: bool = False
+    # OpenAI's default for completions; 0 (with echo) scores the prompt without generating.
+    max_tokens: int | None = Field(default=16, ge=0)
+    echo: bool = Field(default=False, description="Put the prompt before the completion.")
+    logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="Each token's log-probability and this many likeliest alternatives "
+        "(of the model's distribution before temperature, top_k and top_p).",
+    )
     suffix: str | None = None
     best_of: int | None = None
 
     @model_validator(mode="after")
     def _check_completion_only(self) -> CompletionRequest:
-        if self.echo:
-            raise ValueError("echo is not supported by this server; leave it unset")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError(
+                "max_tokens=0 generates nothing; it is only allowed with echo=true "
+                "(to score the prompt with logprobs)"
+            )
         if self.suffix:
             raise ValueError("suffix is not supported by this server; leave it unset")
         if self.best_of not in (None, 1):
@@ -197,7 +208,22 @@ class ChatCompletionRequest(SamplingFields):
     response_format: ResponseFormat | None = None
     tools: list[Any] | None = None
     functions: list[Any] | None = None
-    top_logprobs: int | None = None
+    logprobs: bool = Field(
+        default=False,
+        description="Each generated token's log-probability (of the model's distribution "
+        "before temperature, top_k and top_p).",
+    )
+    top_logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="With logprobs: this many likeliest alternatives at each token.",
+    )
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _null_logprobs(cls, value: Any) -> Any:
+        return False if value is None else value
 
     @field_validator("chat_template_kwargs")
     @classmethod
@@ -211,8 +237,8 @@ class ChatCompletionRequest(SamplingFields):
     def _check_chat_only(self) -> ChatCompletionRequest:
         if self.tools or self.functions:
             raise ValueError("tools/functions are not supported by this server; leave them unset")
-        if self.top_logprobs:
-            raise ValueError("top_logprobs is not supported by this server; leave it unset")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true; set both or leave it unset")
         if self.response_format is not None and self.response_format.type != "text":
             raise ValueError(
                 f"response_format type '{self.response_format.type}' is not supported by this "
@@ -246,13 +272,24 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """`logprobs` of a completion choice, one entry per token (the echoed prompt's first):
+    its text, its log-probability (null for a prompt's first token), the likeliest tokens with
+    theirs (the chosen one among them), and where its text starts in the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     """One choice of a text completion (also the shape of a streamed choice)."""
 
     index: int
     text: str
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -264,6 +301,27 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+
+
+class TopLogprob(BaseModel):
+    """A token with its log-probability and UTF-8 bytes (chat format)."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    """A generated token's log-probability and the likeliest tokens at its place."""
+
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    """`logprobs` of a chat choice: one entry per generated token."""
+
+    content: list[ChatTokenLogprob] | None
+    refusal: list[ChatTokenLogprob] | None = None
 
 
 class AssistantMessage(BaseModel):
@@ -279,7 +337,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -306,7 +364,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -37,6 +37,7 @@ class TextStream:
         self._stops = list(stops)
         self._held = ""  # decoded text not sent yet: it may begin a stop sequence
         self.tokens = 0  # ids pushed so far
+        self.chars = 0  # characters decoded so far, held-back text included (logprob offsets)
         self.stopped = False
 
     def push(self, token_id: int) -> str:
@@ -44,7 +45,9 @@ class TextStream:
         if self.stopped:
             return ""
         self.tokens += 1
-        return self._release(self._decoder.step(token_id), final=False)
+        text = self._decoder.step(token_id)
+        self.chars += len(text)
+        return self._release(text, final=False)
 
     def flush(self) -> str:
         """Return whatever was held back (a partial stop match, or an incomplete character)."""
