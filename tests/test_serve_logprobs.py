@@ -94,8 +94,8 @@ def test_lm_eval_request_shape_and_a_prompt_filling_the_context(server: str, ref
 
 def ids_of(ckpt: Path, names: list[str]) -> list[int]:
     """Token ids back from the names the API shows (each token's name is its own)."""
-    name = TokenNames(Qwen3Tokenizer.from_dir(ckpt))
     tokenizer = Qwen3Tokenizer.from_dir(ckpt)
+    name = TokenNames(tokenizer)
     by_name = {name(i)[0]: i for i in range(tokenizer.vocab_size)}
     assert len(by_name) == tokenizer.vocab_size
     return [by_name[n] for n in names]
