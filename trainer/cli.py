@@ -1,4 +1,4 @@
-"""The ``train.py`` command line: a Hydra training run, or the ``demo``/``interactive``
+"""The ``train.py`` command line: a Hydra training run, or the ``demo``/``interactive``/``eval``
 subcommands with their ``key=value`` options."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from trainer.config import (
     MODEL_FIELDS,
+    EvalCliConfig,
     GenerationCliConfig,
     build_dataclass,
     build_run_config,
@@ -37,7 +38,7 @@ from trainer.errors import CheckpointError, ConfigError, LaunchError
 from trainer.generation import demo, interactive
 from trainer.run_layout import default_run_name, timestamp_name
 
-SUBCOMMANDS = ("demo", "interactive")
+SUBCOMMANDS = ("demo", "interactive", "eval")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
@@ -207,9 +208,9 @@ def main(argv: list[str], start_time: float) -> int:
     return max(codes, default=0)
 
 
-# ---- demo and interactive -------------------------------------------------------------------
-def parse_options(command: str, args: list[str]) -> GenerationCliConfig:
-    """``key=value`` words (YAML values, as Hydra overrides) into a checked config."""
+# ---- demo, interactive and eval ----------------------------------------------------------
+def _option_values(command: str, args: list[str]) -> dict[str, Any]:
+    """``key=value`` words (YAML values, as Hydra overrides) into a mapping."""
     bad = [a for a in args if "=" not in a]
     if bad:
         raise ConfigError(
@@ -220,17 +221,36 @@ def parse_options(command: str, args: list[str]) -> GenerationCliConfig:
     except OmegaConfBaseException as e:
         raise ConfigError(f"{command}: cannot parse the options ({e})") from None
     assert isinstance(parsed, dict)  # a dotlist always makes a mapping
-    values = {str(k): v for k, v in parsed.items()}
+    return {str(k): v for k, v in parsed.items()}
+
+
+def parse_options(command: str, args: list[str]) -> GenerationCliConfig:
+    """The checked options of ``demo`` or ``interactive``."""
+    values = _option_values(command, args)
     if isinstance(values.get("prompts"), str):  # prompts="ROMEO:" means one prompt
         values["prompts"] = [values["prompts"]]
     return build_dataclass(GenerationCliConfig, values, command, skip=GenerationCliConfig.not_keys)
 
 
+def parse_eval_options(args: list[str]) -> EvalCliConfig:
+    """The checked options of ``eval``."""
+    values = _option_values("eval", args)
+    if isinstance(values.get("tasks"), str):  # tasks=hellaswag means one task
+        values["tasks"] = [values["tasks"]]
+    return build_dataclass(EvalCliConfig, values, "eval")
+
+
 def run_subcommand(command: str, args: list[str]) -> int:
-    """Run ``demo`` or ``interactive`` with ``key=value`` options; returns the exit code."""
+    """Run ``demo``, ``interactive`` or ``eval`` with ``key=value`` options; returns the exit
+    code."""
     try:
-        cfg = parse_options(command, args)
-        (demo if command == "demo" else interactive)(cfg)
+        if command == "eval":
+            from trainer.downstream import evaluate  # lm-eval: only for eval
+
+            evaluate(parse_eval_options(args))
+        else:
+            cfg = parse_options(command, args)
+            (demo if command == "demo" else interactive)(cfg)
     except (ConfigError, CheckpointError) as e:  # a user's to fix; anything else is a bug
         print(f"error: {e}", file=sys.stderr)
         return 2

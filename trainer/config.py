@@ -1,7 +1,7 @@
 """A run's configuration, typed and validated once: the ``trainer``, ``sample`` and ``wandb``
 sections (the ``model``, ``data`` and ``optim`` sections are their packages' own dataclasses),
-:class:`RunConfig` built from the composed Hydra config, and the options of ``demo`` and
-``interactive``.
+:class:`RunConfig` built from the composed Hydra config, and the options of ``demo``,
+``interactive`` and ``eval``.
 
 Each section is a plain dataclass whose ``__post_init__`` checks its values; pydantic validates
 the types of a mapping against the annotations first (``Literal`` choices, tuples, nested
@@ -264,6 +264,52 @@ class GenerationCliConfig(Sampling):
                 "cuda:N, mps"
             )
         super().__post_init__()
+
+
+@dataclass(frozen=True)
+class EvalCliConfig:
+    """Options of ``eval`` (lm-evaluation-harness on a checkpoint), given as ``key=value``
+    words. ``tasks``: lm-eval task names (their data comes from the Hugging Face hub) or paths
+    to local task YAML files; ``limit``: documents per task (a fraction when below 1);
+    ``num_fewshot``: None keeps each task's own; ``wandb``: log the scores to the checkpoint's
+    run in wandb when it has one."""
+
+    tasks: list[str] = field(default_factory=list)
+    ckpt: str | None = None  # a checkpoint or any Hugging Face Qwen3 dir; None: latest run's best
+    out_dir: str = "checkpoints"
+    limit: int | float | None = None
+    num_fewshot: int | None = None
+    batch_size: int | Literal["auto"] = 8
+    device: str = "auto"
+    wandb: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.tasks or not all(isinstance(t, str) and t for t in self.tasks):
+            _fail(
+                "tasks",
+                self.tasks,
+                "must name at least one task",
+                "set e.g. tasks=[hellaswag,arc_easy] or tasks=[path/to/task.yaml]",
+            )
+        if self.limit is not None and not (
+            (isinstance(self.limit, int) and self.limit >= 1)
+            or (isinstance(self.limit, float) and 0 < self.limit < 1)
+        ):
+            _fail(
+                "limit",
+                self.limit,
+                "must be a count >= 1 or a fraction in (0, 1)",
+                "set e.g. limit=100",
+            )
+        if self.num_fewshot is not None:
+            _check_int("num_fewshot", self.num_fewshot, 0, "5")
+        if self.batch_size != "auto":
+            _check_int("batch_size", self.batch_size, 1, "8")
+        if not isinstance(self.device, str) or not _DEVICE_RE.match(self.device):
+            raise ValueError(
+                f"device={self.device!r} is not a device; choose one of: auto, cpu, cuda, "
+                "cuda:N, mps"
+            )
 
 
 TOP_LEVEL_KEYS = ("run_name", "out_dir", "seed", "resume")

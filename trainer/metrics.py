@@ -102,6 +102,12 @@ def resolve_mode(mode: str) -> str:
     return "online" if wandb.login(prompt=False, verify=False) else "offline"
 
 
+def wandb_run_id(run_dir: Path) -> str:
+    """The wandb run id of a run directory: the same for every resume, and for ``train.py eval``
+    of its checkpoints, which logs its scores to that run."""
+    return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]
+
+
 class WandbLogger:
     """One wandb run per run directory (a resumed run continues the same wandb run id)."""
 
@@ -116,7 +122,7 @@ class WandbLogger:
 
         wandb_dir = Path(os.environ.get("WANDB_DIR") or run_dir)
         wandb_dir.mkdir(parents=True, exist_ok=True)
-        run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]
+        run_id = wandb_run_id(run_dir)
         try:
             self.run = wandb.init(
                 project=cfg.project,
