@@ -186,6 +186,30 @@ class Qwen3Tokenizer:
         ids = [int(i) for i in ids]  # accepts numpy / torch integers too
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def token_byte_lengths(self) -> list[int]:
+        """Each id's UTF-8 byte length in the text it decodes from (index = id): what exact bits
+        per byte divides by. Special (control) tokens count 0, as they stand for no text;
+        the think tags, matched literally in text, count their own bytes.
+
+        Decoding one id at a time would turn a token holding part of a multi-byte character into
+        U+FFFD, so the length is read from the byte-level string instead: one char per byte.
+        """
+        lengths = [0] * self.vocab_size
+        alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+        added = self.tokenizer.get_added_tokens_decoder()
+        for token, i in self.tokenizer.get_vocab(with_added_tokens=False).items():
+            if i in added:
+                continue
+            if not alphabet.issuperset(token):
+                raise ValueError(
+                    f"token {i} ({token!r}) is not byte-level BPE; "
+                    "use a byte-level tokenizer (train one with data.prepare_data)"
+                )
+            lengths[i] = len(token)
+        for i, t in added.items():
+            lengths[i] = 0 if t.special else len(t.content.encode("utf-8"))
+        return lengths
+
     def stream_decoder(self, skip_special_tokens: bool = True) -> StreamDecoder:
         """An incremental decoder for ids arriving one at a time (see `StreamDecoder`)."""
         return StreamDecoder(self.tokenizer, skip_special_tokens)

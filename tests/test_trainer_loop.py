@@ -196,7 +196,8 @@ def test_each_rank_evaluates_its_share_of_the_val_batches(monkeypatch) -> None:
     )
     tokens = np.random.default_rng(0).integers(0, 50, 2000).astype(np.int32)
     precision = resolve_precision("fp32", torch.device("cpu"))
-    args = (tokens, 2, 16, 3, precision, torch.device("cpu"), 1.0)
+    token_bytes = torch.arange(50) % 4  # 0 to 3 bytes per id: a made-up table
+    args = (tokens, 2, 16, 3, precision, torch.device("cpu"), token_bytes)
     whole = evaluation.evaluate(model, *args)
 
     class Counting(torch.nn.Module):
@@ -216,6 +217,7 @@ def test_each_rank_evaluates_its_share_of_the_val_batches(monkeypatch) -> None:
         evaluation.evaluate(counting, *args)
     assert counting.calls == 4  # 3 batches over 2 ranks: 2 forwards each, one of them discarded
     assert [s[2] for s in sums] == [2 * 2 * 16, 1 * 2 * 16]  # tokens counted per rank
-    loss_sum, correct, count = (a + b for a, b in zip(*sums, strict=True))
+    loss_sum, correct, count, nbytes = (a + b for a, b in zip(*sums, strict=True))
     assert loss_sum / count == pytest.approx(whole["val_loss"], rel=1e-6)
     assert correct / count == pytest.approx(whole["val_acc"])
+    assert loss_sum / math.log(2) / nbytes == pytest.approx(whole["val_bpb"], rel=1e-6)

@@ -33,7 +33,7 @@ class RunParts:
     forward: nn.Module  # what training calls: ``model``, in DDP and/or torch.compile wrappers
     optimizers: OptimizerSet
     sampler: BatchSampler
-    bytes_per_token: float | None
+    token_bytes: torch.Tensor  # (V,) each id's UTF-8 byte length, on ``device``: for val_bpb
 
 
 def seed_everything(seed: int) -> None:
@@ -114,8 +114,10 @@ def build_parts(
         rank=dist.rank,
         world_size=dist.world_size,
     )
-    bytes_per_token = data.val_bytes / len(data.val) if data.val_bytes else None
-    return RunParts(device, precision, data, model, forward, optimizers, sampler, bytes_per_token)
+    token_bytes = torch.tensor(
+        data.tokenizer.token_byte_lengths(), dtype=torch.int64, device=device
+    )
+    return RunParts(device, precision, data, model, forward, optimizers, sampler, token_bytes)
 
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

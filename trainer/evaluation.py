@@ -23,7 +23,7 @@ def evaluate(
     num_batches: int,
     precision: Precision,
     device: torch.device,
-    bytes_per_token: float | None,
+    token_bytes: torch.Tensor | None,
 ) -> dict[str, float]:
     """Mean token-level metrics over the first ``num_batches`` deterministic val batches.
 
@@ -32,12 +32,16 @@ def evaluate(
     runs the same number of forwards (a rank short of a batch repeats one and discards it), as
     FSDP and DDP forwards take part in collectives.
 
-    ``val_bpb`` = mean loss in bits per token / bytes per token, where bytes per token is measured
-    on the whole val split (its UTF-8 bytes over its tokens), so tokenizers compare.
+    ``val_bpb`` = the targets' summed loss in bits / their summed UTF-8 bytes, each target's bytes
+    read from ``token_bytes`` ((V,) on ``device``, the tokenizer's byte length per id, 0 for
+    special tokens), so tokenizers compare. It is exact for the windows evaluated: a split-wide
+    average bytes per token would misstate it whenever those windows' tokens are longer or
+    shorter than the split's average.
     """
     was_training = model.training
     model.eval()
-    loss_sum, correct, count = 0.0, 0.0, 0.0  # floats: they are summed across ranks as float64
+    # floats: they are summed across ranks as float64
+    loss_sum, correct, count, nbytes = 0.0, 0.0, 0.0, 0.0
     rank, world_size = group_rank_world()
     batches = list(val_batches(val_tokens, batch_size, seq_len, num_batches))
     mine = batches[rank::world_size]
@@ -51,8 +55,10 @@ def evaluate(
         loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
         correct += (logits.argmax(-1) == targets).sum().item()
         count += targets.numel()
+        if token_bytes is not None:
+            nbytes += token_bytes[targets].sum().item()
     model.train(was_training)
-    loss_sum, correct, count = sum_across_ranks([loss_sum, correct, count])
+    loss_sum, correct, count, nbytes = sum_across_ranks([loss_sum, correct, count, nbytes])
     if count == 0:
         raise ValueError("the validation split is too short for one batch; lower trainer.seq_len")
     loss = loss_sum / count
@@ -61,8 +67,8 @@ def evaluate(
         "val_acc": correct / count,
         "val_ppl": math.exp(loss) if loss < 700 else math.inf,
     }
-    if bytes_per_token:
-        metrics["val_bpb"] = loss / math.log(2) / bytes_per_token
+    if nbytes:  # no table, or windows of special tokens alone: no text to measure against
+        metrics["val_bpb"] = loss_sum / math.log(2) / nbytes
     return metrics
 
 

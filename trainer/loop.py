@@ -179,7 +179,7 @@ class Trainer:
             t.eval_batches,
             p.precision,
             p.device,
-            p.bytes_per_token,
+            p.token_bytes,
         )
 
     def _record(self) -> dict[str, Any]:
