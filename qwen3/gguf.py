@@ -122,10 +122,9 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, model: Qwen3, name: str, dtype
 def _add_tokenizer(
     writer: gguf.GGUFWriter, ckpt: Path, tokenizer: Qwen3Tokenizer, n_vocab: int
 ) -> None:
-    check_qwen2_split(tokenizer)
     tokens, types = vocab_entries(tokenizer, n_vocab)
     writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
-    writer.add_tokenizer_pre("qwen2")
+    writer.add_tokenizer_pre("qwen2")  # export_gguf has checked that the split is Qwen2's
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     # Merges and eos/pad ids as the converter reads them from the directory's files.
@@ -179,14 +178,17 @@ def export_gguf(
     model = load_pretrained(ckpt)
     tmp = out.with_name(f".{out.name}.tmp")
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[ARCH])
-    _add_hyperparameters(writer, model, ckpt.resolve().name, dtype)
-    _add_tokenizer(writer, ckpt, tokenizer, model.config.vocab_size)
-    _add_tensors(writer, model, dtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    os.replace(tmp, out)
+    try:
+        _add_hyperparameters(writer, model, ckpt.resolve().name, dtype)
+        _add_tokenizer(writer, ckpt, tokenizer, model.config.vocab_size)
+        _add_tensors(writer, model, dtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 
