@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_trainer_support import make_trainer, small_run_overrides
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
 
 from data import val_batches
 from data.tokenizer_training import train_tokenizer
@@ -141,3 +143,10 @@ def test_exact_bpb_differs_from_the_split_average_form(tmp_path) -> None:
     assert sum(lengths[int(i)] for i in data.val) == data.val_bytes  # the table agrees with it
     old = metrics["val_loss"] / math.log(2) / split_average
     assert abs(old - metrics["val_bpb"]) / metrics["val_bpb"] > 0.05
+
+
+def test_a_tokenizer_that_is_not_byte_level_is_refused() -> None:
+    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "日本": 3}
+    tok = Qwen3Tokenizer(Tokenizer(WordLevel(vocab, unk_token="<|endoftext|>")))
+    with pytest.raises(ValueError, match="token 3 .* is not byte-level BPE"):
+        tok.token_byte_lengths()

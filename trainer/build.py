@@ -114,9 +114,11 @@ def build_parts(
         rank=dist.rank,
         world_size=dist.world_size,
     )
-    token_bytes = torch.tensor(
-        data.tokenizer.token_byte_lengths(), dtype=torch.int64, device=device
-    )
+    try:
+        lengths = data.tokenizer.token_byte_lengths()
+    except ValueError as e:  # a given tokenizer that is not byte-level BPE
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer}: {e}") from None
+    token_bytes = torch.tensor(lengths, dtype=torch.int64, device=device)
     return RunParts(device, precision, data, model, forward, optimizers, sampler, token_bytes)
 
 
