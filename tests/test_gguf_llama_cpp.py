@@ -213,3 +213,17 @@ def test_llama_cpp_greedy_continuations_equal_ours(gguf_model) -> None:
         assert decoded is not None, done.stderr.decode(errors="replace")[-2000:]
         assert int(decoded.group(1)) == len(ours), prompt
         assert theirs == tokenizer.decode(ours), prompt
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["f16", "bf16", "q8_0"])
+def test_llama_cpp_runs_the_smaller_dtypes(gguf_model, dtype) -> None:
+    path, _, _ = gguf_model
+    smaller = export_gguf(path.parent / "ckpt", path.parent / f"model-{dtype}.gguf", dtype)
+    done = subprocess.run(
+        [str(build_llama_cpp() / "llama-simple"), "-m", str(smaller), "-n", "8", PROMPTS[0]],
+        capture_output=True,
+        check=True,
+    )
+    assert done.stdout.startswith(PROMPTS[0].encode())
+    assert re.search(rb"decoded \d+ tokens", done.stderr)
