@@ -16,12 +16,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
 
-from qwen3 import pick_device
 from trainer.config import EvalCliConfig, WandbConfig, build_dataclass
 from trainer.errors import ConfigError
+from trainer.generation import inference_device
 from trainer.run_layout import find_model_dir, step_number, timestamp_name
 
 if TYPE_CHECKING:
@@ -106,12 +105,7 @@ def _results_of(cfg: EvalCliConfig, ckpt: Path) -> dict[str, Any]:
             f"eval needs lm-eval with its Hugging Face backend ({e}); {INSTALL_HINT}"
         ) from None
     manager, names = resolve_tasks(cfg.tasks)
-    try:
-        device = pick_device(cfg.device)
-    except RuntimeError as e:  # the device is not available on this machine
-        raise ConfigError(str(e)) from None
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)
+    device = inference_device(cfg.device)
     model = HFLM(pretrained=str(ckpt), device=str(device), batch_size=cfg.batch_size)
     try:
         results = simple_evaluate(

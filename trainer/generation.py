@@ -95,14 +95,22 @@ def run_prompts(ckpt: Path) -> list[str] | None:
     return [str(p) for p in prompts] if isinstance(prompts, list) and prompts else None
 
 
-def load(cfg: GenerationCliConfig) -> tuple[Path, Qwen3, Qwen3Tokenizer]:
-    ckpt = find_model_dir(cfg.ckpt, cfg.out_dir)
+def inference_device(name: str) -> torch.device:
+    """The device ``name`` (``auto``, ``cpu``, ``cuda:N``...) for running a model here, or a
+    :class:`ConfigError` if this machine has none; on a CPU, denormals are flushed (their softmax
+    tails slow it down severalfold)."""
     try:
-        device = pick_device(cfg.device)
+        device = pick_device(name)
     except RuntimeError as e:  # the device is not available on this machine
         raise ConfigError(str(e)) from None
     if device.type == "cpu":
         torch.set_flush_denormal(True)
+    return device
+
+
+def load(cfg: GenerationCliConfig) -> tuple[Path, Qwen3, Qwen3Tokenizer]:
+    ckpt = find_model_dir(cfg.ckpt, cfg.out_dir)
+    device = inference_device(cfg.device)
     try:
         tokenizer = Qwen3Tokenizer.from_dir(ckpt)
         model = Qwen3.from_pretrained(ckpt, device=device)
