@@ -10,10 +10,10 @@ import re
 
 import pytest
 import torch
-from test_trainer_support import write_corpus
+from test_trainer_support import tiny_qwen3, write_corpus
 
 from data.tokenizer_training import train_tokenizer
-from qwen3 import Qwen3, Qwen3Config
+from qwen3 import Qwen3
 from trainer.checkpoint import (
     check_compatible,
     check_setup_matches,
@@ -41,19 +41,7 @@ def tokenizer(tmp_path_factory):
 
 @pytest.fixture
 def model(tokenizer):
-    torch.manual_seed(0)
-    cfg = Qwen3Config(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        max_position_embeddings=64,
-        eos_token_id=tokenizer.eos_id,
-    )
-    return Qwen3(cfg)
+    return tiny_qwen3(tokenizer)
 
 
 def _state(step: int, tokenizer) -> dict:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_trainer_support import run_train, write_corpus
+from test_trainer_support import run_train, tiny_qwen3, write_corpus
 
 from data.tokenizer_training import train_tokenizer
-from qwen3 import Qwen3, Qwen3Config
+from qwen3 import Qwen3
 from qwen3.tokenizer import Qwen3Tokenizer
 from trainer.checkpoint import save_checkpoint
 from trainer.cli import run_subcommand
@@ -66,20 +66,7 @@ def setup(tmp_path_factory):
     and the task YAML."""
     root = tmp_path_factory.mktemp("eval")
     tok = train_tokenizer(write_corpus(root / "play.txt").read_text().split("\n\n"), 300)
-    torch.manual_seed(0)
-    model = Qwen3(
-        Qwen3Config(
-            vocab_size=tok.vocab_size,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=32,
-            max_position_embeddings=512,
-            eos_token_id=tok.eos_id,
-        )
-    )
+    model = tiny_qwen3(tok, max_positions=512)
     # Logits of several nats (not the near-uniform ones of a fresh init), so each item's
     # answer is decided by a clear margin, the same in transformers as in our own forward.
     torch.nn.init.normal_(model.model.embed_tokens.weight, std=1.0)

@@ -10,10 +10,16 @@ import time
 
 import pytest
 import torch
-from test_trainer_support import REPO, run_train, subprocess_env, train_cmd, write_corpus
+from test_trainer_support import (
+    REPO,
+    run_train,
+    subprocess_env,
+    tiny_qwen3,
+    train_cmd,
+    write_corpus,
+)
 
 from data.tokenizer_training import train_tokenizer
-from qwen3 import Qwen3, Qwen3Config
 from trainer.checkpoint import save_checkpoint
 from trainer.cli import run_subcommand
 from trainer.run_layout import set_pointer
@@ -26,24 +32,13 @@ def runs(tmp_path_factory):
     tok = train_tokenizer(write_corpus(root / "play.txt").read_text().split("\n\n"), 300)
     out = root / "runs"
     for i, name in enumerate(("older", "newer")):
-        torch.manual_seed(i)
-        cfg = Qwen3Config(
-            vocab_size=tok.vocab_size,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=32,
-            max_position_embeddings=4096,
-            eos_token_id=tok.eos_id,
-        )
+        model = tiny_qwen3(tok, max_positions=4096, seed=i)
         run = out / name
         run.mkdir(parents=True)
         path = save_checkpoint(
             run,
             10,
-            Qwen3(cfg),
+            model,
             tok,
             {"step": 10},
             f"sample:\n  prompts: ['{name.upper()} SAYS:']\n",

@@ -11,8 +11,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra import compose, initialize_config_dir
 
+from qwen3 import Qwen3, Qwen3Config
+from qwen3.tokenizer import Qwen3Tokenizer
 from trainer.cli import CONF_DIR, register_resolvers
 from trainer.config import RunConfig, build_run_config, register_config_nodes, to_container
 
@@ -169,3 +172,22 @@ def make_trainer(overrides: list[str], run_dir: Path, wandb=None):
     parts = build_parts(cfg, DistInfo(), device, precision)
     run_dir.mkdir(parents=True, exist_ok=True)
     return Trainer(cfg, parts, run_dir, DistInfo(), "seed: 0\n", wandb, 1e11)
+
+
+def tiny_qwen3(tokenizer: Qwen3Tokenizer, max_positions: int = 64, seed: int = 0) -> Qwen3:
+    """A seeded random Qwen3 of the shape the CLI and checkpoint tests share (hidden 64, 2
+    layers, grouped-query attention) over ``tokenizer``'s vocabulary."""
+    torch.manual_seed(seed)
+    return Qwen3(
+        Qwen3Config(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=32,
+            max_position_embeddings=max_positions,
+            eos_token_id=tokenizer.eos_id,
+        )
+    )
