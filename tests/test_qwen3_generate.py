@@ -22,15 +22,21 @@ CFG = Qwen3Config(
 )
 
 
-@pytest.fixture(scope="module")
-def model() -> Qwen3:
+def varied_model(cfg: Qwen3Config) -> Qwen3:
+    """A seeded random model in eval mode whose weights are scaled up, so greedy paths are
+    varied rather than one repeated token."""
     torch.manual_seed(0)
-    m = Qwen3(CFG).eval()
-    with torch.no_grad():  # larger weights so greedy paths are varied, not one repeated token
+    m = Qwen3(cfg).eval()
+    with torch.no_grad():
         for p in m.parameters():
             if p.dim() == 2:
                 p.mul_(20)
     return m
+
+
+@pytest.fixture(scope="module")
+def model() -> Qwen3:
+    return varied_model(CFG)
 
 
 def greedy_by_recompute(model: Qwen3, prompt: list[int], n: int) -> list[int]:

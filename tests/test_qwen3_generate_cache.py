@@ -4,44 +4,31 @@ longer call, and a turn appended to the cache equals recomputing the conversatio
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
 import torch
+from test_qwen3_generate import CFG as GENERATE_CFG
+from test_qwen3_generate import varied_model
 
 from qwen3 import (
     KVCache,
     Qwen3,
-    Qwen3Config,
     Sampling,
     generate,
     generate_steps,
     stream_generate,
 )
 
-CFG = Qwen3Config(
-    vocab_size=61,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    max_position_embeddings=64,
-)
+CFG = dataclasses.replace(GENERATE_CFG, max_position_embeddings=64)
 PROMPTS = {1: [[3, 14, 15, 9, 26]], 2: [[3, 14, 15, 9, 26], [7, 1]]}  # rows of different lengths
 TURNS = {1: [[16, 23, 42]], 2: [[16, 23, 42], [5]]}
 
 
 @pytest.fixture(scope="module")
 def model() -> Qwen3:
-    torch.manual_seed(0)
-    m = Qwen3(CFG).eval()
-    with torch.no_grad():  # larger weights so greedy paths are varied, not one repeated token
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.mul_(20)
-    return m
+    return varied_model(CFG)
 
 
 def recompute(model: Qwen3, ids: list[int], n: int) -> list[int]:
