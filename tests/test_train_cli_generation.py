@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
 import signal
 import subprocess
-import threading
 import time
 
 import pytest
@@ -24,6 +25,9 @@ from trainer.checkpoint import save_checkpoint
 from trainer.cli import run_subcommand
 from trainer.run_layout import set_pointer
 
+# The smallest pipe Linux allows (one page); see the Ctrl-C test.
+PIPE_PAGE = 4096
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
@@ -32,7 +36,7 @@ def runs(tmp_path_factory):
     tok = train_tokenizer(write_corpus(root / "play.txt").read_text().split("\n\n"), 300)
     out = root / "runs"
     for i, name in enumerate(("older", "newer")):
-        model = tiny_qwen3(tok, max_positions=4096, seed=i)
+        model = tiny_qwen3(tok, max_positions=8192, seed=i)
         run = out / name
         run.mkdir(parents=True)
         path = save_checkpoint(
@@ -132,38 +136,51 @@ def test_interactive_prompt_quit_and_eof(runs) -> None:
 
 
 def test_interactive_ctrl_c_stops_the_generation_not_the_program(runs) -> None:
+    """The SIGINT must land while tokens are being generated, on a machine of any speed.
+
+    The child's stdout is a one-page pipe that the test stops reading once the generation
+    has begun: 8000 tokens (about 15 KB here) are far more than a page, so the child is still inside the
+    generation (computing, or blocked writing) when the signal arrives, never back at the
+    prompt. Reads block on the pipe and fail at end of file, so nothing here can spin forever.
+    """
     root, out = runs
+    read_fd, write_fd = os.pipe()
+    fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, PIPE_PAGE)
     proc = subprocess.Popen(
-        train_cmd("interactive", f"out_dir={out}", "max_new_tokens=4000", "stop_at_eos=false"),
+        train_cmd("interactive", f"out_dir={out}", "max_new_tokens=8000", "stop_at_eos=false"),
         stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
+        stdout=write_fd,
         stderr=subprocess.PIPE,
-        text=True,
         cwd=REPO,
         env=subprocess_env(root),
-        bufsize=1,
     )
-    chunks: list[str] = []
-    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stdout.read(1), "")))
-    reader.start()
+    os.close(write_fd)
+    seen = bytearray()
 
-    def seen() -> str:
-        return "".join(chunks)
+    def read_until(marker: bytes, after: int = 0, start: int = 0) -> int:
+        """Read until ``marker`` (searched from ``start``) and ``after`` more bytes have come."""
+        while (at := seen.find(marker, start)) < 0 or len(seen) < at + len(marker) + after:
+            chunk = os.read(read_fd, 1)
+            if not chunk:
+                proc.kill()
+                pytest.fail(f"interactive exited early: {bytes(seen)!r} {proc.stderr.read()!r}")
+            seen.extend(chunk)
+        return at + len(marker)
 
-    while ">>> " not in seen():
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.02)
-    proc.stdin.write("ROMEO:\n")
-    proc.stdin.flush()
-    while len(seen().partition(">>> ROMEO:")[2]) < 40:  # it is generating
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    while "[generation stopped]" not in seen():
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.02)
-    proc.stdin.write("/quit\n")
-    proc.stdin.flush()
-    assert proc.wait() == 0
-    reader.join()
-    assert seen().rstrip().endswith(">>>")  # back at the prompt, then /quit
+    try:
+        read_until(b">>> ")
+        proc.stdin.write(b"ROMEO:\n")
+        proc.stdin.flush()
+        generating = read_until(b">>> ROMEO:", after=40)
+        proc.send_signal(signal.SIGINT)  # nothing read since: the child cannot have finished
+        stopped = read_until(b"\n[generation stopped]\n", start=generating)
+        read_until(b">>> ", start=stopped)
+        proc.stdin.write(b"/quit\n")
+        proc.stdin.flush()
+        while chunk := os.read(read_fd, 4096):
+            seen.extend(chunk)
+        assert proc.wait() == 0, proc.stderr.read()
+    finally:
+        proc.kill()
+        os.close(read_fd)
+    assert seen.rstrip().endswith(b">>>")  # back at the prompt, then /quit
