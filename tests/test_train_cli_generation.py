@@ -139,9 +139,9 @@ def test_interactive_ctrl_c_stops_the_generation_not_the_program(runs) -> None:
     """The SIGINT must land while tokens are being generated, on a machine of any speed.
 
     The child's stdout is a one-page pipe that the test stops reading once the generation
-    has begun: 8000 tokens (about 15 KB here) are far more than a page, so the child is still inside the
-    generation (computing, or blocked writing) when the signal arrives, never back at the
-    prompt. Reads block on the pipe and fail at end of file, so nothing here can spin forever.
+    has begun: 8000 tokens (about 15 KB here) are far more than a page, so the child is still
+    inside the generation (computing, or blocked writing) when the signal arrives, never back
+    at the prompt. Reads block on the pipe and fail at end of file, so nothing here can spin forever.
     """
     root, out = runs
     read_fd, write_fd = os.pipe()
