@@ -53,21 +53,27 @@ def setup(tmp_path_factory):
 
 
 def _start_long_run(tmp, base, name) -> subprocess.Popen:
-    return subprocess.Popen(
-        train_cmd(*base, "trainer.max_steps=100000", f"run_name={name}"),
-        cwd=REPO,
-        env=subprocess_env(tmp),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    """Its output goes to files, not pipes: a pipe nobody reads while polling fills up and
+    blocks the run before it is ready. ``_output`` reads them back."""
+    with open(tmp / f"{name}.out", "w") as out, open(tmp / f"{name}.err", "w") as err:
+        return subprocess.Popen(
+            train_cmd(*base, "trainer.max_steps=100000", f"run_name={name}"),
+            cwd=REPO,
+            env=subprocess_env(tmp),
+            stdout=out,
+            stderr=err,
+        )
 
 
-def _wait_for(proc: subprocess.Popen, ready) -> None:
+def _output(tmp, name) -> tuple[str, str]:
+    return (tmp / f"{name}.out").read_text(), (tmp / f"{name}.err").read_text()
+
+
+def _wait_for(proc: subprocess.Popen, ready, tmp, name) -> None:
     """Poll until ``ready()``; fail if the process ends first."""
     while not ready():
         if proc.poll() is not None:
-            pytest.fail(f"training ended early: {proc.communicate()}")
+            pytest.fail(f"training ended early: {_output(tmp, name)}")
         time.sleep(0.01)
 
 
@@ -75,7 +81,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(setup) -> None:
     tmp, base, ref_losses = setup
     run = tmp / "runs" / "killed"
     proc = _start_long_run(tmp, base, "killed")
-    _wait_for(proc, lambda: (run / "latest").exists())
+    _wait_for(proc, lambda: (run / "latest").exists(), tmp, "killed")
     proc.kill()
     proc.wait()
     saved = load_trainer_state(run / "latest")["step"]
@@ -94,9 +100,15 @@ def test_resume_after_sigint_matches_uninterrupted_run(setup) -> None:
     tmp, base, ref_losses = setup
     run = tmp / "runs" / "interrupted"
     proc = _start_long_run(tmp, base, "interrupted")
-    _wait_for(proc, lambda: (run / "metrics.jsonl").exists() and len(read_metrics(run)) >= 6)
+    _wait_for(
+        proc,
+        lambda: (run / "metrics.jsonl").exists() and len(read_metrics(run)) >= 6,
+        tmp,
+        "interrupted",
+    )
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate()
+    proc.wait()
+    out, err = _output(tmp, "interrupted")
     assert proc.returncode == 0, err
     stopped = load_trainer_state(run / "latest")["step"]
     assert read_metrics(run)[-1]["step"] == stopped < STEPS
