@@ -31,6 +31,7 @@ class DataConfig:
     tokenizer: an existing tokenizer directory (e.g. a downloaded Qwen3 one); null = train one.
     vocab_size: the vocabulary to train; null = the model's vocab_size.
     tokenizer_max_bytes: the most text (UTF-8 bytes) the tokenizer trainer reads.
+    shard_tokens: train tokens per cache shard; a killed build keeps its finished shards.
     """
 
     source: Literal["shakespeare", "hf", "local"] = "shakespeare"
@@ -48,6 +49,7 @@ class DataConfig:
     tokenizer: str | None = None
     vocab_size: int | None = None
     tokenizer_max_bytes: int = 200_000_000
+    shard_tokens: int = 250_000_000
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -79,6 +81,10 @@ class DataConfig:
             )
         if not 0.0 < self.val_fraction <= 0.5:
             raise DataError(f"data.val_fraction={self.val_fraction} must be in (0, 0.5], e.g. 0.05")
+        if self.shard_tokens < 1:
+            raise DataError(
+                f"data.shard_tokens={self.shard_tokens} must be positive, e.g. 250000000"
+            )
         if self.tokenizer_max_bytes < 1:
             raise DataError(f"data.tokenizer_max_bytes={self.tokenizer_max_bytes} must be positive")
         if not self.text_field:

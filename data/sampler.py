@@ -15,11 +15,12 @@ import numpy as np
 import torch
 
 from data.errors import DataError
+from data.token_cache import TokenArray
 
 _STATE_VERSION = 1
 
 
-def _check_size(tokens: np.ndarray, seq_len: int, what: str) -> None:
+def _check_size(tokens: TokenArray, seq_len: int, what: str) -> None:
     if seq_len < 1:
         raise DataError(f"seq_len={seq_len} must be at least 1")
     if len(tokens) < seq_len + 1:
@@ -30,7 +31,7 @@ def _check_size(tokens: np.ndarray, seq_len: int, what: str) -> None:
 
 
 def _to_batch(
-    tokens: np.ndarray, starts: np.ndarray, seq_len: int
+    tokens: TokenArray, starts: np.ndarray, seq_len: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and next-token targets, (B, T) int64 each, for windows starting at `starts`."""
     index = starts[:, None] + np.arange(seq_len + 1)[None, :]  # (B, T+1)
@@ -43,7 +44,7 @@ class BatchSampler:
 
     def __init__(
         self,
-        tokens: np.ndarray,
+        tokens: TokenArray,
         batch_size: int,
         seq_len: int,
         seed: int,
@@ -98,7 +99,7 @@ class BatchSampler:
 
 
 def val_batches(
-    tokens: np.ndarray, batch_size: int, seq_len: int, num_batches: int
+    tokens: TokenArray, batch_size: int, seq_len: int, num_batches: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """`num_batches` fixed validation batches, windows spread evenly over the whole split.
 

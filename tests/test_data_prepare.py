@@ -83,7 +83,7 @@ def test_local_build_contents(cfg) -> None:
 
 def test_cache_hit_reuses_files(cfg) -> None:
     first = _prepare(cfg)
-    train_file = first.cache_path / "train.bin"
+    train_file = first.cache_path / "train-00000.bin"
     stamp = train_file.stat().st_mtime_ns
     second = _prepare(cfg)
     assert second.fingerprint == first.fingerprint
@@ -136,7 +136,7 @@ def test_given_tokenizer_dir(cfg, tmp_path) -> None:
 def test_truncated_cache_is_rebuilt(cfg, caplog) -> None:
     good = _prepare(cfg)
     expected = np.array(good.train)
-    train_file = good.cache_path / "train.bin"
+    train_file = good.cache_path / "train-00000.bin"
     with open(train_file, "r+b") as f:
         f.truncate(train_file.stat().st_size - 10)
     with caplog.at_level(logging.WARNING, logger="data"):
@@ -285,10 +285,10 @@ def _damage(file: Path) -> None:
 def test_only_the_building_process_deletes_a_damaged_cache(cfg) -> None:
     good = _prepare(cfg)
     expected = np.array(good.train)
-    train_file = good.cache_path / "train.bin"
+    train_file = good.cache_path / "train-00000.bin"
     _damage(train_file)
     damaged_size = train_file.stat().st_size
-    with pytest.raises(DataError, match=r"token cache .* is damaged \(train\.bin has") as err:
+    with pytest.raises(DataError, match=r"token cache .* is damaged \(train-00000\.bin has") as err:
         prepare_data(cfg, VOCAB, progress=False, repair=False)
     assert "only the process that builds it" in str(err.value) and "\n" not in str(err.value)
     assert train_file.stat().st_size == damaged_size  # left for the builder
