@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen3.cache import KVCache
+from qwen3.checkpointing import ActivationCheckpointing, run_block
 from qwen3.config import Qwen3Config
 
 # How many positions of cos/sin to precompute; longer sequences extend the table on demand.
@@ -258,6 +259,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Set by Qwen3.set_activation_checkpointing (a training choice, not part of the config).
+        self.activation_checkpointing: ActivationCheckpointing = "none"
 
     def forward(
         self,
@@ -266,6 +269,16 @@ class DecoderLayer(nn.Module):
         sin: torch.Tensor,
         cache: KVCache | None = None,
         mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return run_block(self._block, self.activation_checkpointing, x, cos, sin, cache, mask)
+
+    def _block(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None,
+        mask: torch.Tensor | None,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from qwen3.cache import KVCache
+from qwen3.checkpointing import MODES, ActivationCheckpointing
 from qwen3.config import Qwen3Config
 from qwen3.layers import DecoderLayer, RMSNorm, RotaryEmbedding
 from qwen3.loss import linear_cross_entropy
@@ -124,6 +125,15 @@ class Qwen3(nn.Module):
         if cache is not None:
             cache.commit(logits[:, -1])
         return logits
+
+    def set_activation_checkpointing(self, mode: ActivationCheckpointing) -> None:
+        """Checkpoint every decoder block's activations as ``mode`` says (``qwen3.checkpointing``):
+        ``none``, ``full`` or ``selective``. Call before wrapping for FSDP/DDP or compiling."""
+        if mode not in MODES:
+            raise ValueError(f"activation checkpointing {mode!r} is not one of {', '.join(MODES)}")
+        for layer in self.model.layers:
+            assert isinstance(layer, DecoderLayer)
+            layer.activation_checkpointing = mode
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         """Number of distinct parameters (a tied head counts once)."""

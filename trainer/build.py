@@ -104,7 +104,9 @@ def build_parts(
     seed_everything(cfg.seed)
     model = Qwen3(model_cfg).to(device)
     model.train()
-    forward = wrap_model(model, dist, device, tcfg.fsdp, tcfg.compile)
+    forward = wrap_model(
+        model, dist, device, tcfg.fsdp, tcfg.compile, tcfg.activation_checkpointing
+    )
     optimizers = build_optimizers(model, cfg.optim, tcfg.max_steps)
     sampler = BatchSampler(
         data.train,

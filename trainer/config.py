@@ -143,6 +143,9 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     num_threads: int | None = None  # CPU threads for torch; None: torch's default
     fsdp: bool = False  # under torchrun: shard parameters with FSDP2 instead of replicating (DDP)
+    # Per decoder block: none, full (recompute the block) or selective (save matmul and attention
+    # outputs, recompute the rest); qwen3/checkpointing.py says what each keeps.
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
 
     def __post_init__(self) -> None:
         _check_int("trainer.max_steps", self.max_steps, 1, "600")

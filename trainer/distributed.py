@@ -39,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from optim import OptimizerSet
 from qwen3 import Qwen3
+from qwen3.checkpointing import ActivationCheckpointing
 from trainer.errors import LaunchError
 
 T = TypeVar("T")
@@ -191,10 +192,20 @@ def main_first(fn: Callable[[], T], what: str, error: type[Exception] = RuntimeE
 
 
 def wrap_model(
-    model: Qwen3, dist: DistInfo, device: torch.device, fsdp: bool, compile: bool
+    model: Qwen3,
+    dist: DistInfo,
+    device: torch.device,
+    fsdp: bool,
+    compile: bool,
+    activation_checkpointing: ActivationCheckpointing = "none",
 ) -> nn.Module:
     """What the training step calls. ``model`` is sharded in place when ``fsdp``; build the
-    optimizers after this call, on ``model``'s (then sharded) parameters."""
+    optimizers after this call, on ``model``'s (then sharded) parameters.
+
+    torchtitan's order: activation checkpointing inside each block first, then sharding or
+    replication, then compile, so FSDP's per-block gathers stay outside the recomputed region.
+    """
+    model.set_activation_checkpointing(activation_checkpointing)
     forward: nn.Module = model
     if fsdp and not dist.is_distributed:
         warnings.warn(
