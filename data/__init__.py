@@ -2,7 +2,16 @@
 
 from data.config import DataConfig
 from data.errors import DataError
-from data.prepare import PreparedData, prepare_data
+from data.prepare import DataNotReady, PreparedData, prepare_data, wait_for_data
 from data.sampler import BatchSampler, val_batches
 
-__all__ = ["BatchSampler", "DataConfig", "DataError", "PreparedData", "prepare_data", "val_batches"]
+__all__ = [
+    "BatchSampler",
+    "DataConfig",
+    "DataError",
+    "DataNotReady",
+    "PreparedData",
+    "prepare_data",
+    "val_batches",
+    "wait_for_data",
+]

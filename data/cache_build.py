@@ -9,9 +9,8 @@ shards, cuts `val.bin` back to the last record, skips the consumed documents wit
 them and goes on, so the result equals an uninterrupted build id for id. The finished directory
 is renamed into place (:mod:`data.token_cache` reads it).
 
-Three threads keep the Rust tokenizer's parallel batches busy: one reads documents and groups
-them into batches, one encodes (the Rust call releases the GIL), and the caller's thread turns
-ids into arrays and writes them. Queues of a few batches bound the memory.
+Documents come encoded from :func:`data.encode_pipeline.encoded_batches`, which keeps the Rust
+tokenizer busy while this thread writes.
 """
 
 from __future__ import annotations
@@ -21,10 +20,9 @@ import fcntl
 import hashlib
 import itertools
 import json
+import logging
 import os
-import queue
 import shutil
-import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -34,6 +32,7 @@ import numpy as np
 from tqdm import tqdm  # type: ignore[import-untyped]
 
 from data.atomic_dir import remove_stale_builds
+from data.encode_pipeline import Batch, encoded_batches
 from data.errors import DataError
 from data.token_cache import (
     FORMAT_VERSION,
@@ -48,14 +47,10 @@ from data.token_cache import (
 from qwen3.tokenizer import Qwen3Tokenizer
 
 PARTIAL_PREFIX = ".partial-"
-_BATCH_BYTES = 1 << 22  # text per parallel encode call: enough docs to keep every core busy
-_BATCH_DOCS = 1024
-_QUEUED_BATCHES = 4  # per queue: what bounds memory, whatever the corpus size
+log = logging.getLogger(__name__)
 _WRITE_BUFFER = 1 << 20
 
 _SHARD_KEYS = ("file", "tokens", "sha256")  # of the shard; the rest says where the stream stands
-
-Batch = list[tuple[int, bool, str]]  # (document index in the stream, is_val, text)
 
 
 def partial_dir(path: Path) -> Path:
@@ -70,15 +65,14 @@ def _write_json(file: Path, obj: Any) -> None:
 
 @contextlib.contextmanager
 def _build_lock(work: Path) -> Iterator[None]:
-    """One builder per cache: the lock dies with its process, so a kill never leaves it held."""
+    """One builder per cache; a second one (a `train.py prepare` still running, another job)
+    waits for it. The lock dies with its process, so a kill never leaves it held."""
     with open(work / "lock", "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise DataError(
-                f"another process is building the token cache in {work}: wait for it to "
-                f"finish (or stop it) and run again"
-            ) from None
+            log.warning("another process is building the token cache in %s; waiting for it", work)
+            fcntl.flock(handle, fcntl.LOCK_EX)
         yield
 
 
@@ -238,89 +232,6 @@ class _Writer:
         self.val.close()
 
 
-def _put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> bool:
-    while not stop.is_set():
-        try:
-            q.put(item, timeout=0.1)
-            return True
-        except queue.Full:
-            continue
-    return False
-
-
-def _read(
-    docs: Iterable[tuple[bool, str]], skip: int, out: queue.Queue[Any], stop: threading.Event
-) -> None:
-    """Batches of documents after the first `skip` (consumed by kept shards), then None."""
-    try:
-        batch: Batch = []
-        size = 0
-        for index, (is_val, text) in enumerate(docs):
-            if stop.is_set():
-                return
-            if index < skip:
-                continue
-            batch.append((index, is_val, text))
-            size += len(text)
-            if len(batch) >= _BATCH_DOCS or size >= _BATCH_BYTES:
-                if not _put(out, batch, stop):
-                    return
-                batch, size = [], 0
-        if batch:
-            _put(out, batch, stop)
-    except BaseException as err:  # handed to the caller's thread, which raises it
-        _put(out, err, stop)
-    finally:
-        _put(out, None, stop)
-
-
-def _encode(
-    tokenizer: Qwen3Tokenizer, src: queue.Queue[Any], out: queue.Queue[Any], stop: threading.Event
-) -> None:
-    try:
-        while not stop.is_set():
-            try:
-                item = src.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                _put(out, item, stop)
-                return
-            if not _put(out, (item, tokenizer.encode_batch([t for _, _, t in item])), stop):
-                return
-    except BaseException as err:
-        _put(out, err, stop)
-    finally:
-        _put(out, None, stop)
-
-
-def _pipeline(
-    docs: Iterable[tuple[bool, str]], skip: int, tokenizer: Qwen3Tokenizer
-) -> Iterator[tuple[Batch, list[list[int]]]]:
-    """Encoded batches in stream order; reading and encoding run ahead in their own threads."""
-    stop = threading.Event()
-    texts: queue.Queue[Any] = queue.Queue(_QUEUED_BATCHES)
-    encoded: queue.Queue[Any] = queue.Queue(_QUEUED_BATCHES)
-    threads = [
-        threading.Thread(target=_read, args=(docs, skip, texts, stop), daemon=True),
-        threading.Thread(target=_encode, args=(tokenizer, texts, encoded, stop), daemon=True),
-    ]
-    for t in threads:
-        t.start()
-    try:
-        while (item := encoded.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        # The encoder ends within a queue timeout; the reader may be inside a slow source's
-        # next() and ends at its next document (it is a daemon and writes nothing).
-        threads[1].join()
-
-
 def build_token_cache(
     path: Path,
     tokenizer: Qwen3Tokenizer,
@@ -364,7 +275,7 @@ def build_token_cache(
                 if number == 0 and writer.final:
                     continue  # the first phase finished before the kill
                 skip = writer.docs if number == 0 else 0
-                for batch, ids in _pipeline(docs, skip, tokenizer):
+                for batch, ids in encoded_batches(docs, skip, tokenizer):
                     full = writer.add_batch(batch, ids)
                     writer.seconds = time.perf_counter() - start
                     bar.update(len(batch))

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,6 +232,32 @@ def prepare_data(
 
 class DataNotReady(Exception):
     """`prepare_data(build=False)` found the tokenizer or token cache not built yet."""
+
+
+def wait_for_data(
+    load: Callable[[], PreparedData], marker: Path, poll_seconds: float = 1.0
+) -> PreparedData:
+    """What another process (rank 0) is building, once it is there: ``load`` is
+    ``prepare_data(..., build=False)``. The builder writes ``marker.done`` or ``marker.failed``
+    (its one-line error) when it ends, so this never waits on a builder that has stopped, and
+    never in a collective that could time out on a build of hours. A data error of our own
+    counts only once the builder is done (until then it may be repairing what we read)."""
+    said = False
+    while True:
+        try:
+            return load()
+        except DataNotReady:
+            pass
+        except DataError:
+            if marker.with_suffix(".done").exists():
+                raise
+        failed = marker.with_suffix(".failed")
+        if failed.exists():
+            raise DataError(f"rank 0 failed preparing the data: {failed.read_text().strip()}")
+        if not said:
+            log.warning("waiting for rank 0 to build the tokenizer and token cache")
+            said = True
+        time.sleep(poll_seconds)
 
 
 def _stream(cfg: DataConfig, own_validation: bool) -> _OnePass:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -203,16 +205,18 @@ def test_val_only_phase_and_caps(tokenizer, tmp_path) -> None:
     assert 50 <= built.meta["val_tokens"] < 50 + 20 and built.meta["val_docs"] < 10
 
 
-def test_second_builder_is_refused_in_one_line(tokenizer, tmp_path) -> None:
-    import fcntl
-
+def test_second_builder_waits_for_the_first(tokenizer, tmp_path, caplog) -> None:
     cache = tmp_path / "tokens-l"
     work = partial_dir(cache)
     work.mkdir(parents=True)
+    result: list[object] = []
     with open(work / "lock", "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        from data.errors import DataError
-
-        with pytest.raises(DataError, match="another process is building") as err:
-            _build(cache, tokenizer)
-        assert "\n" not in str(err.value)
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a `train.py prepare` still building would
+        thread = threading.Thread(target=lambda: result.append(_build(cache, tokenizer)))
+        thread.start()
+        while "waiting for it" not in caplog.text:  # it ends only once the lock is free
+            assert thread.is_alive(), "the second builder ended without waiting"
+            time.sleep(0.02)
+        assert not cache.exists()
+    thread.join()
+    assert len(result) == 1 and load_token_cache(cache) is not None

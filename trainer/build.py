@@ -6,19 +6,23 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import random
+import time
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from data import BatchSampler, PreparedData, prepare_data
+from data import BatchSampler, PreparedData, prepare_data, wait_for_data
 from data.errors import DataError
 from optim import OptimizerSet, build_optimizers
 from qwen3 import Qwen3, Qwen3Config, pick_device
 from trainer.config import RunConfig
-from trainer.distributed import DistInfo, main_first, wrap_model
+from trainer.distributed import DistInfo, from_main, wrap_model
 from trainer.errors import ConfigError
 
 
@@ -79,17 +83,40 @@ def model_config_for(cfg: Qwen3Config, data: PreparedData) -> Qwen3Config:
     )
 
 
+def prepare_run_data(cfg: RunConfig, dist: DistInfo) -> PreparedData:
+    """Tokenizer and token cache. Under torchrun rank 0 builds (and alone repairs) them while
+    the others poll for its completion marker: no collective waits on a build of hours."""
+    vocab_size = cfg.data.vocab_size or cfg.model.vocab_size
+    if not dist.is_distributed:
+        return prepare_data(cfg.data, vocab_size)
+    launch = from_main(uuid.uuid4().hex)  # the one collective: before any build starts
+    marker = Path(cfg.data.cache_dir) / ".launches" / launch
+    if not dist.is_main:
+        load = functools.partial(
+            prepare_data, cfg.data, vocab_size, progress=False, repair=False, build=False
+        )
+        return wait_for_data(load, marker)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    for old in marker.parent.iterdir():  # earlier launches' markers; theirs ranks are done
+        if time.time() - old.stat().st_mtime > 86_400:
+            old.unlink(missing_ok=True)
+    try:
+        data = prepare_data(cfg.data, vocab_size)
+    except BaseException as err:
+        marker.with_suffix(".failed").write_text(
+            f"{err}" if isinstance(err, DataError) else repr(err)
+        )
+        raise
+    marker.with_suffix(".done").write_text("")
+    return data
+
+
 def build_parts(
     cfg: RunConfig, dist: DistInfo, device: torch.device, precision: Precision
 ) -> RunParts:
     """Prepare data (tokenizer + token cache), then the model, optimizers and sampler."""
     tcfg = cfg.trainer
-    vocab_size = cfg.data.vocab_size or cfg.model.vocab_size
-    data = main_first(  # rank 0 builds (and alone repairs) the caches, then the others load them
-        lambda: prepare_data(cfg.data, vocab_size, repair=dist.is_main),
-        "preparing the data",
-        DataError,
-    )
+    data = prepare_run_data(cfg, dist)
     if len(data.val) < tcfg.seq_len + 1:
         raise ConfigError(
             f"trainer.seq_len={tcfg.seq_len} is longer than the whole validation split "

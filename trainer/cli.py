@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from trainer.config import (
     MODEL_FIELDS,
     EvalCliConfig,
     GenerationCliConfig,
+    RunConfig,
     build_dataclass,
     build_run_config,
     register_config_nodes,
@@ -38,7 +40,7 @@ from trainer.errors import CheckpointError, ConfigError, LaunchError
 from trainer.generation import demo, interactive
 from trainer.run_layout import default_run_name, timestamp_name
 
-SUBCOMMANDS = ("demo", "interactive", "eval")
+SUBCOMMANDS = ("demo", "interactive", "eval")  # key=value options; `prepare` takes Hydra's
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
@@ -167,6 +169,8 @@ def main(argv: list[str], start_time: float) -> int:
     """Dispatch on the first word: a subcommand, else Hydra's own command line."""
     if len(argv) > 1 and argv[1] in SUBCOMMANDS:
         return run_subcommand(argv[1], argv[2:])
+    if len(argv) > 1 and argv[1] == "prepare":
+        return prepare(argv[2:])
     try:
         dist = dist_info()
         unknown = unknown_override(argv[1:])
@@ -206,6 +210,62 @@ def main(argv: list[str], start_time: float) -> int:
         raise
     shutdown()
     return max(codes, default=0)
+
+
+# ---- prepare ------------------------------------------------------------------------------
+def prepare(overrides: list[str]) -> int:
+    """``train.py prepare [overrides]``: build the tokenizer and token cache exactly as a
+    training run with the same overrides would, report them, and stop."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    if dist_info().is_distributed:
+        print(
+            "error: train.py prepare runs in one process: run it without torchrun, then start "
+            "the torchrun job with the same data and model overrides",
+            file=sys.stderr,
+        )
+        return 2
+    unknown = unknown_override(overrides)
+    try:
+        if unknown is not None:
+            raise ConfigError(unknown)
+        register_resolvers()
+        register_config_nodes()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            composed = compose("config", overrides=overrides)
+        run_cfg = build_run_config(to_container(composed))
+    except (ConfigError, HydraException) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    return _prepare_and_report(run_cfg)
+
+
+def _prepare_and_report(cfg: RunConfig) -> int:
+    """Build what is missing; print the cache path, token and document counts, time and rate."""
+    from data import DataError, prepare_data  # datasets: only for data work
+
+    start = time.perf_counter()
+    try:
+        data = prepare_data(cfg.data, cfg.data.vocab_size or cfg.model.vocab_size)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    seconds = time.perf_counter() - start
+    m = data.meta
+    shards = len(m.get("train_shards", [])) or 1
+    print(f"tokenizer: {data.tokenizer_dir} ({data.tokenizer.vocab_size} tokens)")
+    print(f"token cache: {data.cache_path}")
+    print(
+        f"  train {m['train_tokens']:,} tokens in {m['train_docs']:,} documents ({shards} "
+        f"shard{'s' * (shards > 1)}), val {m['val_tokens']:,} tokens in {m['val_docs']:,} "
+        f"documents"
+    )
+    tokens = m["train_tokens"] + m["val_tokens"]
+    build = float(m.get("build_seconds") or 0.0)
+    rate = f", {tokens / build:,.0f} tokens/s while tokenizing" if build else ""
+    print(f"  took {seconds:.1f} s; the cache took {build:.1f} s to build{rate}")
+    return 0
 
 
 # ---- demo, interactive and eval ----------------------------------------------------------
