@@ -108,7 +108,68 @@ PRESETS: dict[str, dict[str, Any]] = {
         rope_theta=1000000.0,
         tie_word_embeddings=False,
     ),
+    # Mixture of experts. tiny-moe: tiny with 8 SwiGLU experts of 192 per layer, 2 per token, so
+    # its active parameters are tiny's (plus the router's 1 k per layer), its total ~3 M.
+    "tiny-moe": dict(
+        vocab_size=8192,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=1024,
+        rope_theta=10000.0,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=192,
+        norm_topk_prob=True,
+    ),
+    "qwen3-30b-a3b": dict(
+        vocab_size=_OFFICIAL_VOCAB,
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        max_position_embeddings=40960,
+        rope_theta=1000000.0,
+        tie_word_embeddings=False,
+        num_experts=128,
+        num_experts_per_tok=8,
+        moe_intermediate_size=768,
+        norm_topk_prob=True,
+    ),
+    "qwen3-235b-a22b": dict(
+        vocab_size=_OFFICIAL_VOCAB,
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=94,
+        num_attention_heads=64,
+        num_key_value_heads=4,
+        head_dim=128,
+        max_position_embeddings=40960,
+        rope_theta=1000000.0,
+        tie_word_embeddings=False,
+        num_experts=128,
+        num_experts_per_tok=8,
+        moe_intermediate_size=1536,
+        norm_topk_prob=True,
+    ),
 }
+
+# transformers' Qwen3MoeConfig defaults, for a qwen3_moe config.json that leaves a key out.
+_HF_MOE_DEFAULTS: dict[str, Any] = dict(
+    num_experts=128,
+    num_experts_per_tok=8,
+    moe_intermediate_size=768,
+    norm_topk_prob=False,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+    router_aux_loss_coef=0.001,
+)
+_MOE_FIELDS = tuple(_HF_MOE_DEFAULTS)
 
 # Keys of a Hugging Face config.json that carry no shape information for us.
 _HF_ONLY_KEYS = {"architectures", "model_type", "torch_dtype", "dtype", "transformers_version"}
@@ -212,6 +273,15 @@ class Qwen3Config:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    # Mixture of experts (transformers' Qwen3MoeConfig names); num_experts=0 is the dense model.
+    # Layer i is sparse unless i is in mlp_only_layers or (i + 1) % decoder_sparse_step != 0.
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 192
+    norm_topk_prob: bool = True
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    router_aux_loss_coef: float = 0.001
     # Fields we do not interpret but carry through a Hugging Face config.json untouched.
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -259,20 +329,77 @@ class Qwen3Config:
                 f"Qwen3Config.attention_dropout={p!r}: must lie in [0, 1) (0.0 = off, as in "
                 "pretraining; 0.1 is usual when it is on)."
             )
+        self._check_moe()
+
+    def _check_moe(self) -> None:
+        e, k = self.num_experts, self.num_experts_per_tok
+        if isinstance(e, bool) or not isinstance(e, int) or e < 0:
+            raise ValueError(
+                f"Qwen3Config.num_experts={e!r}: must be an integer >= 0 (0 = dense model)."
+            )
+        if e == 0:
+            return
+        for name in ("num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(
+                    f"Qwen3Config.{name}={value!r}: must be a positive integer in a mixture-of-"
+                    f"experts model (num_experts={e}); set it, or num_experts=0 for a dense model."
+                )
+        if k > e:
+            raise ValueError(
+                f"Qwen3Config.num_experts_per_tok={k} exceeds num_experts={e}: each token is "
+                "routed to that many distinct experts; set num_experts_per_tok <= num_experts."
+            )
+        n = self.num_hidden_layers
+        bad = [i for i in self.mlp_only_layers if not (isinstance(i, int) and 0 <= i < n)]
+        if bad:
+            raise ValueError(
+                f"Qwen3Config.mlp_only_layers has {bad[0]!r}, not a layer index of this "
+                f"{n}-layer model; list indices in 0..{n - 1}."
+            )
+        c = self.router_aux_loss_coef
+        if isinstance(c, bool) or not isinstance(c, int | float) or c < 0:
+            raise ValueError(
+                f"Qwen3Config.router_aux_loss_coef={c!r}: must be >= 0 (0.001 as released; 0 "
+                "turns the load-balancing loss off)."
+            )
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether any layer is a sparse mixture-of-experts block."""
+        return any(self.is_sparse_layer(i) for i in range(self.num_hidden_layers))
+
+    def is_sparse_layer(self, layer_idx: int) -> bool:
+        """transformers' Qwen3MoeDecoderLayer rule for whether layer ``layer_idx`` is sparse."""
+        return (
+            layer_idx not in self.mlp_only_layers
+            and self.num_experts > 0
+            and (layer_idx + 1) % self.decoder_sparse_step == 0
+        )
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> Qwen3Config:
-        """The named preset (``tiny``, ``small``, ``qwen3-0.6b`` ... ``qwen3-32b``), with overrides."""
+        """The named preset (``tiny``, ``small``, ``qwen3-0.6b`` ... ``qwen3-32b``, ``tiny-moe``,
+        ``qwen3-30b-a3b``, ``qwen3-235b-a22b``), with overrides."""
         key = name.lower()
         if key not in PRESETS:
             raise ValueError(f"Unknown Qwen3 preset {name!r}. Known presets: {', '.join(PRESETS)}.")
         return cls(**{**PRESETS[key], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
-        """A Hugging Face ``config.json`` dictionary (``Qwen3ForCausalLM``)."""
+        """A Hugging Face ``config.json`` dictionary: ``Qwen3ForCausalLM``, or with experts
+        (``num_experts > 0``) ``Qwen3MoeForCausalLM``."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         d = {**self.extra, **d}
-        d.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", torch_dtype="float32")
+        if self.num_experts > 0:
+            d.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe")
+            d["mlp_only_layers"] = list(self.mlp_only_layers)
+        else:
+            for name in _MOE_FIELDS:
+                d.pop(name)
+            d.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3")
+        d["torch_dtype"] = "float32"
         d.setdefault("use_cache", True)
         d.setdefault("rope_scaling", None)
         d.setdefault("sliding_window", None)
@@ -283,11 +410,19 @@ class Qwen3Config:
     def from_dict(cls, d: dict[str, Any]) -> Qwen3Config:
         """Build from a Hugging Face ``config.json`` dictionary; unknown keys are kept in ``extra``."""
         model_type = d.get("model_type", "qwen3")
-        if model_type != "qwen3":
+        if model_type not in ("qwen3", "qwen3_moe"):
             raise ValueError(
-                f"config.json has model_type={model_type!r}, not 'qwen3': this loader reads Qwen3 models only."
+                f"config.json has model_type={model_type!r}, not 'qwen3' or 'qwen3_moe': this "
+                "loader reads Qwen3 models only."
             )
         _check_same_maths(d)
+        if model_type == "qwen3_moe":
+            d = {**_HF_MOE_DEFAULTS, **d}
+            # transformers 5 writes num_experts under its attribute_map name.
+            if "num_local_experts" in d:
+                d["num_experts"] = d.pop("num_local_experts")
+        else:  # a dense config.json's stray MoE keys would not make transformers' Qwen3 sparse
+            d = {k: v for k, v in d.items() if k not in _MOE_FIELDS}
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in d.items() if k in names}
         extra = {k: v for k, v in d.items() if k not in names and k not in _HF_ONLY_KEYS}

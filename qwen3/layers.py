@@ -236,11 +236,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), ``intermediate_size`` wide unless ``width`` says
+    otherwise (a mixture-of-experts expert is ``moe_intermediate_size`` wide)."""
 
-    def __init__(self, config: Qwen3Config) -> None:
+    def __init__(self, config: Qwen3Config, width: int | None = None) -> None:
         super().__init__()
-        c, f = config.hidden_size, config.intermediate_size
+        c, f = config.hidden_size, width or config.intermediate_size
         self.gate_proj = nn.Linear(c, f, bias=False)
         self.up_proj = nn.Linear(c, f, bias=False)
         self.down_proj = nn.Linear(f, c, bias=False)
@@ -251,12 +252,19 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); the MLP is a sparse
+    mixture of experts on the layers ``config.is_sparse_layer`` names."""
 
     def __init__(self, config: Qwen3Config, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = Attention(config, layer_idx)
-        self.mlp = MLP(config)
+        self.mlp: nn.Module
+        if config.is_sparse_layer(layer_idx):
+            from qwen3.moe import SparseMoeBlock  # qwen3.moe builds its experts from MLP
+
+            self.mlp = SparseMoeBlock(config)
+        else:
+            self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # Set by Qwen3.set_activation_checkpointing (a training choice, not part of the config).

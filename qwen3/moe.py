@@ -1,0 +1,138 @@
+"""The sparse mixture-of-experts block of Qwen3-MoE and its load-balancing loss.
+
+Same maths and parameter names as transformers' ``Qwen3MoeSparseMoeBlock``: a router
+(``gate``, no bias) gives a softmax over the experts, each token goes to its top-k of them
+(weights renormalised to sum to 1 when ``norm_topk_prob``), and each expert is a SwiGLU MLP.
+The experts are kept as separate modules (``experts.{i}.gate_proj`` ...), the layout of the
+released checkpoints, so a checkpoint is a Hugging Face directory as it stands and Muon
+orthogonalises each expert's matrices on their own.
+
+Dispatch goes by expert: the routed (token, expert) pairs are sorted by expert once, each expert
+runs once on its contiguous group, and the results are un-sorted and mixed by the routing
+weights. No expert ever sees a token not routed to it. Shapes: N tokens, k experts per token,
+E experts, C hidden size, F expert width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen3.config import Qwen3Config
+from qwen3.layers import MLP
+
+
+def _grouped_mm_usable(x: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` (private in torch 2.13, CUDA only) can run on ``x``: the
+    one grouped kernel torch has; on CPU it refuses its inputs, so the loop over experts stays."""
+    return (
+        x.is_cuda
+        and hasattr(torch, "_grouped_mm")
+        and x.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    )
+
+
+def grouped_swiglu(
+    xs: torch.Tensor,  # (N*k, C) routed rows, sorted by expert
+    counts: torch.Tensor,  # (E,) rows per expert
+    experts: Iterable[MLP],
+) -> torch.Tensor:
+    """Every expert's SwiGLU on its rows as three grouped matmuls (``torch._grouped_mm``), equal to
+    the loop in :meth:`SparseMoeBlock.forward` to bf16 rounding. The per-expert weights are
+    stacked on each call: the parameters stay one matrix per expert (HF names, Muon)."""
+    mlps = list(experts)
+    offs = counts.cumsum(0).to(torch.int32)
+    gate = torch.stack([m.gate_proj.weight for m in mlps])  # (E, F, C)
+    up = torch.stack([m.up_proj.weight for m in mlps])
+    down = torch.stack([m.down_proj.weight for m in mlps])  # (E, C, F)
+    mm = torch._grouped_mm
+    h = F.silu(mm(xs, gate.transpose(1, 2), offs=offs)) * mm(xs, up.transpose(1, 2), offs=offs)
+    return mm(h, down.transpose(1, 2), offs=offs)
+
+
+class SparseMoeBlock(nn.Module):
+    """Router + experts, with transformers' ``Qwen3MoeSparseMoeBlock`` parameter names.
+
+    In a forward with gradients on (training), the router logits are kept in
+    ``router_logits`` until :func:`pop_router_logits` takes them for the auxiliary loss.
+    """
+
+    def __init__(self, config: Qwen3Config) -> None:
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(
+            MLP(config, config.moe_intermediate_size) for _ in range(config.num_experts)
+        )
+        self.router_logits: torch.Tensor | None = None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router logits (N, E), top-k weights (N, k) in x's dtype and expert ids (N, k)."""
+        logits = self.gate(x)
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, weights.to(x.dtype), ids
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C)
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # (N, C)
+        logits, weights, ids = self.route(flat)
+        if torch.is_grad_enabled():
+            self.router_logits = logits
+        n, k = ids.shape
+        order = ids.reshape(-1).argsort(stable=True)  # (N*k,) pairs grouped by expert
+        counts = torch.bincount(ids.reshape(-1), minlength=self.num_experts)
+        xs = flat[order // k]  # (N*k, C)
+        if _grouped_mm_usable(xs):
+            ys = grouped_swiglu(xs, counts, self.experts)  # type: ignore[arg-type]
+        else:
+            # Every expert is called, even on no rows: its gradient is then zero, not missing,
+            # which DDP and FSDP need from every rank.
+            groups = torch.split(xs, counts.tolist())
+            ys = torch.cat([expert(g) for expert, g in zip(self.experts, groups, strict=True)])
+        # Back to (token, slot) order, then each token's k outputs mixed by its weights.
+        unsorted = torch.empty_like(ys).index_copy_(0, order, ys).view(n, k, -1)
+        out = torch.bmm(weights.unsqueeze(1), unsorted).squeeze(1)  # (N, C)
+        return out.view(shape)
+
+
+def pop_router_logits(model: nn.Module) -> list[torch.Tensor]:
+    """The router logits each sparse block of ``model`` kept in its last forward with gradients
+    on, in layer order; the blocks forget them. Empty for a dense model."""
+    out = []
+    for module in model.modules():
+        if isinstance(module, SparseMoeBlock) and module.router_logits is not None:
+            out.append(module.router_logits)
+            module.router_logits = None
+    return out
+
+
+def load_balancing_loss(
+    router_logits: list[torch.Tensor], num_experts: int, top_k: int
+) -> torch.Tensor:
+    """transformers' ``load_balancing_loss_func`` (Switch Transformer, eqs. 4-6) without a padding
+    mask: E * sum_e f_e * P_e, where f_e is expert e's share of the top-k assignments and P_e its
+    mean router probability, both over the tokens of every layer together."""
+    probs = torch.cat([F.softmax(g.float(), dim=-1) for g in router_logits])  # (L*N, E)
+    _, selected = torch.topk(probs, top_k, dim=-1)
+    counts = torch.bincount(selected.reshape(-1), minlength=num_experts).float()
+    tokens_per_expert = counts / probs.shape[0]
+    return num_experts * torch.sum(tokens_per_expert * probs.mean(dim=0))
+
+
+def expert_load(router_logits: list[torch.Tensor], num_experts: int, top_k: int) -> torch.Tensor:
+    """The largest expert's share of a layer's routed tokens, averaged over the layers: 1/E when
+    perfectly balanced, 1/k (k experts per token) when every token picks the same experts."""
+    shares = []
+    for g in router_logits:
+        ids = torch.topk(g.detach(), top_k, dim=-1).indices.reshape(-1)
+        shares.append(torch.bincount(ids, minlength=num_experts).max() / ids.numel())
+    return torch.stack(shares).mean()

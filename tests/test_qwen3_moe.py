@@ -1,0 +1,264 @@
+"""Qwen3-MoE: config fields and presets, parity with transformers' Qwen3MoeForCausalLM both ways
+(logits, loss, auxiliary loss), dispatch by expert, generation with the KV cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qwen3 import KVCache, Qwen3, Qwen3Config, Sampling, generate
+from qwen3.moe import SparseMoeBlock, expert_load, load_balancing_loss, pop_router_logits
+
+transformers = pytest.importorskip("transformers")
+
+BASE = dict(
+    vocab_size=211,
+    hidden_size=64,
+    intermediate_size=112,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=128,
+)
+CONFIGS = {
+    "e4-top1-norm-tied": dict(
+        num_experts=4, num_experts_per_tok=1, moe_intermediate_size=32, norm_topk_prob=True
+    ),
+    "e6-top2-raw-dense1-untied": dict(
+        num_experts=6,
+        num_experts_per_tok=2,
+        moe_intermediate_size=40,
+        norm_topk_prob=False,
+        mlp_only_layers=[1],
+        tie_word_embeddings=False,
+    ),
+    "e8-top3-norm-step2-untied": dict(
+        num_experts=8,
+        num_experts_per_tok=3,
+        moe_intermediate_size=24,
+        norm_topk_prob=True,
+        decoder_sparse_step=2,
+        tie_word_embeddings=False,
+    ),
+}
+
+
+def _randomise(module: torch.nn.Module) -> None:
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.3 + (1.0 if p.dim() == 1 else 0.0))
+
+
+def _theirs(name: str) -> transformers.Qwen3MoeForCausalLM:
+    cfg = {**BASE, "tie_word_embeddings": True, **CONFIGS[name]}
+    model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**cfg)).eval()
+    _randomise(model)
+    return model
+
+
+# ---- config -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "count"),
+    [
+        ("qwen3-30b-a3b", 30_532_122_624),
+        # 36 k expert matrices: ~20 s to build even on meta.
+        pytest.param("qwen3-235b-a22b", 235_093_634_560, marks=pytest.mark.slow),
+    ],
+)
+def test_moe_presets_match_released_parameter_counts(name: str, count: int) -> None:
+    with torch.device("meta"):
+        model = Qwen3(Qwen3Config.from_preset(name))
+    assert model.num_params() == count
+
+
+def test_tiny_moe_is_tiny_in_active_parameters() -> None:
+    tiny = Qwen3(Qwen3Config.from_preset("tiny"))
+    moe = Qwen3(Qwen3Config.from_preset("tiny-moe"))
+    c = moe.config
+    experts = sum(p.numel() for n, p in moe.named_parameters() if ".experts." in n)
+    active = moe.num_params() - experts * (1 - c.num_experts_per_tok / c.num_experts)
+    assert abs(active - tiny.num_params()) / tiny.num_params() < 0.01
+    assert moe.num_params() > 1.5 * tiny.num_params()
+    # MFU counts the active matmuls only: tiny-moe costs tiny's FLOPs plus its routers'.
+    router_flops = 6 * c.num_hidden_layers * c.num_experts * c.hidden_size
+    assert moe.estimate_flops(256) == pytest.approx(tiny.estimate_flops(256) + router_flops)
+
+
+def test_sparse_layers_follow_transformers_rule() -> None:
+    for extra in (
+        dict(num_experts=4, decoder_sparse_step=2, mlp_only_layers=[3]),
+        dict(num_experts=4, decoder_sparse_step=1, mlp_only_layers=[0, 4]),
+        dict(num_experts=4, decoder_sparse_step=3),
+    ):
+        cfg = dict(BASE, num_hidden_layers=6, moe_intermediate_size=8, **extra)
+        ours = Qwen3(Qwen3Config(**cfg))
+        theirs = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**cfg))
+        for mine, ref in zip(ours.model.layers, theirs.model.layers, strict=True):
+            assert isinstance(mine.mlp, SparseMoeBlock) == (
+                type(ref.mlp).__name__ == "Qwen3MoeSparseMoeBlock"
+            )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (dict(num_experts=4, num_experts_per_tok=5), "num_experts_per_tok=5 exceeds num_experts=4"),
+        (
+            dict(num_experts=4, moe_intermediate_size=0),
+            "moe_intermediate_size=0: must be a positive",
+        ),
+        (dict(num_experts=4, decoder_sparse_step=0), "decoder_sparse_step=0"),
+        (dict(num_experts=-1), "num_experts=-1"),
+        (dict(num_experts=4, mlp_only_layers=[3]), "mlp_only_layers has 3"),
+        (dict(num_experts=4, router_aux_loss_coef=-1.0), "router_aux_loss_coef=-1.0"),
+    ],
+)
+def test_invalid_moe_configs_get_one_line(overrides: dict, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle) as err:
+        Qwen3Config(**dict(BASE, **overrides))
+    assert "\n" not in str(err.value)
+
+
+def test_qwen3_moe_config_json_round_trip(tmp_path) -> None:
+    cfg = Qwen3Config.from_preset("qwen3-30b-a3b")
+    d = cfg.to_dict()
+    assert d["model_type"] == "qwen3_moe" and d["architectures"] == ["Qwen3MoeForCausalLM"]
+    assert Qwen3Config.from_dict(json.loads(json.dumps(d))) == cfg
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert type(theirs).__name__ == "Qwen3MoeConfig"
+    assert theirs.num_experts == 128 and theirs.norm_topk_prob is True
+    # A dense config keeps writing Qwen3ForCausalLM, without the MoE keys.
+    dense = Qwen3Config.from_preset("tiny").to_dict()
+    assert dense["model_type"] == "qwen3" and "num_experts" not in dense
+    # A qwen3_moe config.json that leaves keys out gets transformers' defaults.
+    short = {k: v for k, v in d.items() if k not in ("norm_topk_prob", "decoder_sparse_step")}
+    loaded = Qwen3Config.from_dict(short)
+    assert loaded.norm_topk_prob is False and loaded.decoder_sparse_step == 1
+
+
+# ---- parity with transformers -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_theirs_loaded_into_ours_gives_the_same_logits(name: str, tmp_path) -> None:
+    theirs = _theirs(name)
+    theirs.save_pretrained(tmp_path, max_shard_size="100KB")  # sharded, as the releases are
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    ours = Qwen3.from_pretrained(tmp_path)
+    x = torch.randint(0, BASE["vocab_size"], (2, 40))
+    with torch.no_grad():
+        assert (ours(x) - theirs(x).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_ours_saved_and_loaded_by_theirs_gives_the_same_logits(name: str, tmp_path) -> None:
+    ours = Qwen3(Qwen3Config(**dict(BASE, **CONFIGS[name]))).eval()
+    _randomise(ours)
+    ours.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    i = next(i for i in range(BASE["num_hidden_layers"]) if ours.config.is_sparse_layer(i))
+    assert f"model.layers.{i}.mlp.experts.0.gate_proj.weight" in saved  # the released layout
+    assert f"model.layers.{i}.mlp.gate.weight" in saved
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(theirs).__name__ == "Qwen3MoeForCausalLM"
+    x = torch.randint(0, BASE["vocab_size"], (3, 33))
+    with torch.no_grad():
+        assert (ours(x) - theirs(x).logits).abs().max().item() <= 1e-4
+
+
+def test_loss_and_aux_loss_equal_transformers(tmp_path) -> None:
+    theirs = _theirs("e6-top2-raw-dense1-untied").train()
+    theirs.save_pretrained(tmp_path)
+    ours = Qwen3.from_pretrained(tmp_path).train()
+    x = torch.randint(0, BASE["vocab_size"], (2, 24))
+    # transformers predicts labels[t + 1] at t; our targets are already shifted.
+    y = torch.cat([x[:, 1:], torch.full((2, 1), -100)], dim=1)
+    loss = ours(x, targets=y)
+    logits = pop_router_logits(ours)
+    assert len(logits) == 2  # layers 0 and 2; layer 1 is dense
+    aux = load_balancing_loss(logits, num_experts=6, top_k=2)
+    ref = theirs(x, labels=x, output_router_logits=True)
+    assert aux.item() == pytest.approx(ref.aux_loss.item(), rel=1e-5)
+    coef = theirs.config.router_aux_loss_coef
+    assert (loss + coef * aux).item() == pytest.approx(ref.loss.item(), rel=1e-5)
+    assert pop_router_logits(ours) == []  # taken once
+
+
+def test_gradients_equal_transformers(tmp_path) -> None:
+    theirs = _theirs("e8-top3-norm-step2-untied").train()
+    theirs.save_pretrained(tmp_path)
+    ours = Qwen3.from_pretrained(tmp_path).train()
+    x = torch.randint(0, BASE["vocab_size"], (2, 20))
+    y = torch.cat([x[:, 1:], torch.full((2, 1), -100)], dim=1)
+    (ours(x, targets=y) + 0.001 * load_balancing_loss(pop_router_logits(ours), 8, 3)).backward()
+    theirs(x, labels=x, output_router_logits=True).loss.backward()
+    mine = dict(ours.named_parameters())
+    layer = "model.layers.1.mlp"
+    assert torch.allclose(
+        mine[f"{layer}.gate.weight"].grad,
+        theirs.get_parameter(f"{layer}.gate.weight").grad,
+        atol=1e-5,
+    )
+    up = theirs.get_parameter(f"{layer}.experts.gate_up_proj").grad  # (E, 2F, C)
+    for e in range(8):
+        gate_up = torch.cat(
+            [mine[f"{layer}.experts.{e}.{n}_proj.weight"].grad for n in ("gate", "up")]
+        )
+        assert torch.allclose(gate_up, up[e], atol=1e-5)
+
+
+# ---- the block itself ---------------------------------------------------------------------------
+
+
+def test_each_expert_runs_once_on_its_tokens_only() -> None:
+    cfg = Qwen3Config(**dict(BASE, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16))
+    block = SparseMoeBlock(cfg)
+    seen: dict[int, int] = {}
+    for i, expert in enumerate(block.experts):
+        expert.register_forward_hook(
+            lambda m, args, out, i=i: seen.__setitem__(i, seen.get(i, 0) + args[0].shape[0])
+        )
+    x = torch.randn(3, 10, BASE["hidden_size"])
+    block(x)
+    _, _, ids = block.route(x.reshape(-1, BASE["hidden_size"]))
+    assert seen == {e: int((ids == e).sum()) for e in range(8)}  # one call each, its rows only
+    assert sum(seen.values()) == 30 * 2
+
+
+def test_expert_load_reads_balance() -> None:
+    n, e = 64, 4
+    balanced = torch.eye(e).repeat(n // e, 1)  # each token prefers a different expert in turn
+    collapsed = torch.zeros(n, e)
+    collapsed[:, 0] = 5.0
+    assert expert_load([balanced], e, 1).item() == pytest.approx(1 / e)
+    assert expert_load([collapsed, balanced], e, 1).item() == pytest.approx((1 + 1 / e) / 2)
+
+
+def test_generation_with_cache_equals_full_recompute() -> None:
+    """Padded prompts of different lengths, then a continuation through the same cache: every
+    token as greedy decoding without a cache picks it."""
+    torch.manual_seed(0)
+    model = Qwen3(Qwen3Config(**dict(BASE, **CONFIGS["e6-top2-raw-dense1-untied"]))).eval()
+    prompts = [[5, 17, 33, 2, 9, 41, 7], [101, 3]]
+    greedy = Sampling(max_new_tokens=6, temperature=0.0)
+    cache = KVCache(model.config, batch_size=2, max_len=40)
+    first = generate(model, prompts, greedy, cache=cache)
+    more = generate(model, [[12], [13, 14]], greedy, cache=cache)
+    for row, prompt in enumerate(prompts):
+        seq = list(prompt)
+        with torch.no_grad():
+            for added in (first[row], [[12], [13, 14]][row], more[row]):
+                for token in added:
+                    if added is not first[row] and added is not more[row]:
+                        seq.append(token)
+                        continue
+                    assert model(torch.tensor([seq]))[0, -1].argmax().item() == token
+                    seq.append(token)
