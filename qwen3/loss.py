@@ -77,6 +77,36 @@ def _loss_and_grads(
     return total / count, grad_h, grad_w.to(weight.dtype) if grad_w is not None else None
 
 
+@torch.no_grad()
+def linear_cross_entropy_stats(
+    hidden: torch.Tensor,  # (..., C)
+    weight: torch.Tensor,  # (V, C)
+    targets: torch.Tensor,  # (...,) int64
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Per position, float32 ``(..., 2)``: the cross-entropy of ``hidden @ weight.T`` against
+    ``targets`` and 1.0 where the argmax is the target (0.0 otherwise); for evaluation.
+
+    The same chunks as :func:`linear_cross_entropy` (logits in the autocast dtype, then float32),
+    so no (N, V) tensor exists: at Qwen's vocabulary 8 x 4096 positions would be 20 GB."""
+    shape = targets.shape
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1)
+    if chunk_rows is None:
+        chunk_rows = default_chunk_rows(weight.shape[0], hidden.device)
+    cdt = _compute_dtype(hidden)
+    out = torch.empty(hidden.shape[0], 2, dtype=torch.float32, device=hidden.device)
+    with torch.autocast(hidden.device.type, enabled=False):
+        w = weight.to(cdt)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            tgt = targets[rows, None]  # (n, 1)
+            logp = torch.log_softmax((hidden[rows].to(cdt) @ w.t()).float(), dim=-1)  # (n, V)
+            out[rows, 0] = -logp.gather(1, tgt).squeeze(1)
+            out[rows, 1] = logp.argmax(-1) == targets[rows]
+    return out.view(*shape, 2)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(

@@ -12,7 +12,7 @@ from qwen3.cache import KVCache
 from qwen3.checkpointing import MODES, ActivationCheckpointing
 from qwen3.config import Qwen3Config
 from qwen3.layers import DecoderLayer, RMSNorm, RotaryEmbedding
-from qwen3.loss import linear_cross_entropy
+from qwen3.loss import linear_cross_entropy, linear_cross_entropy_stats
 
 
 class Qwen3Backbone(nn.Module):
@@ -110,8 +110,13 @@ class Qwen3(nn.Module):
         cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,  # (B, T), with a cache: 0 marks left padding
         logits_to_keep: int = 0,
+        token_stats: bool = False,
     ) -> torch.Tensor:
         """Logits (B, T, V), or with ``targets`` the mean next-token cross-entropy (a scalar).
+
+        ``token_stats=True`` (with ``targets``, for evaluation) returns (B, T, 2) float32 instead:
+        each position's cross-entropy and 1.0 where the argmax is its target, computed chunk by
+        chunk like the loss (``qwen3.loss.linear_cross_entropy_stats``), never as (B, T, V) logits.
 
         With a ``cache`` the new tokens are appended to it (their keys/values stored, positions
         continuing each row's own count) and the cache remembers the last logits.
@@ -119,6 +124,8 @@ class Qwen3(nn.Module):
         (B, n, V), so a prefill does not pay for the LM head over the whole prompt; 0 keeps all.
         """
         hidden = self.model(input_ids, cache, attention_mask)  # (B, T, C)
+        if targets is not None and token_stats:
+            return linear_cross_entropy_stats(hidden, self.lm_head.weight, targets)
         if targets is not None:
             # Fused head + loss: the (B*T, V) logits and their gradient are never materialised.
             return linear_cross_entropy(hidden, self.lm_head.weight, targets, ignore_index=-100)

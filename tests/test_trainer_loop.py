@@ -205,9 +205,9 @@ def test_each_rank_evaluates_its_share_of_the_val_batches(monkeypatch) -> None:
             super().__init__()
             self.inner, self.calls = model, 0
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def forward(self, x: torch.Tensor, **kwargs: object) -> torch.Tensor:
             self.calls += 1
-            return self.inner(x)
+            return self.inner(x, **kwargs)
 
     counting = Counting()
     sums: list[list[float]] = []

@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from data import val_batches
@@ -40,25 +39,29 @@ def evaluate(
     """
     was_training = model.training
     model.eval()
-    # floats: they are summed across ranks as float64
-    loss_sum, correct, count, nbytes = 0.0, 0.0, 0.0, 0.0
     rank, world_size = group_rank_world()
     batches = list(val_batches(val_tokens, batch_size, seq_len, num_batches))
     mine = batches[rank::world_size]
     rounds = -(-len(batches) // world_size)  # forwards per rank: the most any rank has
+    # loss, correct, count, bytes: summed on the device and read once at the end (one sync)
+    # float64 keeps counts exact; MPS has no float64
+    sums = torch.zeros(
+        4, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device
+    )
     for i in range(rounds):
         x, y = mine[i] if i < len(mine) else batches[0]
-        logits = _logits(model, x.to(device), precision)
+        x, y = x.to(device), y.to(device)
+        with precision.autocast():
+            # (B, T, 2): each position's loss and hit, from the chunked head (no (B*T, V) logits)
+            stats: torch.Tensor = model(x, targets=y, token_stats=True)
         if i >= len(mine):
             continue  # only keeps this rank in step with the others
-        targets = y.to(device).flatten()
-        loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
-        correct += (logits.argmax(-1) == targets).sum().item()
-        count += targets.numel()
+        sums[:2] += stats.flatten(0, 1).to(sums.dtype).sum(0)
+        sums[2] += y.numel()
         if token_bytes is not None:
-            nbytes += token_bytes[targets].sum().item()
+            sums[3] += token_bytes[y].sum()
     model.train(was_training)
-    loss_sum, correct, count, nbytes = sum_across_ranks([loss_sum, correct, count, nbytes])
+    loss_sum, correct, count, nbytes = sum_across_ranks(sums.tolist())
     if count == 0:
         raise ValueError("the validation split is too short for one batch; lower trainer.seq_len")
     loss = loss_sum / count
@@ -70,10 +73,3 @@ def evaluate(
     if nbytes:  # no table, or windows of special tokens alone: no text to measure against
         metrics["val_bpb"] = loss_sum / math.log(2) / nbytes
     return metrics
-
-
-def _logits(model: nn.Module, x: torch.Tensor, precision: Precision) -> torch.Tensor:
-    """(B * T, V) float32 logits."""
-    with precision.autocast():
-        logits: torch.Tensor = model(x)  # (B, T, V)
-    return logits.float().flatten(0, 1)
