@@ -36,14 +36,18 @@ def load_pretrained(
     path: str | Path,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    config: Qwen3Config | None = None,
 ) -> Qwen3:
-    """Build a :class:`Qwen3` from a Hugging Face directory, validating every tensor's name and shape."""
+    """Build a :class:`Qwen3` from a Hugging Face directory, validating every tensor's name and
+    shape. ``config``: build this config instead of the directory's ``config.json`` (e.g. with
+    another ``rope_theta`` for continued pretraining); its shapes must fit the weights."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(
             f"{path} is not a directory: expected a Hugging Face Qwen3 model directory."
         )
-    config = Qwen3Config.from_json_file(path / "config.json")
+    if config is None:
+        config = Qwen3Config.from_json_file(path / "config.json")
     with torch.device("meta"):
         model = Qwen3(config)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}

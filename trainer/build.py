@@ -21,6 +21,7 @@ from data import BatchSampler, PreparedData, prepare_data, wait_for_data
 from data.errors import DataError
 from optim import OptimizerSet, build_optimizers
 from qwen3 import Qwen3, Qwen3Config, pick_device
+from qwen3.hf import load_pretrained
 from trainer.config import RunConfig
 from trainer.distributed import DistInfo, from_main, wrap_model
 from trainer.errors import ConfigError
@@ -111,6 +112,17 @@ def prepare_run_data(cfg: RunConfig, dist: DistInfo) -> PreparedData:
     return data
 
 
+def initial_model(cfg: RunConfig, model_cfg: Qwen3Config, device: torch.device) -> Qwen3:
+    """A freshly initialised model, or with ``init_from`` the pretrained directory's weights in
+    float32 (the optimizer still starts fresh: that is what sets it apart from ``resume``)."""
+    if not cfg.init_from:
+        return Qwen3(model_cfg).to(device)
+    try:
+        return load_pretrained(cfg.init_from, device=device, dtype=torch.float32, config=model_cfg)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"init_from={cfg.init_from!r}: {e}") from None
+
+
 def build_parts(
     cfg: RunConfig, dist: DistInfo, device: torch.device, precision: Precision
 ) -> RunParts:
@@ -122,14 +134,15 @@ def build_parts(
             f"trainer.seq_len={tcfg.seq_len} is longer than the whole validation split "
             f"({len(data.val)} tokens); lower trainer.seq_len or hold out more text"
         )
-    model_cfg = model_config_for(cfg.model, data)
+    # init_from: the pretrained directory's config (its vocabulary and special ids) as it is
+    model_cfg = cfg.model if cfg.init_from else model_config_for(cfg.model, data)
     if tcfg.seq_len > model_cfg.max_position_embeddings:
         raise ConfigError(
             f"trainer.seq_len={tcfg.seq_len} exceeds model.max_position_embeddings="
             f"{model_cfg.max_position_embeddings}; lower one or raise the other"
         )
     seed_everything(cfg.seed)
-    model = Qwen3(model_cfg).to(device)
+    model = initial_model(cfg, model_cfg, device)
     model.train()
     forward = wrap_model(
         model, dist, device, tcfg.fsdp, tcfg.compile, tcfg.activation_checkpointing

@@ -16,8 +16,10 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
@@ -25,7 +27,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from data import DataConfig
 from optim import OptimConfig, fit_warmup
-from qwen3 import PRESETS, Qwen3Config
+from qwen3 import PRESETS, Qwen3, Qwen3Config
 from qwen3.generate import Sampling
 from trainer.errors import ConfigError
 
@@ -315,7 +317,7 @@ class EvalCliConfig:
             )
 
 
-TOP_LEVEL_KEYS = ("run_name", "out_dir", "seed", "resume")
+TOP_LEVEL_KEYS = ("run_name", "out_dir", "seed", "resume", "init_from")
 SECTIONS = ("model", "data", "optim", "trainer", "sample", "wandb")
 
 
@@ -335,6 +337,8 @@ class RunConfig:
     sample: SampleConfig
     wandb: WandbConfig
     notes: list[str] = field(default_factory=list)
+    # A Hugging Face Qwen3 directory whose weights and tokenizer training starts from.
+    init_from: str | None = None
 
 
 # The settable Qwen3Config fields (``extra`` only carries a config.json's unknown keys through).
@@ -367,6 +371,67 @@ def build_model_config(section: dict[str, Any]) -> Qwen3Config:
     merged = {name: getattr(base, name) for name in MODEL_FIELDS}
     merged.update((k, v) for k, v in values.items() if v is not None)
     return build_dataclass(Qwen3Config, merged, "model", skip=())
+
+
+def _weight_shapes(cfg: Qwen3Config) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):  # no memory, whatever the size
+        model = Qwen3(cfg)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    return {**shapes, "tied": (int(cfg.tie_word_embeddings),)}
+
+
+def pretrained_model_config(path: str, section: dict[str, Any]) -> Qwen3Config:
+    """The model config of ``init_from=PATH``: its ``config.json``, with the ``model`` section's
+    set fields applied over it when they leave the weights' shapes alone (``rope_theta``,
+    ``max_position_embeddings``, ...); a different shape is a :class:`ConfigError`. The preset
+    is not used: the directory defines the model."""
+    where = Path(path).expanduser()
+    if not where.is_dir():
+        raise ConfigError(
+            f"init_from={path!r} is not a directory; point it at a Hugging Face Qwen3 model "
+            "directory (config.json, safetensors, tokenizer.json)"
+        )
+    try:
+        base = Qwen3Config.from_json_file(where / "config.json")
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"init_from={path!r}: {e}") from None
+    unknown = sorted(set(section) - set(MODEL_FIELDS) - {"preset"})
+    if unknown:
+        raise ConfigError(unknown_key_message(f"model.{unknown[0]}", MODEL_FIELDS))
+    fields = {name: getattr(base, name) for name in MODEL_FIELDS}
+    overrides = {
+        k: v for k, v in section.items() if k != "preset" and v is not None and v != fields[k]
+    }
+    shapes = _weight_shapes(base)
+    for name, value in overrides.items():
+        one = build_dataclass(Qwen3Config, {**fields, name: value}, "model", skip=())
+        if _weight_shapes(one) != shapes:
+            raise ConfigError(
+                f"model.{name}={value!r} conflicts with init_from={path!r}, whose config.json "
+                f"says {fields[name]!r}: the weights fix the model's shape; drop the override"
+            )
+    built = build_dataclass(Qwen3Config, {**fields, **overrides}, "model", skip=())
+    return dataclasses.replace(built, extra=base.extra)
+
+
+def pretrained_data_config(path: str, data: DataConfig) -> DataConfig:
+    """The data section of an ``init_from`` run: it tokenizes with the directory's tokenizer."""
+    if data.tokenizer and Path(data.tokenizer).expanduser() != Path(path).expanduser():
+        raise ConfigError(
+            f"data.tokenizer={data.tokenizer!r} conflicts with init_from={path!r}: the "
+            "pretrained model's own tokenizer is used; drop data.tokenizer"
+        )
+    if data.vocab_size is not None:
+        raise ConfigError(
+            f"data.vocab_size={data.vocab_size} conflicts with init_from={path!r}: its tokenizer "
+            "is used as is, nothing is trained; drop data.vocab_size"
+        )
+    if not (Path(path).expanduser() / "tokenizer.json").is_file():
+        raise ConfigError(
+            f"init_from={path!r} has no tokenizer.json; a model directory for continued "
+            "pretraining needs its tokenizer (save it with the model)"
+        )
+    return dataclasses.replace(data, tokenizer=path)
 
 
 def run_record(data: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
@@ -410,8 +475,15 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
     resume = data.get("resume")
     if resume is not None and not isinstance(resume, str):
         raise ConfigError(f"resume={resume!r} must be null, latest, or a checkpoint path.")
-    model = build_model_config(data.get("model") or {})
+    init_from = data.get("init_from")
+    if init_from is not None and (not isinstance(init_from, str) or not init_from):
+        raise ConfigError(f"init_from={init_from!r} must be null or a model directory path.")
     data_cfg = build_dataclass(DataConfig, data.get("data") or {}, "data")
+    if init_from:
+        model = pretrained_model_config(init_from, data.get("model") or {})
+        data_cfg = pretrained_data_config(init_from, data_cfg)
+    else:
+        model = build_model_config(data.get("model") or {})
     optim = build_dataclass(OptimConfig, data.get("optim") or {}, "optim")
     trainer = build_dataclass(TrainConfig, data.get("trainer") or {}, "trainer")
     optim, note = fit_warmup(optim, trainer.max_steps)
@@ -429,4 +501,5 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
         ),
         wandb=build_dataclass(WandbConfig, data.get("wandb") or {}, "wandb"),
         notes=[note] if note else [],
+        init_from=init_from,
     )

@@ -89,6 +89,8 @@ def run_training(
     n_params = parts.model.num_params()
     if dist.is_main:
         procs = f" x {dist.world_size} processes" if dist.is_distributed else ""
+        if cfg.init_from and resume_dir is None:
+            print(f"initialised from {cfg.init_from} (its weights and tokenizer)")
         print(
             f"run {run_dir}: {n_params / 1e6:.2f} M parameters, {len(parts.data.train):,} train / "
             f"{len(parts.data.val):,} val tokens, device {device}{procs}, precision {precision.name}"
