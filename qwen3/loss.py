@@ -69,11 +69,16 @@ def _loss_and_grads(
             if grad_h is not None:
                 grad_h[rows] = ((g @ w).float() * scale).to(hidden.dtype)
             if grad_w is not None:
-                scaled_h = (h.float() * scale).to(cdt)
-                if cdt == torch.float32:
-                    grad_w.addmm_(g.t(), scaled_h)  # (V, C), accumulated in place
-                else:
-                    grad_w += g.t() @ scaled_h
+                if cdt == torch.float16:
+                    # fp16 has no room for these operands: h/N and the small probabilities fall
+                    # below its normal range long before GradScaler's factor reaches the backward
+                    # pass, so the product is formed in float32 (and scaled by the incoming
+                    # gradient, GradScaler's factor included, in backward).
+                    grad_w.addmm_(probs.t(), h.float() * scale)
+                elif cdt == torch.float32:
+                    grad_w.addmm_(g.t(), h * scale)  # (V, C), accumulated in place
+                else:  # bfloat16 has float32's exponent range
+                    grad_w += g.t() @ (h.float() * scale).to(cdt)
     return total / count, grad_h, grad_w.to(weight.dtype) if grad_w is not None else None
 
 

@@ -38,7 +38,7 @@ def test_grad_accumulation_gives_the_same_gradients_and_update(corpus, tmp_path)
         )
         x, y = t.parts.sampler.batch(0)
         assert x.shape == (16, 32)
-        loss = accumulate_gradients(t.parts.forward, x, y, ga, t.parts.precision)
+        loss = accumulate_gradients(t.parts.forward, x, y, ga, t.parts.precision).item()
         grads = {n: p.grad.clone() for n, p in t.parts.model.named_parameters()}
         t.parts.optimizers.zero_grad()
         res = train_step(t.parts.forward, t.parts.optimizers, x, y, ga, t.parts.precision, 1.0)

@@ -36,6 +36,7 @@ from trainer.distributed import (
 )
 from trainer.evaluation import evaluate
 from trainer.metrics import MetricsLog, WandbLogger, mfu, write_plot
+from trainer.prefetch import BatchPrefetcher
 from trainer.run_layout import BEST, LATEST, prune_checkpoints, set_pointer
 from trainer.step import train_step
 
@@ -95,6 +96,7 @@ class Trainer:
         self.last_saved: int | None = None
         self.train_seconds = 0.0
         self.window = {"seconds": 0.0, "tokens": 0}
+        self.batches = BatchPrefetcher(parts.sampler, parts.device)
 
     # ---- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -217,9 +219,10 @@ class Trainer:
         """Run step ``self.step + 1`` and account for it (or stop if training diverged)."""
         t, p = self.cfg.trainer, self.parts
         t0 = time.perf_counter()
-        x, y = p.sampler.batch(self.step)
-        x, y = x.to(p.device, non_blocking=True), y.to(p.device, non_blocking=True)
-        res = train_step(p.forward, p.optimizers, x, y, t.grad_accum, p.precision, t.clip)
+        x, y = self.batches.get(self.step)  # sampler.batch(self.step), usually already copied
+        ahead = self.step + 1
+        prefetch = (lambda: self.batches.prefetch(ahead)) if ahead < t.max_steps else None
+        res = train_step(p.forward, p.optimizers, x, y, t.grad_accum, p.precision, t.clip, prefetch)
         dt = time.perf_counter() - t0
         self.step += 1
         self.train_seconds += dt
@@ -231,8 +234,10 @@ class Trainer:
             self.accum["grad_norm_sum"] += res.grad_norm
             self.accum["steps"] += 1
             return
-        self.bad_in_row += 1
         self.accum["skipped"] += 1
+        if res.overflow:  # GradScaler lowered its scale: routine under fp16, not divergence
+            return
+        self.bad_in_row += 1
         if self.dist.is_main:
             tqdm.write(
                 f"step {self.step}: non-finite loss/gradient (loss {res.loss}, "

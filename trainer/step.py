@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,11 +17,14 @@ from trainer.distributed import gradient_sync, mean_across_ranks
 
 @dataclass
 class StepResult:
-    """What one optimizer step did. ``skipped``: no update (non-finite loss or gradient)."""
+    """What one optimizer step did. ``skipped``: no update (non-finite loss or gradient);
+    ``overflow``: of those, a step GradScaler dropped as its scale overflowed fp16 (expected
+    now and then while the scale settles, so not a sign of divergence)."""
 
-    loss: float  # mean over the micro-batches
+    loss: float  # mean over the micro-batches (and ranks)
     grad_norm: float  # global norm before clipping
     skipped: bool
+    overflow: bool = False
 
 
 def accumulate_gradients(
@@ -29,8 +33,9 @@ def accumulate_gradients(
     y: torch.Tensor,  # (grad_accum * B, T)
     grad_accum: int,
     precision: Precision,
-) -> float:
-    """Forward/backward ``grad_accum`` equal slices of (x, y); returns the mean loss.
+) -> torch.Tensor:
+    """Forward/backward ``grad_accum`` equal slices of (x, y); returns the mean loss, a 0-dim
+    float32 tensor left on the device (reading it would wait for the backward pass).
 
     Each slice's mean loss is divided by ``grad_accum``, so the summed gradient equals that of
     the whole batch in one pass (to float rounding).
@@ -46,18 +51,19 @@ def accumulate_gradients(
             scaled = loss / grad_accum
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += loss.detach()
-    return (loss_sum / grad_accum).item()
+    return loss_sum / grad_accum
 
 
-def clip_gradients(params: list[nn.Parameter], clip: float) -> float:
-    """Scale gradients down to global norm ``clip`` (0: no clipping); returns the norm before.
+def clip_gradients(params: list[nn.Parameter], clip: float) -> torch.Tensor:
+    """Scale gradients down to global norm ``clip`` (0: no clipping); returns the norm before,
+    a 0-dim tensor on the gradients' device (no host sync).
 
     Under FSDP the gradients are shards (DTensors): their norm is reduced over all ranks."""
     total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     if isinstance(total, DTensor):
         total = total.full_tensor()
     torch.nn.utils.clip_grads_with_norm_(params, clip if clip > 0 else math.inf, total)
-    return float(total)
+    return total
 
 
 def train_step(
@@ -68,23 +74,34 @@ def train_step(
     grad_accum: int,
     precision: Precision,
     clip: float,
+    prefetch: Callable[[], object] | None = None,
 ) -> StepResult:
     """Accumulate gradients over ``grad_accum`` micro-batches, clip by global norm, step.
 
-    A non-finite loss or gradient skips the update (with fp16 the GradScaler handles non-finite
-    gradients itself, as loss scaling expects them now and then).
+    A non-finite loss or gradient skips the update. The host waits for the device once per step:
+    loss, norm and their finiteness come back together. ``prefetch`` runs after the step's work
+    is queued and before that wait, so the next batch's host work (memmap read, pinned copy)
+    overlaps this step on an accelerator. With fp16, GradScaler unscales the gradients before
+    clipping; a gradient that overflowed fp16 skips the step and lowers the scale.
     """
     scaler = precision.scaler
-    mean_loss = mean_across_ranks(accumulate_gradients(model, x, y, grad_accum, precision))
+    loss = accumulate_gradients(model, x, y, grad_accum, precision)
     if scaler is not None:
         for opt in optimizers.optimizers:
             scaler.unscale_(opt)
     params = [p for p in model.parameters() if p.grad is not None]
-    grad_norm = clip_gradients(params, clip)
-    bad = not math.isfinite(mean_loss) or (scaler is None and not math.isfinite(grad_norm))
+    norm = clip_gradients(params, clip).to(loss.device, torch.float32)
+    if prefetch is not None:
+        prefetch()
+    # The one host sync of the step; the finiteness test itself runs on the device.
+    stats = torch.stack([loss, norm, (loss.isfinite() & norm.isfinite()).float()])
+    local_loss, grad_norm, finite = stats.tolist()
+    mean_loss = mean_across_ranks(local_loss)  # host floats; a non-finite rank poisons the mean
+    bad = not (finite and math.isfinite(mean_loss))
     if bad:
-        optimizers.skip(scaler)
+        optimizers.skip(scaler)  # with a scaler: its update() lowers the scale
     else:
         optimizers.step(scaler)
     optimizers.zero_grad()
-    return StepResult(loss=mean_loss, grad_norm=grad_norm, skipped=bad)
+    overflow = bad and scaler is not None and math.isfinite(mean_loss)
+    return StepResult(loss=mean_loss, grad_norm=grad_norm, skipped=bad, overflow=overflow)
