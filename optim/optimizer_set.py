@@ -173,7 +173,7 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, max_steps: int) -> Opti
     """Build the optimizers of ``cfg.name`` for ``model`` and a ``max_steps``-long LR schedule.
 
     muon: Muon for ``split.matrices``; AdamW for embeddings (decayed only if
-    ``cfg.embed_weight_decay``), norms and 1-D parameters (never decayed).
+    ``cfg.embed_weight_decay``), norms, 1-D parameters and MoE routers (never decayed).
     adamw: AdamW for everything, matrices decayed with ``cfg.adamw_weight_decay``.
 
     A warmup too long for the run is shortened (:func:`optim.schedules.fit_warmup`) with a
@@ -188,6 +188,7 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, max_steps: int) -> Opti
     adamw_entries = [
         ("embeddings", split.embeddings, embed_wd),
         ("no_decay", split.no_decay, 0.0),
+        ("routers", split.routers, 0.0),
         ("other", split.other, cfg.adamw_weight_decay),
     ]
     optimizers: dict[str, Optimizer] = {}

@@ -10,13 +10,21 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
+# The router of a mixture-of-experts block, in Hugging Face's Qwen3-MoE names (a dense MLP has no
+# ``gate``, its projection is ``gate_proj``); by name, so wrappers' prefixes and FSDP keep it.
+ROUTER_SUFFIX = "mlp.gate.weight"
+
 
 @dataclass
 class ParamSplit:
     """Trainable parameters of a model, each in exactly one list, as (name, tensor) pairs.
 
     matrices: every other 2-D weight; in Qwen3 exactly the q/k/v/o and gate/up/down
-        projections inside the transformer blocks. Muon's share under name="muon".
+        projections inside the transformer blocks, each expert's own in a mixture of experts
+        (so Muon orthogonalises every expert's matrices separately). Muon's share under name="muon".
+    routers: the router (``mlp.gate``) of each mixture-of-experts block: AdamW, no weight decay.
+        A (E, C) matrix of a handful of rows whose softmax picks the experts; Muon's orthogonal
+        update would give each expert's row the same norm of change whatever its gradient.
     embeddings: token embedding and output head weights (tied or not).
     no_decay: norm weights, biases and every other 1-D (or 0-D) parameter.
     other: parameters of 3 or more dimensions (none in Qwen3); AdamW with weight decay.
@@ -24,6 +32,7 @@ class ParamSplit:
 
     matrices: list[tuple[str, Tensor]] = field(default_factory=list)
     embeddings: list[tuple[str, Tensor]] = field(default_factory=list)
+    routers: list[tuple[str, Tensor]] = field(default_factory=list)
     no_decay: list[tuple[str, Tensor]] = field(default_factory=list)
     other: list[tuple[str, Tensor]] = field(default_factory=list)
 
@@ -58,6 +67,8 @@ def split_parameters(model: nn.Module) -> ParamSplit:
         seen.add(id(param))
         if id(param) in embedding_ids:
             split.embeddings.append((name, param))
+        elif name.endswith(ROUTER_SUFFIX):
+            split.routers.append((name, param))
         elif param.ndim == 2:
             split.matrices.append((name, param))
         elif param.ndim < 2:

@@ -66,6 +66,7 @@ class SparseMoeBlock(nn.Module):
         self.num_experts = config.num_experts
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
+        self.aux_loss_coef = config.router_aux_loss_coef
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = nn.ModuleList(
             MLP(config, config.moe_intermediate_size) for _ in range(config.num_experts)
@@ -113,6 +114,39 @@ def pop_router_logits(model: nn.Module) -> list[torch.Tensor]:
             out.append(module.router_logits)
             module.router_logits = None
     return out
+
+
+class RouterLosses:
+    """The load-balancing loss of each training forward of ``model`` (wrapped or not), and its
+    mean and the experts' load over one optimizer step, for the metrics. A dense model adds 0."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
+        self.block = blocks[0] if blocks else None
+        self.sums: torch.Tensor | None = None  # (aux loss, expert load), summed, detached
+        self.count = 0
+
+    def take(self) -> torch.Tensor | float:
+        """``router_aux_loss_coef`` x the auxiliary loss of the forward just run, to add to its
+        loss before backward (transformers' total loss); 0.0 for a dense model."""
+        logits = pop_router_logits(self.model)
+        if self.block is None or not logits:
+            return 0.0
+        e, k = self.block.num_experts, self.block.top_k
+        aux = load_balancing_loss(logits, e, k)
+        stats = torch.stack([aux.detach(), expert_load(logits, e, k).float()])
+        self.sums = stats if self.sums is None else self.sums + stats
+        self.count += 1
+        return self.block.aux_loss_coef * aux
+
+    def means(self) -> dict[str, float]:
+        """``aux_loss`` and ``expert_load`` averaged over the forwards taken (one host sync);
+        empty for a dense model."""
+        if self.sums is None:
+            return {}
+        aux, load = (self.sums / self.count).tolist()
+        return {"aux_loss": aux, "expert_load": load}
 
 
 def load_balancing_loss(

@@ -199,6 +199,9 @@ class Trainer:
             "mfu": mfu(tps, self.flops_per_token, self.peak),
             "tokens": self.step * self.tokens_per_step,
         }
+        for name in ("aux_loss", "expert_load"):
+            if f"{name}_sum" in a and a["steps"]:
+                row[name] = a[f"{name}_sum"] / a["steps"]
         if a["skipped"]:
             row["skipped_steps"] = a["skipped"]
         self.accum = _empty_accum()
@@ -232,6 +235,8 @@ class Trainer:
             self.bad_in_row = 0
             self.accum["loss_sum"] += res.loss
             self.accum["grad_norm_sum"] += res.grad_norm
+            for name, value in res.router.items():  # a mixture of experts' aux loss and load
+                self.accum[f"{name}_sum"] = self.accum.get(f"{name}_sum", 0.0) + value
             self.accum["steps"] += 1
             return
         self.accum["skipped"] += 1

@@ -151,10 +151,10 @@ def _check_config(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{file} is missing: {path} is not a Qwen3 model directory")
     config = _read_json(file)
     model_type = config.get("model_type") if isinstance(config, dict) else None
-    if model_type != "qwen3":
+    if model_type not in ("qwen3", "qwen3_moe"):
         raise CheckpointError(
             f"{path} is not a Qwen3 model directory: {MODEL_CONFIG} has "
-            f"model_type={model_type!r}, expected 'qwen3'"
+            f"model_type={model_type!r}, expected 'qwen3' or 'qwen3_moe'"
         )
     assert isinstance(config, dict)
     return config

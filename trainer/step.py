@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from optim import OptimizerSet
+from qwen3.moe import RouterLosses
 from trainer.build import Precision
 from trainer.distributed import gradient_sync, mean_across_ranks
 
@@ -24,6 +25,7 @@ class StepResult:
     loss: float  # mean over the micro-batches (and ranks)
     grad_norm: float  # global norm before clipping
     skipped: bool
+    router: dict[str, float] = field(default_factory=dict)  # MoE: aux_loss, expert_load
     overflow: bool = False
 
 
@@ -33,12 +35,14 @@ def accumulate_gradients(
     y: torch.Tensor,  # (grad_accum * B, T)
     grad_accum: int,
     precision: Precision,
+    router: RouterLosses | None = None,
 ) -> torch.Tensor:
     """Forward/backward ``grad_accum`` equal slices of (x, y); returns the mean loss, a 0-dim
     float32 tensor left on the device (reading it would wait for the backward pass).
 
     Each slice's mean loss is divided by ``grad_accum``, so the summed gradient equals that of
-    the whole batch in one pass (to float rounding).
+    the whole batch in one pass (to float rounding). ``router`` adds a mixture of experts'
+    load-balancing loss to each slice's (the returned mean is the language-model loss alone).
     """
     scaler = precision.scaler
     loss_sum = torch.zeros((), device=x.device)
@@ -48,7 +52,7 @@ def accumulate_gradients(
         with gradient_sync(model, enabled=i == grad_accum - 1):
             with precision.autocast():
                 loss = model(xs, targets=ys)
-            scaled = loss / grad_accum
+            scaled = (loss + (router.take() if router is not None else 0.0)) / grad_accum
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += loss.detach()
     return loss_sum / grad_accum
@@ -85,7 +89,8 @@ def train_step(
     clipping; a gradient that overflowed fp16 skips the step and lowers the scale.
     """
     scaler = precision.scaler
-    loss = accumulate_gradients(model, x, y, grad_accum, precision)
+    router = RouterLosses(model)
+    loss = accumulate_gradients(model, x, y, grad_accum, precision, router)
     if scaler is not None:
         for opt in optimizers.optimizers:
             scaler.unscale_(opt)
@@ -104,4 +109,5 @@ def train_step(
         optimizers.step(scaler)
     optimizers.zero_grad()
     overflow = bad and scaler is not None and math.isfinite(mean_loss)
-    return StepResult(loss=mean_loss, grad_norm=grad_norm, skipped=bad, overflow=overflow)
+    moe = {name: mean_across_ranks(v) for name, v in router.means().items()}
+    return StepResult(mean_loss, grad_norm, bad, overflow=overflow, router=moe)
