@@ -50,7 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"
     )
     parser.add_argument(
-        "--dtype", choices=["float32", "bfloat16", "float16"], help="default: as saved"
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="default: bfloat16 on a CUDA GPU that has it, else as saved",
     )
     parser.add_argument(
         "--model-name", help="model id in the API (default: <run>/<step> or the dir name)"

@@ -165,6 +165,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.addcmul(x * cos, rolled, sin)
 
 
+def sdpa_native_gqa(device_type: str, dtype: torch.dtype, has_mask: bool, head_dim: int) -> bool:
+    """Whether SDPA should get the grouped key/value heads as they are (``enable_gqa=True``) rather
+    than repeated to the query heads.
+
+    On CUDA only the flash kernel honours ``enable_gqa`` (torch 2.13's dispatch: the
+    memory-efficient kernel requires equal head counts, and cuDNN is tried first only where flash
+    would also run). Flash needs fp16/bf16, no explicit mask, and a head_dim that is a multiple of 8
+    up to 256; any other call with ``enable_gqa`` lands on the O(T^2)-memory math kernel, so there
+    the heads are repeated and the memory-efficient kernel (float32 and masks included) runs.
+    Flash also needs an Ampere or newer GPU; on older ones every GQA call should repeat the heads,
+    which this function does not check (the framework's CUDA target is Ampere+). On CPU, torch's
+    flash kernel takes grouped heads in any dtype and with a mask, so they go as they are (also on
+    MPS, as before)."""
+    if device_type != "cuda":
+        return True
+    half = dtype in (torch.float16, torch.bfloat16)
+    return half and not has_mask and head_dim % 8 == 0 and head_dim <= 256
+
+
 class Attention(nn.Module):
     """Grouped-query causal self-attention through ``F.scaled_dot_product_attention``."""
 
@@ -221,16 +240,19 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
         p = self.dropout if self.training else 0.0
+        gqa = h == kv or sdpa_native_gqa(q.device.type, q.dtype, mask is not None, d)
+        if not gqa:  # a kernel that ignores enable_gqa would run: give it equal head counts
+            k, v = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)
         if mask is None:
             # Training or a single-sequence prefill: plain causal. A one-token decode step with an
             # unpadded cache attends to everything before it, so no mask at all.
             causal = k.shape[2] == t
             out = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=p, is_causal=causal and t > 1, enable_gqa=True
+                q, k, v, dropout_p=p, is_causal=causal and t > 1, enable_gqa=gqa
             )
         else:
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=True
+                q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa
             )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 

@@ -140,6 +140,7 @@ class TrainConfig:
     save_every: int = 280
     keep_last: int = 2
     compile: bool = False
+    tf32: bool = True  # on CUDA, float32 matmuls in TF32 (set_float32_matmul_precision("high"))
     device: str = "auto"
     peak_flops: float | None = None  # FLOP/s of one device (MFU); None: measured with a matmul
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
