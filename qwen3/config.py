@@ -464,3 +464,13 @@ class Qwen3Config:
     def kv_groups(self) -> int:
         """How many query heads share one key/value head."""
         return self.num_attention_heads // self.num_key_value_heads
+
+
+# Embedding rows are padded to a multiple of this when the project trains the tokenizer: matmul
+# kernels tile the vocabulary dimension in multiples of 64 (nanoGPT, Megatron's padded vocab).
+VOCAB_MULTIPLE = 64
+
+
+def padded_vocab_size(n_tokens: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """``n_tokens`` rounded up to a multiple of ``multiple``."""
+    return -(-n_tokens // multiple) * multiple

@@ -113,6 +113,7 @@ def generate_steps(
     sampling: Sampling,
     cache: KVCache | None = None,
     on_logits: Callable[[torch.Tensor], None] | None = None,
+    vocab_size: int | None = None,
 ) -> Iterator[list[int | None]]:
     """Yield, step by step, one new token per prompt (None for a row that has already stopped).
 
@@ -134,6 +135,10 @@ def generate_steps(
 
     ``on_logits``, when given, is called at every step with the logits (B, V) the step's tokens
     are drawn from, before temperature, top-k and top-p (the server's log-probabilities).
+
+    ``vocab_size``: the tokenizer's size, when the model has more embedding rows (a padded
+    vocabulary): the ids from it on are never sampled, their logits are -inf (also in
+    ``on_logits``). None: every row is a token.
     """
     max_new_tokens = sampling.max_new_tokens
     device = model.device
@@ -174,11 +179,14 @@ def generate_steps(
             cache.last_logits = torch.where(nothing_new[:, None], previous, cache.last_logits)
     assert cache.last_logits is not None
     logits = cache.last_logits
+    padding = padding_bias(model.config.vocab_size, vocab_size, device)  # (V,) or None
     # Stop bookkeeping in Python: one read-back per step (the tokens), no small device ops.
     done = [False] * b
     stopped: dict[int, tuple[int, torch.Tensor]] = {}  # row -> (slot of its stop id, logits after)
     try:
         for step in range(max_new_tokens):
+            if padding is not None:
+                logits = logits + padding  # the padding rows' ids: never drawn
             if on_logits is not None:
                 on_logits(logits)
             nxt = sample_next(logits, sampling, generator)  # (B,)
@@ -199,6 +207,16 @@ def generate_steps(
     finally:
         if keep:
             _forget_after_stops(cache, stopped)
+
+
+def padding_bias(rows: int, vocab_size: int | None, device: torch.device) -> torch.Tensor | None:
+    """(rows,) zeros with -inf from ``vocab_size`` on: added to logits, it takes the model's
+    padding rows out of every softmax. None when there are none."""
+    if vocab_size is None or vocab_size >= rows:
+        return None
+    bias = torch.zeros(rows, device=device)
+    bias[vocab_size:] = float("-inf")
+    return bias
 
 
 def _forget_after_stops(cache: KVCache, stopped: dict[int, tuple[int, torch.Tensor]]) -> None:
@@ -223,14 +241,16 @@ def generate(
     prompts: Sequence[Sequence[int]],
     sampling: Sampling,
     cache: KVCache | None = None,
+    vocab_size: int | None = None,
 ) -> list[list[int]]:
     """New tokens for each prompt, as ``sampling`` says (stop token excluded).
 
     With ``cache``, the prompts continue the conversation it holds, which afterwards also holds
-    the tokens returned (see :func:`generate_steps`).
+    the tokens returned; ``vocab_size``: ids from it on are never sampled (see
+    :func:`generate_steps`).
     """
     out: list[list[int]] = [[] for _ in prompts]
-    for step in generate_steps(model, prompts, sampling, cache):
+    for step in generate_steps(model, prompts, sampling, cache, vocab_size=vocab_size):
         for row, tok in zip(out, step, strict=True):
             if tok is not None:
                 row.append(tok)
@@ -242,9 +262,11 @@ def stream_generate(
     prompt: Sequence[int],
     sampling: Sampling,
     cache: KVCache | None = None,
+    vocab_size: int | None = None,
 ) -> Iterator[int]:
-    """Yield the new tokens of one prompt as they are generated (``cache``: as in generate_steps)."""
-    for step in generate_steps(model, [prompt], sampling, cache):
+    """Yield the new tokens of one prompt as they are generated (``cache``, ``vocab_size``: as
+    in generate_steps)."""
+    for step in generate_steps(model, [prompt], sampling, cache, vocab_size=vocab_size):
         # A stop yields None as the last step: run the steps out, so the cache is settled.
         if step[0] is not None:
             yield step[0]

@@ -208,7 +208,9 @@ class GenerationEngine:
             sampling = replace(requests[0].sampling, max_new_tokens=most)
             hook = batch.keep_logits if any(c.logprobs is not None for _, c in rows) else None
             prompts = [c.prompt_ids for _, c in rows]
-            batch.steps = generate_steps(self.model, prompts, sampling, on_logits=hook)
+            batch.steps = generate_steps(
+                self.model, prompts, sampling, on_logits=hook, vocab_size=self.tokenizer.vocab_size
+            )
         return batch
 
     def _guard(self, batch: _Batch, work: Callable[[_Batch], bool]) -> bool:
@@ -234,7 +236,9 @@ class GenerationEngine:
         scores: dict[int, list[tuple[float, Alternatives]]] = {}
         if prompts:
             top = max(c.logprobs or 0 for _, c in echoed)
-            scored = score_prompts(self.model, list(prompts.values()), top)
+            scored = score_prompts(
+                self.model, list(prompts.values()), top, self.tokenizer.vocab_size
+            )
             scores = dict(zip(prompts, scored, strict=True))
         for request, choice in echoed:
             self._echo(request, choice, scores.get(id(choice.prompt_ids)))

@@ -14,6 +14,7 @@ from functools import lru_cache
 import torch
 
 from qwen3 import Qwen3
+from qwen3.generate import padding_bias
 from qwen3.tokenizer import Qwen3Tokenizer
 
 # Prompt positions whose logits are formed at once: the (chunk, vocab) float32 block stays small
@@ -48,10 +49,11 @@ def _rows_scores(
 
 @torch.inference_mode()
 def score_prompts(
-    model: Qwen3, prompts: Sequence[Sequence[int]], top: int
+    model: Qwen3, prompts: Sequence[Sequence[int]], top: int, vocab_size: int | None = None
 ) -> list[list[tuple[float, Alternatives]]]:
     """For each prompt, the logprob of every token after the first given those before it, with
-    the `top` likeliest alternatives at each position.
+    the `top` likeliest alternatives at each position. ``vocab_size``: the tokenizer's size; the
+    model's rows past it (padding) are no tokens and get no probability.
 
     One forward over the right-padded batch: attention is causal, so padding after a prompt
     changes nothing before it. The LM head runs in chunks of positions (`SCORE_CHUNK`).
@@ -61,6 +63,7 @@ def score_prompts(
     for row, p in enumerate(prompts):
         ids[row, : len(p)] = torch.tensor(list(p), dtype=torch.long)
     hidden = model.model(ids.to(model.device))  # (B, T, C)
+    padding = padding_bias(model.config.vocab_size, vocab_size, model.device)
     out = []
     for row, p in enumerate(prompts):
         targets = ids[row, 1 : len(p)].to(model.device)
@@ -68,6 +71,8 @@ def score_prompts(
         for start in range(0, len(p) - 1, SCORE_CHUNK):
             end = min(start + SCORE_CHUNK, len(p) - 1)
             logits = model.lm_head(hidden[row, start:end])  # (n, V)
+            if padding is not None:
+                logits = logits + padding
             scores += _rows_scores(logits.float().log_softmax(-1), targets[start:end], top)
         out.append(scores)
     return out

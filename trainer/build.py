@@ -21,6 +21,7 @@ from data import BatchSampler, PreparedData, prepare_data, wait_for_data
 from data.errors import DataError
 from optim import OptimizerSet, build_optimizers
 from qwen3 import Qwen3, Qwen3Config, pick_device
+from qwen3.config import padded_vocab_size
 from qwen3.hf import load_pretrained
 from trainer.config import RunConfig
 from trainer.distributed import DistInfo, from_main, wrap_model
@@ -79,11 +80,14 @@ def check_optimizer_config(cfg: RunConfig) -> None:
         raise ConfigError(str(e)) from None
 
 
-def model_config_for(cfg: Qwen3Config, data: PreparedData) -> Qwen3Config:
-    """The model config with the tokenizer's exact vocabulary size and special-token ids."""
+def model_config_for(cfg: Qwen3Config, data: PreparedData, trained: bool) -> Qwen3Config:
+    """The model config with the tokenizer's vocabulary and special-token ids. A tokenizer the
+    project ``trained`` gets its vocabulary padded up to a multiple of 64 rows (matmul speed;
+    no id ever maps to a padding row, and generation masks them); a given one is used as is."""
     tok = data.tokenizer
+    vocab = padded_vocab_size(tok.vocab_size) if trained else tok.vocab_size
     return dataclasses.replace(
-        cfg, vocab_size=tok.vocab_size, bos_token_id=tok.eos_id, eos_token_id=tok.eos_id
+        cfg, vocab_size=vocab, bos_token_id=tok.eos_id, eos_token_id=tok.eos_id
     )
 
 
@@ -132,13 +136,17 @@ def build_parts(
     """Prepare data (tokenizer + token cache), then the model, optimizers and sampler."""
     tcfg = cfg.trainer
     data = prepare_run_data(cfg, dist)
-    if len(data.val) < tcfg.seq_len + 1:
-        raise ConfigError(
-            f"trainer.seq_len={tcfg.seq_len} is longer than the whole validation split "
-            f"({len(data.val)} tokens); lower trainer.seq_len or hold out more text"
-        )
+    for source in data.sources:
+        if len(source.val) < tcfg.seq_len + 1:
+            of = f" of {source.label}" if data.is_mixture else ""
+            raise ConfigError(
+                f"trainer.seq_len={tcfg.seq_len} is longer than the whole validation split{of} "
+                f"({len(source.val)} tokens); lower trainer.seq_len or hold out more text"
+            )
     # init_from: the pretrained directory's config (its vocabulary and special ids) as it is
-    model_cfg = cfg.model if cfg.init_from else model_config_for(cfg.model, data)
+    model_cfg = (
+        cfg.model if cfg.init_from else model_config_for(cfg.model, data, not cfg.data.tokenizer)
+    )
     if tcfg.seq_len > model_cfg.max_position_embeddings:
         raise ConfigError(
             f"trainer.seq_len={tcfg.seq_len} exceeds model.max_position_embeddings="
@@ -151,19 +159,21 @@ def build_parts(
         model, dist, device, tcfg.fsdp, tcfg.compile, tcfg.activation_checkpointing
     )
     optimizers = build_optimizers(model, cfg.optim, tcfg.max_steps)
-    sampler = BatchSampler(
-        data.train,
+    sampler = BatchSampler(  # the one source's windows, or a mixture's by weight
+        [s.train for s in data.sources] if data.is_mixture else data.train,
         tcfg.batch_size * tcfg.grad_accum,
         tcfg.seq_len,
         cfg.seed,
         rank=dist.rank,
         world_size=dist.world_size,
+        weights=[s.weight for s in data.sources] if data.is_mixture else None,
     )
     try:
         lengths = data.tokenizer.token_byte_lengths()
     except ValueError as e:  # a given tokenizer that is not byte-level BPE
         raise ConfigError(f"data.tokenizer={cfg.data.tokenizer}: {e}") from None
-    token_bytes = torch.tensor(lengths, dtype=torch.int64, device=device)
+    padding = [0] * (model_cfg.vocab_size - len(lengths))  # padding rows: no text, 0 bytes
+    token_bytes = torch.tensor(lengths + padding, dtype=torch.int64, device=device)
     return RunParts(device, precision, data, model, forward, optimizers, sampler, token_bytes)
 
 

@@ -49,7 +49,8 @@ def complete(
     <|endoftext|> too."""
     ids = [_prompt_ids(tokenizer, p) for p in prompts]
     longest = max(len(i) for i in ids)
-    out = generate(model, ids, _fitted(model, tokenizer, sampling, longest, True))
+    sampling = _fitted(model, tokenizer, sampling, longest, True)
+    out = generate(model, ids, sampling, vocab_size=tokenizer.vocab_size)
     return [tokenizer.decode(o, skip_special_tokens=True) for o in out]
 
 
@@ -65,7 +66,10 @@ def stream_text(
     ids = _prompt_ids(tokenizer, prompt)
     decoder = tokenizer.stream_decoder(skip_special_tokens=True)
     for tok in stream_generate(
-        model, ids, _fitted(model, tokenizer, sampling, len(ids), stop_at_eos)
+        model,
+        ids,
+        _fitted(model, tokenizer, sampling, len(ids), stop_at_eos),
+        vocab_size=tokenizer.vocab_size,
     ):
         text = decoder.step(tok)
         if text:
