@@ -29,6 +29,8 @@ from data import DataConfig
 from optim import OptimConfig, fit_warmup
 from qwen3 import PRESETS, Qwen3, Qwen3Config
 from qwen3.generate import Sampling
+from trainer.budget import DEFAULT_MAX_STEPS, resolve_max_steps
+from trainer.distributed import dist_info
 from trainer.errors import ConfigError
 
 T = TypeVar("T")
@@ -128,7 +130,9 @@ class TrainConfig:
     process; ``batch_size`` is what one forward pass holds in memory.
     """
 
-    max_steps: int = 560
+    max_steps: int = DEFAULT_MAX_STEPS  # null in the YAML: this, or what a token budget sets
+    max_tokens: int | None = None  # train for this many tokens (sets max_steps; trainer/budget.py)
+    tokens_per_param: float | None = None  # or this many per model parameter (20: Chinchilla)
     batch_size: int = 16
     grad_accum: int = 1
     seq_len: int = 256
@@ -152,6 +156,19 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_int("trainer.max_steps", self.max_steps, 1, "600")
+        if self.max_tokens is not None:
+            _check_int("trainer.max_tokens", self.max_tokens, 1, "100_000_000")
+        if self.tokens_per_param is not None and not (
+            isinstance(self.tokens_per_param, int | float)
+            and math.isfinite(self.tokens_per_param)
+            and self.tokens_per_param > 0
+        ):
+            _fail(
+                "trainer.tokens_per_param",
+                self.tokens_per_param,
+                "must be a positive number",
+                "set e.g. trainer.tokens_per_param=20 (Chinchilla)",
+            )
         _check_int("trainer.batch_size", self.batch_size, 1, "16")
         _check_int("trainer.grad_accum", self.grad_accum, 1, "1")
         _check_int("trainer.seq_len", self.seq_len, 2, "256")
@@ -340,6 +357,7 @@ class RunConfig:
     notes: list[str] = field(default_factory=list)
     # A Hugging Face Qwen3 directory whose weights and tokenizer training starts from.
     init_from: str | None = None
+    budget: str = ""  # how trainer.max_steps was resolved (a token budget, or set), for the summary
 
 
 # The settable Qwen3Config fields (``extra`` only carries a config.json's unknown keys through).
@@ -445,6 +463,8 @@ def run_record(data: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
     record["model"] = {"preset": preset, **{name: getattr(model, name) for name in MODEL_FIELDS}}
     if isinstance(data.get("optim"), dict):
         record["optim"] = {**data["optim"], "warmup_steps": cfg.optim.warmup_steps}
+    if isinstance(data.get("trainer"), dict):  # what a token budget resolved to
+        record["trainer"] = {**data["trainer"], "max_steps": cfg.trainer.max_steps}
     return record
 
 
@@ -486,7 +506,14 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
     else:
         model = build_model_config(data.get("model") or {})
     optim = build_dataclass(OptimConfig, data.get("optim") or {}, "optim")
-    trainer = build_dataclass(TrainConfig, data.get("trainer") or {}, "trainer")
+    section = dict(data.get("trainer") or {})
+    steps_given = section.get("max_steps") is not None
+    if not steps_given:
+        section.pop("max_steps", None)  # null: the default, or what a token budget sets
+    trainer = build_dataclass(TrainConfig, section, "trainer")
+    trainer, budget = resolve_max_steps(
+        trainer, steps_given, model, data_cfg, init_from, dist_info().world_size
+    )
     optim, note = fit_warmup(optim, trainer.max_steps)
     return RunConfig(
         run_name=str(data.get("run_name") or ""),
@@ -503,4 +530,5 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
         wandb=build_dataclass(WandbConfig, data.get("wandb") or {}, "wandb"),
         notes=[note] if note else [],
         init_from=init_from,
+        budget=budget,
     )

@@ -115,7 +115,12 @@ def run_training(
         return 0
     print(
         summary_text(
-            outcome, run_dir, time.perf_counter() - start_time, peak, trainer.tokens_per_step
+            outcome,
+            run_dir,
+            time.perf_counter() - start_time,
+            peak,
+            trainer.tokens_per_step,
+            cfg.budget,
         )
     )
     if outcome.stopped_by:
@@ -138,9 +143,15 @@ def format_duration(seconds: float) -> str:
 
 
 def summary_text(
-    outcome: Outcome, run_dir: Path, wall_seconds: float, peak_flops: float, tokens_per_step: int
+    outcome: Outcome,
+    run_dir: Path,
+    wall_seconds: float,
+    peak_flops: float,
+    tokens_per_step: int,
+    budget: str = "",
 ) -> str:
-    """A few aligned lines; the val metrics are those of the last evaluation."""
+    """A few aligned lines; the val metrics are those of the last evaluation. ``budget``: how
+    the run's length was resolved (``RunConfig.budget``)."""
     ev = outcome.final_eval
     lines = [
         "",
@@ -148,6 +159,8 @@ def summary_text(
         f"run dir         {run_dir}",
         f"steps           {outcome.step} ({outcome.step * tokens_per_step:,} tokens)",
     ]
+    if budget:
+        lines.append(f"budget          {budget}")
     if ev:
         bpb = f"   val bpb {ev['val_bpb']:.3f}" if "val_bpb" in ev else ""
         lines.append(
