@@ -2,7 +2,7 @@
 
 from data.config import DataConfig
 from data.errors import DataError
-from data.prepare import DataNotReady, PreparedData, prepare_data, wait_for_data
+from data.prepare import DataNotReady, PreparedData, SourceData, prepare_data, wait_for_data
 from data.sampler import BatchSampler, val_batches
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "DataError",
     "DataNotReady",
     "PreparedData",
+    "SourceData",
     "prepare_data",
     "val_batches",
     "wait_for_data",

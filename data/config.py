@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from data.errors import DataError
 
@@ -32,6 +34,11 @@ class DataConfig:
     vocab_size: the vocabulary to train; null = the model's vocab_size.
     tokenizer_max_bytes: the most text (UTF-8 bytes) the tokenizer trainer reads.
     shard_tokens: train tokens per cache shard; a killed build keeps its finished shards.
+    sources: a weighted mixture instead of one source: a list of mappings, each with `weight`
+      (>= 0; batches draw windows in proportion), an optional `label` (names its val metrics)
+      and any keys above that differ from the ones here, which every source inherits
+      (`cache_dir`, `vocab_size` and `tokenizer_max_bytes` are the mixture's own). Each source
+      has its own cache; the tokenizer is shared (trained on a weighted sample, or given).
     """
 
     source: Literal["shakespeare", "hf", "local"] = "shakespeare"
@@ -50,6 +57,7 @@ class DataConfig:
     vocab_size: int | None = None
     tokenizer_max_bytes: int = 200_000_000
     shard_tokens: int = 250_000_000
+    sources: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -89,8 +97,79 @@ class DataConfig:
             raise DataError(f"data.tokenizer_max_bytes={self.tokenizer_max_bytes} must be positive")
         if not self.text_field:
             raise DataError("data.text_field must name the text column, e.g. data.text_field=text")
+        if self.sources:
+            self.mixture()  # checks every source now, before any data is read
+
+    def mixture(self) -> list[MixtureSource]:
+        """The sources of `data.sources`, each a full DataConfig; [] for a single source."""
+        if not self.sources:
+            return []
+        out: list[MixtureSource] = []
+        for i, entry in enumerate(self.sources):
+            key = f"data.sources[{i}]"
+            if not isinstance(entry, dict):
+                raise DataError(
+                    f"{key}={entry!r} must be a mapping, e.g. {{source: hf, weight: 1}}"
+                )
+            values = dict(entry)
+            weight, label = values.pop("weight", 1.0), values.pop("label", None)
+            fields = {f.name for f in dataclasses.fields(self)} - set(_MIXTURE_OWN)
+            unknown = sorted(set(values) - fields)
+            if unknown:
+                raise DataError(
+                    f"{key}.{unknown[0]} is not a per-source key: use weight, label or one of "
+                    f"{sorted(fields)} ({', '.join(_MIXTURE_OWN)} are set once, as data.KEY)"
+                )
+            if isinstance(weight, bool) or not isinstance(weight, int | float):
+                raise DataError(f"{key}.weight={weight!r} must be a number >= 0, e.g. 0.3")
+            if not math.isfinite(weight) or weight < 0:
+                raise DataError(f"{key}.weight={weight} must be a finite number >= 0, e.g. 0.3")
+            try:
+                cfg = dataclasses.replace(self, sources=[], **values)
+            except DataError as err:
+                raise DataError(f"{key}: {err}") from None
+            except TypeError as err:  # a value of the wrong type reached a comparison
+                raise DataError(f"{key}: {err}; check the types of its values") from None
+            out.append(MixtureSource(str(label or default_label(cfg, i)), float(weight), cfg))
+        if not any(s.weight > 0 for s in out):
+            raise DataError(
+                "data.sources: every weight is 0, so no batch could draw from any source: give "
+                "at least one source a positive weight"
+            )
+        labels = [s.label for s in out]
+        if len(set(labels)) != len(labels):
+            raise DataError(f"data.sources: labels {labels} repeat: give each source its own label")
+        tokenizers = {s.config.tokenizer for s in out}
+        if len(tokenizers) > 1:
+            raise DataError(
+                f"data.sources disagree on the tokenizer ({sorted(map(str, tokenizers))}): a "
+                f"mixture shares one; set data.tokenizer once (or null to train one on all sources)"
+            )
+        return out
 
     @property
     def holdout_every(self) -> int:
         """Every this-many-th document goes to validation when the hold-out rule applies."""
         return max(2, round(1 / self.val_fraction))
+
+
+# Keys a mixture sets once for all its sources.
+_MIXTURE_OWN = ("sources", "cache_dir", "vocab_size", "tokenizer_max_bytes")
+
+
+@dataclass
+class MixtureSource:
+    """One source of a mixture: its metric label, its weight and its full data config."""
+
+    label: str
+    weight: float
+    config: DataConfig
+
+
+def default_label(cfg: DataConfig, index: int) -> str:
+    """A source's name in metrics (`val_loss/<label>`) when its entry has no `label`."""
+    if cfg.source == "hf" and cfg.path:
+        return cfg.path.rsplit("/", 1)[-1]
+    if cfg.source == "local":
+        return f"local{index}"
+    return cfg.source

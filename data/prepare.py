@@ -1,13 +1,12 @@
-"""`prepare_data`: source -> tokenizer (trained or given) -> token cache, each cached by fingerprint."""
+"""`prepare_data`: sources -> tokenizer (trained or given) -> token caches, each cached by
+fingerprint; one source, or a weighted mixture of several."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import math
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -16,17 +15,26 @@ from typing import Any
 
 import numpy as np
 
-from data.atomic_dir import building, load_finished
 from data.cache_build import build_token_cache
-from data.config import DataConfig
+from data.config import DataConfig, MixtureSource, default_label
 from data.errors import DataError
-from data.sources import hf_has_validation, source_spec, split_documents, validation_documents
-from data.token_cache import TokenArray, TokenCache, fingerprint, load_token_cache
-from data.tokenizer_training import check_tokenizer_fits, check_vocab_size, train_tokenizer
+from data.sources import (
+    OnePass,
+    hf_has_validation,
+    source_spec,
+    split_documents,
+    validation_documents,
+)
+from data.token_cache import (
+    ShardedTokens,
+    TokenArray,
+    TokenCache,
+    fingerprint,
+    load_token_cache,
+)
+from data.tokenizer_training import cached_tokenizer, check_vocab_size, given_tokenizer
 from qwen3.tokenizer import Qwen3Tokenizer
 
-# Bump when tokenizer training changes its output for the same text.
-TOKENIZER_TRAINING_VERSION = 1
 # Bump when the ids a cache holds change for the same settings. 2: the train split ends at the
 # document that reaches data.max_tokens (format 1 also kept val documents encoded beside it).
 TOKEN_STREAM_VERSION = 2
@@ -36,15 +44,15 @@ _BYTES_PER_TOKEN_BOUND = 8
 
 
 @dataclass
-class PreparedData:
-    """A tokenizer plus both splits as read-only memmaps of token ids.
+class SourceData:
+    """One source's splits as read-only arrays of token ids, with its cache.
 
-    val_bytes is the UTF-8 size of the validation text (for bits per byte); fingerprint
-    names the token cache; meta is its meta.json (token and document counts, source spec).
+    val_bytes is the UTF-8 size of the validation text; fingerprint names the token cache;
+    meta is its meta.json (token and document counts, checksums, source spec).
     """
 
-    tokenizer: Qwen3Tokenizer
-    tokenizer_dir: Path
+    label: str
+    weight: float
     train: TokenArray
     val: np.ndarray
     val_bytes: int
@@ -53,35 +61,61 @@ class PreparedData:
     meta: dict[str, Any]
 
 
-class _OnePass:
-    """The source's document stream, read once: what the tokenizer trainer takes from its
-    start is kept in an unnamed temporary file (gone with the process, even after a kill) and
-    replayed to the cache build, which then goes on with the rest of the same stream."""
+@dataclass
+class PreparedData:
+    """The tokenizer and every source's splits (one source, or a mixture's in its order).
 
-    def __init__(self, docs: Iterator[tuple[bool, str]], cache_dir: Path) -> None:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        self.docs = docs
-        self.spill = tempfile.TemporaryFile("w+", encoding="utf-8", dir=cache_dir)  # noqa: SIM115
+    For one source, `train`, `val`, `fingerprint`, `cache_path` and `meta` are its own; for a
+    mixture, `train` and `val` read all sources' tokens as one, and `fingerprint` names the
+    whole mixture (caches and weights).
+    """
 
-    def head(self) -> Iterator[tuple[bool, str]]:
-        """Documents from the start, each written to the spill file as it is taken."""
-        for item in self.docs:
-            self.spill.write(json.dumps(item) + "\n")
-            yield item
+    tokenizer: Qwen3Tokenizer
+    tokenizer_dir: Path
+    sources: list[SourceData]
 
-    def whole(self) -> Iterator[tuple[bool, str]]:
-        """Every document: the spilled head again, then the rest of the stream."""
-        self.spill.seek(0)
-        for line in self.spill:
-            is_val, text = json.loads(line)
-            yield bool(is_val), str(text)
-        self.spill.close()
-        yield from self.docs
+    @property
+    def is_mixture(self) -> bool:
+        return len(self.sources) > 1
+
+    @property
+    def train(self) -> TokenArray:
+        return (
+            self.sources[0].train if not self.is_mixture else _joined(s.train for s in self.sources)
+        )
+
+    @property
+    def val(self) -> TokenArray:
+        return self.sources[0].val if not self.is_mixture else _joined(s.val for s in self.sources)
+
+    @property
+    def val_bytes(self) -> int:
+        return sum(s.val_bytes for s in self.sources)
+
+    @property
+    def fingerprint(self) -> str:
+        if not self.is_mixture:
+            return self.sources[0].fingerprint
+        return fingerprint([[s.label, s.weight, s.fingerprint] for s in self.sources])
+
+    @property
+    def cache_path(self) -> Path:
+        return self.sources[0].cache_path
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.sources[0].meta
 
 
-def _train_texts(cfg: DataConfig, docs: Iterable[tuple[bool, str]]) -> Iterator[str]:
-    """Train-split text for the tokenizer trainer, up to its byte budget."""
-    budget = cfg.tokenizer_max_bytes
+def _joined(arrays: Iterable[TokenArray]) -> ShardedTokens:
+    shards: list[np.ndarray] = []
+    for a in arrays:
+        shards.extend(a.shards if isinstance(a, ShardedTokens) else [a])
+    return ShardedTokens(shards)
+
+
+def _train_texts(cfg: DataConfig, docs: Iterable[tuple[bool, str]], budget: int) -> Iterator[str]:
+    """Train-split text for the tokenizer trainer, up to `budget` bytes."""
     if cfg.max_tokens is not None:
         budget = min(budget, cfg.max_tokens * _BYTES_PER_TOKEN_BOUND)
     seen = 0
@@ -94,62 +128,6 @@ def _train_texts(cfg: DataConfig, docs: Iterable[tuple[bool, str]]) -> Iterator[
             return
 
 
-def _read_tokenizer(path: Path) -> Qwen3Tokenizer:
-    # Read the file first: an I/O error then surfaces as one (the tokenizers loader would turn
-    # it into a parse error, which counts as damage).
-    (path / "tokenizer.json").read_bytes()
-    return Qwen3Tokenizer.from_dir(path)
-
-
-def _trained_tokenizer(
-    cfg: DataConfig,
-    vocab_size: int,
-    spec: dict[str, Any],
-    docs: Callable[[], Iterator[tuple[bool, str]]],
-    repair: bool,
-    build: bool = True,
-) -> tuple[Qwen3Tokenizer, Path] | None:
-    """Train a tokenizer on the train split (of ``docs()``), or load the one trained before from
-    the same inputs; None if there is none and not ``build``."""
-    key = {
-        "version": TOKENIZER_TRAINING_VERSION,
-        "source": spec,
-        "split": _split_rule(cfg),
-        "limits": {"max_docs": cfg.max_docs, "max_tokens": cfg.max_tokens},
-        "max_bytes": cfg.tokenizer_max_bytes,
-        "vocab_size": vocab_size,
-    }
-    path = Path(cfg.cache_dir) / f"tokenizer-{vocab_size}-{fingerprint(key)}"
-    cached = load_finished(path, _read_tokenizer, "tokenizer cache", "retraining", repair)
-    if cached is not None or not build:
-        return None if cached is None else (cached, path)
-    texts = _train_texts(cfg, docs())
-    first = next(texts, None)
-    if first is None:
-        raise DataError(
-            f"{_describe(cfg)} yielded no training text (the source is empty, or every "
-            f"document went to validation): add documents, or adjust data.val_docs / "
-            f"data.val_fraction / data.max_docs"
-        )
-    tokenizer = train_tokenizer(_prepend(first, texts), vocab_size)
-    with building(path) as tmp:
-        tokenizer.save(tmp)
-    # Reload what was published: if another rank won the race, every rank uses its files.
-    return Qwen3Tokenizer.from_dir(path), path
-
-
-def _given_tokenizer(cfg: DataConfig, vocab_size: int) -> tuple[Qwen3Tokenizer, Path]:
-    path = Path(str(cfg.tokenizer)).expanduser()
-    if not (path / "tokenizer.json").is_file():
-        raise DataError(
-            f"data.tokenizer={cfg.tokenizer!r} has no tokenizer.json: point it at a tokenizer "
-            f"directory (e.g. a downloaded Qwen3 model), or set data.tokenizer=null to train one"
-        )
-    tokenizer = Qwen3Tokenizer.from_dir(path)
-    check_tokenizer_fits(tokenizer, vocab_size, str(path))
-    return tokenizer, path
-
-
 def prepare_data(
     cfg: DataConfig,
     vocab_size: int,
@@ -157,11 +135,12 @@ def prepare_data(
     repair: bool = True,
     build: bool = True,
 ) -> PreparedData:
-    """Tokenizer and token cache for `cfg`, building what is missing.
+    """Tokenizer and token cache(s) for `cfg`, building what is missing.
 
     `vocab_size` is the model's; the tokenizer is trained with `cfg.vocab_size` or that.
-    A second call with the same settings maps the finished cache and returns in well under
+    A second call with the same settings maps the finished caches and returns in well under
     a second. A killed cache build, run again, keeps its finished shards (:mod:`data.cache_build`).
+    A mixture (`data.sources`) gets one cache per source and one tokenizer for all of them.
     `repair`: this process builds the caches, so it may delete a damaged one and build it anew;
     pass False in the others (under torchrun, every rank but 0): they fail instead of deleting
     files the builder may be using. With `build` False nothing is built: a missing tokenizer
@@ -173,61 +152,121 @@ def prepare_data(
             f"data.vocab_size={cfg.vocab_size} exceeds the model's vocab_size={vocab_size}: "
             f"token ids would fall outside the embedding; lower data.vocab_size"
         )
-    if not cfg.tokenizer:
+    mixture = cfg.mixture() or [MixtureSource(default_label(cfg, 0), 1.0, cfg)]
+    given = next((m.config.tokenizer for m in mixture if m.config.tokenizer), None)
+    if not given:
         check_vocab_size(train_vocab, "data.vocab_size" if cfg.vocab_size else "model.vocab_size")
-    spec = source_spec(cfg)
-    # Asked of the hub only when something must be built, so a cached run works offline.
-    own_validation = functools.cache(lambda: cfg.source == "hf" and hf_has_validation(cfg))
-    stream = functools.cache(lambda: _stream(cfg, own_validation()))
-    if cfg.tokenizer:
-        tokenizer, tokenizer_dir = _given_tokenizer(cfg, vocab_size)
+    sources = [_Source(m, source_spec(m.config)) for m in mixture]
+    if given:
+        tokenizer, tokenizer_dir = given_tokenizer(given, vocab_size)
     else:
-        trained = _trained_tokenizer(cfg, train_vocab, spec, lambda: stream().head(), repair, build)
+        trained = _trained_tokenizer(cfg, train_vocab, sources, repair, build)
         if trained is None:
             raise DataNotReady(f"no tokenizer for {_describe(cfg)} in {cfg.cache_dir} yet")
         tokenizer, tokenizer_dir = trained
-    key = _cache_key(cfg, spec, tokenizer_dir, TOKEN_STREAM_VERSION)
-    fp = fingerprint(key)
-    path = Path(cfg.cache_dir) / f"tokens-{fp}"
-    cache = load_token_cache(path, repair)
-    if cache is None:
-        cache, fp, path = _format1_cache(cfg, spec, tokenizer_dir, repair, (cache, fp, path))
-    if cache is None and not build:
-        raise DataNotReady(f"no finished token cache at {path} yet")
-    if cache is None:
-        phases: list[tuple[Iterable[tuple[bool, str]], bool]] = [(stream().whole(), False)]
-        val_cap = None
-        if own_validation():
-            phases.append((((True, doc) for doc in validation_documents(cfg)), True))
-            if cfg.max_tokens is not None:
-                val_cap = max(1, math.ceil(cfg.max_tokens * cfg.val_fraction))
-        meta = {
-            "fingerprint": fp,
-            **key,
-            "own_validation": own_validation(),
-            "tokenizer_dir": str(tokenizer_dir),
-        }
-        cache = build_token_cache(
-            path,
-            tokenizer,
-            phases,
-            cfg.max_tokens,
-            val_cap,
-            meta,
-            progress=progress,
-            shard_tokens=cfg.shard_tokens,
-            total_docs=_known_docs(cfg),
+    prepared = [s.cache(tokenizer, tokenizer_dir, progress, repair, build) for s in sources]
+    return PreparedData(tokenizer, tokenizer_dir, prepared)
+
+
+class _Source:
+    """One source on its way to a cache: its document stream is opened at most once."""
+
+    def __init__(self, mix: MixtureSource, spec: dict[str, Any]) -> None:
+        self.mix, self.cfg, self.spec = mix, mix.config, spec
+        cfg = self.cfg
+        # Asked of the hub only when something must be built, so a cached run works offline.
+        self.own_validation = functools.cache(lambda: cfg.source == "hf" and hf_has_validation(cfg))
+        self.stream = functools.cache(
+            lambda: OnePass(split_documents(cfg, self.own_validation()), Path(cfg.cache_dir))
         )
-    return PreparedData(
-        tokenizer=tokenizer,
-        tokenizer_dir=tokenizer_dir,
-        train=cache.train,
-        val=cache.val,
-        val_bytes=int(cache.meta["val_bytes"]),
-        fingerprint=fp,
-        cache_path=path,
-        meta=cache.meta,
+
+    def key(self) -> dict[str, Any]:
+        """What decides the tokenizer's sample from this source."""
+        return {
+            "source": self.spec,
+            "split": _split_rule(self.cfg),
+            "limits": {"max_docs": self.cfg.max_docs, "max_tokens": self.cfg.max_tokens},
+        }
+
+    def cache(
+        self,
+        tokenizer: Qwen3Tokenizer,
+        tokenizer_dir: Path,
+        progress: bool,
+        repair: bool,
+        build: bool,
+    ) -> SourceData:
+        cfg = self.cfg
+        key = _cache_key(cfg, self.spec, tokenizer_dir, TOKEN_STREAM_VERSION)
+        fp = fingerprint(key)
+        path = Path(cfg.cache_dir) / f"tokens-{fp}"
+        cache = load_token_cache(path, repair)
+        if cache is None:
+            cache, fp, path = _format1_cache(
+                cfg, self.spec, tokenizer_dir, repair, (None, fp, path)
+            )
+        if cache is None and not build:
+            raise DataNotReady(f"no finished token cache at {path} yet")
+        if cache is None:
+            phases: list[tuple[Iterable[tuple[bool, str]], bool]] = [(self.stream().whole(), False)]
+            val_cap = None
+            if self.own_validation():
+                phases.append((((True, doc) for doc in validation_documents(cfg)), True))
+                if cfg.max_tokens is not None:
+                    val_cap = max(1, math.ceil(cfg.max_tokens * cfg.val_fraction))
+            meta = {
+                "fingerprint": fp,
+                **key,
+                "own_validation": self.own_validation(),
+                "tokenizer_dir": str(tokenizer_dir),
+            }
+            cache = build_token_cache(
+                path,
+                tokenizer,
+                phases,
+                cfg.max_tokens,
+                val_cap,
+                meta,
+                progress=progress,
+                shard_tokens=cfg.shard_tokens,
+                total_docs=_known_docs(cfg),
+            )
+        return SourceData(
+            label=self.mix.label,
+            weight=self.mix.weight,
+            train=cache.train,
+            val=cache.val,
+            val_bytes=int(cache.meta["val_bytes"]),
+            fingerprint=fp,
+            cache_path=path,
+            meta=cache.meta,
+        )
+
+
+def _trained_tokenizer(
+    cfg: DataConfig, vocab_size: int, sources: list[_Source], repair: bool, build: bool
+) -> tuple[Qwen3Tokenizer, Path] | None:
+    """The tokenizer trained on the train split, or for a mixture on a sample of each source in
+    proportion to its weight (`data.tokenizer_max_bytes` in all)."""
+    if len(sources) == 1:
+        key = sources[0].key()
+    else:
+        key = {"mixture": [{**s.key(), "weight": s.mix.weight} for s in sources]}
+    total = sum(s.mix.weight for s in sources)
+
+    def texts() -> Iterator[str]:
+        for s in sources:
+            budget = int(cfg.tokenizer_max_bytes * s.mix.weight / total)
+            if budget > 0:
+                yield from _train_texts(s.cfg, s.stream().head(), budget)
+
+    empty = (
+        f"{_describe(cfg)} yielded no training text (the source is empty, or every "
+        f"document went to validation): add documents, or adjust data.val_docs / "
+        f"data.val_fraction / data.max_docs"
     )
+    key = {**key, "max_bytes": cfg.tokenizer_max_bytes}
+    return cached_tokenizer(Path(cfg.cache_dir), key, vocab_size, texts, empty, repair, build)
 
 
 class DataNotReady(Exception):
@@ -258,10 +297,6 @@ def wait_for_data(
             log.warning("waiting for rank 0 to build the tokenizer and token cache")
             said = True
         time.sleep(poll_seconds)
-
-
-def _stream(cfg: DataConfig, own_validation: bool) -> _OnePass:
-    return _OnePass(split_documents(cfg, own_validation), Path(cfg.cache_dir))
 
 
 def _cache_key(
@@ -321,8 +356,3 @@ def _describe(cfg: DataConfig) -> str:
     if cfg.source == "hf":
         return f"dataset {cfg.path!r} split {cfg.split!r}"
     return "the shakespeare corpus"
-
-
-def _prepend(first: str, rest: Iterator[str]) -> Iterator[str]:
-    yield first
-    yield from rest

@@ -10,6 +10,7 @@ split is cut into whole windows from a random offset and distinct windows are ch
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +31,16 @@ def _check_size(tokens: TokenArray, seq_len: int, what: str) -> None:
         )
 
 
+def _draw_starts(rng: np.random.Generator, num_tokens: int, window: int, total: int) -> np.ndarray:
+    """`total` window starts in a split of `num_tokens`: disjoint whole windows from a random
+    offset when there are enough of them, else positions drawn freely."""
+    offset = int(rng.integers(0, window))
+    count = (num_tokens - offset) // window
+    if count < total:
+        return rng.integers(0, num_tokens - window + 1, size=total)
+    return offset + window * rng.choice(count, size=total, replace=False)
+
+
 def _to_batch(
     tokens: TokenArray, starts: np.ndarray, seq_len: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,61 +51,108 @@ def _to_batch(
 
 
 class BatchSampler:
-    """Random training windows for one rank; `batch(step)` depends on nothing but its arguments."""
+    """Random training windows for one rank; `batch(step)` depends on nothing but its arguments.
+
+    `tokens` is one train split, or a mixture's splits (a list) with their `weights`: then each
+    of a step's world_size * batch_size windows is first given a source by a generator seeded by
+    (seed, step) (independently, with probability weight / sum of weights), and each source draws
+    that many windows as one split does, from a generator seeded by (seed, step, source index).
+    """
 
     def __init__(
         self,
-        tokens: TokenArray,
+        tokens: TokenArray | list[TokenArray],
         batch_size: int,
         seq_len: int,
         seed: int,
         rank: int = 0,
         world_size: int = 1,
+        weights: list[float] | None = None,
     ) -> None:
         if batch_size < 1:
             raise DataError(f"batch_size={batch_size} must be at least 1")
         if not 0 <= rank < world_size:
             raise DataError(f"rank={rank} must be in [0, world_size={world_size})")
-        _check_size(tokens, seq_len, "train")
-        self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
+        self.sources = tokens if isinstance(tokens, list) else [tokens]
+        self.weights = [float(w) for w in weights] if weights is not None else [1.0]
+        w = np.asarray(self.weights, dtype=np.float64)
+        if len(self.sources) != len(w):
+            raise DataError(f"{len(self.sources)} train splits but {len(w)} weights")
+        if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+            raise DataError(f"mixture weights {self.weights} must be >= 0 with a positive sum")
+        for i, split in enumerate(self.sources):
+            if w[i] > 0:
+                _check_size(split, seq_len, "train" if len(w) == 1 else f"train (source {i})")
+        self.probs = w / w.sum()
+        self.tokens = self.sources[0]
+        self.batch_size, self.seq_len = batch_size, seq_len
         self.seed, self.rank, self.world_size = int(seed), rank, world_size
 
-    def starts(self, step: int) -> np.ndarray:
-        """Window start offsets of this rank at `step`, shape (batch_size,)."""
-        window = self.seq_len + 1
+    @property
+    def is_mixture(self) -> bool:
+        return len(self.sources) > 1
+
+    def windows(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source index, start offset) of this rank's windows at `step`, each (batch_size,)."""
         total = self.world_size * self.batch_size
-        rng = np.random.Generator(np.random.PCG64([self.seed % (1 << 64), step]))
-        offset = int(rng.integers(0, window))
-        count = (len(self.tokens) - offset) // window
-        if count < total:  # too few whole windows for disjoint draws: sample positions freely
-            starts = rng.integers(0, len(self.tokens) - window + 1, size=total)
+        seed = self.seed % (1 << 64)
+        rng = np.random.Generator(np.random.PCG64([seed, step]))
+        if not self.is_mixture:
+            which = np.zeros(total, dtype=np.int64)
+            starts = _draw_starts(rng, len(self.tokens), self.seq_len + 1, total)
         else:
-            starts = offset + window * rng.choice(count, size=total, replace=False)
-        mine = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        return mine.astype(np.int64)
+            which = rng.choice(len(self.sources), size=total, p=self.probs)
+            starts = np.zeros(total, dtype=np.int64)
+            for i, split in enumerate(self.sources):
+                picked = np.flatnonzero(which == i)
+                if len(picked):
+                    sub = np.random.Generator(np.random.PCG64([seed, step, i + 1]))
+                    starts[picked] = _draw_starts(sub, len(split), self.seq_len + 1, len(picked))
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        return which[mine], starts[mine].astype(np.int64)
+
+    def starts(self, step: int) -> np.ndarray:
+        """Window start offsets of this rank at `step` (in their sources), (batch_size,)."""
+        return self.windows(step)[1]
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) int64 tensors of shape (batch_size, seq_len); y is x shifted by one token."""
-        return _to_batch(self.tokens, self.starts(step), self.seq_len)
+        which, starts = self.windows(step)
+        if not self.is_mixture:
+            return _to_batch(self.tokens, starts, self.seq_len)
+        x = torch.empty(self.batch_size, self.seq_len, dtype=torch.int64)
+        y = torch.empty_like(x)
+        for i in np.unique(which):
+            rows = torch.from_numpy(np.flatnonzero(which == i))
+            x[rows], y[rows] = _to_batch(self.sources[i], starts[rows.numpy()], self.seq_len)
+        return x, y
 
-    def state_dict(self) -> dict[str, int]:
-        """What decides the batches (plain ints, safe for `torch.load(weights_only=True)`)."""
-        return {
+    def state_dict(self) -> dict[str, Any]:
+        """What decides the batches (plain numbers, safe for `torch.load(weights_only=True)`)."""
+        state: dict[str, Any] = {
             "version": _STATE_VERSION,
             "seed": self.seed,
             "batch_size": self.batch_size,
             "seq_len": self.seq_len,
             "world_size": self.world_size,
-            "num_tokens": len(self.tokens),
+            "num_tokens": sum(len(s) for s in self.sources),
         }
+        if self.is_mixture:
+            state["source_tokens"] = [len(s) for s in self.sources]
+            state["weights"] = self.weights
+        return state
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Restore the seed; refuse a state from a different corpus (the batches would differ)."""
-        if state.get("num_tokens") != len(self.tokens):
-            raise DataError(
-                f"sampler state is for a train split of {state.get('num_tokens')} tokens, this "
-                f"one has {len(self.tokens)}: resume with the same data settings or start a new run"
-            )
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the seed; refuse a state from a different corpus or mixture (the batches
+        would differ)."""
+        mine = self.state_dict()
+        for key in ("num_tokens", "source_tokens", "weights"):
+            if state.get(key) != mine.get(key):
+                what = "a train split of" if key == "num_tokens" else f"a mixture with {key}"
+                raise DataError(
+                    f"sampler state is for {what} {state.get(key)}, this one has "
+                    f"{mine.get(key)}: resume with the same data settings or start a new run"
+                )
         self.seed = int(state["seed"])
 
 

@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -177,3 +179,29 @@ def validation_documents(cfg: DataConfig) -> Iterator[str]:
         if cap is not None and i >= cap:
             return
         yield doc
+
+
+class OnePass:
+    """The source's document stream, read once: what the tokenizer trainer takes from its
+    start is kept in an unnamed temporary file (gone with the process, even after a kill) and
+    replayed to the cache build, which then goes on with the rest of the same stream."""
+
+    def __init__(self, docs: Iterator[tuple[bool, str]], cache_dir: Path) -> None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        self.docs = docs
+        self.spill = tempfile.TemporaryFile("w+", encoding="utf-8", dir=cache_dir)  # noqa: SIM115
+
+    def head(self) -> Iterator[tuple[bool, str]]:
+        """Documents from the start, each written to the spill file as it is taken."""
+        for item in self.docs:
+            self.spill.write(json.dumps(item) + "\n")
+            yield item
+
+    def whole(self) -> Iterator[tuple[bool, str]]:
+        """Every document: the spilled head again, then the rest of the stream."""
+        self.spill.seek(0)
+        for line in self.spill:
+            is_val, text = json.loads(line)
+            yield bool(is_val), str(text)
+        self.spill.close()
+        yield from self.docs

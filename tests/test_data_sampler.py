@@ -97,3 +97,61 @@ def test_val_batches_stable_and_spread() -> None:
     starts = sorted(int(x[i, 0]) for x, _ in first for i in range(4))
     assert starts[0] == 0 and starts[-1] == len(TOKENS) - 33  # covers the whole split
     assert (np.diff(starts) >= 33).all()  # no overlap when there is room
+
+
+# ---- mixtures ---------------------------------------------------------------------------------
+# Three sources whose token values say where they come from: source i holds i*10_000 + position.
+MIX = [(np.arange(n) + 10_000 * i).astype(np.uint32) for i, n in enumerate((4000, 9000, 600))]
+
+
+def _source_of(x: torch.Tensor) -> np.ndarray:
+    return (x[:, 0] // 10_000).numpy()
+
+
+def test_mixture_draws_sources_in_proportion_to_weights() -> None:
+    weights = [0.6, 0.3, 0.1]
+    sampler = BatchSampler(MIX, 16, 16, seed=3, weights=weights)
+    counts = np.zeros(3)
+    for step in range(400):
+        x, y = sampler.batch(step)
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        assert ((y - x) == 1).all()  # every window lies within one source
+        counts += np.bincount(_source_of(x), minlength=3)
+    share = counts / counts.sum()  # 6400 windows: a standard error under 0.007
+    assert np.allclose(share, weights, atol=0.03), share
+
+
+def test_mixture_is_pure_and_splits_across_ranks_like_one_process() -> None:
+    kw = {"seed": 9, "weights": [2.0, 1.0, 1.0]}
+    a, b = BatchSampler(MIX, 8, 16, **kw), BatchSampler(MIX, 8, 16, **kw)
+    later = a.batch(17)[0]
+    a.batch(3)
+    assert torch.equal(b.batch(17)[0], later) and torch.equal(a.batch(17)[0], later)
+    assert not torch.equal(
+        BatchSampler(MIX, 8, 16, seed=10, weights=kw["weights"]).batch(17)[0], later
+    )
+    ranks = [BatchSampler(MIX, 4, 16, rank=r, world_size=2, **kw) for r in range(2)]
+    for step in range(20):
+        assert torch.equal(torch.cat([r.batch(step)[0] for r in ranks]), a.batch(step)[0])
+
+
+def test_mixture_zero_weight_source_is_never_drawn_and_state_round_trips() -> None:
+    sampler = BatchSampler(MIX, 8, 16, seed=1, weights=[1.0, 0.0, 1.0])
+    drawn = np.concatenate([_source_of(sampler.batch(s)[0]) for s in range(100)])
+    assert set(drawn) == {0, 2}
+    other = BatchSampler(MIX, 8, 16, seed=0, weights=[1.0, 0.0, 1.0])
+    other.load_state_dict(sampler.state_dict())
+    assert torch.equal(other.batch(5)[0], sampler.batch(5)[0])
+    with pytest.raises(DataError, match="same data settings"):
+        BatchSampler(MIX, 8, 16, seed=0, weights=[1.0, 1.0, 1.0]).load_state_dict(
+            sampler.state_dict()
+        )
+
+
+def test_mixture_bad_weights_are_refused() -> None:
+    with pytest.raises(DataError, match="positive sum"):
+        BatchSampler(MIX, 8, 16, seed=0, weights=[0.0, 0.0, 0.0])
+    with pytest.raises(DataError, match=">= 0"):
+        BatchSampler(MIX, 8, 16, seed=0, weights=[1.0, -1.0, 1.0])
+    with pytest.raises(DataError, match="3 train splits but 2 weights"):
+        BatchSampler(MIX, 8, 16, seed=0, weights=[1.0, 1.0])

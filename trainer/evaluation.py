@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from data import val_batches
+from data import SourceData, val_batches
 from trainer.build import Precision
 from trainer.distributed import group_rank_world, sum_across_ranks
 
@@ -72,4 +72,41 @@ def evaluate(
     }
     if nbytes:  # no table, or windows of special tokens alone: no text to measure against
         metrics["val_bpb"] = loss_sum / math.log(2) / nbytes
+    return metrics
+
+
+def evaluate_sources(
+    model: nn.Module,
+    sources: list[SourceData],
+    batch_size: int,
+    seq_len: int,
+    num_batches: int,
+    precision: Precision,
+    device: torch.device,
+    token_bytes: torch.Tensor | None,
+) -> dict[str, float]:
+    """:func:`evaluate` on one source's val split; for a mixture, on each source's, reported as
+    ``val_loss/<label>`` (and ``val_acc``, ``val_bpb``), with ``val_loss``, ``val_acc`` and
+    ``val_bpb`` the weight-averaged totals (so ``best`` follows the mixture the run trains on)
+    and ``val_ppl`` their exponential."""
+    if len(sources) == 1:
+        return evaluate(
+            model, sources[0].val, batch_size, seq_len, num_batches, precision, device, token_bytes
+        )
+    metrics: dict[str, float] = {}
+    totals: dict[str, list[tuple[float, float]]] = {}
+    for source in sources:
+        ev = evaluate(
+            model, source.val, batch_size, seq_len, num_batches, precision, device, token_bytes
+        )
+        for key in ("val_loss", "val_acc", "val_bpb"):
+            if key in ev:
+                metrics[f"{key}/{source.label}"] = ev[key]
+                totals.setdefault(key, []).append((source.weight, ev[key]))
+    for key, pairs in totals.items():
+        weight = sum(w for w, _ in pairs)
+        if weight > 0:
+            metrics[key] = sum(w * v for w, v in pairs) / weight
+    loss = metrics["val_loss"]
+    metrics["val_ppl"] = math.exp(loss) if loss < 700 else math.inf
     return metrics

@@ -34,7 +34,7 @@ from trainer.distributed import (
     is_sharded,
     load_full_optimizer_state,
 )
-from trainer.evaluation import evaluate
+from trainer.evaluation import evaluate_sources
 from trainer.metrics import MetricsLog, WandbLogger, mfu, write_plot
 from trainer.prefetch import BatchPrefetcher
 from trainer.run_layout import BEST, LATEST, prune_checkpoints, set_pointer
@@ -173,9 +173,9 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         t = self.cfg.trainer
         p = self.parts
-        return evaluate(
+        return evaluate_sources(
             p.forward,
-            p.data.val,
+            p.data.sources,
             t.batch_size,
             t.seq_len,
             t.eval_batches,
