@@ -136,13 +136,11 @@ def build_parts(
     """Prepare data (tokenizer + token cache), then the model, optimizers and sampler."""
     tcfg = cfg.trainer
     data = prepare_run_data(cfg, dist)
-    for source in data.sources:
-        if len(source.val) < tcfg.seq_len + 1:
-            of = f" of {source.label}" if data.is_mixture else ""
-            raise ConfigError(
-                f"trainer.seq_len={tcfg.seq_len} is longer than the whole validation split{of} "
-                f"({len(source.val)} tokens); lower trainer.seq_len or hold out more text"
-            )
+    if len(data.val) < tcfg.seq_len + 1:
+        raise ConfigError(
+            f"trainer.seq_len={tcfg.seq_len} is longer than the whole validation split "
+            f"({len(data.val)} tokens); lower trainer.seq_len or hold out more text"
+        )
     # init_from: the pretrained directory's config (its vocabulary and special ids) as it is
     model_cfg = (
         cfg.model if cfg.init_from else model_config_for(cfg.model, data, not cfg.data.tokenizer)
@@ -159,14 +157,13 @@ def build_parts(
         model, dist, device, tcfg.fsdp, tcfg.compile, tcfg.activation_checkpointing
     )
     optimizers = build_optimizers(model, cfg.optim, tcfg.max_steps)
-    sampler = BatchSampler(  # the one source's windows, or a mixture's by weight
-        [s.train for s in data.sources] if data.is_mixture else data.train,
+    sampler = BatchSampler(
+        data.train,
         tcfg.batch_size * tcfg.grad_accum,
         tcfg.seq_len,
         cfg.seed,
         rank=dist.rank,
         world_size=dist.world_size,
-        weights=[s.weight for s in data.sources] if data.is_mixture else None,
     )
     try:
         lengths = data.tokenizer.token_byte_lengths()
