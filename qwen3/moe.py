@@ -26,32 +26,36 @@ from qwen3.layers import MLP
 
 
 def _grouped_mm_usable(x: torch.Tensor) -> bool:
-    """Whether ``torch._grouped_mm`` (private in torch 2.13, CUDA only) can run on ``x``: the
-    one grouped kernel torch has; on CPU it refuses its inputs, so the loop over experts stays."""
-    return (
-        x.is_cuda
-        and hasattr(torch, "_grouped_mm")
-        and x.dtype == torch.bfloat16
-        and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    """Whether to run the experts through ``F.grouped_mm``: on CUDA in bfloat16 (what its kernels
+    take, SM 8.0 and newer), by dtype or by autocast. Its CPU kernel is no faster than the loop
+    over experts at our sizes (2 cores, tiny-moe's width), so the CPU keeps the loop."""
+    if not x.is_cuda or torch.cuda.get_device_capability(x.device) < (8, 0):
+        return False
+    autocast_bf16 = torch.is_autocast_enabled("cuda") and (
+        torch.get_autocast_dtype("cuda") == torch.bfloat16
     )
+    return x.dtype == torch.bfloat16 or autocast_bf16
 
 
 def grouped_swiglu(
     xs: torch.Tensor,  # (N*k, C) routed rows, sorted by expert
     counts: torch.Tensor,  # (E,) rows per expert
     experts: Iterable[MLP],
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Every expert's SwiGLU on its rows as three grouped matmuls (``torch._grouped_mm``), equal to
-    the loop in :meth:`SparseMoeBlock.forward` to bf16 rounding. The per-expert weights are
-    stacked on each call: the parameters stay one matrix per expert (HF names, Muon)."""
+    """Every expert's SwiGLU on its rows as two grouped matmuls (``F.grouped_mm``; gate and up
+    stacked), equal to the loop over experts in :meth:`SparseMoeBlock.forward`, computed in
+    ``dtype`` (the kernel does not autocast). The per-expert weights are stacked on each call:
+    the parameters stay one matrix per expert (HF names, Muon per matrix)."""
     mlps = list(experts)
+    dtype = dtype or xs.dtype
     offs = counts.cumsum(0).to(torch.int32)
-    gate = torch.stack([m.gate_proj.weight for m in mlps])  # (E, F, C)
-    up = torch.stack([m.up_proj.weight for m in mlps])
+    gate_up = torch.stack([torch.cat((m.gate_proj.weight, m.up_proj.weight)) for m in mlps])
     down = torch.stack([m.down_proj.weight for m in mlps])  # (E, C, F)
-    mm = torch._grouped_mm
-    h = F.silu(mm(xs, gate.transpose(1, 2), offs=offs)) * mm(xs, up.transpose(1, 2), offs=offs)
-    return mm(h, down.transpose(1, 2), offs=offs)
+    h = F.grouped_mm(xs.to(dtype), gate_up.to(dtype).transpose(1, 2), offs=offs)
+    gate, up = h.chunk(2, dim=-1)
+    # The kernel takes only dense gradients: keep the product contiguous for its backward.
+    return F.grouped_mm((F.silu(gate) * up).contiguous(), down.to(dtype).transpose(1, 2), offs=offs)
 
 
 class SparseMoeBlock(nn.Module):
@@ -88,20 +92,21 @@ class SparseMoeBlock(nn.Module):
         logits, weights, ids = self.route(flat)
         if torch.is_grad_enabled():
             self.router_logits = logits
-        n, k = ids.shape
+        k = ids.shape[1]
         order = ids.reshape(-1).argsort(stable=True)  # (N*k,) pairs grouped by expert
         counts = torch.bincount(ids.reshape(-1), minlength=self.num_experts)
         xs = flat[order // k]  # (N*k, C)
         if _grouped_mm_usable(xs):
-            ys = grouped_swiglu(xs, counts, self.experts)  # type: ignore[arg-type]
+            ys = grouped_swiglu(xs, counts, self.experts, torch.bfloat16)  # type: ignore[arg-type]
         else:
             # Every expert is called, even on no rows: its gradient is then zero, not missing,
             # which DDP and FSDP need from every rank.
             groups = torch.split(xs, counts.tolist())
             ys = torch.cat([expert(g) for expert, g in zip(self.experts, groups, strict=True)])
-        # Back to (token, slot) order, then each token's k outputs mixed by its weights.
-        unsorted = torch.empty_like(ys).index_copy_(0, order, ys).view(n, k, -1)
-        out = torch.bmm(weights.unsqueeze(1), unsorted).squeeze(1)  # (N, C)
+        # Each output scaled by its routing weight and added to its token's row (N tiny bmm
+        # calls would cost more than the experts' matmuls on CPU).
+        ys = ys * weights.reshape(-1)[order].unsqueeze(-1)
+        out = torch.zeros_like(flat).index_add_(0, order // k, ys)  # (N, C)
         return out.view(shape)
 
 
