@@ -15,7 +15,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,30 @@ DTYPES: dict[str, tuple[gguf.LlamaFileType, gguf.GGMLQuantizationType]] = {
     "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0),
 }
 ARCH = gguf.MODEL_ARCH.QWEN3
+MOE_ARCH = gguf.MODEL_ARCH.QWEN3MOE
+
+
+def _arch(model: Qwen3) -> gguf.MODEL_ARCH:
+    """``qwen3``, or ``qwen3moe`` for a mixture of experts llama.cpp computes as we do: every
+    layer sparse (its qwen3moe graph has no dense MLP) and the top-k weights renormalised (it
+    always renormalises them, as the released models ask)."""
+    c = model.config
+    if c.num_experts == 0:
+        return ARCH
+    dense = [i for i in range(c.num_hidden_layers) if not c.is_sparse_layer(i)]
+    if dense:
+        raise ValueError(
+            f"layer {dense[0]} of this mixture of experts is dense (mlp_only_layers / "
+            "decoder_sparse_step): llama.cpp's qwen3moe has experts in every layer; export a "
+            "model whose layers are all sparse, or use the Hugging Face directory"
+        )
+    if not c.norm_topk_prob:
+        raise ValueError(
+            "this mixture of experts has norm_topk_prob=false: llama.cpp's qwen3moe always "
+            "renormalises the top-k weights, so it would compute other numbers; use the Hugging "
+            "Face directory"
+        )
+    return MOE_ARCH
 
 
 def check_qwen2_split(tokenizer: Qwen3Tokenizer) -> None:
@@ -108,6 +132,10 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, model: Qwen3, name: str, dtype
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
     writer.add_feed_forward_length(c.intermediate_size)
+    if c.num_experts:
+        writer.add_expert_count(c.num_experts)
+        writer.add_expert_used_count(c.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(c.moe_intermediate_size)
     writer.add_head_count(c.num_attention_heads)
     writer.add_head_count_kv(c.num_key_value_heads)
     # Plain RoPE only (Qwen3Config refuses scaled variants), so no rope-scaling keys.
@@ -147,9 +175,24 @@ def _storage_type(name: str, data: np.ndarray, dtype: str) -> gguf.GGMLQuantizat
     return DTYPES[dtype][1]
 
 
-def _add_tensors(writer: gguf.GGUFWriter, model: Qwen3, dtype: str) -> None:
-    names = gguf.get_tensor_name_map(ARCH, model.config.num_hidden_layers)
+def _gguf_tensors(model: Qwen3) -> Iterator[tuple[str, torch.Tensor]]:
+    """The state dict under Hugging Face names, each sparse layer's experts stacked per projection
+    into one (E, out, in) tensor named ``...mlp.experts.{proj}.weight``, as llama.cpp's converter
+    writes them."""
+    experts: dict[str, list[torch.Tensor]] = {}
     for hf_name, tensor in model.state_dict().items():
+        parts = hf_name.split(".")  # model.layers.{i}.mlp.experts.{e}.{proj}.weight
+        if len(parts) == 8 and parts[3:5] == ["mlp", "experts"]:
+            experts.setdefault(".".join(parts[:5] + parts[6:]), []).append(tensor)
+            continue
+        yield hf_name, tensor
+    for name, tensors in experts.items():
+        yield name, torch.stack(tensors)
+
+
+def _add_tensors(writer: gguf.GGUFWriter, model: Qwen3, dtype: str) -> None:
+    names = gguf.get_tensor_name_map(_arch(model), model.config.num_hidden_layers)
+    for hf_name, tensor in _gguf_tensors(model):
         if model.config.tie_word_embeddings and hf_name == "lm_head.weight":
             continue  # llama.cpp reuses token_embd when output.weight is absent
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -177,7 +220,7 @@ def export_gguf(
     check_qwen2_split(tokenizer)  # before reading any weights
     model = load_pretrained(ckpt)
     tmp = out.with_name(f".{out.name}.tmp")
-    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[ARCH])
+    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[_arch(model)])
     try:
         _add_hyperparameters(writer, model, ckpt.resolve().name, dtype)
         _add_tokenizer(writer, ckpt, tokenizer, model.config.vocab_size)
