@@ -1,4 +1,5 @@
-"""Peak resident memory of training steps: our Qwen3 against transformers, each in a fresh process.
+"""Peak resident memory of training steps: our Qwen3 against transformers, or (``--ac``) our Qwen3
+with each activation-checkpointing mode, each in a fresh process.
 
 Each side runs in its own subprocess (both import torch and transformers, so the baselines
 match), builds the same model with AdamW, and runs a few training steps while a thread samples
@@ -7,6 +8,7 @@ peak during the steps, and the growth. Runs are repeated and alternate between t
 
     .venv/bin/python benchmarks/bench_memory.py                # small, batch 8 x 256
     .venv/bin/python benchmarks/bench_memory.py --quick
+    .venv/bin/python benchmarks/bench_memory.py --ac --shape 100m --batch 2 --seq 1024 --steps 1
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from optim import OptimConfig, build_optimizers
 from qwen3 import Qwen3
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+AC_SIDES = ("none", "full", "selective")
 
 
 def _rss_bytes() -> int:
@@ -50,8 +53,10 @@ def child(side: str, shape: str, batch: int, seq: int, steps: int, seed: int) ->
     harness.setup("cpu")
     torch.manual_seed(seed)
     ours = Qwen3(harness.config_for(shape)).train()
-    model = ours if side == "ours" else harness.transformers_twin(ours)
-    if side != "ours":
+    if side in AC_SIDES:  # ours with trainer.activation_checkpointing=<side>
+        ours.set_activation_checkpointing(side)  # type: ignore[arg-type]
+    model = ours if side != "transformers" else harness.transformers_twin(ours)
+    if side == "transformers":
         del ours
     opt = build_optimizers(model, OptimConfig(name="adamw", warmup_steps=0), max_steps=10**9)
     tokens = torch.randint(0, model.config.vocab_size, (batch, seq + 1))
@@ -60,7 +65,7 @@ def child(side: str, shape: str, batch: int, seq: int, steps: int, seed: int) ->
     sampler = _PeakSampler()
     sampler.start()
     for _ in range(steps):
-        loss = model(x, targets=y) if side == "ours" else model(input_ids=x, labels=x).loss
+        loss = model(x, targets=y) if side != "transformers" else model(input_ids=x, labels=x).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -75,6 +80,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument(
+        "--ac", action="store_true", help="compare activation checkpointing none/full/selective"
+    )
     parser.add_argument("--child", default=None, help="internal: run one side here, print JSON")
     args = parser.parse_args()
     if args.child:
@@ -103,9 +111,10 @@ def main() -> None:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         return json.loads(out.strip().splitlines()[-1])
 
-    results: dict[str, list[dict[str, float]]] = {"ours": [], "transformers": []}
+    sides = AC_SIDES if args.ac else ("ours", "transformers")
+    results: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
     for r in range(args.rounds):
-        for side in ("ours", "transformers") if r % 2 == 0 else ("transformers", "ours"):
+        for side in sides if r % 2 == 0 else sides[::-1]:
             results[side].append(run(side))
     rows = []
     for side, runs in results.items():
@@ -116,7 +125,15 @@ def main() -> None:
         f"{args.shape}, batch {args.batch}x{args.seq}, AdamW, {steps} steps, median of "
         f"{args.rounds} fresh processes per side (MiB)"
     )
-    harness.print_table(["side", "RSS before steps", "peak RSS in steps", "step growth"], rows)
+    harness.print_table(
+        [
+            "activation checkpointing" if args.ac else "side",
+            "RSS before steps",
+            "peak RSS in steps",
+            "step growth",
+        ],
+        rows,
+    )
 
 
 if __name__ == "__main__":

@@ -31,10 +31,24 @@ MID = dict(
     max_position_embeddings=2048,
 )
 
+# About 100 M parameters (GPT-2 small's width and depth, a 32k vocabulary tied to the head), the
+# size at which activation memory at seq_len 1024 is measured.
+BASE_100M = dict(
+    vocab_size=32768,
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+    head_dim=64,
+    max_position_embeddings=2048,
+)
+
 
 def config_for(name: str) -> Qwen3Config:
-    """A preset by name, or ``mid`` (the shape between ``tiny`` and ``small``)."""
-    return Qwen3Config(**MID) if name == "mid" else Qwen3Config.from_preset(name)
+    """A preset by name, ``mid`` (the shape between ``tiny`` and ``small``) or ``100m``."""
+    shapes: dict[str, dict[str, Any]] = {"mid": MID, "100m": BASE_100M}
+    return Qwen3Config(**shapes[name]) if name in shapes else Qwen3Config.from_preset(name)
 
 
 def setup(device: str, threads: int | None = None) -> torch.device:
