@@ -120,3 +120,27 @@ def test_demo_and_serve_run_on_the_checkpoint(runs) -> None:
         model = client.models.list().data[0].id
         out = client.completions.create(model=model, prompt="ROMEO:", max_tokens=5, temperature=0)
     assert out.usage is not None and out.usage.completion_tokens >= 1
+
+
+@pytest.mark.slow  # one 2-process run and its reference, about a minute
+def test_fsdp_two_processes_train_moe_as_one(tmp_path) -> None:
+    """FSDP2 over 2 gloo processes (batch 8 each) against one process (batch 8, 2 accumulation
+    steps): the same rows in each forward, so the same aux losses, the same updates."""
+    from test_distributed_support import base_overrides, run_torchrun, single_process_losses
+
+    corpus = write_corpus(tmp_path / "play.txt")
+    base = [
+        *base_overrides(tmp_path, corpus, tmp_path / "cache"),
+        *MOE_MODEL,
+        "trainer.batch_size=8",
+    ]
+    res = run_torchrun(tmp_path, 2, *base, "run_name=fsdp", "trainer.fsdp=true")
+    assert res.returncode == 0, res.stderr
+    ref = single_process_losses([*base, "trainer.grad_accum=2"], tmp_path / "ref")
+    got = read_metrics(tmp_path / "runs" / "fsdp")
+    assert [r["train_loss"] for r in got] == pytest.approx(ref, rel=1e-4)
+    ref_rows = read_metrics(tmp_path / "ref")
+    for key in ("aux_loss", "expert_load"):
+        assert [r[key] for r in got] == pytest.approx([r[key] for r in ref_rows], rel=1e-4)
+    ours = Qwen3.from_pretrained(tmp_path / "runs" / "fsdp" / "latest")
+    assert ours.config.num_experts == 4
