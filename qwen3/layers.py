@@ -36,10 +36,15 @@ def _derived(
 ) -> tuple[torch.Tensor | None, ...]:
     """``build()`` (tensors computed from ``sources``), cached on ``owner`` under ``slot`` for as
     long as no source changes: an in-place update (an optimizer step), new storage (``.to()``, a
-    loaded state dict). Built afresh whenever gradients are on (autograd must see the ops), under
-    ``torch.compile`` (it traces them) and for inference tensors (they keep no version counter).
-    This is the per-token decode path, so the hit case is kept to a few attribute reads."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+    loaded state dict). Cached only under ``torch.inference_mode()``, which is how generation and
+    the server run a model; everything else (training, evaluation under ``no_grad``, compile's
+    tracing) builds afresh. The training model is never cached because its weights can change
+    unseen by the key: FSDP2 refills unsharded parameters in place without bumping ``_version``,
+    into storage it frees and reallocates (on CUDA often at the same address), so an evaluation
+    between steps could read the previous one's weights. Inference tensors (no version counter)
+    also build afresh. This is the per-token decode path, so the hit case is kept to a few
+    attribute reads."""
+    if not torch.is_inference_mode_enabled() or torch.compiler.is_compiling():
         return build()
     # The entry holds the sources' storage alive, so no new tensor (another dtype or device after
     # .to(), a state dict loaded with assign=True) can reuse those addresses: an equal

@@ -124,26 +124,48 @@ def _separate_forward(model: Qwen3, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_inference_stacked_weights_follow_every_weight_change() -> None:
-    """The cached stacked q/k/v, gate/up and q/k-norm weights used without gradients are never
-    stale: in-place updates (an optimizer step), a loaded state dict and a dtype round trip all
-    show up in the next no-grad forward."""
+    """The cached stacked q/k/v, gate/up and q/k-norm weights (inference mode) are never stale:
+    in-place updates (an optimizer step), a loaded state dict and a dtype round trip all show up
+    in the next forward."""
     torch.manual_seed(4)
     model = Qwen3(dataclasses.replace(CFG, attention_bias=True))
     x = torch.randint(0, CFG.vocab_size, (2, 5))
-    with torch.no_grad():
+    with torch.inference_mode():
         first = model(x)
-        torch.testing.assert_close(first, _separate_forward(model, x), rtol=1e-5, atol=1e-6)
-        attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
-        for p in (attn.k_proj.weight, attn.v_proj.bias, mlp.up_proj.weight, attn.k_norm.weight):
+    torch.testing.assert_close(first, _separate_forward(model, x), rtol=1e-5, atol=1e-6)
+    assert "_stacked" in model.model.layers[0].mlp.__dict__  # the cache is in use
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    for p in (attn.k_proj.weight, attn.v_proj.bias, mlp.up_proj.weight, attn.k_norm.weight):
+        with torch.no_grad():
             p.mul_(1.5)  # in place, as an optimizer step would
+        with torch.inference_mode():
             updated = model(x)
-            assert not torch.allclose(updated, first)
-            torch.testing.assert_close(updated, _separate_forward(model, x), rtol=1e-5, atol=1e-6)
-        fresh = Qwen3(dataclasses.replace(CFG, attention_bias=True))
-        model.load_state_dict(fresh.state_dict())
+        assert not torch.allclose(updated, first)
+        torch.testing.assert_close(updated, _separate_forward(model, x), rtol=1e-5, atol=1e-6)
+    fresh = Qwen3(dataclasses.replace(CFG, attention_bias=True))
+    model.load_state_dict(fresh.state_dict())
+    with torch.inference_mode():
         torch.testing.assert_close(model(x), fresh(x), rtol=1e-5, atol=1e-6)
-        expected = _separate_forward(model.double().float(), x)
+    expected = _separate_forward(model.double().float(), x)
+    with torch.inference_mode():
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_no_grad_forwards_see_weights_refilled_behind_the_version_counter() -> None:
+    """What FSDP2 does to unsharded parameters before each forward (refill the same storage in
+    place, no ``_version`` bump), done here through ``.data``: an evaluation between training
+    steps (``no_grad``) must see the new weights, so the training model's forwards never cache."""
+    torch.manual_seed(7)
+    model, other = Qwen3(CFG), Qwen3(CFG)
+    x = torch.randint(0, CFG.vocab_size, (2, 5))
+    with torch.no_grad():
+        model(x)  # would have cached the stacks
+        for p, q in zip(model.parameters(), other.parameters(), strict=True):
+            version = p._version
+            p.data.copy_(q)
+            assert p._version == version  # the key's version did not move
+        torch.testing.assert_close(model(x), other(x), rtol=1e-5, atol=1e-6)
+    assert "_stacked" not in model.model.layers[0].mlp.__dict__
 
 
 def test_weights_made_in_inference_mode_decode_without_a_cache() -> None:
@@ -176,6 +198,6 @@ def test_large_stacks_project_one_by_one_alike(monkeypatch) -> None:
     separate(x).square().mean().backward()
     for (name, a), b in zip(stacked.named_parameters(), separate.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
-    with torch.no_grad():
+    with torch.inference_mode():
         torch.testing.assert_close(separate(x), expected, rtol=1e-5, atol=1e-6)
     assert separate.model.layers[0].mlp.__dict__["_stacked"][2] == (None, None)
