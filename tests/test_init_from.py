@@ -93,6 +93,12 @@ def test_training_starts_from_the_pretrained_weights_and_tokenizer(
     trained = Qwen3.from_pretrained(ckpt)
     assert not torch.equal(trained.lm_head.weight, hf.lm_head.weight)
 
+    # Relaunched with resume, the run continues from its checkpoint, not from init_from's weights.
+    again = make_trainer(overrides(tmp_path, corpus, pretrained), tmp_path / "run")
+    again.resume_from(ckpt)
+    assert again.step == 4
+    assert torch.equal(again.parts.model.lm_head.weight, trained.lm_head.weight)
+
 
 def test_a_setting_that_leaves_the_shapes_alone_applies(corpus, pretrained, tmp_path) -> None:
     cfg = compose_run_config(
