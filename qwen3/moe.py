@@ -8,8 +8,9 @@ released checkpoints, so a checkpoint is a Hugging Face directory as it stands a
 orthogonalises each expert's matrices on their own.
 
 Dispatch goes by expert: the routed (token, expert) pairs are sorted by expert once, each expert
-runs once on its contiguous group, and the results are un-sorted and mixed by the routing
-weights. No expert ever sees a token not routed to it. Shapes: N tokens, k experts per token,
+runs once on its contiguous group (on CUDA in bf16 all of them in one ``F.grouped_mm``), and each
+result, scaled by its routing weight, is added to its token's row. No expert ever sees a token not
+routed to it. Shapes: N tokens, k experts per token,
 E experts, C hidden size, F expert width.
 """
 

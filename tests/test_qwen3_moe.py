@@ -310,3 +310,27 @@ def test_bench_moe_runs_and_agrees_with_transformers() -> None:
     assert "transformers grouped_mm: output and input gradient equal to ours: True" in res.stdout
     assert "transformers eager: output and input gradient equal to ours: True" in res.stdout
     assert "| transformers eager" in res.stdout
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_keeps_loss_aux_loss_and_gradients(mode: str) -> None:
+    """The router logits escape the checkpointed block for the aux loss; recomputing the block in
+    backward must give the same gradients as keeping its activations."""
+    cfg = Qwen3Config(**dict(BASE, **CONFIGS["e6-top2-raw-dense1-untied"]))
+    x = torch.randint(0, BASE["vocab_size"], (2, 16))
+    y = torch.randint(0, BASE["vocab_size"], (2, 16))
+    results = []
+    for checkpointing in ("none", mode):
+        torch.manual_seed(0)
+        model = Qwen3(cfg).train()
+        model.set_activation_checkpointing(checkpointing)  # type: ignore[arg-type]
+        loss = model(x, targets=y)
+        aux = load_balancing_loss(pop_router_logits(model), 6, 2)
+        (loss + 0.01 * aux).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.item(), aux.item(), grads))
+    (l0, a0, g0), (l1, a1, g1) = results
+    assert l0 == pytest.approx(l1, abs=1e-6) and a0 == pytest.approx(a1, abs=1e-6)
+    assert g0.keys() == g1.keys()
+    for name in g0:
+        assert torch.allclose(g0[name], g1[name], atol=1e-6), name
