@@ -1,24 +1,76 @@
-"""Muon for FSDP2-sharded (DTensor) matrices: Newton-Schulz on the whole matrix, once per step.
+"""Muon for FSDP2-sharded (DTensor) matrices: each matrix orthogonalised once, on one rank.
 
 torch.optim.Muon runs on a DTensor shard too, but then every matmul of its Newton-Schulz loop
 is a distributed bf16 matmul (15 redistributions per matrix per step, results off by bf16
-rounding from the unsharded run). Here each rank gathers the matrix's momentum update once,
-orthogonalises it with torch's own Newton-Schulz, and applies its own rows; the momentum buffer
-stays sharded. The arithmetic is that of torch's ``_single_tensor_muon``, so a sharded run
-matches a DDP run to float tolerance.
+rounding from the unsharded run). Gathering every matrix on every rank instead repeats the
+whole Newton-Schulz work world_size times. Here (nanochat's scheme) the matrices are dealt out
+round-robin: in each round every rank owns at most one matrix, receives its row shards
+(``gather``), orthogonalises it, and sends each rank its rows back (``scatter``). The
+momentum buffer stays sharded, and the arithmetic is that of torch's ``_single_tensor_muon``,
+so a sharded run matches one process to float tolerance.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from typing import Any
+
 import torch
-from torch.distributed.tensor import DTensor, distribute_tensor
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.optim import Muon
-from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
+
+
+def orthogonalize(update: Tensor, group: dict[str, Any]) -> Tensor:
+    """torch.optim.Muon's Newton-Schulz orthogonalisation of one 2-D ``update``, with ``group``'s
+    coefficients, steps and eps. The one private torch call of this module, isolated here:
+    ``tests/test_sharded_muon.py`` pins it to ``torch.optim.Muon``'s own step and fails loudly
+    if torch moves or changes it."""
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    out: Tensor = _zeropower_via_newtonschulz(
+        update, group["ns_coefficients"], group["ns_steps"], group["eps"]
+    )
+    return out
+
+
+def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """torch.optim.Muon's shape-dependent learning rate (``adjust_lr_fn``), rewritten because
+    torch keeps it private: "original" scales by sqrt(max(1, rows/cols)), "match_rms_adamw" by
+    0.2 * sqrt(max(rows, cols))."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return lr * math.sqrt(max(1.0, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    return lr
+
+
+def _row_shards(rows: int, world: int) -> list[int]:
+    """Rows held by each rank under ``Shard(0)``: torch.chunk's split (the last ranks may hold
+    fewer rows, or none)."""
+    chunk = -(-rows // world)
+    return [max(0, min(chunk, rows - r * chunk)) for r in range(world)]
+
+
+def _is_row_sharded(param: Tensor) -> bool:
+    return (
+        isinstance(param, DTensor)
+        and param.device_mesh.ndim == 1
+        and tuple(param.placements) == (Shard(0),)
+    )
 
 
 class ShardedMuon(Muon):
-    """torch.optim.Muon whose step orthogonalises gathered whole matrices (same state layout:
-    ``momentum_buffer`` per parameter, here a DTensor shaped like the parameter)."""
+    """torch.optim.Muon for FSDP2 parameters (same state layout: ``momentum_buffer`` per
+    parameter, a DTensor shaped like it), each matrix's Newton-Schulz run by one owning rank.
+    Parameters that are not row-sharded DTensors (another mesh, or plain tensors) are
+    orthogonalised whole on every rank, as torch.optim.Muon does."""
+
+    # Replaced in tests to see which rank orthogonalised which matrix.
+    orthogonalize: Callable[[Tensor, dict[str, Any]], Tensor] = staticmethod(orthogonalize)
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[no-untyped-def]
@@ -27,26 +79,91 @@ class ShardedMuon(Muon):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, momentum = group["lr"], group["momentum"]
-            for param in group["params"]:
-                grad = param.grad
-                if grad is None:
-                    continue
-                state = self.state[param]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(grad)
-                buf = state["momentum_buffer"]
-                buf.lerp_(grad, 1 - momentum)
-                update = grad.lerp(buf, momentum) if group["nesterov"] else buf
-                whole = update.full_tensor() if isinstance(update, DTensor) else update
-                ortho = _zeropower_via_newtonschulz(
-                    whole, group["ns_coefficients"], group["ns_steps"], group["eps"]
-                )
-                if isinstance(param, DTensor):  # keep this rank's rows (no communication)
-                    ortho = distribute_tensor(
-                        ortho, param.device_mesh, param.placements, src_data_rank=None
-                    )
-                adjusted_lr = _adjust_lr(lr, group["adjust_lr_fn"], param.shape)
-                param.mul_(1 - lr * group["weight_decay"])
-                param.add_(ortho, alpha=-adjusted_lr)
+            params = [p for p in group["params"] if p.grad is not None]
+            updates = [self._momentum_update(p, group) for p in params]
+            sharded = [i for i, p in enumerate(params) if _is_row_sharded(p)]
+            ortho: dict[int, Tensor] = {}
+            world = params[sharded[0]].device_mesh.size() if sharded else 1
+            for start in range(0, len(sharded), world):  # a round: one matrix per rank at most
+                ortho.update(self._round(sharded[start : start + world], params, updates, group))
+            for i, (param, update) in enumerate(zip(params, updates, strict=True)):
+                lr = adjusted_lr(group["lr"], group["adjust_lr_fn"], param.shape)
+                local = param.to_local() if isinstance(param, DTensor) else param
+                if i not in ortho:  # not row-sharded: orthogonalise the whole matrix here
+                    whole = update.full_tensor() if isinstance(update, DTensor) else update
+                    ortho[i] = self.orthogonalize(whole, group)
+                    if isinstance(param, DTensor):
+                        ortho[i] = distribute_tensor(
+                            ortho[i], param.device_mesh, param.placements, src_data_rank=None
+                        ).to_local()
+                local.mul_(1 - group["lr"] * group["weight_decay"])
+                local.add_(ortho[i].to(local.dtype), alpha=-lr)
         return loss
+
+    def _momentum_update(self, param: Tensor, group: dict[str, Any]) -> Tensor:
+        """This rank's part of the (Nesterov) momentum update; elementwise, so shards suffice."""
+        grad = param.grad
+        assert grad is not None
+        state = self.state[param]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(grad)
+        buf = state["momentum_buffer"]
+        buf.lerp_(grad, 1 - group["momentum"])
+        return grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+
+    def _round(
+        self, which: list[int], params: list[Tensor], updates: list[Tensor], group: dict[str, Any]
+    ) -> dict[int, Tensor]:
+        """Orthogonalise ``params[which[j]]`` on the mesh's rank j; return this rank's rows of
+        each one's result (local tensors, keyed by index)."""
+        first = params[which[0]]
+        assert isinstance(first, DTensor)
+        pg = first.device_mesh.get_group()
+        me, world = dist.get_rank(pg), dist.get_world_size(pg)
+        # Shards are padded to torch.chunk's chunk size: gather and scatter move equal blocks.
+        shards = {i: _row_shards(params[i].shape[0], world) for i in which}
+
+        def padded(local: Tensor, rows: int) -> Tensor:
+            return torch.nn.functional.pad(local, (0, 0, 0, rows - local.shape[0]))
+
+        gathered: dict[int, list[Tensor]] = {}
+        works = []
+        for owner, i in enumerate(which):
+            update = updates[i]
+            assert isinstance(update, DTensor)
+            local = update.to_local()
+            chunk = max(shards[i])
+            dst = dist.get_global_rank(pg, owner)
+            if owner == me:
+                gathered[i] = [torch.empty_like(padded(local, chunk)) for _ in range(world)]
+            works.append(
+                dist.gather(
+                    padded(local, chunk).contiguous(),
+                    gathered.get(i),
+                    dst=dst,
+                    group=pg,
+                    async_op=True,
+                )
+            )
+        for w in works:
+            assert w is not None
+            w.wait()
+        results: dict[int, Tensor] = {}
+        works = []
+        for owner, i in enumerate(which):
+            chunk, rows = max(shards[i]), shards[i]
+            pieces: list[Tensor] | None = None
+            if owner == me:
+                whole = torch.cat([g[:n] for g, n in zip(gathered.pop(i), rows, strict=True)])
+                # in the update's dtype: every rank can size its receive buffer from its own shard
+                out = self.orthogonalize(whole, group).to(updates[i].dtype)
+                pieces = [padded(p, chunk).contiguous() for p in torch.split(out, rows)]
+            results[i] = torch.empty(
+                chunk, params[i].shape[1], dtype=updates[i].dtype, device=updates[i].device
+            )
+            src = dist.get_global_rank(pg, owner)
+            works.append(dist.scatter(results[i], pieces, src=src, group=pg, async_op=True))
+        for w in works:
+            assert w is not None
+            w.wait()
+        return {i: results[i][: shards[i][me]] for i in which}
