@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from optim import OptimizerSet
@@ -198,9 +198,12 @@ def wrap_model(
     fsdp: bool,
     compile: bool,
     activation_checkpointing: ActivationCheckpointing = "none",
+    low_precision: torch.dtype | None = None,
 ) -> nn.Module:
     """What the training step calls. ``model`` is sharded in place when ``fsdp``; build the
-    optimizers after this call, on ``model``'s (then sharded) parameters.
+    optimizers after this call, on ``model``'s (then sharded) parameters. ``low_precision``
+    (bf16 training) is the dtype FSDP gathers parameters in; gradients are still reduced in
+    float32 and the sharded weights stay float32.
 
     torchtitan's order: activation checkpointing inside each block first, then sharding or
     replication, then compile, so FSDP's per-block gathers stay outside the recomputed region.
@@ -214,7 +217,7 @@ def wrap_model(
             stacklevel=2,
         )
     elif fsdp:
-        shard_model(model, device)
+        shard_model(model, device, low_precision)
     elif dist.is_distributed:
         forward = DistributedDataParallel(
             model,
@@ -230,21 +233,19 @@ def _unwrap_compiled(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """Within this context ``backward`` only accumulates local gradients when ``enabled`` is
-    false (the non-final micro-batches of gradient accumulation), so the ranks communicate
-    once per optimizer step."""
+    """Under DDP, ``backward`` within this context only accumulates local gradients when
+    ``enabled`` is false (the non-final micro-batches of gradient accumulation), so the ranks
+    all-reduce once per optimizer step.
+
+    Under FSDP every micro-batch's gradients are reduce-scattered: skipping that sync would keep
+    each rank's full, unsharded float32 gradients alive across the micro-batches (a whole
+    model's worth per rank, what sharding exists to avoid), while one reduce-scatter per
+    micro-batch leaves each rank 1/world of them. Memory wins over the extra communication
+    (measured in benchmarks/results/fsdp-memory.md)."""
     inner = _unwrap_compiled(model)
-    if enabled:
-        yield
-    elif isinstance(inner, DistributedDataParallel):
+    if not enabled and isinstance(inner, DistributedDataParallel):
         with inner.no_sync():
             yield
-    elif isinstance(inner, FSDPModule):
-        inner.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            inner.set_requires_gradient_sync(True)
     else:
         yield
 
@@ -253,15 +254,21 @@ _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
 _SCATTER = StateDictOptions(full_state_dict=True)
 
 
-def shard_model(model: Qwen3, device: torch.device) -> None:
-    """Shard ``model`` in place: one FSDP group per decoder layer, plus the root."""
+def shard_model(
+    model: Qwen3, device: torch.device, low_precision: torch.dtype | None = None
+) -> None:
+    """Shard ``model`` in place: one FSDP group per decoder layer, plus the root. With
+    ``low_precision`` the per-layer all-gathers move (and the forward computes with) parameters
+    in that dtype, half of float32's traffic and memory; reduce-scatters stay float32 so the
+    sharded float32 weights and optimizer state see exact gradient sums."""
     mesh_device = "cuda" if device.type == "cuda" else "cpu"
     mesh = torch.distributed.device_mesh.init_device_mesh(
         mesh_device, (torch.distributed.get_world_size(),)
     )
+    policy = MixedPrecisionPolicy(param_dtype=low_precision, reduce_dtype=torch.float32)
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -48,7 +48,8 @@ def accumulate_gradients(
     loss_sum = torch.zeros((), device=x.device)
     micro = zip(x.chunk(grad_accum), y.chunk(grad_accum), strict=True)
     for i, (xs, ys) in enumerate(micro):
-        # Across processes, gradients are exchanged once: in the last micro-batch's backward.
+        # DDP exchanges gradients once, in the last micro-batch's backward; FSDP reduce-scatters
+        # every micro-batch's, so that no rank holds whole gradients (trainer.distributed).
         with gradient_sync(model, enabled=i == grad_accum - 1):
             with precision.autocast():
                 loss = model(xs, targets=ys)
