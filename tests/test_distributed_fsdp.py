@@ -4,6 +4,13 @@ Face directories, and it resumes exactly."""
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -14,7 +21,7 @@ from test_distributed_support import (
     run_torchrun,
     single_process_losses,
 )
-from test_trainer_support import read_metrics, write_corpus
+from test_trainer_support import REPO, read_metrics, write_corpus
 
 from qwen3 import Qwen3
 
@@ -94,3 +101,79 @@ def test_sharded_run_matches_ddp_with_adamw_and_resumes_exactly(corpus, tmp_path
     )
     assert resumed.returncode == 0, resumed.stderr
     assert losses(tmp_path / "runs" / "resumed") == full[2:]
+
+
+MIXED_PRECISION_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    import torch, torch.distributed as dist
+    from qwen3 import Qwen3, Qwen3Config
+    from trainer.distributed import shard_model
+
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    model = Qwen3(Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=8, max_position_embeddings=32))
+    shard_model(model, torch.device("cpu"), torch.bfloat16)
+    seen = []
+    attn = model.model.layers[0].self_attn
+    attn.register_forward_pre_hook(lambda m, a: seen.append(str(m.q_proj.weight.dtype)))
+    x = torch.randint(0, 64, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x, targets=x).backward()
+    q = attn.q_proj.weight
+    out = {"gathered": seen, "sharded": str(q.dtype), "grad": str(q.grad.dtype),
+           "local_rows": q.to_local().shape[0], "rows": q.shape[0]}
+    json.dump(out, open(f"{sys.argv[1]}/{dist.get_rank()}.json", "w"))
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_bf16_training_gathers_bf16_and_keeps_fp32_shards(tmp_path) -> None:
+    """trainer.precision=bf16 under FSDP: the forward sees bf16 weights (gathered at half the
+    traffic), while each rank's shard of the weights and of the gradients stays float32."""
+    script = tmp_path / "worker.py"
+    script.write_text(MIXED_PRECISION_WORKER)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    for rank in range(2):
+        got = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert got["gathered"] == ["torch.bfloat16"]
+        assert got["sharded"] == got["grad"] == "torch.float32"
+        assert got["local_rows"] * 2 == got["rows"]
+
+
+@pytest.mark.slow
+def test_bf16_sharded_run_trains_as_one_process(corpus, tmp_path) -> None:
+    base = [
+        *base_overrides(tmp_path, corpus, tmp_path / "cache"),
+        "optim=adamw",
+        "trainer.precision=bf16",
+        "trainer.grad_accum=2",
+    ]
+    res = run_torchrun(
+        tmp_path, 2, *base, "run_name=fsdp", "trainer.fsdp=true", "trainer.batch_size=4"
+    )
+    assert res.returncode == 0, res.stderr
+    got = losses(tmp_path / "runs" / "fsdp")
+    ref = single_process_losses([*base, "trainer.batch_size=8"], tmp_path / "ref")
+    assert len(got) == STEPS and all(math.isfinite(v) for v in got)
+    # bf16 weights in the forward (FSDP) against float32 weights autocast per matmul (one
+    # process): the same training to bf16 rounding
+    assert got == pytest.approx(ref, rel=1e-2)

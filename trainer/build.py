@@ -154,7 +154,13 @@ def build_parts(
     model = initial_model(cfg, model_cfg, device)
     model.train()
     forward = wrap_model(
-        model, dist, device, tcfg.fsdp, tcfg.compile, tcfg.activation_checkpointing
+        model,
+        dist,
+        device,
+        tcfg.fsdp,
+        tcfg.compile,
+        tcfg.activation_checkpointing,
+        low_precision=precision.dtype if precision.name == "bf16" else None,
     )
     optimizers = build_optimizers(model, cfg.optim, tcfg.max_steps)
     sampler = BatchSampler(
