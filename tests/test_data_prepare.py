@@ -8,6 +8,7 @@ import json
 import logging
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -333,3 +334,28 @@ def test_an_io_error_deletes_nothing(cfg, monkeypatch, victim: str) -> None:
     assert (good.tokenizer_dir / "tokenizer.json").read_text() == tokenizer_json
     again = _prepare(cfg)
     assert again.meta["build_seconds"] == good.meta["build_seconds"]  # the same cache, not rebuilt
+
+
+def test_a_streaming_source_is_read_once(cfg, monkeypatch) -> None:
+    """Training the tokenizer and building the cache read the stream once: what the trainer
+    took is replayed from a temporary file, then the same stream goes on."""
+    import datasets
+
+    opened = []
+    real = datasets.load_dataset
+
+    def counting(*args, **kwargs):
+        opened.append(kwargs.get("streaming"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", counting)
+    budget = dataclasses.replace(cfg, tokenizer_max_bytes=2000)  # the trainer stops part way
+    data = _prepare(budget)
+    assert opened == [True]
+    # The replayed head plus the rest equals reading the stream plainly (tokenizer cached).
+    expected = np.array(data.train)
+    shutil.rmtree(data.cache_path)
+    again = _prepare(budget)
+    assert opened == [True, True] and again.meta["train_sha256"] == data.meta["train_sha256"]
+    assert np.array_equal(np.asarray(again.train), expected)
+    assert not [p for p in Path(cfg.cache_dir).iterdir() if p.name.startswith("tmp")]
