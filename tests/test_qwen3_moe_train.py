@@ -122,10 +122,12 @@ def test_demo_and_serve_run_on_the_checkpoint(runs) -> None:
     assert out.usage is not None and out.usage.completion_tokens >= 1
 
 
-@pytest.mark.slow  # one 2-process run and its reference, about a minute
-def test_fsdp_two_processes_train_moe_as_one(tmp_path) -> None:
-    """FSDP2 over 2 gloo processes (batch 8 each) against one process (batch 8, 2 accumulation
-    steps): the same rows in each forward, so the same aux losses, the same updates."""
+@pytest.mark.slow  # one 2-process run and its reference, about a minute each
+@pytest.mark.parametrize("fsdp", [True, False], ids=["fsdp", "ddp"])
+def test_two_processes_train_moe_as_one(tmp_path, fsdp: bool) -> None:
+    """FSDP2 or DDP over 2 gloo processes (batch 8 each) against one process (batch 8, 2
+    accumulation steps): the same rows in each forward, so the same aux losses, the same updates.
+    Every expert gets a gradient on every rank (zero when no token reached it), as DDP needs."""
     from test_distributed_support import base_overrides, run_torchrun, single_process_losses
 
     corpus = write_corpus(tmp_path / "play.txt")
@@ -134,13 +136,13 @@ def test_fsdp_two_processes_train_moe_as_one(tmp_path) -> None:
         *MOE_MODEL,
         "trainer.batch_size=8",
     ]
-    res = run_torchrun(tmp_path, 2, *base, "run_name=fsdp", "trainer.fsdp=true")
+    res = run_torchrun(tmp_path, 2, *base, "run_name=two", f"trainer.fsdp={str(fsdp).lower()}")
     assert res.returncode == 0, res.stderr
     ref = single_process_losses([*base, "trainer.grad_accum=2"], tmp_path / "ref")
-    got = read_metrics(tmp_path / "runs" / "fsdp")
+    got = read_metrics(tmp_path / "runs" / "two")
     assert [r["train_loss"] for r in got] == pytest.approx(ref, rel=1e-4)
     ref_rows = read_metrics(tmp_path / "ref")
     for key in ("aux_loss", "expert_load"):
         assert [r[key] for r in got] == pytest.approx([r[key] for r in ref_rows], rel=1e-4)
-    ours = Qwen3.from_pretrained(tmp_path / "runs" / "fsdp" / "latest")
+    ours = Qwen3.from_pretrained(tmp_path / "runs" / "two" / "latest")
     assert ours.config.num_experts == 4
