@@ -36,8 +36,8 @@ def _model(vocab_size: int) -> Qwen3:
 
 
 def test_chunked_evaluation_equals_the_unchunked_metrics() -> None:
-    """Several chunks per batch (64 rows each on CPU at this vocabulary), with ties impossible
-    to matter: loss to float rounding, accuracy exactly."""
+    """Several chunks per batch (64 rows each on CPU at this vocabulary): the loss equals the
+    unchunked one to float rounding, the accuracy exactly (same float32 logits, same argmax)."""
     model = _model(QWEN_VOCAB)
     rng = np.random.default_rng(0)
     # A skewed split (a few ids common), so the random model gets some targets right.
