@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from qwen3.cache import KVCache
 from qwen3.checkpointing import MODES, ActivationCheckpointing
@@ -87,7 +88,12 @@ class Qwen3(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """(Re)initialise every weight as the class docstring describes (on the meta device
-        there are no values to set: skipping saves a minute on the largest MoE presets)."""
+        there are no values to set: skipping saves a minute on the largest MoE presets).
+
+        Each weight is drawn whole on the CPU from the global RNG, module by module, so the
+        values depend on the seed alone: not on the device, and not on FSDP sharding, where a
+        parameter keeps its own rows of the whole draw and only one whole tensor exists at a
+        time (:meth:`materialize`)."""
         if self.device.type == "meta":
             return
         std = self.config.initializer_range
@@ -95,13 +101,24 @@ class Qwen3(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
                 scaled = name.endswith(("o_proj", "down_proj"))
-                nn.init.normal_(module.weight, mean=0.0, std=residual_std if scaled else std)
+                _draw_normal(module.weight, residual_std if scaled else std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
+                _draw_normal(module.weight, std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+
+    def materialize(self, device: torch.device | str) -> None:
+        """Give a model built on the meta device (``with torch.device("meta")``) its storage on
+        ``device`` and initialise it (:meth:`reset_parameters`). After FSDP's ``fully_shard``
+        each rank allocates and fills only its own shards, so no rank ever holds the whole
+        float32 model."""
+        self.to_empty(device=device)
+        if self.config.tie_word_embeddings:  # to_empty gives a plain module's tied head a copy
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.model.rotary_emb.reset()
+        self.reset_parameters()
 
     def forward(
         self,
@@ -195,3 +212,14 @@ class Qwen3(nn.Module):
         from qwen3.hf import save_pretrained
 
         save_pretrained(self, path)
+
+
+def _draw_normal(param: torch.Tensor, std: float) -> None:
+    """``param`` ~ N(0, std), drawn whole on the CPU (so the same seed gives the same weights on
+    every device); a DTensor shard keeps its own part of the whole draw."""
+    whole = nn.init.normal_(torch.empty(param.shape, dtype=param.dtype), mean=0.0, std=std)
+    if isinstance(param, DTensor):
+        mine = distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(mine.to_local())
+    else:
+        param.copy_(whole)

@@ -122,8 +122,9 @@ def prepare_run_data(cfg: RunConfig, dist: DistInfo) -> PreparedData:
 def initial_model(cfg: RunConfig, model_cfg: Qwen3Config, device: torch.device) -> Qwen3:
     """A freshly initialised model, or with ``init_from`` the pretrained directory's weights in
     float32 (the optimizer still starts fresh: that is what sets it apart from ``resume``)."""
-    if not cfg.init_from:
-        return Qwen3(model_cfg).to(device)
+    if not cfg.init_from:  # weights come with materialize(), after FSDP sharding if any
+        with torch.device("meta"):
+            return Qwen3(model_cfg)
     try:
         return load_pretrained(cfg.init_from, device=device, dtype=torch.float32, config=model_cfg)
     except (OSError, ValueError) as e:
@@ -153,6 +154,10 @@ def build_parts(
     seed_everything(cfg.seed)
     model = initial_model(cfg, model_cfg, device)
     model.train()
+    # Under FSDP each rank allocates and initialises only its shards, after sharding.
+    shard_first = tcfg.fsdp and dist.is_distributed
+    if model.device.type == "meta" and not shard_first:
+        model.materialize(device)
     forward = wrap_model(
         model,
         dist,
@@ -162,6 +167,8 @@ def build_parts(
         tcfg.activation_checkpointing,
         low_precision=precision.dtype if precision.name == "bf16" else None,
     )
+    if model.device.type == "meta":
+        model.materialize(device)
     optimizers = build_optimizers(model, cfg.optim, tcfg.max_steps)
     sampler = BatchSampler(
         data.train,
