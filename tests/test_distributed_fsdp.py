@@ -177,3 +177,66 @@ def test_bf16_sharded_run_trains_as_one_process(corpus, tmp_path) -> None:
     # bf16 weights in the forward (FSDP) against float32 weights autocast per matmul (one
     # process): the same training to bf16 rounding
     assert got == pytest.approx(ref, rel=1e-2)
+
+
+META_INIT_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    import torch, torch.distributed as dist
+    from qwen3 import Qwen3, Qwen3Config
+    from trainer.distributed import full_model_copy, shard_model
+
+    dist.init_process_group("gloo")
+    cfg = Qwen3Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                      max_position_embeddings=32)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Qwen3(cfg)
+    shard_model(model, torch.device("cpu"))
+    model.materialize("cpu")
+    local = sum(p.to_local().numel() for p in model.parameters())
+    whole = full_model_copy(model, dist.get_rank() == 0)
+    out = {"local": local, "total": model.num_params()}
+    if whole is not None:
+        torch.manual_seed(0)
+        with torch.device("meta"):
+            alone = Qwen3(cfg)
+        alone.materialize("cpu")
+        x = torch.randint(0, 96, (2, 16))
+        with torch.no_grad():
+            out["same_logits"] = bool(torch.equal(whole(x), alone(x)))
+        out["same_weights"] = all(
+            torch.equal(a, b) for a, b in zip(whole.state_dict().values(), alone.state_dict().values())
+        )
+        out["tied"] = whole.lm_head.weight is whole.model.embed_tokens.weight
+    json.dump(out, open(f"{sys.argv[1]}/{dist.get_rank()}.json", "w"))
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_sharded_init_holds_only_shards_and_equals_the_one_process_init(tmp_path) -> None:
+    """Built on meta, sharded, then materialised: each rank allocates half the parameters, and
+    the gathered weights are exactly the ones a single process initialises from the seed."""
+    script = tmp_path / "worker.py"
+    script.write_text(META_INIT_WORKER)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    assert [r["local"] for r in ranks] == [ranks[0]["total"] // 2] * 2
+    assert ranks[0]["same_weights"] and ranks[0]["same_logits"] and ranks[0]["tied"]
