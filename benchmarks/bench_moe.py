@@ -5,7 +5,11 @@ transformers runs its experts through the implementation its models pick by defa
 (``grouped_mm``: torch's grouped matmul) and through its ``eager`` loop; both are timed. The
 outputs and input gradients of all three are checked to agree before timing.
 
+With ``--models``: training tokens/s of whole models instead, tiny against tiny-moe (tiny's
+active parameters), Muon + AdamW, the load-balancing loss included, alternating steps.
+
     .venv/bin/python benchmarks/bench_moe.py                 # tiny-moe's layer, 16 x 256
+    .venv/bin/python benchmarks/bench_moe.py --models        # tiny vs tiny-moe training steps
     .venv/bin/python benchmarks/bench_moe.py --quick
 """
 
@@ -56,15 +60,56 @@ def timer(block: torch.nn.Module, x: torch.Tensor) -> Callable[[], float]:
     return run
 
 
+def model_stepper(name: str, batch: torch.Tensor) -> Callable[[], float]:
+    """One training step of preset ``name`` on ``batch`` as the trainer runs it; returns seconds."""
+    from optim import OptimConfig, build_optimizers
+    from qwen3 import Qwen3
+    from qwen3.moe import RouterLosses
+
+    model = Qwen3(Qwen3Config.from_preset(name)).train()
+    opt = build_optimizers(model, OptimConfig(warmup_steps=0, schedule="constant"), 10**9)
+    x, y = batch[:, :-1], batch[:, 1:]
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        router = RouterLosses(model)
+        (model(x, targets=y) + router.take()).backward()
+        opt.step()
+        opt.zero_grad()
+        return time.perf_counter() - t0
+
+    return step
+
+
+def compare_models(rounds: int, batch: int, seq: int) -> None:
+    tokens = torch.randint(0, Qwen3Config.from_preset("tiny").vocab_size, (batch, seq + 1))
+    steppers = {name: model_stepper(name, tokens) for name in ("tiny", "tiny-moe")}
+    for step in steppers.values():
+        step()  # warm-up
+    print(f"training steps of {batch} x {seq}, Muon + AdamW; {rounds} alternating rounds, medians")
+    runs = harness.alternate(steppers, rounds)
+    tiny = harness.median(runs["tiny"])
+    rows = [
+        [name, f"{batch * seq / harness.median(t):,.0f}", f"{tiny / harness.median(t):.2f}"]
+        for name, t in runs.items()
+    ]
+    harness.print_table(["model", "tokens/s", "speed vs tiny"], rows)
+
+
 def main() -> None:
     parser = harness.common_args(__doc__.splitlines()[0])
     parser.add_argument("--shape", default="tiny-moe", help="an MoE preset whose layer to time")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--models", action="store_true", help="tiny vs tiny-moe training steps")
     args = parser.parse_args()
     device = harness.setup(args.device, args.threads)
     rounds = args.rounds or (3 if args.quick else 15)
     batch, seq = (4, 64) if args.quick else (args.batch, args.seq)
+    print(f"machine: {harness.machine_line(device)}")
+    if args.models:
+        compare_models(rounds, batch, seq)
+        return
     torch.manual_seed(args.seed)
     cfg = Qwen3Config.from_preset(args.shape)
     ours = SparseMoeBlock(cfg)
@@ -84,7 +129,6 @@ def main() -> None:
         same = torch.allclose(out, ref_out, atol=1e-5) and torch.allclose(grad, ref_grad, atol=1e-6)
         print(f"{name}: output and input gradient equal to ours: {same}")
         block.zero_grad(set_to_none=True)
-    print(f"machine: {harness.machine_line(device)}")
     print(
         f"layer of {args.shape}: {cfg.num_experts} experts of {cfg.moe_intermediate_size}, "
         f"top {cfg.num_experts_per_tok}, hidden {cfg.hidden_size}; batch {batch} x {seq}; "

@@ -310,6 +310,14 @@ def test_bench_moe_runs_and_agrees_with_transformers() -> None:
     assert "transformers grouped_mm: output and input gradient equal to ours: True" in res.stdout
     assert "transformers eager: output and input gradient equal to ours: True" in res.stdout
     assert "| transformers eager" in res.stdout
+    res = subprocess.run(
+        [sys.executable, str(script), "--quick", "--threads", "1", "--models"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "| tiny-moe" in res.stdout
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
