@@ -248,7 +248,8 @@ def _check_same_maths(d: dict[str, Any]) -> None:
 
 @dataclass
 class Qwen3Config:
-    """Shape and numerics of a Qwen3 model, with the field names of Hugging Face's ``Qwen3Config``.
+    """Shape and numerics of a Qwen3 model, with the field names of Hugging Face's ``Qwen3Config``
+    (and ``Qwen3MoeConfig``'s for a mixture of experts: ``num_experts > 0``).
 
     ``attention_dropout`` drops attention weights in training mode only, as transformers does.
     Settings of a ``config.json`` that this model does not implement (scaled RoPE, sliding

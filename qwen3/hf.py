@@ -1,4 +1,6 @@
-"""Read and write Hugging Face Qwen3 directories (config.json + safetensors, sharded or not)."""
+"""Read and write Hugging Face Qwen3 and Qwen3-MoE directories (config.json + safetensors, sharded
+or not). A Qwen3-MoE model's experts keep the released per-expert names
+(``mlp.experts.{e}.gate_proj.weight``), which transformers reads and writes too."""
 
 from __future__ import annotations
 

@@ -60,7 +60,8 @@ class Qwen3Backbone(nn.Module):
 
 
 class Qwen3(nn.Module):
-    """A Qwen3 causal LM whose ``state_dict`` uses Hugging Face's ``Qwen3ForCausalLM`` names.
+    """A Qwen3 causal LM whose ``state_dict`` uses Hugging Face's ``Qwen3ForCausalLM`` names
+    (``Qwen3MoeForCausalLM``'s for a mixture of experts, ``config.num_experts > 0``: qwen3.moe).
 
     Initialisation (for training from scratch, as in the reference): every linear and embedding
     weight is drawn from N(0, initializer_range=0.02); the two projections that write into the
@@ -208,7 +209,8 @@ class Qwen3(nn.Module):
         return load_pretrained(path, device=device, dtype=dtype)
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Write ``config.json`` + ``model.safetensors`` that ``transformers`` loads as Qwen3ForCausalLM."""
+        """Write ``config.json`` + ``model.safetensors`` that ``transformers`` loads as
+        Qwen3ForCausalLM (Qwen3MoeForCausalLM for a mixture of experts)."""
         from qwen3.hf import save_pretrained
 
         save_pretrained(self, path)
