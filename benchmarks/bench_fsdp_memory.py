@@ -1,0 +1,115 @@
+"""Peak memory of the same short multi-process job under DDP and under FSDP (``trainer.fsdp``).
+
+Two CPU processes (gloo) under ``torchrun`` run ``train.py``: a few steps of a ~210M-parameter
+Qwen3, an evaluation and a save. Each configuration runs in a fresh wrapper process whose
+``RUSAGE_CHILDREN`` high-water mark is the peak resident set size of the largest process of the
+job (the kernel keeps the largest waited-for descendant's). The token cache is built first
+(``train.py prepare``), so no run pays for tokenization. Reported: each side's peak, their
+ratio (target: FSDP at most 0.6 of DDP) and the wall time of each job.
+
+    .venv/bin/python benchmarks/bench_fsdp_memory.py            # ~210M parameters
+    .venv/bin/python benchmarks/bench_fsdp_memory.py --quick    # a ~20M model, for CI
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# (hidden, layers, heads, kv heads, intermediate): with the 8,192-token Shakespeare vocabulary
+# these are 210M and 20M parameters (tied embeddings).
+SHAPES = {"full": (1024, 16, 16, 8, 3072), "quick": (256, 8, 4, 2, 768)}
+
+# Runs a command and prints the largest descendant's peak RSS in KiB (Linux: ru_maxrss).
+_WRAPPER = (
+    "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]);"
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)"
+)
+
+
+def _overrides(shape: tuple[int, int, int, int, int], out: Path, steps: int) -> list[str]:
+    hidden, layers, heads, kv, inter = shape
+    return [
+        "model=tiny",
+        f"model.hidden_size={hidden}",
+        f"model.num_hidden_layers={layers}",
+        f"model.num_attention_heads={heads}",
+        f"model.num_key_value_heads={kv}",
+        f"model.head_dim={hidden // heads}",
+        f"model.intermediate_size={inter}",
+        f"data.cache_dir={out / 'cache'}",
+        f"out_dir={out / 'runs'}",
+        "trainer.device=cpu",
+        "trainer.batch_size=2",
+        "trainer.seq_len=256",
+        f"trainer.max_steps={steps}",
+        f"trainer.eval_every={steps}",
+        "trainer.eval_batches=1",
+        f"trainer.save_every={steps}",
+        "sample.max_new_tokens=0",
+        "optim.warmup_steps=1",
+        "wandb.mode=disabled",
+    ]
+
+
+def run_job(overrides: list[str], fsdp: bool, name: str) -> tuple[float, float]:
+    """(peak RSS of the largest process in MiB, wall seconds) of one 2-process job."""
+    cmd = [
+        sys.executable,
+        "-c",
+        _WRAPPER,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "train.py"),
+        *overrides,
+        f"run_name={name}",
+        f"trainer.fsdp={str(fsdp).lower()}",
+    ]
+    start = time.perf_counter()
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if res.returncode != 0:
+        sys.exit(f"{name} failed:\n{res.stderr[-3000:]}")
+    return int(res.stdout.strip().splitlines()[-1]) / 1024, seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a ~20M model (for CI)")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="accepted for the test harness")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        overrides = _overrides(SHAPES["quick" if args.quick else "full"], out, args.steps)
+        prep = subprocess.run(
+            [sys.executable, str(REPO / "train.py"), "prepare", *overrides],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
+        if prep.returncode != 0:
+            sys.exit(f"prepare failed:\n{prep.stderr[-3000:]}")
+        ddp_mib, ddp_s = run_job(overrides, fsdp=False, name="ddp")
+        fsdp_mib, fsdp_s = run_job(overrides, fsdp=True, name="fsdp")
+    shape = "quick" if args.quick else "full"
+    print(
+        f"2 CPU processes (gloo), shape {shape} {SHAPES[shape]}, {args.steps} steps + eval + save"
+    )
+    print("| run | peak RSS, largest process (MiB) | wall (s) | ratio to DDP |")
+    print("|---|---|---|---|")
+    print(f"| DDP | {ddp_mib:.0f} | {ddp_s:.1f} | 1.00 |")
+    print(f"| FSDP | {fsdp_mib:.0f} | {fsdp_s:.1f} | {fsdp_mib / ddp_mib:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
