@@ -203,7 +203,7 @@ class _Source:
         cache = load_token_cache(path, repair)
         if cache is None:
             cache, fp, path = _format1_cache(
-                cfg, self.spec, tokenizer_dir, repair, (None, fp, path)
+                cfg, self.spec, tokenizer_dir, repair, build, (None, fp, path)
             )
         if cache is None and not build:
             raise DataNotReady(f"no finished token cache at {path} yet")
@@ -318,6 +318,7 @@ def _format1_cache(
     spec: dict[str, Any],
     tokenizer_dir: Path,
     repair: bool,
+    build: bool,
     missing: tuple[None, str, Path],
 ) -> tuple[TokenCache | None, str, Path]:
     """A cache of the same settings in format 1 (one train.bin), read where it holds the same
@@ -327,12 +328,14 @@ def _format1_cache(
     if not path.is_dir():
         return missing
     if cfg.max_tokens is not None:
-        log.warning(
-            "token cache %s is in format 1, whose data.max_tokens cut kept other val documents; "
-            "building %s in the sharded format (delete the old one to free its space)",
-            path,
-            missing[2],
-        )
+        if build:  # said once, by the builder, not at every poll of a waiting rank
+            log.warning(
+                "token cache %s is in format 1, whose data.max_tokens cut kept other val "
+                "documents; building %s in the sharded format (delete the old one to free its "
+                "space)",
+                path,
+                missing[2],
+            )
         return missing
     old = load_token_cache(path, repair)
     return (old, fp, path) if old is not None else missing

@@ -359,3 +359,35 @@ def test_a_streaming_source_is_read_once(cfg, monkeypatch) -> None:
     assert opened == [True, True] and again.meta["train_sha256"] == data.meta["train_sha256"]
     assert np.array_equal(np.asarray(again.train), expected)
     assert not [p for p in Path(cfg.cache_dir).iterdir() if p.name.startswith("tmp")]
+
+
+def _as_format1(data) -> Path:
+    """Rewrite a finished cache as format 1 wrote it (one train.bin), under format 1's name."""
+    from data.token_cache import fingerprint
+
+    meta = data.meta
+    key = {k: meta[k] for k in ("source", "split", "limits", "tokenizer_sha256")}
+    old = data.cache_path.parent / f"tokens-{fingerprint({**key, 'format_version': 1})}"
+    old.mkdir()
+    (old / "train.bin").write_bytes(np.asarray(data.train).tobytes())
+    (old / "val.bin").write_bytes(np.asarray(data.val).tobytes())
+    kept = ("dtype", "train_tokens", "val_tokens", "train_docs", "val_docs", "val_bytes")
+    (old / "meta.json").write_text(json.dumps({**{k: meta[k] for k in kept}, "format_version": 1}))
+    shutil.rmtree(data.cache_path)
+    return old
+
+
+def test_a_format1_cache_is_read_or_rebuilt_with_one_line(cfg, caplog) -> None:
+    new = _prepare(cfg)
+    old = _as_format1(new)
+    read = _prepare(cfg)  # the same ids: read as it is
+    assert read.cache_path == old and read.fingerprint == old.name.removeprefix("tokens-")
+    assert np.array_equal(np.asarray(read.train), np.asarray(new.train))
+
+    capped = dataclasses.replace(cfg, max_tokens=500)
+    old_capped = _as_format1(_prepare(capped))
+    with caplog.at_level(logging.WARNING, logger="data"):
+        rebuilt = _prepare(capped)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1 and "format 1" in lines[0] and "\n" not in lines[0]
+    assert rebuilt.cache_path != old_capped and rebuilt.meta["format_version"] == 2
