@@ -37,7 +37,7 @@ def test_gpu_check_dry_run_passes_every_row(tmp_path) -> None:
     )
     table = [line for line in res.stdout.splitlines() if line.startswith("| ")][1:]
     assert res.returncode == 0, res.stdout + res.stderr[-3000:]
-    assert len(table) == 13  # 4 throughput rows, fp16, 3 torchrun, eval, 2 checkpointing, 3 gen
+    assert len(table) == 14  # 4 throughput rows, fp16, 3 torchrun, eval, 2 checkpointing, 3 gen
     for row in ROWS:
         assert any(row in line for line in table), row
     assert all(line.rstrip().endswith("| ok |") for line in table), "\n".join(table)
