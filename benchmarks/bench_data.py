@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_data.py                 # 500 MB corpus, all sections
     .venv/bin/python benchmarks/bench_data.py --quick         # 40 MB, to check it runs
     .venv/bin/python benchmarks/bench_data.py --only default  # the default corpus's cold/cached
+    .venv/bin/python benchmarks/bench_data.py --only cores --corpus-mb 40 --rounds 3
 
 Sections (each side runs in a fresh subprocess; peak RSS is the whole process tree's, sampled):
 - default: the default corpus (Shakespeare): the cold `prepare_data` (tokenizer training +
@@ -13,7 +14,8 @@ Sections (each side runs in a fresh subprocess; peak RSS is the whole process tr
   usual `datasets.load_dataset("text") + .map(batched=True, num_proc=N)` writing one array
   (nanoGPT's prepare.py approach), alternating for --rounds; tokens/s, ratio and peak RSS.
   Both sides must produce the same number of tokens (same documents, same ids).
-- cores: ours on 1 core against all cores (CPU affinity), tokens/s and the scaling.
+- cores: ours on 1 core against all cores (CPU affinity), tokens/s and the scaling (with
+  `--only cores`, alternating for --rounds, medians).
 - resume: ours killed (SIGKILL) once half the train tokens are in finished shards, then run
   again: the time to finish against a full build.
 Targets: >= 1.3x the baseline's tokens/s; peak RSS < 1 GB; a resumed build <= 0.6x a full one.
@@ -216,7 +218,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds per side")
     parser.add_argument("--procs", type=int, default=os.cpu_count())
     parser.add_argument("--shard-tokens", type=int, default=10_000_000)
-    parser.add_argument("--only", choices=["default", "scale"])
+    parser.add_argument("--only", choices=["default", "cores"])
     args = parser.parse_args()
     mb = 40 if args.quick else args.corpus_mb
     shard_tokens = 1_000_000 if args.quick else args.shard_tokens
@@ -244,6 +246,17 @@ def main() -> None:
                 "procs": args.procs,
             }
 
+        if args.only == "cores":  # 1 core against all, alternating rounds, medians
+            one_s, all_s = [], []
+            for i in range(args.rounds):
+                one_s.append(_run_side("ours", params("one", i), cores={0})["seconds"])
+                all_s.append(_run_side("ours", params("all", i))["seconds"])
+            one_m, all_m = statistics.median(one_s), statistics.median(all_s)
+            print(
+                f"\n== cores ({args.rounds} alternating rounds, medians): 1 core {one_m:.1f} s, "
+                f"{os.cpu_count()} cores {all_m:.1f} s: {one_m / all_m:.2f}x"
+            )
+            return
         ours, base = [], []
         for i in range(args.rounds):  # alternating: both sides see the same machine load
             ours.append(_run_side("ours", params("ours", i)))
