@@ -137,11 +137,13 @@ def build_parts(
     """Prepare data (tokenizer + token cache), then the model, optimizers and sampler."""
     tcfg = cfg.trainer
     data = prepare_run_data(cfg, dist)
-    if len(data.val) < tcfg.seq_len + 1:
-        raise ConfigError(
-            f"trainer.seq_len={tcfg.seq_len} is longer than the whole validation split "
-            f"({len(data.val)} tokens); lower trainer.seq_len or hold out more text"
-        )
+    for source in data.sources:
+        if len(source.val) < tcfg.seq_len + 1:
+            of = f" of {source.label}" if data.is_mixture else ""
+            raise ConfigError(
+                f"trainer.seq_len={tcfg.seq_len} is longer than the whole validation split{of} "
+                f"({len(source.val)} tokens); lower trainer.seq_len or hold out more text"
+            )
     # init_from: the pretrained directory's config (its vocabulary and special ids) as it is
     model_cfg = (
         cfg.model if cfg.init_from else model_config_for(cfg.model, data, not cfg.data.tokenizer)
@@ -170,13 +172,14 @@ def build_parts(
     if model.device.type == "meta":
         model.materialize(device)
     optimizers = build_optimizers(model, cfg.optim, tcfg.max_steps)
-    sampler = BatchSampler(
-        data.train,
+    sampler = BatchSampler(  # the one source's windows, or a mixture's by weight
+        [s.train for s in data.sources] if data.is_mixture else data.train,
         tcfg.batch_size * tcfg.grad_accum,
         tcfg.seq_len,
         cfg.seed,
         rank=dist.rank,
         world_size=dist.world_size,
+        weights=[s.weight for s in data.sources] if data.is_mixture else None,
     )
     try:
         lengths = data.tokenizer.token_byte_lengths()
