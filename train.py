@@ -2,6 +2,7 @@
 
 python train.py model=tiny                 # train (Hydra overrides; -m for sweeps)
 python train.py resume=latest              # continue the most recent run
+python train.py prepare [overrides]        # build the tokenizer and token cache, then stop
 python train.py demo [ckpt=DIR] [...]      # sample from the best checkpoint of the latest run
 python train.py interactive [ckpt=DIR]     # a prompt loop
 python train.py eval tasks=[hellaswag] [ckpt=DIR] [limit=N] [...]  # lm-eval-harness tasks
