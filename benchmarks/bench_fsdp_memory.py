@@ -1,7 +1,7 @@
 """Peak memory of the same short multi-process job under DDP and under FSDP (``trainer.fsdp``).
 
-Two CPU processes (gloo) under ``torchrun`` run ``train.py``: a few steps of a ~210M-parameter
-Qwen3, an evaluation and a save. Each configuration runs in a fresh wrapper process whose
+Two CPU processes (gloo) under ``torchrun`` run ``train.py``: a few AdamW steps of a
+~210M-parameter Qwen3, an evaluation and a save. Each configuration runs in a fresh wrapper process whose
 ``RUSAGE_CHILDREN`` high-water mark is the peak resident set size of the largest process of the
 job (the kernel keeps the largest waited-for descendant's). The token cache is built first
 (``train.py prepare``), so no run pays for tokenization. Reported: each side's peak, their
@@ -53,6 +53,9 @@ def _overrides(shape: tuple[int, int, int, int, int], out: Path, steps: int) -> 
         "trainer.eval_batches=1",
         f"trainer.save_every={steps}",
         "sample.max_new_tokens=0",
+        # AdamW: its two moments per weight are the state sharding divides; Muon's bf16
+        # Newton-Schulz takes minutes per step at this size on a CPU.
+        "optim=adamw",
         "optim.warmup_steps=1",
         "wandb.mode=disabled",
     ]
