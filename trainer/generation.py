@@ -3,6 +3,7 @@ a checkpoint) and ``train.py interactive`` (a prompt loop)."""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -137,6 +138,17 @@ def demo(cfg: GenerationCliConfig) -> None:
 
 
 def interactive(cfg: GenerationCliConfig) -> None:
+    # Ctrl-C (SIGINT) stops a generation as a KeyboardInterrupt. Python leaves SIGINT ignored
+    # when its launcher ignored it (a background job of a non-interactive shell, as some CI
+    # runners start us), so the contract is set here rather than inherited.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _interactive(cfg)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _interactive(cfg: GenerationCliConfig) -> None:
     ckpt, model, tok = load(cfg)
     print(f"checkpoint {ckpt.resolve()} ({model.num_params() / 1e6:.2f} M parameters)")
     print(
