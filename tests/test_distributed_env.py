@@ -8,6 +8,7 @@ import torch
 from test_distributed_support import base_overrides, run_torchrun
 from test_trainer_support import write_corpus
 
+from qwen3 import Qwen3, Qwen3Config
 from trainer.distributed import (
     DistInfo,
     any_rank,
@@ -64,12 +65,24 @@ def test_collectives_without_a_process_group_return_their_input() -> None:
 
 
 def test_one_process_trains_the_module_itself() -> None:
-    model = torch.nn.Linear(4, 2)
+    model = Qwen3(
+        Qwen3Config(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=16,
+        )
+    )
     with pytest.warns(UserWarning, match="trainer.fsdp=true in a single process"):
         assert wrap_model(model, DistInfo(), torch.device("cpu"), fsdp=True, compile=False) is model
+    x = torch.zeros(1, 4, dtype=torch.long)
     with gradient_sync(model, enabled=False):
-        model(torch.ones(1, 4)).sum().backward()
-    assert model.weight.grad is not None
+        model(x, targets=x).backward()
+    assert model.lm_head.weight.grad is not None
 
 
 @pytest.mark.slow  # ~20 s: two processes start, import torch and stop
