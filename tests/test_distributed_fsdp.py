@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -19,9 +16,10 @@ from test_distributed_support import (
     base_overrides,
     losses,
     run_torchrun,
+    run_worker,
     single_process_losses,
 )
-from test_trainer_support import REPO, read_metrics, write_corpus
+from test_trainer_support import read_metrics, write_corpus
 
 from qwen3 import Qwen3
 
@@ -134,23 +132,7 @@ MIXED_PRECISION_WORKER = textwrap.dedent(
 def test_bf16_training_gathers_bf16_and_keeps_fp32_shards(tmp_path) -> None:
     """trainer.precision=bf16 under FSDP: the forward sees bf16 weights (gathered at half the
     traffic), while each rank's shard of the weights and of the gradients stays float32."""
-    script = tmp_path / "worker.py"
-    script.write_text(MIXED_PRECISION_WORKER)
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(script),
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    res = run_worker(tmp_path, MIXED_PRECISION_WORKER)
     assert res.returncode == 0, res.stderr[-3000:]
     for rank in range(2):
         got = json.loads((tmp_path / f"{rank}.json").read_text())
@@ -219,23 +201,7 @@ META_INIT_WORKER = textwrap.dedent(
 def test_sharded_init_holds_only_shards_and_equals_the_one_process_init(tmp_path) -> None:
     """Built on meta, sharded, then materialised: each rank allocates half the parameters, and
     the gathered weights are exactly the ones a single process initialises from the seed."""
-    script = tmp_path / "worker.py"
-    script.write_text(META_INIT_WORKER)
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(script),
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    res = run_worker(tmp_path, META_INIT_WORKER)
     assert res.returncode == 0, res.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
     assert [r["local"] for r in ranks] == [ranks[0]["total"] // 2] * 2

@@ -3,6 +3,7 @@ and the matching single-process reference in this process. (No tests in this mod
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,21 @@ def run_torchrun(tmp: Path, nproc: int, *args: str) -> subprocess.CompletedProce
         *args,
     ]
     return subprocess.run(cmd, cwd=REPO, env=subprocess_env(tmp), capture_output=True, text=True)
+
+
+def run_worker(tmp: Path, script: str, *args: str) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=2`` of the Python ``script`` (written to ``tmp``),
+    with the repository importable; its first argument is ``tmp``, then ``args``."""
+    path = tmp / "worker.py"
+    path.write_text(script)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    return subprocess.run(
+        [*cmd, str(path), str(tmp), *args],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+    )
 
 
 def losses(run_dir: Path) -> list[float]:

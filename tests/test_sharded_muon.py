@@ -4,13 +4,12 @@ update as one process, and the one private torch call pinned to torch.optim.Muon
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from test_distributed_support import run_worker
 from torch import nn
 
 from optim.sharded_muon import ShardedMuon
@@ -94,24 +93,7 @@ WORKER = textwrap.dedent(
 
 
 def test_two_ranks_share_the_work_and_match_one_process(tmp_path) -> None:
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(script),
-            str(tmp_path),
-            str(REPO / "tests"),
-            str(REPO),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
+    res = run_worker(tmp_path, WORKER, str(REPO / "tests"), str(REPO))
     assert res.returncode == 0, res.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
     for step in range(3):
