@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from qwen3.config import Qwen3Config
@@ -116,6 +118,77 @@ class KVCache:
         self.next_pos[row] -= dropped.sum()
         dropped.fill_(False)
         self.padded = True
+
+    @torch.inference_mode()
+    def drop_rows(self, rows: Sequence[int]) -> None:
+        """Take ``rows`` out of the batch; the others keep their slots, positions and logits.
+
+        Slots no remaining row uses (the holes before its first token) are cut from the front,
+        so a long-running batch stays as long as its longest live row. The room left for new
+        tokens (``max_len - length``) never shrinks.
+        """
+        gone = set(rows)
+        keep = [i for i in range(self.batch_size) if i not in gone]
+        self._rebuild([(self, keep)], self.max_len)
+
+    @torch.inference_mode()
+    def add_rows(self, other: KVCache) -> None:
+        """Append the rows of ``other`` (e.g. a newly prefilled request) to this batch.
+
+        The two are aligned at their ends: every row's next token goes to the same slot, and
+        the shorter side's rows get holes in front (hidden like left padding), keeping their own
+        positions. The room left for new tokens is the larger of the two.
+        """
+        if other._pending or self._pending:
+            raise ValueError("KVCache.add_rows: a forward is in progress on one of the caches.")
+        if len(other.k) != len(self.k) or other.k[0].shape[1::2] != self.k[0].shape[1::2]:
+            raise ValueError("KVCache.add_rows: the caches belong to different model shapes.")
+        if (other.k[0].dtype, other.k[0].device) != (self.k[0].dtype, self.k[0].device):
+            raise ValueError("KVCache.add_rows: the caches differ in dtype or device.")
+        room = max(self.max_len - self.length, other.max_len - other.length)
+        length = max(self.length, other.length)
+        parts = [(self, list(range(self.batch_size))), (other, list(range(other.batch_size)))]
+        self._rebuild(parts, length + room)
+
+    def _rebuild(self, parts: list[tuple[KVCache, list[int]]], max_len: int) -> None:
+        """Make this cache the given rows of each part, in order, ends aligned, in new tensors of
+        ``max_len`` slots; leading slots that no row holds are cut."""
+        parts = [(c, rows) for c, rows in parts if rows]
+        length = max((c.length for c, _ in parts), default=0)
+        # Columns of the aligned result where some row holds a token: the first one starts it.
+        valid = torch.zeros(sum(len(r) for _, r in parts), length, dtype=torch.bool)
+        valid = valid.to(self.valid.device)
+        b = 0
+        for cache, rows in parts:
+            valid[b : b + len(rows), length - cache.length :] = cache.valid[rows, : cache.length]
+            b += len(rows)
+        used = valid.any(dim=0).nonzero()
+        cut = int(used[0]) if len(used) else length
+        new_length = length - cut
+        max_len -= cut  # the room for new tokens stays what it was
+        device, dtype = self.k[0].device, self.k[0].dtype
+        for store in (self.k, self.v):
+            for layer in range(len(store)):
+                shape = (b, store[layer].shape[1], max_len, store[layer].shape[3])
+                new = torch.zeros(shape, device=device, dtype=dtype)
+                row = 0
+                for cache, rows in parts:
+                    # The part's own slots that survive the cut, placed so the ends align.
+                    skip = max(0, cut - (length - cache.length))
+                    src = (cache.k if store is self.k else cache.v)[layer]
+                    kept = cache.length - skip
+                    dst = new[row : row + len(rows), :, new_length - kept : new_length]
+                    dst.copy_(src[rows, :, skip : cache.length])
+                    row += len(rows)
+                store[layer] = new
+        self.valid = torch.zeros(b, max_len, dtype=torch.bool, device=self.valid.device)
+        self.valid[:, :new_length] = valid[:, cut:]
+        positions = [c.next_pos[rows] for c, rows in parts]
+        self.next_pos = torch.cat(positions) if parts else self.next_pos[:0]
+        logits = [c.last_logits[rows] for c, rows in parts if c.last_logits is not None]
+        self.last_logits = torch.cat(logits) if len(logits) == len(parts) and parts else None
+        self.batch_size, self.length, self.max_len = b, new_length, max_len
+        self.padded = not bool(self.valid[:, :new_length].all())
 
     def commit(self, last_logits: torch.Tensor) -> None:
         """Close the forward in progress: advance the length and remember the last logits."""

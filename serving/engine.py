@@ -1,103 +1,34 @@
-"""The generation engine: one worker thread that batches requests and serves them round-robin.
+"""The generation engine: one worker thread that decodes every request in one running batch.
 
-Requests waiting at the same moment with the same sampling settings (`qwen3.Sampling`, whatever
-their `max_new_tokens`, and no seed) are decoded as one left-padded batch (`qwen3.generate_steps`);
-a seeded request gets a batch of its own so its output does not depend on the load. Each round
-the worker advances every live batch by one token, so a new request starts while long ones are
-still running and no batch starves another. A choice that asks for log-probabilities gets them
-from the logits each step's token is drawn from (`on_logits`), and an echoed prompt is scored by
-one forward over it when its batch starts (`serving.logprobs`); batches where no choice asks pay
-for neither. Tokens go back to the event loop through each
-request's asyncio queue; a cancelled request (its client went away) is dropped at the next step,
-and a batch stops once none of its rows is wanted.
+Continuous batching (`serving.batching`): a request that arrives while others are decoding is
+prefilled and joins the running batch at the next decode step; a row that finishes, or whose
+client went away, leaves it without stopping the others. Each step draws one token for every
+row and feeds them back in one forward. A seeded request draws from its own generator, so its
+output does not depend on the load. A choice that asks for log-probabilities gets them from the
+logits each step's token is drawn from, and an echoed prompt is scored by one forward over it
+when the request joins (`serving.logprobs`); requests that do not ask pay for neither. Tokens go
+back to the event loop through each request's asyncio queue.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
 
 import torch
 
-from qwen3 import Qwen3, Sampling, generate_steps
+from qwen3 import Qwen3
 from qwen3.tokenizer import Qwen3Tokenizer
+from serving.batching import DecodeBatch, Row
 from serving.logprobs import Alternatives, TokenLogprob, score_prompts, score_step
-from serving.text_stream import TextStream
+from serving.requests import Choice, GenerationRequest, batch_key
+
+__all__ = ["Choice", "GenerationEngine", "GenerationRequest", "batch_key", "default_threads"]
 
 log = logging.getLogger("serving.engine")
-# (kind, choice index or -1, text / finish reason / error message, or a "logprobs" event's tokens)
-EventValue = str | list[TokenLogprob]
-Event = tuple[str, int, EventValue]
-
-
-def batch_key(sampling: Sampling) -> Sampling | None:
-    """Requests with the same key can be decoded together (a batch runs as long as its longest
-    choice needs); None: a batch of its own, as a seeded request's output must not depend on
-    what else is running."""
-    if sampling.seed is not None:
-        return None
-    return replace(sampling, max_new_tokens=0)
-
-
-@dataclass
-class Choice:
-    """One generated sequence of a request (`n` choices per prompt)."""
-
-    index: int
-    prompt_ids: list[int]
-    max_tokens: int
-    text: TextStream
-    logprobs: int | None = None  # None: none wanted; k: each token's logprob and k alternatives
-    echo: bool = False  # the prompt comes first in the text (and in the logprobs)
-    finish_reason: str | None = None
-    echo_chars: int = 0  # length of the echoed prompt's text, where the new text starts
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-
-@dataclass(eq=False)
-class GenerationRequest:
-    """A request's choices, the queue its events go to, and its cancellation flag.
-
-    Events put on `events`: ("delta", index, text), ("logprobs", index, tokens) just before the
-    delta their text belongs to, ("finish", index, reason), ("end", -1, "") after the last
-    choice finished, or ("error", -1, message).
-    """
-
-    choices: list[Choice]
-    sampling: Sampling  # max_new_tokens: the request's; each choice holds its own cap
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-    def emit(self, kind: str, index: int = -1, value: EventValue = "") -> None:
-        """Hand an event to the event loop (callable from the worker thread)."""
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, index, value))
-        except RuntimeError:  # the loop has closed: nobody is listening any more
-            self.cancelled.set()
-
-    def cancel(self) -> None:
-        """Stop generating for this request (safe from any thread)."""
-        self.cancelled.set()
-
-
-@dataclass(eq=False)
-class _Batch:
-    requests: list[GenerationRequest]
-    rows: list[tuple[GenerationRequest, Choice]]  # the choices that generate (max_tokens > 0)
-    steps: Iterator[list[int | None]] = field(default_factory=lambda: iter(()))
-    logits: torch.Tensor | None = None  # (B, V) of the last step, kept when a row wants logprobs
-
-    def keep_logits(self, logits: torch.Tensor) -> None:
-        self.logits = logits
 
 
 def default_threads(device: torch.device) -> int | None:
@@ -111,7 +42,11 @@ def default_threads(device: torch.device) -> int | None:
 
 
 class GenerationEngine:
-    """Owns the model on one worker thread; `submit` queues a request, `cancel` drops it."""
+    """Owns the model on one worker thread; `submit` queues a request, `cancel` drops it.
+
+    ``stats``: requests completed and cancelled, tokens generated, and decode steps run (one
+    forward over the whole running batch each), since start.
+    """
 
     def __init__(
         self,
@@ -130,10 +65,10 @@ class GenerationEngine:
             tuple(eos_ids) if eos_ids is not None else (tokenizer.eos_id, tokenizer.im_end_id)
         )
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
-        self._batches: list[_Batch] = []
+        self._batch = DecodeBatch(model, tokenizer.vocab_size)
         self._wake = threading.Condition()
         self._stopping = False
-        self.stats = {"completed": 0, "cancelled": 0, "generated_tokens": 0}
+        self.stats = {"completed": 0, "cancelled": 0, "generated_tokens": 0, "decode_steps": 0}
         self._thread = threading.Thread(target=self._run, name="generation-worker", daemon=True)
 
     # ---- called from the event loop ------------------------------------------------------
@@ -157,7 +92,7 @@ class GenerationEngine:
     @property
     def load(self) -> dict[str, int]:
         """Requests waiting, rows being decoded, and totals since start (for /health)."""
-        running = sum(not c.done for b in list(self._batches) for _, c in b.rows)
+        running = sum(not row.choice.done for row in list(self._batch.rows))
         return {"waiting": len(self._waiting), "running": running, **self.stats}
 
     # ---- the worker thread ---------------------------------------------------------------
@@ -168,22 +103,20 @@ class GenerationEngine:
             torch.set_flush_denormal(True)  # denormal softmax tails slow CPU decoding severalfold
         while True:
             with self._wake:
-                while not self._stopping and not self._waiting and not self._batches:
+                while not self._stopping and not self._waiting and not self._batch.rows:
                     self._wake.wait()
                 if self._stopping:
                     return
                 admitted = self._admit()
-            for batch in admitted:
-                if self._guard(batch, self._begin):
-                    self._batches.append(batch)
-            for batch in list(self._batches):
-                if not self._guard(batch, self._advance):
-                    self._batches.remove(batch)
+            if admitted:
+                self._join(admitted)
+            if self._batch.rows:
+                self._step()
 
-    def _admit(self) -> list[_Batch]:
-        """Form batches from waiting requests, FIFO, within the row budget (lock held)."""
-        room = self.max_batch_size - sum(len(b.rows) for b in self._batches)
-        groups: dict[object, list[GenerationRequest]] = {}  # batch key -> requests
+    def _admit(self) -> list[GenerationRequest]:
+        """Take waiting requests, FIFO, while their rows fit beside the running ones (lock held)."""
+        room = self.max_batch_size - len(self._batch.rows)
+        admitted: list[GenerationRequest] = []
         while self._waiting:
             request = self._waiting[0]
             if request.cancelled.is_set():
@@ -191,46 +124,38 @@ class GenerationEngine:
                 self.stats["cancelled"] += 1
                 continue
             size = len(request.choices)
-            if size > room and (self._batches or groups):
+            if size > room and (self._batch.rows or admitted):
                 break  # wait for rows to free up
             self._waiting.popleft()
             room -= size
-            key = batch_key(request.sampling) or id(request)
-            groups.setdefault(key, []).append(request)
-        return [self._start_batch(requests) for requests in groups.values()]
+            admitted.append(request)
+        return admitted
 
-    def _start_batch(self, requests: list[GenerationRequest]) -> _Batch:
-        """A batch of `requests` whose generator has not run yet (the lock is held here)."""
-        rows = [(r, c) for r in requests for c in r.choices if c.max_tokens > 0]
-        batch = _Batch(requests=requests, rows=rows)
-        if rows:
-            most = max(c.max_tokens for _, c in rows)
-            sampling = replace(requests[0].sampling, max_new_tokens=most)
-            hook = batch.keep_logits if any(c.logprobs is not None for _, c in rows) else None
-            prompts = [c.prompt_ids for _, c in rows]
-            batch.steps = generate_steps(
-                self.model, prompts, sampling, on_logits=hook, vocab_size=self.tokenizer.vocab_size
-            )
-        return batch
-
-    def _guard(self, batch: _Batch, work: Callable[[_Batch], bool]) -> bool:
-        """Run `work` on `batch`; a failure ends the batch's requests, not the server."""
-        try:
-            return work(batch)
-        except Exception as err:
-            log.exception("generation failed")
-            for request in batch.requests:
-                if all(c.done for c in request.choices):
-                    continue
+    def _fail(self, requests: Sequence[GenerationRequest], err: Exception) -> None:
+        """A failure ends the requests it touched, not the server."""
+        log.exception("generation failed")
+        for request in requests:
+            if not all(c.done for c in request.choices):
                 request.emit("error", value=f"generation failed: {err}")
                 request.cancel()
-            return False
 
-    def _begin(self, batch: _Batch) -> bool:
+    def _join(self, requests: list[GenerationRequest]) -> None:
         """Echo the prompts of the choices that ask for it (scored when they also want
-        logprobs) and finish the choices that generate nothing; True if the batch goes on."""
+        logprobs), finish the choices that generate nothing, and add the others to the batch."""
+        try:
+            self._echo_all(requests)
+            for request in requests:
+                for choice in request.choices:
+                    if choice.max_tokens == 0 and not choice.done:
+                        self._finish(request, choice, "length")
+            live = [r for r in requests if not r.cancelled.is_set()]
+            self._batch.join([Row(r, c) for r in live for c in r.choices if not c.done])
+        except Exception as err:
+            self._fail(requests, err)
+
+    def _echo_all(self, requests: list[GenerationRequest]) -> None:
         echoed = [
-            (r, c) for r in batch.requests for c in r.choices if c.echo and not r.cancelled.is_set()
+            (r, c) for r in requests for c in r.choices if c.echo and not r.cancelled.is_set()
         ]
         prompts = {id(c.prompt_ids): c.prompt_ids for _, c in echoed if c.logprobs is not None}
         scores: dict[int, list[tuple[float, Alternatives]]] = {}
@@ -242,11 +167,6 @@ class GenerationEngine:
             scores = dict(zip(prompts, scored, strict=True))
         for request, choice in echoed:
             self._echo(request, choice, scores.get(id(choice.prompt_ids)))
-        for request in batch.requests:
-            for choice in request.choices:
-                if choice.max_tokens == 0 and not choice.done:
-                    self._finish(request, choice, "length")
-        return bool(batch.rows)
 
     def _echo(
         self,
@@ -269,59 +189,68 @@ class GenerationEngine:
             request.emit("logprobs", choice.index, tokens)
         request.emit("delta", choice.index, text)
 
-    def _advance(self, batch: _Batch) -> bool:
-        """Decode one token for every row of `batch`; False once the batch is finished."""
-        self._drop_cancelled(batch)
-        if all(c.done for _, c in batch.rows):
-            return False  # dropping the batch frees its generator and KV cache
-        tokens = next(batch.steps, None)
-        scored = self._score_step(batch, tokens) if batch.logits is not None else {}
-        for row, (request, choice) in enumerate(batch.rows):
-            if choice.done:
-                continue
-            token = tokens[row] if tokens is not None else None
-            if token is None:  # end of sequence (or the batch ran out of steps)
-                self._finish(request, choice, "stop" if tokens is not None else "length")
-                continue
-            self.stats["generated_tokens"] += 1
-            if row in scored:
-                logprob, top = scored[row]
-                offset = choice.echo_chars + choice.text.chars
-                request.emit("logprobs", choice.index, [TokenLogprob(token, logprob, top, offset)])
-            delta = choice.text.push(token)
-            if delta:
-                request.emit("delta", choice.index, delta)
-            if choice.text.stopped:
+    def _step(self) -> None:
+        """Draw one token for every row, hand them out, and feed back those of the rows that go on."""
+        batch = self._batch
+        try:
+            tokens, logits = batch.sample()
+            values: list[int] = tokens.tolist()  # the step's one read-back from the device
+            leaving = self._deliver(values, logits)
+            batch.advance(tokens, leaving)
+            self.stats["decode_steps"] += 1
+        except Exception as err:
+            self._fail(list({row.request: None for row in batch.rows}), err)
+            self._batch = DecodeBatch(self.model, self.tokenizer.vocab_size)
+
+    def _deliver(self, tokens: list[int], logits: torch.Tensor) -> set[int]:
+        """Send each row's token to its request; the indices of the rows that are done."""
+        rows = self._batch.rows
+        cancelled = {row.request for row in rows if row.request.cancelled.is_set()}
+        self.stats["cancelled"] += len(cancelled)  # counted before /health sees them go
+        scored = self._score_step(tokens, logits, cancelled)
+        leaving = set()
+        for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+            request, choice = row.request, row.choice
+            if request in cancelled:
+                choice.finish_reason = "cancelled"
+            elif token in request.sampling.stop_ids:
                 self._finish(request, choice, "stop")
-            elif choice.text.tokens >= choice.max_tokens:
-                self._finish(request, choice, "length")
-        return tokens is not None
+            else:
+                self.stats["generated_tokens"] += 1
+                if i in scored:
+                    logprob, top = scored[i]
+                    offset = choice.echo_chars + choice.text.chars
+                    logprobs = [TokenLogprob(token, logprob, top, offset)]
+                    request.emit("logprobs", choice.index, logprobs)
+                delta = choice.text.push(token)
+                if delta:
+                    request.emit("delta", choice.index, delta)
+                if choice.text.stopped:
+                    self._finish(request, choice, "stop")
+                elif choice.text.tokens >= choice.max_tokens:
+                    self._finish(request, choice, "length")
+            if choice.done:
+                leaving.add(i)
+        return leaving
 
     def _score_step(
-        self, batch: _Batch, tokens: list[int | None] | None
+        self, tokens: list[int], logits: torch.Tensor, cancelled: set[GenerationRequest]
     ) -> dict[int, tuple[float, Alternatives]]:
         """Logprobs of this step's tokens for the rows that want them, by row."""
-        assert batch.logits is not None
         wanted = {}
-        for row, (_, choice) in enumerate(batch.rows):
-            token = tokens[row] if tokens is not None else None
-            if token is not None and choice.logprobs is not None and not choice.done:
-                wanted[row] = (token, choice.logprobs)
+        for i, (row, token) in enumerate(zip(self._batch.rows, tokens, strict=True)):
+            k = row.choice.logprobs
+            stop = token in row.request.sampling.stop_ids
+            if k is not None and row.request not in cancelled and not stop:
+                wanted[i] = (token, k)
         if not wanted:
             return {}
         top = max(k for _, k in wanted.values())
-        scores = score_step(batch.logits, list(wanted), [t for t, _ in wanted.values()], top)
+        scores = score_step(logits, list(wanted), [t for t, _ in wanted.values()], top)
         return {
-            row: (logprob, alternatives[:k])
-            for (row, (_, k)), (logprob, alternatives) in zip(wanted.items(), scores, strict=True)
+            i: (logprob, alternatives[:k])
+            for (i, (_, k)), (logprob, alternatives) in zip(wanted.items(), scores, strict=True)
         }
-
-    def _drop_cancelled(self, batch: _Batch) -> None:
-        """Mark the unfinished choices of cancelled requests as done, counting each request once."""
-        rows = [(r, c) for r, c in batch.rows if r.cancelled.is_set() and not c.done]
-        self.stats["cancelled"] += len({r for r, _ in rows})  # counted before /health sees them go
-        for _, choice in rows:
-            choice.finish_reason = "cancelled"
 
     def _finish(self, request: GenerationRequest, choice: Choice, reason: str) -> None:
         tail = choice.text.flush()
