@@ -102,11 +102,22 @@ class OptimizerSet:
         """Everything needed to continue exactly; only tensors and plain Python values
         (loads with ``torch.load(weights_only=True)``)."""
         return {
+            **self.schedule_state_dict(),
+            "optimizers": [o.state_dict() for o in self.optimizers],
+        }
+
+    def schedule_state_dict(self) -> dict[str, Any]:
+        """:meth:`state_dict` without the optimizers' own state (names, steps, schedulers): what
+        stays small when that state is saved apart, as per-rank shards (trainer/train_state.py)."""
+        return {
             "names": list(self.names),
             "steps": self.steps,
-            "optimizers": [o.state_dict() for o in self.optimizers],
             "schedulers": [s.state_dict() for s in self.schedulers],
         }
+
+    def load_schedule_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`schedule_state_dict` over optimizers whose state is already loaded."""
+        self.load_state_dict({**state, "optimizers": [o.state_dict() for o in self.optimizers]})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`; the saved optimizers must match this set's.

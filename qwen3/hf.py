@@ -4,13 +4,14 @@ or not). A Qwen3-MoE model's experts keep the released per-expert names
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 
 from qwen3.config import Qwen3Config
 from qwen3.model import Qwen3
@@ -102,21 +103,61 @@ def load_pretrained(
     return model.eval()
 
 
-def save_pretrained(model: Qwen3, path: str | Path) -> None:
-    """Write ``config.json`` and ``model.safetensors`` (tied head stored once, as transformers does)."""
+# safetensors' dtype codes (its format spec) for the dtypes a Qwen3 state dict holds.
+_SAFETENSORS_DTYPES = {
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def save_pretrained(model: Qwen3, path: str | Path, write: bool = True) -> None:
+    """Write ``config.json`` and ``model.safetensors`` (tied head stored once, as transformers does).
+
+    A model sharded with FSDP2 (DTensor weights) is gathered one tensor at a time, so no rank
+    ever holds the whole model: every rank must call this (each gather is a collective), and
+    only those with ``write`` write the files."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    state = {
-        name: t.detach().to("cpu").contiguous()
+    tensors = [
+        (name, t.detach())
         for name, t in model.state_dict().items()
         if not (model.config.tie_word_embeddings and name == "lm_head.weight")
-    }
+    ]
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, t in tensors:
+        size = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
+    # safetensors.save_file needs every tensor in memory at once; its documented layout (header
+    # length, JSON header, raw bytes in header order) is written here as each tensor arrives.
+    tmp = path / f".{SINGLE_FILE}.tmp"  # renamed when whole: a crash never leaves half a file
+    if write:
+        path.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "wb") if write else contextlib.nullcontext() as f:
+        if f is not None:
+            f.write(len(encoded).to_bytes(8, "little") + encoded)
+        for _, t in tensors:
+            whole = t.full_tensor() if isinstance(t, DTensor) else t
+            if f is not None:
+                f.write(whole.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    if not write:
+        return
+    os.replace(tmp, path / SINGLE_FILE)
     config = model.config.to_dict()
     config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
-    # Write each file under a temporary name and rename it, so a crash never leaves half a file.
-    tmp = path / f".{SINGLE_FILE}.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path / SINGLE_FILE)
     tmp = path / ".config.json.tmp"
     tmp.write_text(json.dumps(config, indent=2) + "\n")
     os.replace(tmp, path / "config.json")

@@ -208,12 +208,13 @@ class Qwen3(nn.Module):
 
         return load_pretrained(path, device=device, dtype=dtype)
 
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, write: bool = True) -> None:
         """Write ``config.json`` + ``model.safetensors`` that ``transformers`` loads as
-        Qwen3ForCausalLM (Qwen3MoeForCausalLM for a mixture of experts)."""
+        Qwen3ForCausalLM (Qwen3MoeForCausalLM for a mixture of experts). Sharded with FSDP2:
+        every rank calls it, the one with ``write`` writes (:func:`qwen3.hf.save_pretrained`)."""
         from qwen3.hf import save_pretrained
 
-        save_pretrained(self, path)
+        save_pretrained(self, path, write)
 
 
 def _draw_normal(param: torch.Tensor, std: float) -> None:

@@ -13,17 +13,19 @@ import torch
 from test_trainer_support import tiny_qwen3, write_corpus
 
 from data.tokenizer_training import train_tokenizer
+from optim import OptimConfig, build_optimizers
 from qwen3 import Qwen3
 from trainer.checkpoint import (
     check_compatible,
     check_setup_matches,
-    load_model_weights,
+    global_batch,
     load_trainer_state,
     save_checkpoint,
     tokenizer_hash,
 )
 from trainer.errors import CheckpointError, ConfigError
 from trainer.run_layout import (
+    TRAIN_STATE_DIR,
     check_checkpoint,
     most_recent_run,
     prune_checkpoints,
@@ -50,8 +52,15 @@ def _state(step: int, tokenizer) -> dict:
         "tensor": torch.arange(3),
         "rng": torch.get_rng_state(),
         "tokenizer_hash": tokenizer_hash(tokenizer),
-        "world_size": 1,
+        "global_batch": global_batch(8, 1, 2, 64),
     }
+
+
+def _save(run, step, model, tokenizer, config_yaml: str = ""):
+    """A whole training checkpoint (with the weights' and an AdamW's state in train_state/)."""
+    optimizers = build_optimizers(model, OptimConfig(name="adamw", warmup_steps=0), 10)
+    state = _state(step, tokenizer)
+    return save_checkpoint(run, step, model, tokenizer, state, config_yaml, optimizers)
 
 
 def test_save_pointers_and_pruning(tmp_path, model, tokenizer) -> None:
@@ -60,7 +69,7 @@ def test_save_pointers_and_pruning(tmp_path, model, tokenizer) -> None:
     stale = run / ".tmp-step-000009-123456"  # a save interrupted by a crash
     stale.mkdir()
     for step in (1, 2, 3, 4):
-        path = save_checkpoint(run, step, model, tokenizer, _state(step, tokenizer), "seed: 1\n")
+        path = _save(run, step, model, tokenizer, "seed: 1\n")
         set_pointer(run, "latest", path)
         if step == 1:
             set_pointer(run, "best", path)
@@ -75,9 +84,11 @@ def test_save_pointers_and_pruning(tmp_path, model, tokenizer) -> None:
     assert not stale.exists() and not list(run.glob(".*tmp*"))
     state = load_trainer_state(run / "latest")
     assert state["step"] == 4 and torch.equal(state["tensor"], torch.arange(3))
+    assert (run / "latest" / TRAIN_STATE_DIR / ".metadata").is_file()
     assert (run / "latest" / "config.yaml").read_text() == "seed: 1\n"
     # Re-saving a step (resumed from an older checkpoint) replaces it whole.
-    save_checkpoint(run, 4, model, tokenizer, _state(44, tokenizer), "seed: 2\n")
+    path = _save(run, 4, model, tokenizer, "seed: 2\n")
+    torch.save({**torch.load(path / "trainer_state.pt"), "step": 44}, path / "trainer_state.pt")
     assert load_trainer_state(run / "latest")["step"] == 44
     assert most_recent_run(tmp_path, "best") == run
     assert resolve_resume("latest", run) == ((run / "step-000004").resolve(), None)
@@ -89,11 +100,21 @@ def test_save_pointers_and_pruning(tmp_path, model, tokenizer) -> None:
 def test_weights_round_trip_and_transformers_loads_it(tmp_path, model, tokenizer) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = save_checkpoint(tmp_path, 7, model, tokenizer, _state(7, tokenizer), "x: 1\n")
+    from trainer.train_state import load_train_state
+
+    path = _save(tmp_path, 7, model, tokenizer, "x: 1\n")
+    exported = Qwen3.from_pretrained(path)
     other = Qwen3(model.config)
-    load_model_weights(other, path)
-    for (n, p), q in zip(model.state_dict().items(), other.state_dict().values(), strict=True):
-        assert torch.equal(p, q), n
+    load_train_state(
+        other, build_optimizers(other, OptimConfig(name="adamw"), 10), path / TRAIN_STATE_DIR
+    )
+    for (n, p), q, r in zip(
+        model.state_dict().items(),
+        other.state_dict().values(),
+        exported.state_dict().values(),
+        strict=True,
+    ):
+        assert torch.equal(p, q) and torch.equal(p, r), n
     hf = AutoModelForCausalLM.from_pretrained(path)
     hf_tok = AutoTokenizer.from_pretrained(path)
     ids = tokenizer.encode("ROMEO:\nGood night, sweet love.")
@@ -116,14 +137,31 @@ def test_mismatched_setup_is_named(tmp_path, model, tokenizer) -> None:
     path = save_checkpoint(tmp_path, 1, model, tokenizer, _state(1, tokenizer), "")
     state = load_trainer_state(path)
     h = tokenizer_hash(tokenizer)
-    check_compatible(path, state, model.config, h, 1)  # the same setup passes
+    same = global_batch(8, 1, 2, 64)
+    check_compatible(path, state, model.config, h, same)  # the same setup passes
+    # Another split of the same 16 sequences over processes and micro-batches resumes.
+    for batch_size, grad_accum, world in ((16, 1, 1), (4, 2, 2), (2, 2, 4)):
+        check_compatible(
+            path, state, model.config, h, global_batch(batch_size, grad_accum, world, 64)
+        )
     wider = dataclasses.replace(model.config, hidden_size=128)
     with pytest.raises(CheckpointError, match="model.hidden_size is 64 in the checkpoint but 128"):
-        check_compatible(path, state, wider, h, 1)
+        check_compatible(path, state, wider, h, same)
     with pytest.raises(CheckpointError, match="tokenizer differs"):
-        check_compatible(path, state, model.config, "0123456789abcdef", 1)
-    with pytest.raises(CheckpointError, match="world size 1, this run has 2"):
-        check_compatible(path, state, model.config, h, 2)
+        check_compatible(path, state, model.config, "0123456789abcdef", same)
+    with pytest.raises(CheckpointError) as err:
+        check_compatible(path, state, model.config, h, global_batch(8, 1, 1, 64))
+    assert str(err.value).count("\n") == 0 and (
+        "a global batch of 16 sequences of seq_len 64 (batch_size 8 x grad_accum 1 x 2 "
+        "processes), this run has 8 sequences of seq_len 64 (batch_size 8 x grad_accum 1 x 1 "
+        "process); set trainer.batch_size, trainer.grad_accum and trainer.seq_len to give 16 "
+        "sequences of 64 tokens per step on 1 process"
+    ) in str(err.value)
+    with pytest.raises(
+        CheckpointError,
+        match="16 sequences of seq_len 64 .* this run has 16 sequences of seq_len 128",
+    ):
+        check_compatible(path, state, model.config, h, global_batch(8, 1, 2, 128))
 
 
 def test_pruning_orders_steps_by_number(tmp_path) -> None:
@@ -153,21 +191,30 @@ def _damage(ckpt, kind: str) -> str:
     if kind == "tokenizer":
         _truncate(ckpt / "tokenizer.json")
         return r"tokenizer\.json is damaged: not valid JSON"
+    if kind == "shard":  # a killed copy of the optimizer shards
+        shard = next((ckpt / TRAIN_STATE_DIR).glob("*.distcp"))
+        _truncate(shard, shard.stat().st_size - 1)
+        return rf"{shard.name} is damaged \(truncated: \d+ of \d+ bytes\)"
+    if kind == "metadata":  # a save killed before its metadata was written
+        (ckpt / TRAIN_STATE_DIR / ".metadata").unlink()
+        return r"train_state/\.metadata is missing"
     assert kind == "mismatch"  # another model's config.json beside these weights
     config = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
     return "the weights have 2 layers, config.json says num_hidden_layers=3"
 
 
-@pytest.mark.parametrize("kind", ["weights", "state", "config", "tokenizer", "mismatch"])
+@pytest.mark.parametrize(
+    "kind", ["weights", "state", "config", "tokenizer", "mismatch", "shard", "metadata"]
+)
 def test_a_damaged_checkpoint_names_the_file(tmp_path, model, tokenizer, kind) -> None:
-    path = save_checkpoint(tmp_path, 1, model, tokenizer, _state(1, tokenizer), "")
+    path = _save(tmp_path, 1, model, tokenizer)
     check_checkpoint(path, training=True)  # intact
     expected = _damage(path, kind)
     with pytest.raises(CheckpointError, match=expected) as err:
         check_checkpoint(path, training=True)
     assert "\n" not in str(err.value)
-    if kind != "state":  # demo and serve need no trainer state
+    if kind not in ("state", "shard", "metadata"):  # demo and serve need no trainer state
         with pytest.raises(CheckpointError, match=expected):
             check_checkpoint(path)
     else:
@@ -182,13 +229,13 @@ def test_truncated_trainer_state_is_a_checkpoint_error(tmp_path, model, tokenize
         load_trainer_state(path)
 
 
-@pytest.mark.parametrize("kind", ["weights", "state", "config"])
+@pytest.mark.parametrize("kind", ["weights", "state", "config", "shard"])
 def test_resume_skips_a_damaged_latest_and_refuses_a_damaged_path(
     tmp_path, model, tokenizer, kind
 ) -> None:
     run = tmp_path / "run"
     for step in (1, 2, 3):
-        path = save_checkpoint(run, step, model, tokenizer, _state(step, tokenizer), "")
+        path = _save(run, step, model, tokenizer)
         set_pointer(run, "latest", path)
     expected = _damage(run / "step-000003", kind)
     picked, note = resolve_resume("latest", run)
@@ -215,7 +262,7 @@ def test_resume_of_a_missing_or_dangling_latest(tmp_path, model, tokenizer) -> N
         resolve_resume("latest", run)
     with pytest.raises(ConfigError, match="no such directory"):
         resolve_resume(str(tmp_path / "nowhere"), run)
-    save_checkpoint(run, 1, model, tokenizer, _state(1, tokenizer), "")
+    _save(run, 1, model, tokenizer)
     os.symlink("step-000009", run / "latest")  # its step dir was deleted by hand
     picked, note = resolve_resume("latest", run)
     assert picked == (run / "step-000001").resolve()

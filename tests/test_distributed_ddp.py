@@ -1,6 +1,6 @@
 """DDP under torchrun on CPU (gloo): 2 processes x batch 8 train exactly as 1 process x batch 16,
 rank 0 alone writes one run directory, and a checkpoint resumes exactly under the same world
-size but is refused under another."""
+size, on one process with the same global batch, and is refused with another global batch."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def test_two_processes_match_one_with_the_whole_batch_adamw(corpus, tmp_path) ->
 
 
 @pytest.mark.slow
-def test_resume_is_exact_under_the_same_world_size_and_refused_under_another(
+def test_resume_is_exact_under_the_same_world_size_and_the_same_global_batch(
     corpus, tmp_path
 ) -> None:
     _, text = corpus
@@ -86,6 +86,13 @@ def test_resume_is_exact_under_the_same_world_size_and_refused_under_another(
     assert f"resumed from {ckpt} at step 2" in resumed.stdout
     assert losses(tmp_path / "runs" / "resumed") == losses(tmp_path / "runs" / "full")[2:]
 
+    # One process, the same 16 sequences per step: resumes (the replicated state is read once).
     one = make_trainer([*base, "trainer.batch_size=16"], tmp_path / "one")
-    with pytest.raises(CheckpointError, match="world size 2, this run has 1"):
-        one.resume_from(ckpt)
+    one.resume_from(ckpt)
+    one.fit()
+    want = losses(tmp_path / "runs" / "full")[2:]
+    assert losses(tmp_path / "one") == pytest.approx(want, rel=1e-5)
+
+    half = make_trainer(base, tmp_path / "half")  # 8 sequences per step on one process
+    with pytest.raises(CheckpointError, match="global batch of 16 sequences .* this run has 8"):
+        half.resume_from(ckpt)

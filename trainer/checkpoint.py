@@ -1,8 +1,10 @@
-"""Checkpoint directories: a Hugging Face model dir plus ``trainer_state.pt`` and ``config.yaml``.
+"""Checkpoint directories: a Hugging Face model dir, ``trainer_state.pt`` (step, schedules,
+sampler, RNG: small plain values), ``train_state/`` (weights and optimizer state as per-rank
+shards: :mod:`trainer.train_state`) and ``config.yaml``.
 
-Every save is written to a temporary sibling and renamed into place; the ``latest`` and ``best``
-pointers are relative symlinks swapped in with ``os.replace``, so a reader (or a crash) only ever
-sees a complete checkpoint.
+Every save is written to a temporary sibling (:func:`stage_checkpoint`) and renamed into place
+(:func:`commit_checkpoint`); the ``latest`` and ``best`` pointers are relative symlinks swapped
+in with ``os.replace``, so a reader (or a crash) only ever sees a complete checkpoint.
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ import numpy as np
 import torch
 import yaml
 
+from optim import OptimizerSet
 from qwen3 import Qwen3, Qwen3Config
 from qwen3.tokenizer import Qwen3Tokenizer
-from trainer.distributed import is_sharded, load_full_weights
 from trainer.errors import CheckpointError
-from trainer.run_layout import MODEL_CONFIG, STATE_FILE, step_dir_name
+from trainer.run_layout import MODEL_CONFIG, STATE_FILE, TRAIN_STATE_DIR, step_dir_name
+from trainer.train_state import save_train_state
 
 CONFIG_FILE = "config.yaml"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: weights and optimizer state in train_state/ (DCP shards)
 # Fields of Qwen3Config that change the shape or meaning of the weights.
 SHAPE_FIELDS = (
     "vocab_size",
@@ -48,24 +51,41 @@ def tokenizer_hash(tokenizer: Qwen3Tokenizer) -> str:
     return hashlib.sha256(tokenizer.tokenizer.to_str().encode()).hexdigest()[:16]
 
 
-def save_checkpoint(
-    run_dir: Path,
-    step: int,
+def stage_checkpoint(run_dir: Path, step: int, create: bool) -> Path:
+    """The temporary directory a checkpoint of ``step`` is written to before
+    :func:`commit_checkpoint` renames it into place. Its name is the same on every rank (each
+    writes its shards there); ``create`` (rank 0) clears what a crashed save left and makes it."""
+    tmp = run_dir / f".tmp-{step_dir_name(step)}"
+    if create:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_checkpoint_files(
+    tmp: Path,
     model: Qwen3,
     tokenizer: Qwen3Tokenizer,
     state: dict[str, Any],
     config_yaml: str,
-) -> Path:
-    """Write ``run_dir/step-NNNNNN`` (model, tokenizer, trainer state, config) atomically."""
-    final = run_dir / step_dir_name(step)
-    tmp = run_dir / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
+    write: bool = True,
+) -> None:
+    """The Hugging Face model dir, ``trainer_state.pt`` and ``config.yaml`` into ``tmp``. A
+    sharded model is gathered one tensor at a time: every rank calls this, rank 0 (``write``)
+    writes."""
+    model.save_pretrained(tmp, write)
+    if not write:
+        return
     tokenizer.save(tmp)
     torch.save({"format_version": FORMAT_VERSION, **state}, tmp / STATE_FILE)
     (tmp / CONFIG_FILE).write_text(config_yaml)
+
+
+def commit_checkpoint(run_dir: Path, tmp: Path, step: int) -> Path:
+    """Rename the whole ``tmp`` into ``run_dir/step-NNNNNN`` (rank 0, once every rank's part of
+    it is written)."""
+    final = run_dir / step_dir_name(step)
     if final.exists():  # re-saving a step (resumed from an older checkpoint): swap, then drop
         old = run_dir / f".old-{final.name}-{os.getpid()}"
         os.replace(final, old)
@@ -74,6 +94,25 @@ def save_checkpoint(
     else:
         os.replace(tmp, final)
     return final
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: Qwen3,
+    tokenizer: Qwen3Tokenizer,
+    state: dict[str, Any],
+    config_yaml: str,
+    optimizers: OptimizerSet | None = None,
+) -> Path:
+    """One process: write ``run_dir/step-NNNNNN`` (model, tokenizer, trainer state, config, and
+    with ``optimizers`` the training state) atomically. :class:`trainer.loop.Trainer` runs the
+    same pieces across ranks, and in the background with ``trainer.async_save``."""
+    tmp = stage_checkpoint(run_dir, step, create=True)
+    write_checkpoint_files(tmp, model, tokenizer, state, config_yaml)
+    if optimizers is not None:
+        save_train_state(model, optimizers, tmp / TRAIN_STATE_DIR)
+    return commit_checkpoint(run_dir, tmp, step)
 
 
 def load_trainer_state(ckpt_dir: Path) -> dict[str, Any]:
@@ -139,15 +178,38 @@ def check_setup_matches(ckpt_dir: Path, model_config: Qwen3Config, optimizer: st
         )
 
 
+def global_batch(batch_size: int, grad_accum: int, world_size: int, seq_len: int) -> dict[str, int]:
+    """What decides the batches besides the seed: the sampler draws ``batch_size x grad_accum x
+    world_size`` windows of ``seq_len`` per step as one function of the step, and each rank takes
+    its slice, so any split of the same global batch sees the same windows."""
+    return {
+        "sequences": batch_size * grad_accum * world_size,
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "grad_accum": grad_accum,
+        "world_size": world_size,
+    }
+
+
+def _describe(batch: dict[str, int]) -> str:
+    return (
+        f"{batch['sequences']} sequences of seq_len {batch['seq_len']} (batch_size "
+        f"{batch['batch_size']} x grad_accum {batch['grad_accum']} x {batch['world_size']} "
+        f"process{'es' if batch['world_size'] != 1 else ''})"
+    )
+
+
 def check_compatible(
     ckpt_dir: Path,
     state: dict[str, Any],
     model_config: Qwen3Config,
     tok_hash: str,
-    world_size: int,
+    batch: dict[str, int],
 ) -> None:
     """Raise :class:`CheckpointError` naming the first difference between the checkpoint's setup
-    and this run's (model shape, tokenizer, world size)."""
+    and this run's (model shape, tokenizer, global batch). Another number of processes with the
+    same global batch and ``seq_len`` resumes: DCP reshards the state, the sampler slices the
+    same windows."""
     _check_model_shape(ckpt_dir, model_config, SHAPE_FIELDS)
     if state.get("tokenizer_hash") != tok_hash:
         raise CheckpointError(
@@ -155,26 +217,15 @@ def check_compatible(
             f"(checkpoint {state.get('tokenizer_hash')}, run {tok_hash}); resume with the same "
             "data/tokenizer settings, or start a new run"
         )
-    if state.get("world_size") != world_size:
+    saved = state["global_batch"]
+    if (saved["sequences"], saved["seq_len"]) != (batch["sequences"], batch["seq_len"]):
         raise CheckpointError(
-            f"cannot resume from {ckpt_dir}: it was trained with world size "
-            f"{state.get('world_size')}, this run has {world_size}; the data order depends on it, "
-            "so resume with the same number of processes"
+            f"cannot resume from {ckpt_dir}: it was trained with a global batch of "
+            f"{_describe(saved)}, this run has {_describe(batch)}; set trainer.batch_size, "
+            f"trainer.grad_accum and trainer.seq_len to give {saved['sequences']} sequences of "
+            f"{saved['seq_len']} tokens per step on {batch['world_size']} "
+            f"process{'es' if batch['world_size'] != 1 else ''}, or start a new run"
         )
-
-
-def load_model_weights(model: Qwen3, ckpt_dir: Path) -> None:
-    """Copy a checkpoint's weights into ``model`` in place (same shapes, already checked); a
-    model sharded with FSDP keeps this rank's shard of each."""
-    try:
-        loaded = Qwen3.from_pretrained(ckpt_dir, device="cpu", dtype=torch.float32)
-    except (FileNotFoundError, ValueError) as e:  # how qwen3 (standalone) reports a bad file
-        raise CheckpointError(f"cannot resume from {ckpt_dir}: {e}") from e
-    if is_sharded(model):
-        load_full_weights(model, loaded.state_dict())
-        return
-    with torch.no_grad():
-        model.load_state_dict(loaded.state_dict())
 
 
 def capture_rng() -> dict[str, Any]:

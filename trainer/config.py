@@ -143,6 +143,7 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 280
     keep_last: int = 2
+    async_save: bool = False  # write the training state in the background (trainer/train_state.py)
     compile: bool = False
     tf32: bool = True  # on CUDA, float32 matmuls in TF32 (set_float32_matmul_precision("high"))
     device: str = "auto"
@@ -180,8 +181,14 @@ class TrainConfig:
         _check_int("trainer.max_bad_steps", self.max_bad_steps, 1, "5")
         if self.num_threads is not None:
             _check_int("trainer.num_threads", self.num_threads, 1, "2")
-        if not isinstance(self.fsdp, bool):
-            _fail("trainer.fsdp", self.fsdp, "must be true or false", "set trainer.fsdp=true")
+        for key in ("fsdp", "async_save"):
+            if not isinstance(getattr(self, key), bool):
+                _fail(
+                    f"trainer.{key}",
+                    getattr(self, key),
+                    "must be true or false",
+                    f"set trainer.{key}=true",
+                )
         if self.fsdp and self.precision == "fp16":  # GradScaler would see only local shards
             _fail(
                 "trainer.precision",

@@ -10,9 +10,9 @@ the whole model and DDP all-reduces (averages) the gradients in buckets during `
 ``trainer.fsdp=true``: ``fully_shard`` makes each decoder layer its own shard group (all-gathered
 just before it runs, freed after) and the root holds the rest (the embedding, tied to the LM
 head, and the final norm). Parameters become DTensors sharded along their first dimension;
-optimizers step on the local shards. Checkpoints stay ordinary Hugging Face directories: the
-full weights and optimizer state are gathered to rank 0 on the CPU when saving, and every rank
-reads the full state and keeps its own shard when resuming.
+optimizers step on the local shards. Checkpoints: each rank writes and reads its own shards of
+the weights and optimizer state (trainer/train_state.py), and the Hugging Face export in every
+checkpoint is gathered to rank 0 one tensor at a time (qwen3/hf.py).
 """
 
 from __future__ import annotations
@@ -22,22 +22,15 @@ import os
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import TypeVar, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from optim import OptimizerSet
 from qwen3 import Qwen3
 from qwen3.checkpointing import ActivationCheckpointing
 from trainer.errors import LaunchError
@@ -132,6 +125,13 @@ def _active() -> bool:
 def barrier() -> None:
     if _active():
         dist.barrier()
+
+
+def background_group() -> dist.ProcessGroup | None:
+    """A gloo group of all ranks for work in a background thread (an asynchronous checkpoint's
+    coordination), so it never interleaves with the training's collectives on the default
+    group; None in one process. Collective: every rank calls it."""
+    return dist.new_group(backend="gloo") if _active() else None
 
 
 def mean_across_ranks(value: float) -> float:
@@ -251,7 +251,6 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
 
 
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
-_SCATTER = StateDictOptions(full_state_dict=True)
 
 
 def shard_model(
@@ -292,33 +291,3 @@ def full_model_copy(model: Qwen3, is_main: bool) -> Qwen3 | None:
     if missing:
         raise RuntimeError(f"gathered state dict lacks {sorted(missing)[:3]}")
     return plain
-
-
-def load_full_weights(model: Qwen3, full: dict[str, Any]) -> None:
-    """Copy a full (unsharded) state dict into the sharded ``model``; each rank keeps its shard."""
-    set_model_state_dict(model, full, options=_SCATTER)
-
-
-def full_optimizer_state(model: Qwen3, optimizers: OptimizerSet) -> dict[str, Any]:
-    """:meth:`OptimizerSet.state_dict` with each optimizer's state gathered whole (keyed by
-    parameter name) to rank 0's CPU. Collective."""
-    state = optimizers.state_dict()
-    state["optimizers"] = [
-        get_optimizer_state_dict(model, opt, options=_GATHER) for opt in optimizers.optimizers
-    ]
-    return state
-
-
-def load_full_optimizer_state(
-    model: Qwen3, optimizers: OptimizerSet, state: dict[str, Any]
-) -> None:
-    """Restore what :func:`full_optimizer_state` saved; each rank keeps its shard of it."""
-    if list(state.get("names", [])) != optimizers.names:
-        optimizers.load_state_dict(state)  # raises its clear mismatch message
-    for opt, opt_state in zip(optimizers.optimizers, state["optimizers"], strict=True):
-        set_optimizer_state_dict(model, opt, opt_state, options=_SCATTER)
-    # Steps, schedulers and the Muon momentum schedule through the usual path; the optimizers
-    # get their own (just restored) state back.
-    optimizers.load_state_dict(
-        {**state, "optimizers": [opt.state_dict() for opt in optimizers.optimizers]}
-    )

@@ -14,31 +14,26 @@ from typing import Any
 
 from tqdm import tqdm  # type: ignore[import-untyped]
 
-from qwen3 import Qwen3
 from trainer.build import RunParts
 from trainer.checkpoint import (
     capture_rng,
     check_compatible,
-    load_model_weights,
+    commit_checkpoint,
+    global_batch,
     load_trainer_state,
     restore_rng,
-    save_checkpoint,
+    stage_checkpoint,
     tokenizer_hash,
+    write_checkpoint_files,
 )
 from trainer.config import RunConfig
-from trainer.distributed import (
-    DistInfo,
-    any_rank,
-    full_model_copy,
-    full_optimizer_state,
-    is_sharded,
-    load_full_optimizer_state,
-)
+from trainer.distributed import DistInfo, any_rank, background_group, barrier
 from trainer.evaluation import evaluate_sources
 from trainer.metrics import MetricsLog, WandbLogger, mfu, write_plot
 from trainer.prefetch import BatchPrefetcher
-from trainer.run_layout import BEST, LATEST, prune_checkpoints, set_pointer
+from trainer.run_layout import BEST, LATEST, TRAIN_STATE_DIR, prune_checkpoints, set_pointer
 from trainer.step import train_step
+from trainer.train_state import PendingSave, load_train_state, save_train_state
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
@@ -97,17 +92,19 @@ class Trainer:
         self.train_seconds = 0.0
         self.window = {"seconds": 0.0, "tokens": 0}
         self.batches = BatchPrefetcher(parts.sampler, parts.device)
+        t = cfg.trainer
+        self.batch = global_batch(t.batch_size, t.grad_accum, dist.world_size, t.seq_len)
+        self.pending: PendingSave | None = None  # a checkpoint being written in the background
+        self.save_group = background_group() if t.async_save else None
 
     # ---- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """``trainer_state.pt``: everything but the weights and the optimizers' own state (those
+        are per-rank shards in ``train_state/``)."""
         p = self.parts
         return {
             "step": self.step,
-            "optimizers": (  # under FSDP: gathered whole (collective)
-                full_optimizer_state(p.model, p.optimizers)
-                if is_sharded(p.model)
-                else p.optimizers.state_dict()
-            ),
+            "schedules": p.optimizers.schedule_state_dict(),
             "scaler": p.precision.scaler.state_dict() if p.precision.scaler else None,
             "sampler": p.sampler.state_dict(),
             "rng": capture_rng(),
@@ -115,21 +112,19 @@ class Trainer:
             "best_step": self.best_step,
             "bad_in_row": self.bad_in_row,
             "log_accum": dict(self.accum),
-            "world_size": self.dist.world_size,
+            "global_batch": self.batch,
             "tokenizer_hash": self.tok_hash,
             "data_fingerprint": p.data.fingerprint,
         }
 
     def resume_from(self, ckpt_dir: Path) -> None:
-        """Load a checkpoint's weights and state; refuse one from a different setup."""
+        """Load a checkpoint's weights and state (each rank reads its own shards, whatever the
+        number of processes that saved it); refuse one from a different setup."""
         state = load_trainer_state(ckpt_dir)
         p = self.parts
-        check_compatible(ckpt_dir, state, p.model.config, self.tok_hash, self.dist.world_size)
-        load_model_weights(p.model, ckpt_dir)
-        if is_sharded(p.model):
-            load_full_optimizer_state(p.model, p.optimizers, state["optimizers"])
-        else:
-            p.optimizers.load_state_dict(state["optimizers"])
+        check_compatible(ckpt_dir, state, p.model.config, self.tok_hash, self.batch)
+        load_train_state(p.model, p.optimizers, ckpt_dir / TRAIN_STATE_DIR)
+        p.optimizers.load_schedule_state_dict(state["schedules"])
         if p.precision.scaler is not None and state.get("scaler"):
             p.precision.scaler.load_state_dict(state["scaler"])
         p.sampler.load_state_dict(state["sampler"])
@@ -143,31 +138,55 @@ class Trainer:
         if self.dist.is_main:
             self.metrics.truncate_after(self.step)
 
-    def save(self, improved: bool) -> Path | None:
-        """Save a checkpoint of the current step; move ``latest`` (and ``best`` if improved).
-
-        Rank 0 writes; under FSDP every rank first takes part in gathering the weights."""
-        p = self.parts
-        model: Qwen3 | None = p.model
-        state = None
-        if is_sharded(p.model):
-            model, state = full_model_copy(p.model, self.dist.is_main), self.state_dict()
-        if not self.dist.is_main or model is None:
-            return None
-        path = save_checkpoint(
-            self.run_dir,
-            self.step,
-            model,
-            p.data.tokenizer,
-            state or self.state_dict(),
-            self.config_yaml,
+    def save(self, improved: bool) -> None:
+        """Save a checkpoint of the current step; once it is whole, move ``latest`` (and
+        ``best`` if improved). Collective. Every rank writes its shards of the weights and
+        optimizer state; rank 0 writes the rest, the Hugging Face export gathered one tensor at a
+        time. With ``trainer.async_save`` the shards are written in the background and the
+        checkpoint appears when they are whole (:meth:`poll_save`)."""
+        self.finish_save()  # one save in flight at a time
+        p, main = self.parts, self.dist.is_main
+        tmp = stage_checkpoint(self.run_dir, self.step, create=main)
+        barrier()  # the directory exists before any rank writes into it
+        write_checkpoint_files(
+            tmp, p.model, p.data.tokenizer, self.state_dict(), self.config_yaml, write=main
         )
+        future = save_train_state(
+            p.model,
+            p.optimizers,
+            tmp / TRAIN_STATE_DIR,
+            self.save_group,
+            asynchronous=self.cfg.trainer.async_save,
+        )
+        self.last_saved = self.step
+        if future is not None:
+            self.pending = PendingSave(future, self.step, improved)
+        elif main:  # dcp.save returned on rank 0 after every rank's shards were written
+            self._publish(self.step, improved)
+
+    def _publish(self, step: int, improved: bool) -> None:
+        """Rank 0: rename the whole checkpoint of ``step`` into place and move the pointers."""
+        tmp = stage_checkpoint(self.run_dir, step, create=False)
+        path = commit_checkpoint(self.run_dir, tmp, step)
         set_pointer(self.run_dir, LATEST, path)
         if improved:
             set_pointer(self.run_dir, BEST, path)
         prune_checkpoints(self.run_dir, self.cfg.trainer.keep_last)
-        self.last_saved = self.step
-        return path
+
+    def poll_save(self) -> None:
+        """Publish a background save that has finished (no waiting, no collective: rank 0's
+        write completes only after every rank's shards are written)."""
+        if self.pending is not None and self.pending.done():
+            self.finish_save()
+
+    def finish_save(self) -> None:
+        """Wait for a background save, then publish it (rank 0)."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        pending.wait()
+        if self.dist.is_main:
+            self._publish(pending.step, pending.improved)
 
     # ---- pieces of a step -------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -306,11 +325,17 @@ class Trainer:
         )
         stopping = False
         with StopRequest() as stop:
-            while self.step < t.max_steps and not stopping:
-                self._train_one_step()
-                bar.update(1)
-                stopping = any_rank(stop.requested)  # all ranks stop after the same step
-                self._log_eval_save(stopping, outcome, bar)
+            try:
+                while self.step < t.max_steps and not stopping:
+                    self._train_one_step()
+                    bar.update(1)
+                    stopping = any_rank(stop.requested)  # all ranks stop after the same step
+                    self._log_eval_save(stopping, outcome, bar)
+                    self.poll_save()
+            except Exception:  # a failing run still publishes the save it started
+                self.finish_save()
+                raise
+            self.finish_save()
             outcome.stopped_by = stop.signal_name or ("signal (another rank)" if stopping else None)
         bar.close()
         outcome.step = self.step

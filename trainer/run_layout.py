@@ -27,6 +27,7 @@ WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 TOKENIZER = "tokenizer.json"
 STATE_FILE = "trainer_state.pt"
+TRAIN_STATE_DIR = "train_state"  # weights + optimizer state, DCP shards (trainer/train_state.py)
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
@@ -226,10 +227,42 @@ def _check_trainer_state(path: Path) -> None:
         raise CheckpointError(f"{file} is damaged (no data.pkl in the archive)")
 
 
+def _check_train_state(path: Path) -> None:
+    """``train_state/``: DCP's ``.metadata`` reads, and every shard file it names holds the
+    bytes it is said to hold (without reading the tensors)."""
+    from torch.distributed.checkpoint.filesystem import (
+        FileSystemReader,  # torch only for training checks
+    )
+
+    state = path / TRAIN_STATE_DIR
+    meta = state / ".metadata"
+    if not meta.is_file():
+        raise CheckpointError(
+            f"{meta} is missing: {path} has no whole training state (weights and optimizer "
+            "shards); it can be used by demo/serve, not resumed"
+        )
+    try:
+        metadata = FileSystemReader(str(state)).read_metadata()
+    except Exception as err:  # unpickling a damaged file raises anything
+        raise CheckpointError(f"{meta} is damaged ({_one_line(err)[:200]})") from None
+    ends: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        file = state / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing (the training state's .metadata names it)")
+        if file.stat().st_size < end:
+            raise CheckpointError(
+                f"{file} is damaged (truncated: {file.stat().st_size} of {end} bytes)"
+            )
+
+
 def check_checkpoint(path: Path, training: bool = False) -> None:
     """Raise :class:`CheckpointError` naming the first missing or damaged file of the model
     directory ``path``: ``config.json`` (a Qwen3 config), readable weights that match it, and
-    ``tokenizer.json``; with ``training``, also a loadable ``trainer_state.pt``."""
+    ``tokenizer.json``; with ``training``, also a loadable ``trainer_state.pt`` and a whole
+    ``train_state/``."""
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory; pass a checkpoint directory")
     config = _check_config(path)
@@ -241,6 +274,7 @@ def check_checkpoint(path: Path, training: bool = False) -> None:
     _read_json(path / TOKENIZER)
     if training:
         _check_trainer_state(path)
+        _check_train_state(path)
 
 
 def intact_checkpoints(run_dir: Path, skip: Path | None = None) -> list[Path]:
