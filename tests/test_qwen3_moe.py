@@ -224,19 +224,56 @@ def test_gradients_equal_transformers(tmp_path) -> None:
 # ---- the block itself ---------------------------------------------------------------------------
 
 
-def test_each_expert_runs_once_on_its_tokens_only() -> None:
+def test_block_equals_each_token_through_its_experts_and_unused_experts_get_zero_grads() -> None:
+    """The hand-written dispatch (sorted rows, one backward for all experts) against the
+    definition: every token through its top-k expert modules, scaled and summed. An expert no
+    token picks gets a zero gradient, not none (DDP and FSDP need one from every rank)."""
+    torch.manual_seed(0)
     cfg = Qwen3Config(**dict(BASE, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16))
     block = SparseMoeBlock(cfg)
-    seen: dict[int, int] = {}
-    for i, expert in enumerate(block.experts):
-        expert.register_forward_hook(
-            lambda m, args, out, i=i: seen.__setitem__(i, seen.get(i, 0) + args[0].shape[0])
-        )
-    x = torch.randn(3, 10, BASE["hidden_size"])
-    block(x)
-    _, _, ids = block.route(x.reshape(-1, BASE["hidden_size"]))
-    assert seen == {e: int((ids == e).sum()) for e in range(8)}  # one call each, its rows only
-    assert sum(seen.values()) == 30 * 2
+    x = torch.rand(3, 10, BASE["hidden_size"])  # positive, so that expert 7's logit is lowest
+    with torch.no_grad():
+        block.gate.weight[7] = -1.0
+    flat = x.reshape(-1, BASE["hidden_size"])
+    _, weights, ids = block.route(flat)
+    assert ids.unique().tolist() == list(range(7))
+    results = []
+    for run in ("block", "definition"):
+        xi = flat.detach().clone().requires_grad_()
+        if run == "block":
+            out = block(xi.view(x.shape)).reshape(flat.shape)
+        else:
+            _, weights, ids = block.route(xi)
+            rows = [
+                sum(weights[t, j] * block.experts[ids[t, j]](xi[t : t + 1])[0] for j in range(2))
+                for t in range(flat.shape[0])
+            ]
+            out = torch.stack(rows)
+        out.square().sum().backward()
+        grads = {n: p.grad for n, p in block.named_parameters()}
+        results.append((out.detach(), xi.grad, grads))
+        block.zero_grad(set_to_none=True)
+    (out0, gx0, g0), (out1, gx1, g1) = results
+    assert torch.allclose(out0, out1, atol=1e-6) and torch.allclose(gx0, gx1, atol=1e-6)
+    for name, grad in g0.items():
+        if name.startswith("experts.7."):
+            assert grad is not None and not grad.any() and g1[name] is None, name
+        else:
+            assert torch.allclose(grad, g1[name], atol=1e-6), name
+
+
+def test_block_under_cpu_autocast_runs_its_experts_in_bf16() -> None:
+    torch.manual_seed(0)
+    cfg = Qwen3Config(**dict(BASE, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32))
+    block = SparseMoeBlock(cfg)
+    x = torch.randn(2, 8, BASE["hidden_size"])
+    ref = block(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(x)
+    out.float().square().sum().backward()
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), ref, atol=0.05, rtol=0.05)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in block.parameters())
 
 
 def test_expert_load_reads_balance() -> None:
