@@ -8,13 +8,15 @@ released checkpoints, so a checkpoint is a Hugging Face directory as it stands a
 orthogonalises each expert's matrices on their own.
 
 Dispatch goes by expert: the routed (token, expert) pairs are sorted by expert once, each expert
-runs once on its contiguous group of rows (``qwen3.moe_experts``: a hand-written backward on CPU,
-``F.grouped_mm`` on CUDA in bf16), and each result, scaled by its routing weight, is added to its
-token's row. No expert ever sees a token not routed to it. Shapes: N tokens, k experts per token,
+runs once on its contiguous group (on CUDA in bf16 all of them in one ``F.grouped_mm``), and each
+result, scaled by its routing weight, is added to its token's row. No expert ever sees a token not
+routed to it. Shapes: N tokens, k experts per token,
 E experts, C hidden size, F expert width.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -22,19 +24,39 @@ from torch import nn
 
 from qwen3.config import Qwen3Config
 from qwen3.layers import MLP
-from qwen3.moe_experts import grouped_swiglu, swiglu_experts
 
 
 def _grouped_mm_usable(x: torch.Tensor) -> bool:
     """Whether to run the experts through ``F.grouped_mm``: on CUDA in bfloat16 (what its kernels
-    take, SM 8.0 and newer), by dtype or by autocast. Its CPU kernel is slower than
-    ``swiglu_experts`` at our sizes (benchmarks/results/moe.md), so the CPU keeps that."""
+    take, SM 8.0 and newer), by dtype or by autocast. Its CPU kernel is no faster than the loop
+    over experts at our sizes (2 cores, tiny-moe's width), so the CPU keeps the loop."""
     if not x.is_cuda or torch.cuda.get_device_capability(x.device) < (8, 0):
         return False
     autocast_bf16 = torch.is_autocast_enabled("cuda") and (
         torch.get_autocast_dtype("cuda") == torch.bfloat16
     )
     return x.dtype == torch.bfloat16 or autocast_bf16
+
+
+def grouped_swiglu(
+    xs: torch.Tensor,  # (N*k, C) routed rows, sorted by expert
+    counts: torch.Tensor,  # (E,) rows per expert
+    experts: Iterable[MLP],
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Every expert's SwiGLU on its rows as two grouped matmuls (``F.grouped_mm``; gate and up
+    stacked), equal to the loop over experts in :meth:`SparseMoeBlock.forward`, computed in
+    ``dtype`` (the kernel does not autocast). The per-expert weights are stacked on each call:
+    the parameters stay one matrix per expert (HF names, Muon per matrix)."""
+    mlps = list(experts)
+    dtype = dtype or xs.dtype
+    offs = counts.cumsum(0).to(torch.int32)
+    gate_up = torch.stack([torch.cat((m.gate_proj.weight, m.up_proj.weight)) for m in mlps])
+    down = torch.stack([m.down_proj.weight for m in mlps])  # (E, C, F)
+    h = F.grouped_mm(xs.to(dtype), gate_up.to(dtype).transpose(1, 2), offs=offs)
+    gate, up = h.chunk(2, dim=-1)
+    # The kernel takes only dense gradients: keep the product contiguous for its backward.
+    return F.grouped_mm((F.silu(gate) * up).contiguous(), down.to(dtype).transpose(1, 2), offs=offs)
 
 
 class SparseMoeBlock(nn.Module):
@@ -71,20 +93,23 @@ class SparseMoeBlock(nn.Module):
         logits, weights, ids = self.route(flat)
         if torch.is_grad_enabled():
             self.router_logits = logits
-        flat_ids = ids.reshape(-1)  # (N*k,)
-        order = flat_ids.argsort(stable=True)  # (N*k,) routed rows grouped by expert
-        counts = torch.bincount(flat_ids, minlength=self.num_experts)  # (E,)
-        token = order // ids.shape[1]  # (N*k,) the token of each row
-        row_weight = weights.reshape(-1).index_select(0, order)  # (N*k,)
-        experts: list[MLP] = list(self.experts)  # type: ignore[arg-type]
-        if not _grouped_mm_usable(flat):
-            # One host sync for the row counts: each expert's rows are then a plain slice.
-            out = swiglu_experts(flat, token, row_weight, counts.tolist(), experts)
-            return out.view(shape)
-        ys = grouped_swiglu(flat.index_select(0, token), counts, experts, torch.bfloat16)
+        flat_ids = ids.reshape(-1)
+        order = flat_ids.argsort(stable=True)  # (N*k,) pairs grouped by expert
+        counts = torch.bincount(flat_ids, minlength=self.num_experts)
+        token = order // ids.shape[1]  # (N*k,) each routed row's token
+        # index_select, not flat[token]: advanced indexing and its backward (index_put_ with
+        # accumulate) cost ~8x more at this size (benchmarks/results/moe.md).
+        xs = flat.index_select(0, token)  # (N*k, C)
+        if _grouped_mm_usable(xs):
+            ys = grouped_swiglu(xs, counts, self.experts, torch.bfloat16)  # type: ignore[arg-type]
+        else:
+            # Every expert is called, even on no rows: its gradient is then zero, not missing,
+            # which DDP and FSDP need from every rank.
+            groups = torch.split(xs, counts.tolist())
+            ys = torch.cat([expert(g) for expert, g in zip(self.experts, groups, strict=True)])
         # Each output scaled by its routing weight and added to its token's row (N tiny bmm
-        # calls would cost more than the experts' matmuls).
-        ys = ys * row_weight.unsqueeze(-1)
+        # calls would cost more than the experts' matmuls on CPU).
+        ys = ys * weights.reshape(-1).index_select(0, order).unsqueeze(-1)
         out = torch.zeros_like(flat).index_add_(0, token, ys)  # (N, C)
         return out.view(shape)
 
