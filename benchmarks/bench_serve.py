@@ -1,14 +1,20 @@
-"""Serving throughput and latency on loopback: 1, 4 and 16 concurrent clients.
+"""Serving throughput and latency on loopback: 1, 4 and 16 concurrent clients, or staggered arrivals.
 
     python benchmarks/bench_serve.py                 # the newest run's best checkpoint
     python benchmarks/bench_serve.py --ckpt DIR      # any Qwen3 directory
     python benchmarks/bench_serve.py --random tiny   # random weights of a preset (no training needed)
+    python benchmarks/bench_serve.py --random tiny --clients 16 --stagger-ms 50   # staggered arrivals
+    git worktree add /tmp/old-serve <commit>        # then, against that commit's server:
+    python benchmarks/bench_serve.py --random tiny --baseline-checkout /tmp/old-serve --no-baseline
 
 Each client sends `--requests` streamed completions one after another (a fixed prompt, exactly
-`--max-tokens` new tokens thanks to `ignore_eos`). Reported per concurrency: requests/s, generated
-tokens/s, p50/p95 latency and p50 time to first token. The same load runs side by side against a
-server that decodes one request at a time (`--max-batch-size 1`), and the ratio shows what
-batching buys.
+`--max-tokens` new tokens thanks to `ignore_eos`); with `--stagger-ms`, client i sends its first
+one i * that many milliseconds after the start, so requests arrive while others are decoding.
+Reported per concurrency: requests/s, generated tokens/s, p50/p95 latency and p50 time to first
+token, the medians of `--rounds` rounds. The same load runs side by side, round after round,
+against a server that decodes one request at a time (`--max-batch-size 1`; the ratio shows what
+batching buys) and, with `--baseline-checkout`, against another checkout's serve.py (the ratio
+shows what changed since).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serving.launch import serve_in_subprocess
+from serving.launch import SERVE_PY, serve_in_subprocess
 from trainer.errors import CheckpointError
 from trainer.run_layout import find_model_dir
 
@@ -53,7 +59,9 @@ async def one_request(client: httpx.AsyncClient, body: dict[str, Any]) -> tuple[
     return time.perf_counter() - start, first or 0.0, tokens
 
 
-async def run_load(url: str, clients: int, requests: int, max_tokens: int) -> dict[str, float]:
+async def run_load(
+    url: str, clients: int, requests: int, max_tokens: int, stagger_s: float = 0.0
+) -> dict[str, float]:
     body = {
         "prompt": PROMPT,
         "max_tokens": max_tokens,
@@ -66,13 +74,12 @@ async def run_load(url: str, clients: int, requests: int, max_tokens: int) -> di
     async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as client:
         await one_request(client, {**body, "max_tokens": 4})  # warm-up
 
-        async def worker() -> list[tuple[float, float, int]]:
+        async def worker(i: int) -> list[tuple[float, float, int]]:
+            await asyncio.sleep(i * stagger_s)
             return [await one_request(client, body) for _ in range(requests)]
 
         start = time.perf_counter()
-        results = [
-            r for rs in await asyncio.gather(*(worker() for _ in range(clients))) for r in rs
-        ]
+        results = [r for rs in await asyncio.gather(*map(worker, range(clients))) for r in rs]
         wall = time.perf_counter() - start
     latencies = sorted(r[0] for r in results)
     return {
@@ -102,6 +109,11 @@ def random_checkpoint(preset: str, out: Path) -> Path:
     return out
 
 
+def median_rows(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """Each figure's median over rounds."""
+    return {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -119,9 +131,27 @@ def main() -> int:
     parser.add_argument(
         "--max-tokens", type=int, default=64, help="tokens per request (default: %(default)s)"
     )
+    parser.add_argument(
+        "--stagger-ms",
+        type=float,
+        default=0.0,
+        help="client i starts i * this many ms late (default: %(default)s, all at once)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="alternating rounds, medians (default: %(default)s)"
+    )
     parser.add_argument("--threads", type=int, help="serve.py --threads (default: serve.py's)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the one-at-a-time server")
+    parser.add_argument(
+        "--baseline-checkout",
+        type=Path,
+        metavar="DIR",
+        help="also serve DIR/serve.py (e.g. a git worktree of an older commit) as 'baseline'",
+    )
     args = parser.parse_args()
+    if args.baseline_checkout and not (args.baseline_checkout / "serve.py").is_file():
+        print(f"bench_serve.py: error: no serve.py in {args.baseline_checkout}", file=sys.stderr)
+        return 1
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -134,37 +164,51 @@ def main() -> int:
             print(f"bench_serve.py: error: {err} (or use --random tiny)", file=sys.stderr)
             return 1
         common = ("--threads", str(args.threads)) if args.threads else ()
-        setups: dict[str, tuple[str, ...]] = {"batched": common}
+        setups: dict[str, tuple[Path, tuple[str, ...]]] = {"batched": (SERVE_PY, common)}
+        if args.baseline_checkout:
+            setups["baseline"] = (args.baseline_checkout.resolve() / "serve.py", common)
         if not args.no_baseline:
-            setups["one-at-a-time"] = (*common, "--max-batch-size", "1")
-        results: dict[str, list[dict[str, float]]] = {name: [] for name in setups}
+            setups["one-at-a-time"] = (SERVE_PY, (*common, "--max-batch-size", "1"))
+        rounds: dict[tuple[str, int], list[dict[str, float]]] = {}
         with contextlib.ExitStack() as stack:
             urls = {
-                n: stack.enter_context(serve_in_subprocess(ckpt, *x)) for n, x in setups.items()
+                name: stack.enter_context(serve_in_subprocess(ckpt, *extra, serve_py=serve_py))
+                for name, (serve_py, extra) in setups.items()
             }
             model = httpx.get(f"{urls['batched']}/v1/models").json()["data"][0]
-            for clients in args.clients:  # interleaved, so a busy moment of the machine hits both
-                for name, url in urls.items():
-                    load = run_load(url, clients, args.requests, args.max_tokens)
-                    results[name].append(asyncio.run(load))
+            stagger = args.stagger_ms / 1000
+            for i in range(args.rounds):
+                # Interleaved, so a busy moment hits every server; who goes first alternates.
+                order = list(urls) if i % 2 == 0 else list(reversed(urls))
+                for clients in args.clients:
+                    for name in order:
+                        url = urls[name]
+                        load = run_load(url, clients, args.requests, args.max_tokens, stagger)
+                        rounds.setdefault((name, clients), []).append(asyncio.run(load))
+    results = {key: median_rows(rs) for key, rs in rounds.items()}
 
     print(
         f"model {model['id']}: {model['num_params']:,} parameters on {model['device']}; "
-        f"{args.requests} requests/client x {args.max_tokens} tokens, streamed, loopback"
+        f"{args.requests} requests/client x {args.max_tokens} tokens, streamed, loopback, "
+        f"clients {args.stagger_ms:g} ms apart, medians of {args.rounds} round(s)"
     )
     header = f"{'server':<14}{'clients':>8}{'req/s':>9}{'tok/s':>9}{'p50 s':>8}{'p95 s':>8}{'TTFT p50':>10}"
     print(header)
-    for name, rows in results.items():
-        for r in rows:
+    for name, clients in sorted(results, key=lambda key: list(setups).index(key[0])):
+        r = results[name, clients]
+        print(
+            f"{name:<14}{r['clients']:>8.0f}{r['requests_per_s']:>9.2f}{r['tokens_per_s']:>9.0f}"
+            f"{r['p50_s']:>8.2f}{r['p95_s']:>8.2f}{r['ttft_p50_s']:>10.3f}"
+        )
+    for other in setups:
+        if other == "batched":
+            continue
+        for clients in args.clients:
+            b, o = results["batched", clients], results[other, clients]
             print(
-                f"{name:<14}{r['clients']:>8}{r['requests_per_s']:>9.2f}{r['tokens_per_s']:>9.0f}"
-                f"{r['p50_s']:>8.2f}{r['p95_s']:>8.2f}{r['ttft_p50_s']:>10.3f}"
-            )
-    if "one-at-a-time" in results:
-        for b, s in zip(results["batched"], results["one-at-a-time"], strict=True):
-            print(
-                f"batched / one-at-a-time tokens/s at {b['clients']:>2} clients: "
-                f"{b['tokens_per_s'] / s['tokens_per_s']:.2f}x"
+                f"batched / {other} at {clients:>2} clients: tokens/s "
+                f"{b['tokens_per_s'] / o['tokens_per_s']:.2f}x, p95 latency "
+                f"{b['p95_s'] / o['p95_s']:.2f}x"
             )
     return 0
 

@@ -15,7 +15,7 @@ generator, so its tokens do not depend on what else is in the batch.
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +30,10 @@ class Row:
 
     request: GenerationRequest
     choice: Choice
+    group: object = field(init=False)  # rows with equal groups draw their tokens in one call
+
+    def __post_init__(self) -> None:
+        self.group = batch_key(self.request.sampling) or self.request
 
 
 class DecodeBatch:
@@ -82,7 +86,7 @@ class DecodeBatch:
             logits = logits + self._padding
         groups: dict[object, list[int]] = {}
         for i, row in enumerate(self.rows):
-            groups.setdefault(batch_key(row.request.sampling) or row.request, []).append(i)
+            groups.setdefault(row.group, []).append(i)
         if len(groups) == 1:
             return self._draw(logits, self.rows[0].request), logits
         tokens = torch.empty(len(self.rows), dtype=torch.long, device=logits.device)

@@ -148,8 +148,15 @@ class GenerationEngine:
                 for choice in request.choices:
                     if choice.max_tokens == 0 and not choice.done:
                         self._finish(request, choice, "length")
-            live = [r for r in requests if not r.cancelled.is_set()]
-            self._batch.join([Row(r, c) for r in live for c in r.choices if not c.done])
+            rows = []
+            for request in requests:
+                unfinished = [c for c in request.choices if not c.done]
+                if unfinished and request.cancelled.is_set():  # its client left while it waited
+                    self.stats["cancelled"] += 1
+                    for choice in unfinished:
+                        choice.finish_reason = "cancelled"
+                rows += [Row(request, c) for c in unfinished if not c.done]
+            self._batch.join(rows)
         except Exception as err:
             self._fail(requests, err)
 

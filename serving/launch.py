@@ -18,12 +18,15 @@ SERVE_PY = Path(__file__).resolve().parents[1] / "serve.py"
 
 
 @contextlib.contextmanager
-def serve_in_subprocess(ckpt: str | Path, *extra_args: str) -> Iterator[str]:
-    """Start `serve.py --ckpt ckpt --port 0 ...`; yield its base URL once /health answers; stop it."""
+def serve_in_subprocess(
+    ckpt: str | Path, *extra_args: str, serve_py: Path = SERVE_PY
+) -> Iterator[str]:
+    """Start `serve.py --ckpt ckpt --port 0 ...`; yield its base URL once /health answers; stop it.
+    ``serve_py``: another checkout's serve.py (a benchmark's baseline), run in its own folder."""
     proc = subprocess.Popen(
         [
             sys.executable,
-            str(SERVE_PY),
+            str(serve_py),
             "--ckpt",
             str(ckpt),
             "--port",
@@ -32,7 +35,7 @@ def serve_in_subprocess(ckpt: str | Path, *extra_args: str) -> Iterator[str]:
             "warning",
             *extra_args,
         ],
-        cwd=SERVE_PY.parent,
+        cwd=serve_py.parent,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
