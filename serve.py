@@ -55,6 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="default: bfloat16 on a CUDA GPU that has it, else as saved",
     )
     parser.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="int8: int8 weights, decoded by torch's int8 CPU kernels (CPU, float32 only)",
+    )
+    parser.add_argument(
         "--model-name", help="model id in the API (default: <run>/<step> or the dir name)"
     )
     parser.add_argument(
@@ -82,6 +87,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.quantize and args.device not in ("auto", "cpu"):
+        parser.error(
+            f"--quantize {args.quantize} runs on the CPU only (torch's int8 kernels are CPU "
+            f"kernels), not on {args.device}; pass --device cpu or drop --quantize"
+        )
+    if args.quantize and args.dtype not in (None, "float32"):
+        parser.error(
+            f"--quantize {args.quantize} starts from float32 weights, not {args.dtype}; drop "
+            "--dtype or --quantize"
+        )
     return args
 
 
@@ -113,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         # Imported late so that the checks above answer before torch and FastAPI load.
         from serving.served_model import load_served_model
 
-        served = load_served_model(path, device=args.device, dtype=args.dtype, name=args.model_name)
+        served = load_served_model(
+            path, device=args.device, dtype=args.dtype, name=args.model_name, quantize=args.quantize
+        )
     except (CheckpointError, PortError) as err:
         print(f"serve.py: error: {err}", file=sys.stderr)
         return 1

@@ -71,6 +71,8 @@ def stacked_linear(
     without, the stacked copy is cached on ``owner`` (:func:`_derived`). Large stacks are not
     worth a copy: their projections run one by one.
     """
+    if not all(isinstance(lin, nn.Linear) for lin in linears):  # int8 (qwen3.quantize): packed
+        return torch.cat([lin(x) for lin in linears], dim=-1)  # weights, one kernel each
     weights: list[torch.Tensor] = [lin.weight for lin in linears]
     biases: list[torch.Tensor] = []
     if linears[0].bias is not None:  # the layers of one stack agree (config.attention_bias)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from qwen3 import Qwen3, pick_device
+from qwen3.quantize import quantize as quantize_model
 from qwen3.tokenizer import Qwen3Tokenizer
 from trainer.errors import CheckpointError
 from trainer.run_layout import check_checkpoint, display_name
@@ -51,12 +52,19 @@ def serving_dtype(
 
 
 def load_served_model(
-    path: Path, device: str = "auto", dtype: str | None = None, name: str | None = None
+    path: Path,
+    device: str = "auto",
+    dtype: str | None = None,
+    name: str | None = None,
+    quantize: str | None = None,
 ) -> ServedModel:
-    """Load `path` (already resolved) for serving; CheckpointError says what is wrong with it."""
+    """Load `path` (already resolved) for serving, quantized as `quantize` says (`int8`, on the
+    CPU; qwen3.quantize); CheckpointError says what is wrong with it."""
     check_checkpoint(path)
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    if quantize and device == "auto":
+        device = "cpu"  # int8 kernels are CPU kernels
     try:
         torch_device = pick_device(device)
     except RuntimeError as err:
@@ -77,12 +85,17 @@ def load_served_model(
             f"{model.config.vocab_size}; save the tokenizer the model was trained with beside it"
         )
     model.eval()
+    num_params = model.num_params()  # before quantizing packs the linear weights away
+    try:
+        model = quantize_model(model, quantize)
+    except ValueError as err:  # a model int8 does not support (a mixture of experts)
+        raise CheckpointError(f"--quantize {quantize}: {err}") from None
     return ServedModel(
         model=model,
         tokenizer=tokenizer,
         name=name or display_name(path),
         path=path,
         context_length=model.config.max_position_embeddings,
-        num_params=model.num_params(),
+        num_params=num_params,
         created=int((path / "config.json").stat().st_mtime or time.time()),
     )

@@ -42,6 +42,10 @@ from trainer.run_layout import default_run_name, timestamp_name
 
 SUBCOMMANDS = ("demo", "interactive", "eval")  # key=value options; `prepare` takes Hydra's
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+QUANTIZE_IN_TRAINING = (
+    "quantize is for inference, not training (int8 weights cannot be trained); train in full "
+    "precision, then pass quantize=int8 to demo or interactive, or --quantize int8 to serve.py"
+)
 
 
 def register_resolvers(stamp: str | None = None) -> None:
@@ -97,6 +101,8 @@ def unknown_override(args: list[str]) -> str | None:
     keys, leaves = _config_keys()
     for o in parsed:
         key = o.key_or_group
+        if key.rsplit(".", 1)[-1] == "quantize":  # also +quantize=int8: no training key has it
+            return QUANTIZE_IN_TRAINING
         if o.is_add() or o.is_force_add() or o.is_delete() or o.package is not None:
             continue  # explicit additions and deletions, and package overrides, are Hydra's
         if key == "hydra" or key.startswith(("hydra.", "hydra/")) or key in keys:

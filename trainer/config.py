@@ -29,6 +29,7 @@ from data import DataConfig
 from optim import OptimConfig, fit_warmup
 from qwen3 import PRESETS, Qwen3, Qwen3Config
 from qwen3.generate import Sampling
+from qwen3.quantize import QUANTIZE_CHOICES, unknown_method
 from trainer.budget import DEFAULT_MAX_STEPS, resolve_max_steps
 from trainer.distributed import dist_info
 from trainer.errors import ConfigError
@@ -285,6 +286,7 @@ class GenerationCliConfig(Sampling):
     )
     device: str = "auto"
     stop_at_eos: bool = True
+    quantize: str | None = None  # int8: int8 weights on the CPU (qwen3.quantize); None: as saved
     extra: list[str] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -293,6 +295,8 @@ class GenerationCliConfig(Sampling):
                 f"device={self.device!r} is not a device; choose one of: auto, cpu, cuda, "
                 "cuda:N, mps"
             )
+        if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
+            raise ValueError(unknown_method(self.quantize))
         super().__post_init__()
 
 

@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from qwen3 import Qwen3, Sampling, generate, pick_device, stream_generate
+from qwen3.quantize import quantize
 from qwen3.tokenizer import Qwen3Tokenizer
 from trainer.config import GenerationCliConfig
 from trainer.errors import CheckpointError, ConfigError
@@ -114,21 +115,30 @@ def inference_device(name: str) -> torch.device:
 
 
 def load(cfg: GenerationCliConfig) -> tuple[Path, Qwen3, Qwen3Tokenizer]:
+    """The checkpoint ``cfg`` names, its model (quantized as ``cfg.quantize`` says) and
+    tokenizer; prints which checkpoint it is."""
     ckpt = find_model_dir(cfg.ckpt, cfg.out_dir)
-    device = inference_device(cfg.device)
+    # int8 kernels are CPU kernels: there `auto` means the CPU (another device is refused below)
+    device = inference_device("cpu" if cfg.quantize and cfg.device == "auto" else cfg.device)
     try:
         tokenizer = Qwen3Tokenizer.from_dir(ckpt)
         model = Qwen3.from_pretrained(ckpt, device=device)
     except (FileNotFoundError, ValueError) as e:  # how qwen3 (standalone) reports a bad file
         raise CheckpointError(f"cannot load {ckpt}: {e}") from e
     model.eval()
+    params = model.num_params()  # counted before quantizing hides the weights in packed form
+    try:
+        model = quantize(model, cfg.quantize)
+    except ValueError as e:  # a device, dtype or model that int8 does not support
+        raise ConfigError(str(e)) from None
+    how = f", {cfg.quantize}" if cfg.quantize else ""
+    print(f"checkpoint {ckpt.resolve()} ({params / 1e6:.2f} M parameters{how})")
     return ckpt, model, tokenizer
 
 
 def demo(cfg: GenerationCliConfig) -> None:
     ckpt, model, tok = load(cfg)
     prompts = cfg.prompts or run_prompts(ckpt) or GENERIC_PROMPTS
-    print(f"checkpoint {ckpt.resolve()} ({model.num_params() / 1e6:.2f} M parameters)")
     # Unseeded, demo still shows the same samples each time.
     texts = complete(model, tok, prompts, replace(cfg, seed=cfg.seed or 0))
     for prompt, text in zip(prompts, texts, strict=True):
@@ -149,8 +159,7 @@ def interactive(cfg: GenerationCliConfig) -> None:
 
 
 def _interactive(cfg: GenerationCliConfig) -> None:
-    ckpt, model, tok = load(cfg)
-    print(f"checkpoint {ckpt.resolve()} ({model.num_params() / 1e6:.2f} M parameters)")
+    _, model, tok = load(cfg)
     print(
         "Type a prompt and press Enter (\\n for a newline). Ctrl-C stops a generation; "
         "/quit or Ctrl-D exits.",
