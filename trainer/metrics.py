@@ -1,5 +1,6 @@
 """Where a run's metrics go: ``metrics.jsonl`` (one JSON row per logged step), the ``metrics.png``
-plot, Weights & Biases, and the throughput figures (tokens/s, MFU against a peak FLOP/s)."""
+plot, Weights & Biases, and the throughput figures (tokens/s, MFU against a peak FLOP/s, measured
+once per machine and cached)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,13 @@ import hashlib
 import json
 import math
 import os
+import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from matplotlib.figure import Figure
 
 from trainer.config import WandbConfig
 
@@ -65,7 +66,10 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
 
 def write_plot(records: list[dict[str, Any]], path: Path, title: str = "") -> None:
     """Draw the curves in ``records`` (metrics.jsonl rows) to ``path``, replacing it atomically."""
+    # Imported here: matplotlib takes about as long to import as a training step of tiny takes.
     # A bare Figure renders headless (Agg) and needs no pyplot global state.
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(15, 4))
     ax_loss, ax_acc, ax_ppl = fig.subplots(1, 3)
     ax_loss.plot(*_series(records, "train_loss"), label="train", alpha=0.8)
@@ -80,7 +84,8 @@ def write_plot(records: list[dict[str, Any]], path: Path, title: str = "") -> No
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    # Fixed margins: tight_layout measures every label with an extra render (40% of the plot's time)
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.13, top=0.85, wspace=0.25)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=80)
     os.replace(tmp, path)
@@ -194,8 +199,74 @@ def measure_matmul_flops(
     return 2 * n**3 * reps / min(times)
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype | None, configured: float | None) -> float:
-    """``configured`` if set; on a known GPU its data-sheet bf16 peak; else measured once."""
+def peak_cache_path() -> Path:
+    """Where measured peaks are kept: ``$XDG_CACHE_HOME/qwen3-pretrain/peak_flops.json``."""
+    # XDG's rule by hand: platformdirs, which follows it on Linux, is not one of our dependencies.
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "qwen3-pretrain" / "peak_flops.json"
+
+
+def _processor_name() -> str:
+    try:  # Linux names the CPU model here; platform.processor() is often empty there
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def peak_key(device: torch.device, dtype: torch.dtype) -> str:
+    """What a measured peak depends on: the device's model (on a CPU, also the threads torch
+    uses), the dtype and the torch version."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    elif device.type == "cpu":
+        name = f"{_processor_name()}, {torch.get_num_threads()} threads"
+    else:
+        name = device.type
+    return (
+        f"{device.type}: {name} | {str(dtype).removeprefix('torch.')} | torch {torch.__version__}"
+    )
+
+
+def _read_peaks(path: Path) -> dict[str, Any]:
+    try:
+        figures = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: measure again
+        return {}
+    return figures if isinstance(figures, dict) else {}
+
+
+def _write_peaks(path: Path, figures: dict[str, Any]) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(figures, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)  # concurrent runs (torchrun ranks) each write whole files
+    except OSError:  # a read-only home: the figure still serves this run
+        tmp.unlink(missing_ok=True)
+
+
+def quieter_now(measured_at: float, load: float, cores: int) -> bool:
+    """Whether a CPU peak measured at load average ``measured_at`` is worth measuring again at
+    ``load``: lower by 1 or more, and below the core count."""
+    return load + 1 <= measured_at and load < cores
+
+
+def peak_flops(
+    device: torch.device,
+    dtype: torch.dtype | None,
+    configured: float | None,
+    cache: Path | None = None,
+) -> float:
+    """``configured`` if set; on a known GPU its data-sheet bf16 peak; else the figure cached
+    for this device, dtype and torch version in ``cache`` (default :func:`peak_cache_path`),
+    measured with a matmul and cached the first time (delete the file to measure again).
+
+    Other processes slow a CPU measurement down, so a CPU figure is measured again when the
+    machine is quieter than it was then (load average lower by 1 or more and below the core
+    count), and the higher figure is kept."""
     if configured:
         return float(configured)
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
@@ -203,7 +274,22 @@ def peak_flops(device: torch.device, dtype: torch.dtype | None, configured: floa
         for key, value in _GPU_BF16_PEAKS.items():
             if key in name:
                 return value
-    return measure_matmul_flops(device, dtype or torch.float32)
+    dtype = dtype or torch.float32
+    path = cache or peak_cache_path()
+    key = peak_key(device, dtype)
+    load = os.getloadavg()[0] if device.type == "cpu" and hasattr(os, "getloadavg") else 0.0
+    entry = _read_peaks(path).get(key)
+    best = 0.0
+    if isinstance(entry, dict) and isinstance(entry.get("flops"), int | float):
+        best = float(entry["flops"])
+        then = float(entry.get("load_average", 0.0))
+        if best > 0 and not quieter_now(then, load, os.cpu_count() or 1):
+            return best
+    measured = measure_matmul_flops(device, dtype)
+    if measured > best:
+        figure = {"flops": measured, "load_average": round(load, 2)}
+        _write_peaks(path, {**_read_peaks(path), key: figure})
+    return max(measured, best)
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak: float) -> float:
