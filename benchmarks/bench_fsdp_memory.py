@@ -5,7 +5,9 @@ Two CPU processes (gloo) under ``torchrun`` run ``train.py``: a few AdamW steps 
 ``RUSAGE_CHILDREN`` high-water mark is the peak resident set size of the largest process of the
 job (the kernel keeps the largest waited-for descendant's). The token cache is built first
 (``train.py prepare``), so no run pays for tokenization. Reported: each side's peak, their
-ratio (target: FSDP at most 0.6 of DDP) and the wall time of each job.
+ratio (target: FSDP at most 0.6 of DDP), the wall time of each job, and how long its save took
+and how long training waited for it (the trainer's "saved ... in X s (training waited Y s)" line),
+for a synchronous and an asynchronous (``trainer.async_save``) FSDP save.
 
     .venv/bin/python benchmarks/bench_fsdp_memory.py            # ~210M parameters
     .venv/bin/python benchmarks/bench_fsdp_memory.py --quick    # a ~20M model, for CI
@@ -14,6 +16,7 @@ ratio (target: FSDP at most 0.6 of DDP) and the wall time of each job.
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 import tempfile
@@ -61,8 +64,14 @@ def _overrides(shape: tuple[int, int, int, int, int], out: Path, steps: int) -> 
     ]
 
 
-def run_job(overrides: list[str], fsdp: bool, name: str) -> tuple[float, float]:
-    """(peak RSS of the largest process in MiB, wall seconds) of one 2-process job."""
+_SAVED = re.compile(r"saved step-\d+ in ([\d.]+) s \(training waited ([\d.]+) s\)")
+
+
+def run_job(
+    overrides: list[str], fsdp: bool, name: str, async_save: bool = False
+) -> tuple[float, float, tuple[float, float]]:
+    """(peak RSS of the largest process in MiB, wall seconds, (save seconds, seconds training
+    waited for it)) of one 2-process job."""
     cmd = [
         sys.executable,
         "-c",
@@ -76,13 +85,18 @@ def run_job(overrides: list[str], fsdp: bool, name: str) -> tuple[float, float]:
         *overrides,
         f"run_name={name}",
         f"trainer.fsdp={str(fsdp).lower()}",
+        f"trainer.async_save={str(async_save).lower()}",
     ]
     start = time.perf_counter()
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if res.returncode != 0:
         sys.exit(f"{name} failed:\n{res.stderr[-3000:]}")
-    return int(res.stdout.strip().splitlines()[-1]) / 1024, seconds
+    saved = _SAVED.findall(res.stdout + res.stderr)
+    if not saved:
+        sys.exit(f"{name} printed no save line:\n{res.stdout[-3000:]}")
+    save = (float(saved[-1][0]), float(saved[-1][1]))
+    return int(res.stdout.strip().splitlines()[-1]) / 1024, seconds, save
 
 
 def main() -> None:
@@ -102,16 +116,25 @@ def main() -> None:
         )
         if prep.returncode != 0:
             sys.exit(f"prepare failed:\n{prep.stderr[-3000:]}")
-        ddp_mib, ddp_s = run_job(overrides, fsdp=False, name="ddp")
-        fsdp_mib, fsdp_s = run_job(overrides, fsdp=True, name="fsdp")
+        rows = {
+            "DDP": run_job(overrides, fsdp=False, name="ddp"),
+            "FSDP": run_job(overrides, fsdp=True, name="fsdp"),
+            "FSDP, async save": run_job(overrides, fsdp=True, name="fsdp-async", async_save=True),
+        }
     shape = "quick" if args.quick else "full"
     print(
         f"2 CPU processes (gloo), shape {shape} {SHAPES[shape]}, {args.steps} steps + eval + save"
     )
-    print("| run | peak RSS, largest process (MiB) | wall (s) | ratio to DDP |")
-    print("|---|---|---|---|")
-    print(f"| DDP | {ddp_mib:.0f} | {ddp_s:.1f} | 1.00 |")
-    print(f"| FSDP | {fsdp_mib:.0f} | {fsdp_s:.1f} | {fsdp_mib / ddp_mib:.2f} |")
+    print(
+        "| run | peak RSS, largest process (MiB) | ratio to DDP | wall (s) | save (s) "
+        "| training waited (s) |"
+    )
+    print("|---|---|---|---|---|---|")
+    ddp_mib = rows["DDP"][0]
+    for name, (mib, wall, (save, waited)) in rows.items():
+        print(
+            f"| {name} | {mib:.0f} | {mib / ddp_mib:.2f} | {wall:.1f} | {save:.1f} | {waited:.1f} |"
+        )
 
 
 if __name__ == "__main__":

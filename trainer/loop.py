@@ -146,6 +146,7 @@ class Trainer:
         checkpoint appears when they are whole (:meth:`poll_save`)."""
         self.finish_save()  # one save in flight at a time
         p, main = self.parts, self.dist.is_main
+        start = time.perf_counter()
         tmp = stage_checkpoint(self.run_dir, self.step, create=main)
         barrier()  # the directory exists before any rank writes into it
         write_checkpoint_files(
@@ -159,19 +160,24 @@ class Trainer:
             asynchronous=self.cfg.trainer.async_save,
         )
         self.last_saved = self.step
+        blocked = time.perf_counter() - start
         if future is not None:
-            self.pending = PendingSave(future, self.step, improved)
+            self.pending = PendingSave(future, self.step, improved, start, blocked)
         elif main:  # dcp.save returned on rank 0 after every rank's shards were written
-            self._publish(self.step, improved)
+            self._publish(PendingSave(None, self.step, improved, start, blocked))
 
-    def _publish(self, step: int, improved: bool) -> None:
-        """Rank 0: rename the whole checkpoint of ``step`` into place and move the pointers."""
-        tmp = stage_checkpoint(self.run_dir, step, create=False)
-        path = commit_checkpoint(self.run_dir, tmp, step)
+    def _publish(self, save: PendingSave) -> None:
+        """Rank 0: rename the whole checkpoint into place, move the pointers, say so."""
+        tmp = stage_checkpoint(self.run_dir, save.step, create=False)
+        path = commit_checkpoint(self.run_dir, tmp, save.step)
         set_pointer(self.run_dir, LATEST, path)
-        if improved:
+        if save.improved:
             set_pointer(self.run_dir, BEST, path)
         prune_checkpoints(self.run_dir, self.cfg.trainer.keep_last)
+        tqdm.write(
+            f"step {save.step}: saved {path.name} in {time.perf_counter() - save.started:.1f} s "
+            f"(training waited {save.blocked:.1f} s)"
+        )
 
     def poll_save(self) -> None:
         """Publish a background save that has finished (no waiting, no collective: rank 0's
@@ -186,7 +192,7 @@ class Trainer:
             return
         pending.wait()
         if self.dist.is_main:
-            self._publish(pending.step, pending.improved)
+            self._publish(pending)
 
     # ---- pieces of a step -------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:

@@ -58,18 +58,22 @@ def _no_dist() -> bool:
 
 @dataclass
 class PendingSave:
-    """A training state being written in the background, and what to do once it is whole."""
+    """A checkpoint's training state being written (``future``; None once written), and what
+    to do and say once it is whole."""
 
-    future: Future[Any]
+    future: Future[Any] | None
     step: int
     improved: bool
+    started: float  # time.perf_counter() when the save began
+    blocked: float  # seconds the training loop waited for it
 
     def done(self) -> bool:
-        return self.future.done()
+        return self.future is None or self.future.done()
 
     def wait(self) -> None:
         """Block until written; a failed write raises here, with its traceback."""
-        self.future.result()
+        if self.future is not None:
+            self.future.result()
 
 
 def save_train_state(
