@@ -4,6 +4,8 @@ the demo and the server with int8 weights, and the one-line refusals of what it 
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -138,3 +140,14 @@ def test_cli_refusals_are_one_line(tiny: Path, capsys: pytest.CaptureFixture[str
     assert res.returncode == 2 and "runs on the CPU only" in res.stderr
     res = run_serve("--ckpt", str(tiny), "--quantize", "int4")
     assert res.returncode == 2 and "invalid choice: 'int4'" in res.stderr
+
+
+@pytest.mark.slow
+def test_bench_quantize_prints_the_three_weights_and_their_ratios() -> None:
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_quantize.py"
+    args = [sys.executable, str(bench), "--quick", "--threads", "1"]
+    res = subprocess.run(args, cwd=bench.parents[1], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [ln.split("|")[1:-1] for ln in res.stdout.splitlines() if ln.startswith("| tiny")]
+    assert [r[1].strip() for r in rows] == ["fp32", "bf16", "int8"]
+    assert rows[0][3].strip() == "1.00x" and all(float(r[4]) > 0 for r in rows)
