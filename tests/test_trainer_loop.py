@@ -221,3 +221,35 @@ def test_each_rank_evaluates_its_share_of_the_val_batches(monkeypatch) -> None:
     assert loss_sum / count == pytest.approx(whole["val_loss"], rel=1e-6)
     assert correct / count == pytest.approx(whole["val_acc"])
     assert loss_sum / math.log(2) / nbytes == pytest.approx(whole["val_bpb"], rel=1e-6)
+
+
+def test_async_save_writes_the_same_checkpoints_and_resumes_exactly(corpus, tmp_path) -> None:
+    """trainer.async_save: the training state is written in the background, each checkpoint is
+    published whole (latest moves once it is), and resuming from one continues exactly."""
+    from trainer.run_layout import TRAIN_STATE_DIR, check_checkpoint
+
+    steps = ["trainer.max_steps=6", "trainer.save_every=2", "trainer.keep_last=5"]
+    losses = {}
+    for mode in ("false", "true"):
+        t = make_trainer(_overrides(corpus, *steps, f"trainer.async_save={mode}"), tmp_path / mode)
+        t.fit()
+        assert t.pending is None  # fit() ends with every save published
+        losses[mode] = [r["train_loss"] for r in read_metrics(tmp_path / mode)]
+        run = tmp_path / mode
+        assert sorted(p.name for p in run.glob("step-*")) == [f"step-{s:06d}" for s in (2, 4, 6)]
+        assert (run / "latest").resolve().name == "step-000006"
+        for ckpt in run.glob("step-*"):
+            check_checkpoint(ckpt, training=True)
+            assert (ckpt / TRAIN_STATE_DIR / ".metadata").is_file()
+        assert not list(run.glob(".tmp-*"))
+    assert losses["true"] == losses["false"]
+    for name in ("step-000002", "step-000006"):  # the same bytes of weights either way
+        sync, background = (
+            load_file(tmp_path / m / name / "model.safetensors") for m in ("false", "true")
+        )
+        assert all(torch.equal(sync[k], background[k]) for k in sync)
+
+    resumed = make_trainer(_overrides(corpus, *steps), tmp_path / "resumed")
+    resumed.resume_from(tmp_path / "true" / "step-000002")
+    resumed.fit()
+    assert [r["train_loss"] for r in read_metrics(tmp_path / "resumed")] == losses["true"][2:]
