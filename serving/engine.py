@@ -202,9 +202,9 @@ class GenerationEngine:
         try:
             tokens, logits = batch.sample()
             values: list[int] = tokens.tolist()  # the step's one read-back from the device
+            self.stats["decode_steps"] += 1  # before the events: a reader sees the step counted
             leaving = self._deliver(values, logits)
             batch.advance(tokens, leaving)
-            self.stats["decode_steps"] += 1
         except Exception as err:
             self._fail(list({row.request: None for row in batch.rows}), err)
             self._batch = DecodeBatch(self.model, self.tokenizer.vocab_size)
