@@ -6,8 +6,9 @@ alternating rounds, each timed by `/usr/bin/time -f %e`; medians and their ratio
     .venv/bin/python benchmarks/bench_first_step.py --against HEAD~3 # also that revision's run
     .venv/bin/python benchmarks/bench_first_step.py --quick          # 1 round, to check it runs
 
-`--against REV` runs the same command from `git archive REV` (same virtualenv, same token cache),
-so a change is measured against what it replaced in one invocation. Each round runs every command
+`--against REV` runs the same command from `git archive REV` (or from REV itself, a directory
+holding another checkout), with the same virtualenv and token cache, so a change is measured
+against what it replaced in one invocation. Each round runs every command
 once, in turn; one untimed round first warms the caches. Runs go to a temporary `out_dir`.
 The run keeps its defaults (evaluation, checkpoint, plot, samples, wandb as WANDB_MODE says).
 Target: a warm 1-step run in at most 5 s (issue 19).
@@ -77,7 +78,8 @@ def main() -> None:
         "train.py trainer.max_steps=1": ([py, *run_args, f"out_dir={tmp / 'ours'}"], REPO),
     }
     if args.against:
-        old = checkout(args.against, tmp / "against")
+        given = Path(args.against)
+        old = given if given.is_dir() else checkout(args.against, tmp / "against")
         sides[f"the same at {args.against}"] = ([py, *run_args, f"out_dir={tmp / 'old'}"], old)
     try:
         for cmd, cwd in sides.values():  # warm-up: token cache, peak cache, page cache
@@ -90,7 +92,13 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     medians = {name: statistics.median(t) for name, t in times.items()}
-    floor = medians["python -c 'import torch'"]
+    floor = times["python -c 'import torch'"]
+
+    def ratio(num: list[float], den: list[float]) -> float:
+        """Within each round, then the median over rounds: load that shifts between rounds
+        moves both sides of a round alike."""
+        return statistics.median(a / b for a, b in zip(num, den, strict=True))
+
     print(
         f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end; "
         f"WANDB_MODE={os.environ.get('WANDB_MODE', '(unset)')}; {rounds} alternating rounds, "
@@ -101,13 +109,10 @@ def main() -> None:
     print(f"|{'-' * (width + 2)}|------------|------------|-----------------------|")
     for name, t in times.items():
         each = " ".join(f"{x:.2f}" for x in t)
-        print(f"| {name:<{width}} | {medians[name]:10.2f} | {each} | {medians[name] / floor:.2f} |")
+        print(f"| {name:<{width}} | {medians[name]:10.2f} | {each} | {ratio(t, floor):.2f} |")
     if args.against:
-        old_name = f"the same at {args.against}"
-        print(
-            f"speed-up of the working tree over {args.against}: "
-            f"{medians[old_name] / medians['train.py trainer.max_steps=1']:.2f}x"
-        )
+        old, ours = times[f"the same at {args.against}"], times["train.py trainer.max_steps=1"]
+        print(f"speed-up of the working tree over {args.against}: {ratio(old, ours):.2f}x")
 
 
 if __name__ == "__main__":
