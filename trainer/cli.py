@@ -200,7 +200,7 @@ def main(argv: list[str], start_time: float) -> int:
     try:
         _hydra_main()
     except KeyboardInterrupt:
-        # Training itself turns Ctrl-C into a clean stop and save (trainer.loop.StopRequest); this is one
+        # Training itself turns Ctrl-C into a clean stop and save (trainer.stop.StopRequest); this is one
         # outside the loop (data preparation, evaluation, samples). Every file is written
         # atomically, so there is nothing to repair: say so instead of printing a traceback.
         shutdown(wait_for_others=False)

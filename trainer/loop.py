@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import math
-import signal
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType, TracebackType
 from typing import Any
 
 from tqdm import tqdm  # type: ignore[import-untyped]
@@ -33,6 +29,7 @@ from trainer.metrics import MetricsLog, WandbLogger, mfu, write_plot
 from trainer.prefetch import BatchPrefetcher
 from trainer.run_layout import BEST, LATEST, TRAIN_STATE_DIR, prune_checkpoints, set_pointer
 from trainer.step import train_step
+from trainer.stop import StopRequest
 from trainer.train_state import PendingSave, load_train_state, save_train_state
 
 METRICS_FILE = "metrics.jsonl"
@@ -353,45 +350,3 @@ class Trainer:
             )
             outcome.mfu = mfu(outcome.tokens_per_s, self.flops_per_token, self.peak)
         return outcome
-
-
-class StopRequest:
-    """Context manager that turns the first SIGINT/SIGTERM into a flag the loop polls.
-
-    A second SIGINT raises KeyboardInterrupt at once (for a step that never ends).
-    """
-
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
-        self._previous: dict[int, object] = {}
-
-    @property
-    def requested(self) -> bool:
-        return self.signal_name is not None
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signal_name is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
-        print(
-            f"\n{self.signal_name} received: finishing this step and saving a checkpoint "
-            "(press Ctrl-C again to abort without saving)",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
-        self._previous.clear()
