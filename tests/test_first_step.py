@@ -21,7 +21,7 @@ from trainer.metrics import (
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
-# Imported only by the code that needs them: the plot at an evaluation, wandb when it logs,
+# Imported only by the code that needs them: the plot at an evaluation, wandb when a run logs to it,
 # datasets for an `hf` source, transformers and lm-eval for `train.py eval`.
 HEAVY = ("matplotlib", "wandb", "datasets", "transformers", "lm_eval", "pyarrow")
 
