@@ -108,4 +108,4 @@ def test_bench_first_step_prints_medians_and_ratio() -> None:
     run = table["train.py trainer.max_steps=1"]
     assert float(run[1]) > float(table["python -c 'import torch'"][1]) > 0
     floor = float(table["python -c 'import torch'"][1])
-    assert float(run[4]) == pytest.approx(float(run[1]) / floor, abs=0.05)  # one round
+    assert float(run[3]) == pytest.approx(float(run[1]) / floor, abs=0.05)  # one round
