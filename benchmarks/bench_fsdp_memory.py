@@ -104,10 +104,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a ~20M model (for CI)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="accepted for the test harness")
+    parser.add_argument(
+        "--activation-checkpointing",
+        choices=("none", "selective", "full"),
+        default="none",
+        help="trainer.activation_checkpointing on both sides (activations are never sharded)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         overrides = _overrides(SHAPES["quick" if args.quick else "full"], out, args.steps)
+        overrides.append(f"trainer.activation_checkpointing={args.activation_checkpointing}")
         prep = subprocess.run(
             [sys.executable, str(REPO / "train.py"), "prepare", *overrides],
             cwd=REPO,
@@ -123,7 +130,8 @@ def main() -> None:
         }
     shape = "quick" if args.quick else "full"
     print(
-        f"2 CPU processes (gloo), shape {shape} {SHAPES[shape]}, {args.steps} steps + eval + save"
+        f"2 CPU processes (gloo), shape {shape} {SHAPES[shape]}, {args.steps} steps + eval + save, "
+        f"activation checkpointing {args.activation_checkpointing}"
     )
     print(
         "| run | peak RSS, largest process (MiB) | ratio to DDP | wall (s) | save (s) "
