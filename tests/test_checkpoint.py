@@ -88,7 +88,10 @@ def test_save_pointers_and_pruning(tmp_path, model, tokenizer) -> None:
     assert (run / "latest" / "config.yaml").read_text() == "seed: 1\n"
     # Re-saving a step (resumed from an older checkpoint) replaces it whole.
     path = _save(run, 4, model, tokenizer, "seed: 2\n")
-    torch.save({**torch.load(path / "trainer_state.pt"), "step": 44}, path / "trainer_state.pt")
+    torch.save(
+        {**torch.load(path / "trainer_state.pt", weights_only=True), "step": 44},
+        path / "trainer_state.pt",
+    )
     assert load_trainer_state(run / "latest")["step"] == 44
     assert most_recent_run(tmp_path, "best") == run
     assert resolve_resume("latest", run) == ((run / "step-000004").resolve(), None)
