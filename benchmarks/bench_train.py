@@ -11,55 +11,15 @@ this machine's float32 (or bf16 with --amp) matmul peak, measured here first.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable
 
 import harness
 import torch
 
-from optim import OptimConfig, build_optimizers
 from qwen3 import Qwen3
 
 # Batch and sequence length per shape: tokens per step kept CPU-sized.
 SHAPES = {"tiny": (16, 256), "mid": (16, 256), "small": (8, 256)}
-
-
-def _optimizer(model: torch.nn.Module, name: str):
-    # Same construction for both sides (AdamW groups with the same decay split); no warmup.
-    cfg = OptimConfig(name=name, warmup_steps=0, schedule="constant")
-    return build_optimizers(model, cfg, max_steps=10**9)
-
-
-def _stepper(
-    model: torch.nn.Module, is_ours: bool, optim_name: str, batch: torch.Tensor, amp: bool
-) -> Callable[[], float]:
-    """A closure running one training step; returns the loss (a Python float, syncing)."""
-    opt = _optimizer(model, optim_name)
-    x, y = batch[:, :-1], batch[:, 1:]
-    device_type = batch.device.type
-
-    def step() -> float:
-        ctx = torch.autocast(device_type, torch.bfloat16) if amp else contextlib.nullcontext()
-        with ctx:
-            # transformers shifts labels itself; ours takes the next tokens as targets.
-            loss = model(x, targets=y) if is_ours else model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return float(loss.detach())
-
-    return step
-
-
-def _timed(step: Callable[[], float], steps: int, tokens: int) -> Callable[[], float]:
-    def run() -> float:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()  # float(loss) syncs the device
-        return steps * tokens / (time.perf_counter() - t0)
-
-    return run
 
 
 def bench_shape(name: str, args, dtype: torch.dtype, device: torch.device) -> list[list[str]]:
@@ -92,13 +52,14 @@ def bench_shape(name: str, args, dtype: torch.dtype, device: torch.device) -> li
     for label, (model, is_ours, optim_name, compiled) in contenders.items():
         if compiled:
             model = torch.compile(model)
-        step = _stepper(model, is_ours, optim_name, batch, args.amp)
+        loss_fn = harness.ours_loss if is_ours else harness.transformers_loss
+        step = harness.train_stepper(model, loss_fn, batch, optim_name, args.amp)
         t0 = time.perf_counter()
         first_loss = step()
         for _ in range(2 if compiled else 0):
             step()
         print(f"  {name} {label}: warm-up {time.perf_counter() - t0:.1f}s, loss {first_loss:.4f}")
-        runs[label] = _timed(step, args.steps, batch_size * seq_len)
+        runs[label] = harness.timed(step, args.steps, batch_size * seq_len)
     # The peak is measured again in every round, so MFU follows the load on a shared machine.
     runs["peak"] = lambda: harness.matmul_peak_gflops(device, dtype, repeats=2)
     results = harness.alternate(runs, args.rounds)

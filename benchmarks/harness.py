@@ -1,9 +1,11 @@
 """Side-by-side measurement harness shared by the benchmarks: twin models with the same weights,
-the machine's measured matmul peak, alternating timed rounds, and a plain-text table."""
+training steps built alike for every contender, the machine's measured matmul peak, alternating
+timed rounds, and a plain-text table."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -17,7 +19,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
+from optim import OptimConfig, OptimizerSet, build_optimizers
 from qwen3 import Qwen3, Qwen3Config
+
+# A contender's training loss: (model, inputs, targets) -> the mean over the target tokens.
+LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 # A shape between the two presets, for the scaling picture (about 5.2 M parameters).
 MID = dict(
@@ -88,6 +94,59 @@ def transformers_twin_from_disk(model: Qwen3, tmp_dir: Path) -> torch.nn.Module:
         tmp_dir, attn_implementation="sdpa", torch_dtype=model.dtype
     )
     return twin.to(model.device).eval()
+
+
+def ours_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return model(x, targets=y)  # our fused, chunked LM-head loss
+
+
+def transformers_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # shift_labels: the targets as given (labels alone are shifted there, one target fewer a row).
+    return model(input_ids=x, labels=y, shift_labels=y).loss
+
+
+def training_optimizers(model: torch.nn.Module, name: str = "adamw") -> OptimizerSet:
+    """Our optimizer construction for any contender (same AdamW groups and decay split by
+    tensor identity and shape, so peers' parameter names do not matter); no warmup."""
+    cfg = OptimConfig(name=name, warmup_steps=0, schedule="constant")
+    return build_optimizers(model, cfg, max_steps=10**9)
+
+
+def train_stepper(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    batch: torch.Tensor,
+    optim_name: str = "adamw",
+    amp: bool = False,
+) -> Callable[[], float]:
+    """A closure running one training step on ``batch`` (B, T+1); returns the loss as a Python
+    float (which syncs the device)."""
+    opt = training_optimizers(model, optim_name)
+    x, y = batch[:, :-1], batch[:, 1:].contiguous()  # transformers' loss views its targets
+    device_type = batch.device.type
+
+    def step() -> float:
+        ctx = torch.autocast(device_type, torch.bfloat16) if amp else contextlib.nullcontext()
+        with ctx:
+            loss = loss_fn(model, x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return float(loss.detach())
+
+    return step
+
+
+def timed(step: Callable[[], float], steps: int, tokens: int) -> Callable[[], float]:
+    """A closure running ``steps`` steps of ``tokens`` tokens each; returns tokens/s."""
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()  # float(loss) syncs the device
+        return steps * tokens / (time.perf_counter() - t0)
+
+    return run
 
 
 def matmul_peak_gflops(
