@@ -8,10 +8,10 @@ released checkpoints, so a checkpoint is a Hugging Face directory as it stands a
 orthogonalises each expert's matrices on their own.
 
 Dispatch goes by expert: the routed (token, expert) pairs are sorted by expert once, each expert
-runs once on its contiguous group (on CUDA in bf16 all of them in one ``F.grouped_mm``), and each
-result, scaled by its routing weight, is added to its token's row. No expert ever sees a token not
-routed to it. Shapes: N tokens, k experts per token,
-E experts, C hidden size, F expert width.
+runs once on its contiguous group (on CUDA in bf16 all of them in one ``F.grouped_mm``; elsewhere
+one autograd Function over all experts, ``qwen3.moe_experts``), and each result, scaled by its
+routing weight, is added to its token's row. No expert ever sees a token not routed to it.
+Shapes: N tokens, k experts per token, E experts, C hidden size, F expert width.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from torch import nn
 
 from qwen3.config import Qwen3Config
 from qwen3.layers import MLP
+from qwen3.moe_experts import swiglu_experts
 
 
 def _grouped_mm_usable(x: torch.Tensor) -> bool:
@@ -96,19 +97,17 @@ class SparseMoeBlock(nn.Module):
         flat_ids = ids.reshape(-1)
         order = flat_ids.argsort(stable=True)  # (N*k,) pairs grouped by expert
         counts = torch.bincount(flat_ids, minlength=self.num_experts)
+        experts: list[MLP] = list(self.experts)  # type: ignore[arg-type]
+        if not _grouped_mm_usable(flat):
+            # One host sync for the row counts: each expert's rows are then a plain slice.
+            return swiglu_experts(flat, weights, order, counts.tolist(), experts).view(shape)
         token = order // ids.shape[1]  # (N*k,) each routed row's token
         # index_select, not flat[token]: advanced indexing and its backward (index_put_ with
         # accumulate) cost ~8x more at this size (benchmarks/results/moe.md).
         xs = flat.index_select(0, token)  # (N*k, C)
-        if _grouped_mm_usable(xs):
-            ys = grouped_swiglu(xs, counts, self.experts, torch.bfloat16)  # type: ignore[arg-type]
-        else:
-            # Every expert is called, even on no rows: its gradient is then zero, not missing,
-            # which DDP and FSDP need from every rank.
-            groups = torch.split(xs, counts.tolist())
-            ys = torch.cat([expert(g) for expert, g in zip(self.experts, groups, strict=True)])
+        ys = grouped_swiglu(xs, counts, experts, torch.bfloat16)
         # Each output scaled by its routing weight and added to its token's row (N tiny bmm
-        # calls would cost more than the experts' matmuls on CPU).
+        # calls would cost more than the experts' matmuls).
         ys = ys * weights.reshape(-1).index_select(0, order).unsqueeze(-1)
         out = torch.zeros_like(flat).index_add_(0, token, ys)  # (N, C)
         return out.view(shape)

@@ -224,19 +224,29 @@ def test_gradients_equal_transformers(tmp_path) -> None:
 # ---- the block itself ---------------------------------------------------------------------------
 
 
-def test_each_expert_runs_once_on_its_tokens_only() -> None:
-    cfg = Qwen3Config(**dict(BASE, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16))
+def test_block_under_cpu_autocast_runs_its_experts_in_bf16() -> None:
+    torch.manual_seed(0)
+    cfg = Qwen3Config(**dict(BASE, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32))
     block = SparseMoeBlock(cfg)
-    seen: dict[int, int] = {}
-    for i, expert in enumerate(block.experts):
-        expert.register_forward_hook(
-            lambda m, args, out, i=i: seen.__setitem__(i, seen.get(i, 0) + args[0].shape[0])
-        )
-    x = torch.randn(3, 10, BASE["hidden_size"])
-    block(x)
-    _, _, ids = block.route(x.reshape(-1, BASE["hidden_size"]))
-    assert seen == {e: int((ids == e).sum()) for e in range(8)}  # one call each, its rows only
-    assert sum(seen.values()) == 30 * 2
+    x = torch.randn(2, 8, BASE["hidden_size"])
+    ref = block(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(x)
+    out.float().square().sum().backward()
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), ref, atol=0.05, rtol=0.05)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in block.parameters())
+
+
+def test_block_without_gradients_equals_the_training_forward() -> None:
+    """Without gradients the experts skip what only backward needs (SiLU's derivative)."""
+    torch.manual_seed(0)
+    cfg = Qwen3Config(**dict(BASE, num_experts=6, num_experts_per_tok=3, moe_intermediate_size=24))
+    block = SparseMoeBlock(cfg)
+    x = torch.randn(2, 9, BASE["hidden_size"], requires_grad=True)
+    with torch.inference_mode():
+        inferred = block(x)
+    assert torch.equal(inferred, block(x).detach())
 
 
 def test_block_equals_each_token_through_its_experts_and_unused_experts_get_zero_grads() -> None:
