@@ -42,6 +42,16 @@ def transformers_block(ours: SparseMoeBlock, cfg: Qwen3Config, impl: str) -> tor
     return block
 
 
+def default_experts_implementation(cfg: Qwen3Config) -> str:
+    """The experts implementation transformers picks for a Qwen3-MoE model when none is asked for
+    (checked, not assumed: it depends on the installed transformers and torch)."""
+    import transformers
+
+    small = {**cfg.to_dict(), "num_hidden_layers": 1, "vocab_size": 64}
+    model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**small))
+    return str(model.config._experts_implementation)
+
+
 def fwd_bwd(block: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xi = x.detach().requires_grad_()
     out = block(xi)
@@ -162,6 +172,10 @@ def main() -> None:
         "transformers grouped_mm": transformers_block(ours, cfg, "grouped_mm").to(device),
         "transformers eager": transformers_block(ours, cfg, "eager").to(device),
     }
+    import transformers
+
+    default = default_experts_implementation(cfg)
+    print(f"transformers {transformers.__version__}: default experts implementation {default}")
     x = torch.randn(batch, seq, cfg.hidden_size, device=device)
     ref_out, ref_grad = fwd_bwd(ours, x)
     for name, block in contenders.items():

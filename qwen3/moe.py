@@ -29,8 +29,9 @@ from qwen3.moe_experts import swiglu_experts
 
 def _grouped_mm_usable(x: torch.Tensor) -> bool:
     """Whether to run the experts through ``F.grouped_mm``: on CUDA in bfloat16 (what its kernels
-    take, SM 8.0 and newer), by dtype or by autocast. Its CPU kernel is no faster than the loop
-    over experts at our sizes (2 cores, tiny-moe's width), so the CPU keeps the loop."""
+    take, SM 8.0 and newer), by dtype or by autocast. Its float32 CPU kernel is no faster than
+    one ``torch.mm`` per expert at our sizes (2 cores, tiny-moe's width), so the CPU keeps
+    :func:`qwen3.moe_experts.swiglu_experts`."""
     if not x.is_cuda or torch.cuda.get_device_capability(x.device) < (8, 0):
         return False
     autocast_bf16 = torch.is_autocast_enabled("cuda") and (

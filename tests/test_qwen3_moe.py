@@ -355,6 +355,7 @@ def test_bench_moe_runs_and_agrees_with_transformers() -> None:
         text=True,
     )
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "default experts implementation grouped_mm" in res.stdout  # what the README compares to
     assert "transformers grouped_mm: output and input gradient equal to ours: True" in res.stdout
     assert "transformers eager: output and input gradient equal to ours: True" in res.stdout
     assert "| transformers eager" in res.stdout
