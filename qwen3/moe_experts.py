@@ -5,8 +5,8 @@ rows, scaled by the routing weights and added back to the tokens, in one autogra
 Why not autograd over the expert modules: it records ~10 nodes per expert, concatenates the
 outputs, the gate|up halves and the input gradients, and recomputes the sigmoid in SiLU's
 backward. Here each expert's matmuls write into a few row buffers, reused in place in backward,
-and SiLU's derivative is kept from forward (one sigmoid per element in all: on CPU its exp costs
-~5x a multiply), which cut the layer's time by about 15% (benchmarks/results/moe.md).
+and SiLU's derivative is kept from forward, so each element takes one sigmoid in all: on CPU its
+exp costs several multiplies (measurements in benchmarks/results/moe.md).
 
 The parameters stay one matrix per expert (Hugging Face names, Muon per matrix); the expert
 modules themselves are not called. Shapes: N tokens, k experts per token, R = N x k routed rows,
