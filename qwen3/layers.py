@@ -7,8 +7,6 @@ tokens, H query heads, K key/value heads, D head_dim, C hidden size.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,77 +14,36 @@ from torch import nn
 from qwen3.cache import KVCache
 from qwen3.checkpointing import ActivationCheckpointing, run_block
 from qwen3.config import Qwen3Config
+from qwen3.projections import _derived, inference_linear, stacked_linear
 
 # How many positions of cos/sin to precompute; longer sequences extend the table on demand.
 _ROPE_PRECOMPUTE = 4096
 
 
-# Projections are stacked only up to this many weight elements per stack (4 MiB in float32): there
-# one call saves real per-call overhead (at batch 1 a small matmul takes about as long as the
-# overhead of the call itself); above it the matmuls dominate, and the stacked copy (kept for backward in training,
-# cached in inference) would only cost memory.
-_STACK_MAX_NUMEL = 2**20
-
-
-def _derived(
-    owner: nn.Module,
-    slot: str,
-    sources: Sequence[torch.Tensor],
-    build: Callable[[], tuple[torch.Tensor | None, ...]],
-) -> tuple[torch.Tensor | None, ...]:
-    """``build()`` (tensors computed from ``sources``), cached on ``owner`` under ``slot`` for as
-    long as no source changes: an in-place update (an optimizer step), new storage (``.to()``, a
-    loaded state dict). Cached only under ``torch.inference_mode()``, which is how generation and
-    the server run a model; everything else (training, evaluation under ``no_grad``, compile's
-    tracing) builds afresh. The training model is never cached because its weights can change
-    unseen by the key: FSDP2 refills unsharded parameters in place without bumping ``_version``,
-    into storage it frees and reallocates (on CUDA often at the same address), so an evaluation
-    between steps could read the previous one's weights. Inference tensors (no version counter)
-    also build afresh. This is the per-token decode path, so the hit case is kept to a few
-    attribute reads."""
+def rms_norm_f32(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """``F.rms_norm(x, (D,), weight, eps)`` for float32. Under ``torch.inference_mode()`` its
+    own steps written out, bit for bit (x * x summed over D, divided by D, plus eps, rsqrt, times
+    x, times the weight): on CPU torch runs the function as a composite of about a dozen calls
+    (dtype casts, ``mean``, a division by a Python number), which costs the per-token decode
+    path more than the arithmetic does (measured in benchmarks/results/generate.md)."""
     if not torch.is_inference_mode_enabled() or torch.compiler.is_compiling():
-        return build()
-    # The entry holds the sources' storage alive, so no new tensor (another dtype or device after
-    # .to(), a state dict loaded with assign=True) can reuse those addresses: an equal
-    # (address, version) key means the very same, unmodified tensors.
-    if any(t.is_inference() for t in sources):
-        return build()
-    key = [(t.data_ptr(), t._version) for t in sources]
-    entry = owner.__dict__.get(slot)
-    if entry is not None and entry[0] == key:
-        value: tuple[torch.Tensor | None, ...] = entry[2]
-        return value
-    value = build()
-    owner.__dict__[slot] = (key, [t.detach() for t in sources], value)
-    return value
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    scale = (x * x).sum(dim=-1, keepdim=True)
+    scale.div_(_float_tensor(x.shape[-1], x.device)).add_(eps).rsqrt_()
+    out = x * scale
+    return out if weight is None else out.mul_(weight)
 
 
-def stacked_linear(
-    owner: nn.Module, x: torch.Tensor, linears: tuple[nn.Linear, ...]
-) -> torch.Tensor:
-    """``torch.cat([lin(x) for lin in linears], -1)`` as one matmul against the stacked weights.
+_FLOATS: dict[tuple[int, torch.device], torch.Tensor] = {}
 
-    Measured on 2 CPU cores at the tiny shape: one stacked matmul takes half the time of three.
-    With gradients the weights are concatenated every call (autograd splits the gradient back);
-    without, the stacked copy is cached on ``owner`` (:func:`_derived`). Large stacks are not
-    worth a copy: their projections run one by one.
-    """
-    if not all(isinstance(lin, nn.Linear) for lin in linears):  # int8 (qwen3.quantize): packed
-        return torch.cat([lin(x) for lin in linears], dim=-1)  # weights, one kernel each
-    weights: list[torch.Tensor] = [lin.weight for lin in linears]
-    biases: list[torch.Tensor] = []
-    if linears[0].bias is not None:  # the layers of one stack agree (config.attention_bias)
-        biases = [lin.bias for lin in linears]
 
-    def build() -> tuple[torch.Tensor | None, ...]:
-        if sum(w.numel() for w in weights) > _STACK_MAX_NUMEL:
-            return None, None
-        return torch.cat(weights), torch.cat(biases) if biases else None
-
-    weight, bias = _derived(owner, "_stacked", weights + biases, build)
-    if weight is None:
-        return torch.cat([lin(x) for lin in linears], dim=-1)
-    return F.linear(x, weight, bias)
+def _float_tensor(value: int, device: torch.device) -> torch.Tensor:
+    """``value`` as a 0-d float32 tensor, made once: an operand that is a Python number costs a
+    small tensor per call on the CPU."""
+    key = (value, device)
+    if key not in _FLOATS:
+        _FLOATS[key] = torch.tensor(float(value), device=device)
+    return _FLOATS[key]
 
 
 class RMSNorm(nn.Module):
@@ -100,7 +57,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             # Same products in the same order as below, one call instead of four.
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+            return rms_norm_f32(x, self.weight, self.eps)
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
 
@@ -225,7 +182,7 @@ class Attention(nn.Module):
 
         (weight,) = _derived(self, "_qk_weight", [qn.weight, kn.weight], build)
         assert weight is not None
-        return F.rms_norm(qk, (self.head_dim,), eps=qn.eps) * weight
+        return rms_norm_f32(qk, None, qn.eps) * weight
 
     def forward(
         self,
@@ -261,7 +218,8 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa
             )
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+        out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
+        return inference_linear(out, self.o_proj)
 
 
 class MLP(nn.Module):

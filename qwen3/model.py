@@ -14,6 +14,7 @@ from qwen3.checkpointing import MODES, ActivationCheckpointing
 from qwen3.config import Qwen3Config
 from qwen3.layers import DecoderLayer, RMSNorm, RotaryEmbedding
 from qwen3.loss import linear_cross_entropy, linear_cross_entropy_stats
+from qwen3.projections import inference_linear
 
 
 class Qwen3Backbone(nn.Module):
@@ -149,7 +150,7 @@ class Qwen3(nn.Module):
             return linear_cross_entropy(hidden, self.lm_head.weight, targets, ignore_index=-100)
         if logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)  # (B, T or logits_to_keep, V)
+        logits = inference_linear(hidden, self.lm_head)  # (B, T or logits_to_keep, V)
         if cache is not None:
             cache.commit(logits[:, -1])
         return logits

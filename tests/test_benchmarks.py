@@ -42,10 +42,19 @@ def test_bench_train_prints_ratios_and_mfu() -> None:
 
 @pytest.mark.slow
 def test_bench_generate_matches_transformers_tokens() -> None:
-    out = _run("bench_generate.py", "--batches", "1,2")
-    assert "batch 1: greedy tokens identical to transformers: True" in out
-    assert "batch 2: greedy tokens identical to transformers: True" in out
-    assert "| ours (KV cache)" in out and "| transformers generate" in out
+    out = _run("bench_generate.py", "--batches", "1,2", "--shapes", "tiny,gqa5-160")
+    for shape in ("tiny", "gqa5-160"):
+        for batch in (1, 2):
+            assert f"{shape} batch {batch}: greedy tokens identical to transformers: True" in out
+    rows = _table(out)
+    assert [(r["shape"], r["batch"]) for r in rows] == [
+        ("tiny", "1"),
+        ("tiny", "2"),
+        ("gqa5-160", "1"),
+        ("gqa5-160", "2"),
+    ]
+    assert all(float(r["ratio"].rstrip("x")) > 0 for r in rows)
+    assert "minimum ratio at batch 1:" in out and "minimum ratio at batch 2:" in out
 
 
 @pytest.mark.slow

@@ -184,7 +184,7 @@ def test_weights_made_in_inference_mode_decode_without_a_cache() -> None:
 def test_large_stacks_project_one_by_one_alike(monkeypatch) -> None:
     """Above the size threshold q/k/v and gate/up run as separate matmuls (no stacked copy), with
     the same logits and gradients, with and without autograd."""
-    import qwen3.layers
+    import qwen3.projections
 
     torch.manual_seed(6)
     cfg = dataclasses.replace(CFG, attention_bias=True)
@@ -194,7 +194,8 @@ def test_large_stacks_project_one_by_one_alike(monkeypatch) -> None:
     stacked(x).square().mean().backward()
     with torch.no_grad():
         expected = stacked(x)
-    monkeypatch.setattr(qwen3.layers, "_STACK_MAX_NUMEL", 0)
+    monkeypatch.setattr(qwen3.projections, "_STACK_MAX_NUMEL", 0)
+    monkeypatch.setattr(qwen3.projections, "_INFERENCE_STACK_MAX_NUMEL", 0)
     separate(x).square().mean().backward()
     for (name, a), b in zip(stacked.named_parameters(), separate.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
