@@ -68,3 +68,12 @@ def test_bench_fsdp_memory_prints_both_peaks_and_their_ratio() -> None:
     assert ratio == pytest.approx(peaks[1] / peaks[0], abs=0.01)
     for row in rows.values():  # every job saved, and training waited at most the whole save
         assert 0 < float(row["training waited (s)"]) <= float(row["save (s)"])
+        assert float(row["CPU (s)"]) > 0
+
+
+def test_bench_recipe_times_each_recipe_against_the_default() -> None:
+    out = _run("bench_recipe.py", "--rounds", "1", "--steps", "1", "half:batch_size=8,seq_len=64")
+    rows = {r["recipe"]: r for r in _table(out)}
+    assert set(rows) == {"default", "half"}
+    assert float(rows["default"]["step cost / default"]) == 1.0
+    assert float(rows["half"]["step cost / default"]) > 0

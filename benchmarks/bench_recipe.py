@@ -6,7 +6,7 @@ invocation: alternating rounds (Muon + AdamW, real optimizer step, random tokens
 of seconds per step taken within each round, then the median over rounds. A recipe is a name
 and comma-separated overrides of the tiny preset's fields and of ``batch_size``/``seq_len``:
 
-    .venv/bin/python benchmarks/recipe_timing.py --threads 2 \\
+    .venv/bin/python benchmarks/bench_recipe.py --threads 2 \\
         v4096:vocab_size=4096 wide:vocab_size=4096,hidden_size=192,head_dim=48
 
 The estimate of a recipe's quiet-machine time scales the default main job's measured seconds,
