@@ -16,6 +16,7 @@ for a synchronous and an asynchronous (``trainer.async_save``) FSDP save.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -29,10 +30,12 @@ REPO = Path(__file__).resolve().parents[1]
 # these are 210M and 20M parameters (tied embeddings).
 SHAPES = {"full": (1024, 16, 16, 8, 3072), "quick": (256, 8, 4, 2, 768)}
 
-# Runs a command and prints the largest descendant's peak RSS in KiB (Linux: ru_maxrss).
+# Runs a command and prints the largest descendant's peak RSS in KiB (Linux: ru_maxrss) and the
+# CPU seconds (user + system) of all its descendants.
 _WRAPPER = (
     "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]);"
-    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)"
+    "u = resource.getrusage(resource.RUSAGE_CHILDREN);"
+    "print(u.ru_maxrss, u.ru_utime + u.ru_stime); sys.exit(r.returncode)"
 )
 
 
@@ -68,10 +71,14 @@ _SAVED = re.compile(r"saved step-\d+ in ([\d.]+) s \(training waited ([\d.]+) s\
 
 
 def run_job(
-    overrides: list[str], fsdp: bool, name: str, async_save: bool = False
-) -> tuple[float, float, tuple[float, float]]:
-    """(peak RSS of the largest process in MiB, wall seconds, (save seconds, seconds training
-    waited for it)) of one 2-process job."""
+    overrides: list[str],
+    fsdp: bool,
+    name: str,
+    async_save: bool = False,
+    env: dict[str, str] | None = None,
+) -> tuple[float, float, float, tuple[float, float]]:
+    """(peak RSS of the largest process in MiB, wall seconds, CPU seconds of all processes,
+    (save seconds, seconds training waited for it)) of one 2-process job."""
     cmd = [
         sys.executable,
         "-c",
@@ -88,7 +95,7 @@ def run_job(
         f"trainer.async_save={str(async_save).lower()}",
     ]
     start = time.perf_counter()
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - start
     if res.returncode != 0:
         sys.exit(f"{name} failed:\n{res.stderr[-3000:]}")
@@ -96,7 +103,8 @@ def run_job(
     if not saved:
         sys.exit(f"{name} printed no save line:\n{res.stdout[-3000:]}")
     save = (float(saved[-1][0]), float(saved[-1][1]))
-    return int(res.stdout.strip().splitlines()[-1]) / 1024, seconds, save
+    maxrss_kib, cpu_seconds = res.stdout.strip().splitlines()[-1].split()
+    return int(maxrss_kib) / 1024, seconds, float(cpu_seconds), save
 
 
 def main() -> None:
@@ -110,7 +118,18 @@ def main() -> None:
         default="none",
         help="trainer.activation_checkpointing on both sides (activations are never sharded)",
     )
+    parser.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="run both sides with glibc's MALLOC_MMAP_THRESHOLD_ set: allocations this large are "
+        "mmapped and returned on free, so RSS follows live memory (at a CPU cost: the CPU column)",
+    )
     args = parser.parse_args()
+    env = None
+    if args.malloc_mmap_threshold is not None:
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(args.malloc_mmap_threshold)}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         overrides = _overrides(SHAPES["quick" if args.quick else "full"], out, args.steps)
@@ -124,24 +143,28 @@ def main() -> None:
         if prep.returncode != 0:
             sys.exit(f"prepare failed:\n{prep.stderr[-3000:]}")
         rows = {
-            "DDP": run_job(overrides, fsdp=False, name="ddp"),
-            "FSDP": run_job(overrides, fsdp=True, name="fsdp"),
-            "FSDP, async save": run_job(overrides, fsdp=True, name="fsdp-async", async_save=True),
+            "DDP": run_job(overrides, fsdp=False, name="ddp", env=env),
+            "FSDP": run_job(overrides, fsdp=True, name="fsdp", env=env),
+            "FSDP, async save": run_job(
+                overrides, fsdp=True, name="fsdp-async", async_save=True, env=env
+            ),
         }
     shape = "quick" if args.quick else "full"
     print(
         f"2 CPU processes (gloo), shape {shape} {SHAPES[shape]}, {args.steps} steps + eval + save, "
-        f"activation checkpointing {args.activation_checkpointing}"
+        f"activation checkpointing {args.activation_checkpointing}, MALLOC_MMAP_THRESHOLD_ "
+        f"{args.malloc_mmap_threshold if args.malloc_mmap_threshold is not None else 'unset'}"
     )
     print(
-        "| run | peak RSS, largest process (MiB) | ratio to DDP | wall (s) | save (s) "
+        "| run | peak RSS, largest process (MiB) | ratio to DDP | wall (s) | CPU (s) | save (s) "
         "| training waited (s) |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     ddp_mib = rows["DDP"][0]
-    for name, (mib, wall, (save, waited)) in rows.items():
+    for name, (mib, wall, cpu, (save, waited)) in rows.items():
         print(
-            f"| {name} | {mib:.0f} | {mib / ddp_mib:.2f} | {wall:.1f} | {save:.1f} | {waited:.1f} |"
+            f"| {name} | {mib:.0f} | {mib / ddp_mib:.2f} | {wall:.1f} | {cpu:.1f} | {save:.1f} "
+            f"| {waited:.1f} |"
         )
 
 
