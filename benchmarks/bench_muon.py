@@ -1,0 +1,109 @@
+"""Muon's optimizer step: ours (optim.batched_muon.BatchedMuon, same-shaped matrices in one
+batched Newton-Schulz) against torch.optim.Muon (one matrix at a time), on the Muon share of
+tiny and tiny-moe, at 1 and 2 CPU threads, alternating rounds, medians. Both optimizers hold
+the same parameters and gradients; their results are checked equal bit for bit first.
+
+    .venv/bin/python benchmarks/bench_muon.py
+    .venv/bin/python benchmarks/bench_muon.py --quick
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import harness
+import torch
+from torch.optim import Muon, Optimizer
+
+from optim import OptimConfig
+from optim.batched_muon import BatchedMuon
+from optim.param_groups import split_parameters
+from qwen3 import Qwen3, Qwen3Config
+
+
+def matrices(preset: str, device: torch.device, seed: int) -> list[torch.Tensor]:
+    """The Muon share of ``preset`` (its 2-D hidden matrices), each with a random gradient."""
+    torch.manual_seed(seed)
+    model = Qwen3(Qwen3Config.from_preset(preset)).to(device)
+    mats = [p.detach().clone().requires_grad_() for _, p in split_parameters(model).matrices]
+    for p in mats:
+        p.grad = torch.randn_like(p)
+    return mats
+
+
+def build(cls: type[Muon], mats: list[torch.Tensor]) -> Optimizer:
+    cfg = OptimConfig()
+    return cls(
+        [p.detach().clone().requires_grad_() for p in mats],
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        ns_steps=cfg.ns_steps,
+        adjust_lr_fn=cfg.adjust_lr_fn,
+    )
+
+
+def stepper(opt: Optimizer, grads: list[torch.Tensor], device: torch.device) -> Callable[[], float]:
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g.clone()
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        opt.step()
+        harness.sync(device)
+        return time.perf_counter() - t0
+
+    return run
+
+
+def main() -> None:
+    parser = harness.common_args(__doc__.splitlines()[0])
+    args = parser.parse_args()
+    device = harness.setup(args.device)
+    rounds = args.rounds or (5 if args.quick else 30)
+    print(f"machine: {harness.machine_line(device)}")
+    print(f"Muon step, default OptimConfig; {rounds} alternating rounds, medians")
+    rows = []
+    for preset in ("tiny", "tiny-moe"):
+        mats = matrices(preset, device, args.seed)
+        grads = [p.grad for p in mats if p.grad is not None]
+        ours, ref = build(BatchedMuon, mats), build(Muon, mats)
+        steps = {
+            "torch.optim.Muon": stepper(ref, grads, device),
+            "batched": stepper(ours, grads, device),
+        }
+        for step in steps.values():
+            step()
+        same = all(
+            torch.equal(a, b)
+            for a, b in zip(
+                ours.param_groups[0]["params"], ref.param_groups[0]["params"], strict=True
+            )
+        )
+        shapes = len({tuple(p.shape) for p in mats})
+        print(
+            f"{preset}: {len(mats)} matrices of {shapes} shapes; results equal bit for bit: {same}"
+        )
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            runs = harness.alternate(steps, rounds)
+            t_ref, t_ours = (harness.median(runs[k]) for k in ("torch.optim.Muon", "batched"))
+            rows.append(
+                [
+                    preset,
+                    threads,
+                    f"{1000 * t_ref:.2f}",
+                    f"{1000 * t_ours:.2f}",
+                    f"{t_ref / t_ours:.2f}",
+                ]
+            )
+    harness.print_table(
+        ["model", "threads", "torch.optim.Muon ms", "batched ms", "speedup (torch / batched)"], rows
+    )
+
+
+if __name__ == "__main__":
+    main()
