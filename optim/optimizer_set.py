@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
-from torch.optim import AdamW, Muon, Optimizer
+from torch.optim import AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
+from optim.batched_muon import BatchedMuon
 from optim.config import OptimConfig
 from optim.param_groups import ParamSplit, split_parameters
 from optim.schedules import fit_warmup, lr_lambda, muon_momentum
@@ -212,7 +213,7 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, max_steps: int) -> Opti
         _check_muon_dtypes(cfg, split)
         # FSDP2-sharded matrices (DTensors) are orthogonalised whole, once per step.
         sharded = any(isinstance(p, DTensor) for _, p in split.matrices)
-        optimizers["muon"] = (ShardedMuon if sharded else Muon)(
+        optimizers["muon"] = (ShardedMuon if sharded else BatchedMuon)(
             [{"name": "matrices", "params": [p for _, p in split.matrices]}],
             lr=cfg.lr,
             weight_decay=cfg.weight_decay,

@@ -22,18 +22,21 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.optim import Muon
 
+from optim.newton_schulz import default_dtype, newton_schulz
+
 
 def orthogonalize(update: Tensor, group: dict[str, Any]) -> Tensor:
-    """torch.optim.Muon's Newton-Schulz orthogonalisation of one 2-D ``update``, with ``group``'s
-    coefficients, steps and eps. The one private torch call of this module, isolated here:
-    ``tests/test_sharded_muon.py`` pins it to ``torch.optim.Muon``'s own step and fails loudly
-    if torch moves or changes it."""
-    from torch.optim._muon import _zeropower_via_newtonschulz
-
-    out: Tensor = _zeropower_via_newtonschulz(
-        update, group["ns_coefficients"], group["ns_steps"], group["eps"]
+    """Muon's Newton-Schulz orthogonalisation of one 2-D ``update``, with ``group``'s
+    coefficients, steps and eps, in the dtype one process uses on that device (BatchedMuon's), so
+    a sharded run matches one process."""
+    out = newton_schulz(
+        update.unsqueeze(0),
+        group["ns_coefficients"],
+        group["ns_steps"],
+        group["eps"],
+        default_dtype(update.device),
     )
-    return out
+    return out[0]
 
 
 def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:

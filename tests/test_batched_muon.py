@@ -1,5 +1,6 @@
-"""BatchedMuon (optim.batched_muon): torch.optim.Muon's step, bit for bit, with same-shaped
-matrices orthogonalised as one batch; its state loads into torch.optim.Muon and back."""
+"""BatchedMuon (optim.batched_muon): with a bf16 Newton-Schulz, torch.optim.Muon's step bit for
+bit, same-shaped matrices orthogonalised as one batch; its state loads into torch.optim.Muon and
+back; on CPU it iterates in float32 (optim.newton_schulz), as the trainer builds it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import torch
 from torch import nn
 from torch.optim import Muon
 
-from optim.batched_muon import BatchedMuon, newton_schulz
+from optim.batched_muon import BatchedMuon
+from optim.config import OptimConfig
+from optim.newton_schulz import default_dtype, newton_schulz
+from optim.optimizer_set import build_optimizers
 from optim.param_groups import split_parameters
 from qwen3 import Qwen3, Qwen3Config
 
@@ -46,6 +50,7 @@ def _train(model: Qwen3, opt: torch.optim.Optimizer, steps: range) -> None:
 
 
 KW: dict[str, Any] = dict(lr=0.02, momentum=0.95)
+BF16 = dict(ns_dtype=torch.bfloat16)  # torch.optim.Muon's iteration dtype
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
@@ -61,7 +66,7 @@ KW: dict[str, Any] = dict(lr=0.02, momentum=0.95)
 def test_steps_equal_torch_muons(preset, nesterov, weight_decay, adjust_lr_fn, dtype) -> None:
     ours, ref = _model(preset, dtype), _model(preset, dtype)
     kw = dict(KW, nesterov=nesterov, weight_decay=weight_decay, adjust_lr_fn=adjust_lr_fn)
-    opt_ours, opt_ref = BatchedMuon(_matrices(ours), **kw), Muon(_matrices(ref), **kw)
+    opt_ours, opt_ref = BatchedMuon(_matrices(ours), **kw, **BF16), Muon(_matrices(ref), **kw)
     shapes = [p.shape for p in _matrices(ours)]
     assert len(set(shapes)) < len(shapes) // 2  # many matrices per batch
     assert any(r > c for r, c in shapes) and any(r < c for r, c in shapes)  # tall and wide
@@ -79,15 +84,15 @@ def test_state_dict_loads_into_torch_muon_and_back() -> None:
     """A checkpoint of either class resumes in the other, the next steps identical."""
     kw = dict(KW, weight_decay=0.1)
     first, second = _model("tiny-moe"), _model("tiny-moe")
-    opt = BatchedMuon(_matrices(first), **kw)
-    other = BatchedMuon(_matrices(second), **kw)
+    opt = BatchedMuon(_matrices(first), **kw, **BF16)
+    other = BatchedMuon(_matrices(second), **kw, **BF16)
     _train(first, opt, range(2))
     _train(second, other, range(2))
     as_torch = Muon(_matrices(second), **kw)
     as_torch.load_state_dict(other.state_dict())
     for model, o in ((first, opt), (second, as_torch)):
         _train(model, o, range(2, 3))
-    back = BatchedMuon(_matrices(second), **kw)
+    back = BatchedMuon(_matrices(second), **kw, **BF16)
     back.load_state_dict(as_torch.state_dict())
     assert back.state_dict()["param_groups"] == as_torch.state_dict()["param_groups"]
     for model, o in ((first, opt), (second, back)):
@@ -107,3 +112,24 @@ def test_newton_schulz_is_torchs_per_matrix() -> None:
         assert out.dtype == torch.bfloat16 and out.shape == g.shape
         for i in range(shape[0]):
             assert torch.equal(out[i], _zeropower_via_newtonschulz(g[i], coeffs, 5, 1e-7))
+
+
+def test_on_cpu_the_iteration_runs_in_float32_and_is_the_more_exact() -> None:
+    """The trainer's Muon on CPU iterates in float32: the same iteration as in float64 to 1e-5,
+    where torch's bf16 one is off by about 1e-2."""
+    from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C
+
+    assert default_dtype(torch.device("cpu")) == torch.float32
+    assert default_dtype(torch.device("meta")) == torch.bfloat16
+    coeffs = (DEFAULT_A, DEFAULT_B, DEFAULT_C)
+    g = torch.randn(4, 64, 192, generator=torch.Generator().manual_seed(0))
+    exact = newton_schulz(g.double(), coeffs, 5, 1e-7, torch.float64)
+    fp32 = newton_schulz(g, coeffs, 5, 1e-7, torch.float32)
+    bf16 = newton_schulz(g, coeffs, 5, 1e-7)
+    assert fp32.dtype == torch.float32
+    assert (fp32.double() - exact).abs().max() < 1e-5
+    assert (bf16.double() - exact).abs().max() > 1e-3
+
+    opts = build_optimizers(_model("tiny"), OptimConfig(warmup_steps=1), max_steps=10)
+    muon = opts.optimizers[opts.names.index("muon")]
+    assert isinstance(muon, BatchedMuon) and muon.ns_dtype is None  # by device: float32 here

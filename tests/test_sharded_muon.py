@@ -1,5 +1,5 @@
 """Muon under FSDP2 (``optim.sharded_muon``): each matrix orthogonalised by one rank, the same
-update as one process, and the one private torch call pinned to torch.optim.Muon's own step."""
+update as one process (the trainer's BatchedMuon), bit for bit on plain tensors."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from test_distributed_support import run_worker
 from torch import nn
 
+from optim.batched_muon import BatchedMuon
 from optim.sharded_muon import ShardedMuon
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,14 +37,15 @@ def _loss(model: nn.Module, step: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("nesterov", [True, False])
 @pytest.mark.parametrize("adjust_lr_fn", ["original", "match_rms_adamw"])
-def test_one_process_step_is_torch_muons(nesterov, adjust_lr_fn) -> None:
-    """On plain tensors ShardedMuon is torch.optim.Muon, bit for bit: this pins the private
-    Newton-Schulz call and the rewritten learning-rate rule to torch's."""
+def test_one_process_step_is_the_trainers_muon(nesterov, adjust_lr_fn) -> None:
+    """On plain tensors ShardedMuon is one process's Muon (BatchedMuon, float32 Newton-Schulz
+    on CPU), bit for bit; with a bf16 iteration BatchedMuon is torch.optim.Muon's step
+    (tests/test_batched_muon.py), which pins the rewritten learning-rate rule to torch's."""
     ours, ref = _model(), _model()
     kw = dict(lr=0.05, weight_decay=0.1, momentum=0.9, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn)
     opt_ours, opt_ref = (
         ShardedMuon(ours.parameters(), **kw),
-        torch.optim.Muon(ref.parameters(), **kw),
+        BatchedMuon(ref.parameters(), **kw),
     )
     for step in range(3):
         for model, opt in ((ours, opt_ours), (ref, opt_ref)):
@@ -103,7 +105,7 @@ def test_two_ranks_share_the_work_and_match_one_process(tmp_path) -> None:
         assert sorted(len(m) for m in mine) == [2, 3]
 
     ref = _model()
-    opt = torch.optim.Muon(ref.parameters(), lr=0.05, weight_decay=0.1, momentum=0.9)
+    opt = BatchedMuon(ref.parameters(), lr=0.05, weight_decay=0.1, momentum=0.9)
     for step in range(3):
         opt.zero_grad()
         _loss(ref, step).backward()

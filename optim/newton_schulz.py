@@ -1,0 +1,45 @@
+"""Muon's quintic Newton-Schulz orthogonalisation, batched, in the dtype that is fast where it runs.
+
+torch.optim.Muon's own (``_zeropower_via_newtonschulz``) is private, takes one 2-D matrix and
+always iterates in bf16. Here it takes an ``(N, rows, cols)`` batch (each matrix normalised by its
+own Frobenius norm) and a dtype: in bf16 it is torch's iteration bit for bit
+(``tests/test_batched_muon.py`` pins that, and fails loudly if torch changes its own).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """float32 on CPU, bf16 elsewhere (torch's choice). On a CPU without bf16 matrix units a bf16
+    matmul is emulated and measured ~7x slower than float32 (benchmarks/results/muon.md), and
+    float32 is the more exact of the two."""
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def newton_schulz(
+    stacked: Tensor,
+    coefficients: tuple[float, float, float],
+    steps: int,
+    eps: float,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Tensor:
+    """The quintic iteration on an ``(N, rows, cols)`` batch, in ``dtype``; returns ``dtype``."""
+    if stacked.ndim != 3:
+        raise ValueError(f"expected an (N, rows, cols) batch, got shape {tuple(stacked.shape)}")
+    a, b, c = coefficients
+    x = stacked.to(dtype)
+    # A tall batch is iterated as its transposed view, as torch transposes a tall matrix (a
+    # contiguous transpose would round differently in bf16).
+    tall = x.shape[1] > x.shape[2]
+    if tall:
+        x = x.mT
+    norms = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)
+    x = x / norms.clamp_(min=eps)  # not in place: .to(dtype) may return the caller's tensor
+    for _ in range(steps):
+        gram = torch.bmm(x, x.mT)
+        gram_update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, gram_update, x, beta=a)
+    return x.mT if tall else x
