@@ -77,3 +77,18 @@ def test_bench_recipe_times_each_recipe_against_the_default() -> None:
     assert set(rows) == {"default", "half"}
     assert float(rows["default"]["step cost / default"]) == 1.0
     assert float(rows["half"]["step cost / default"]) > 0
+
+
+def test_bench_muon_checks_torchs_step_and_times_ours() -> None:
+    out = _run("bench_muon.py", "--rounds", "1")
+    for preset in ("tiny", "tiny-moe"):
+        assert f"{preset}: " in out and "batched bf16 equal to torch's bit for bit: True" in out
+        assert "Newton-Schulz in torch.float32" in out
+    rows = _table(out)
+    assert [(r["model"], r["threads"]) for r in rows] == [
+        ("tiny", "1"),
+        ("tiny", "2"),
+        ("tiny-moe", "1"),
+        ("tiny-moe", "2"),
+    ]
+    assert all(float(r["speedup (torch / ours)"]) > 0 for r in rows)
