@@ -71,6 +71,7 @@ def test_bench_fsdp_memory_prints_both_peaks_and_their_ratio() -> None:
         assert float(row["CPU (s)"]) > 0
 
 
+@pytest.mark.slow
 def test_bench_recipe_times_each_recipe_against_the_default() -> None:
     out = _run("bench_recipe.py", "--rounds", "1", "--steps", "1", "half:batch_size=8,seq_len=64")
     rows = {r["recipe"]: r for r in _table(out)}
@@ -79,6 +80,7 @@ def test_bench_recipe_times_each_recipe_against_the_default() -> None:
     assert float(rows["half"]["step cost / default"]) > 0
 
 
+@pytest.mark.slow
 def test_bench_muon_checks_torchs_step_and_times_ours() -> None:
     out = _run("bench_muon.py", "--rounds", "1")
     for preset in ("tiny", "tiny-moe"):
