@@ -20,7 +20,7 @@ from torch.optim import Muon, Optimizer
 
 from optim import OptimConfig
 from optim.batched_muon import BatchedMuon
-from optim.newton_schulz import default_dtype
+from optim.muon_math import default_dtype
 from optim.param_groups import split_parameters
 from qwen3 import Qwen3, Qwen3Config
 

@@ -2,9 +2,8 @@
 
 torch.optim.Muon orthogonalises its matrices one at a time, always in bf16. Here the matrices of
 one shape are stacked into one ``(N, rows, cols)`` tensor and iterated with batched matmuls
-(optim/newton_schulz.py), in float32 on CPU, where bf16 matmuls are emulated and measured ~7x
-slower (the main job's whole training step ran 1.9x faster: benchmarks/results/muon.md), bf16
-elsewhere as torch does; momentum, weight decay and the update run as ``torch._foreach_*`` ops
+(optim/muon_math.py), in float32 on CPU, where bf16 matmuls are emulated and far slower
+(benchmarks/results/muon.md), bf16 elsewhere as torch does; momentum, weight decay and the update run as ``torch._foreach_*`` ops
 over the whole group.
 
 Everything else is torch.optim.Muon's: the constructor, ``param_groups``, the per-parameter
@@ -22,13 +21,12 @@ import torch
 from torch import Tensor
 from torch.optim import Muon
 
-from optim.newton_schulz import default_dtype, newton_schulz
-from optim.sharded_muon import adjusted_lr
+from optim.muon_math import adjusted_lr, default_dtype, newton_schulz
 
 
 class BatchedMuon(Muon):
     """torch.optim.Muon whose step orthogonalises same-shaped matrices as one batch, in
-    ``ns_dtype`` (None: :func:`optim.newton_schulz.default_dtype` of the parameters' device;
+    ``ns_dtype`` (None: :func:`optim.muon_math.default_dtype` of the parameters' device;
     ``torch.bfloat16`` is torch.optim.Muon's step bit for bit)."""
 
     def __init__(self, params: Any, *args: Any, ns_dtype: torch.dtype | None = None, **kw: Any):

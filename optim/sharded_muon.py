@@ -12,7 +12,6 @@ so a sharded run matches one process to float tolerance.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +21,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.optim import Muon
 
-from optim.newton_schulz import default_dtype, newton_schulz
+from optim.muon_math import adjusted_lr, default_dtype, newton_schulz
 
 
 def orthogonalize(update: Tensor, group: dict[str, Any]) -> Tensor:
@@ -37,18 +36,6 @@ def orthogonalize(update: Tensor, group: dict[str, Any]) -> Tensor:
         default_dtype(update.device),
     )
     return out[0]
-
-
-def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
-    """torch.optim.Muon's shape-dependent learning rate (``adjust_lr_fn``), rewritten because
-    torch keeps it private: "original" scales by sqrt(max(1, rows/cols)), "match_rms_adamw" by
-    0.2 * sqrt(max(rows, cols))."""
-    rows, cols = shape[:2]
-    if adjust_lr_fn is None or adjust_lr_fn == "original":
-        return lr * math.sqrt(max(1.0, rows / cols))
-    if adjust_lr_fn == "match_rms_adamw":
-        return lr * 0.2 * math.sqrt(max(rows, cols))
-    return lr
 
 
 def _row_shards(rows: int, world: int) -> list[int]:

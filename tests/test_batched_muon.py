@@ -1,6 +1,6 @@
 """BatchedMuon (optim.batched_muon): with a bf16 Newton-Schulz, torch.optim.Muon's step bit for
 bit, same-shaped matrices orthogonalised as one batch; its state loads into torch.optim.Muon and
-back; on CPU it iterates in float32 (optim.newton_schulz), as the trainer builds it."""
+back; on CPU it iterates in float32 (optim.muon_math), as the trainer builds it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch.optim import Muon
 
 from optim.batched_muon import BatchedMuon
 from optim.config import OptimConfig
-from optim.newton_schulz import default_dtype, newton_schulz
+from optim.muon_math import default_dtype, newton_schulz
 from optim.optimizer_set import build_optimizers
 from optim.param_groups import split_parameters
 from qwen3 import Qwen3, Qwen3Config

@@ -1,4 +1,6 @@
-"""Muon's quintic Newton-Schulz orthogonalisation, batched, in the dtype that is fast where it runs.
+"""Muon's arithmetic shared by one process (optim.batched_muon) and FSDP (optim.sharded_muon):
+the quintic Newton-Schulz orthogonalisation, batched, in the dtype that is fast where it runs, and
+the shape-dependent learning rate.
 
 torch.optim.Muon's own (``_zeropower_via_newtonschulz``) is private, takes one 2-D matrix and
 always iterates in bf16. Here it takes an ``(N, rows, cols)`` batch (each matrix normalised by its
@@ -8,14 +10,16 @@ own Frobenius norm) and a dtype: in bf16 it is torch's iteration bit for bit
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
     """float32 on CPU, bf16 elsewhere (torch's choice). On a CPU without bf16 matrix units a bf16
-    matmul is emulated and measured ~7x slower than float32 (benchmarks/results/muon.md), and
-    float32 is the more exact of the two."""
+    matmul is emulated, far slower than float32 (benchmarks/results/muon.md), and float32 is the
+    more exact of the two."""
     return torch.float32 if device.type == "cpu" else torch.bfloat16
 
 
@@ -43,3 +47,15 @@ def newton_schulz(
         gram_update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
         x = torch.baddbmm(x, gram_update, x, beta=a)
     return x.mT if tall else x
+
+
+def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """torch.optim.Muon's shape-dependent learning rate (``adjust_lr_fn``), rewritten because
+    torch keeps it private: "original" scales by sqrt(max(1, rows/cols)), "match_rms_adamw" by
+    0.2 * sqrt(max(rows, cols))."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return lr * math.sqrt(max(1.0, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    return lr
