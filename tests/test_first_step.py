@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from trainer.metrics import (
+    PlotWriter,
     peak_cache_path,
     peak_flops,
     peak_key,
@@ -91,6 +92,21 @@ def test_plot_is_written_with_its_panels(tmp_path: Path) -> None:
     write_plot(records, path, title="run")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.png"]  # no temp file left
+
+
+def test_plots_are_drawn_in_the_background_in_order_and_errors_reach_wait(tmp_path: Path) -> None:
+    records = [{"step": 1, "train_loss": 9.0}]
+    plots = PlotWriter()
+    path = tmp_path / "metrics.png"
+    plots.draw(records, path)
+    plots.draw([*records, {"step": 2, "train_loss": 8.0}], path)  # waits for the first
+    plots.wait()
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.png"]
+    plots.draw(records, tmp_path / "missing-dir" / "metrics.png")
+    with pytest.raises(FileNotFoundError):
+        plots.wait()
+    plots.wait()  # reported once
 
 
 @pytest.mark.slow

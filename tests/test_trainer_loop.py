@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
@@ -87,6 +88,7 @@ def test_metrics_checkpoints_and_best_pointer(corpus, tmp_path) -> None:
     kept = sorted(p.name for p in run.glob("step-*"))
     assert kept == sorted({f"step-{best_row['step']:06d}", "step-000006"})
     assert not list(run.glob(".tmp-*"))
+    t.plots.wait()  # drawn in the background
     assert (run / "metrics.png").stat().st_size > 1000
     state = load_trainer_state(run / "latest")
     assert state["step"] == 6 and state["best_val_loss"] == pytest.approx(best_row["val_loss"])
@@ -170,6 +172,44 @@ def test_wandb_offline_run_files_are_written(corpus, tmp_path, monkeypatch) -> N
     (records,) = local.glob("run-*.wandb")
     logged = records.read_bytes()  # the run's protobuf log: config and metric keys as text
     assert b"max_steps" in logged and b"val_loss" in logged and b"train_loss" in logged
+
+
+def test_wandb_starts_in_the_background_and_its_errors_reach_the_caller(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    """wandb starts in a thread while the run sets up; a failure inside wandb leaves the run
+    without wandb and says so, and a bug in our start-up code is raised at the first use."""
+    import wandb
+
+    import trainer.metrics as metrics
+    from trainer.config import WandbConfig
+
+    started = threading.Event()
+
+    def failing_init(**kwargs: object) -> None:
+        started.set()
+        assert threading.current_thread() is not threading.main_thread()
+        raise OSError("the wandb service did not start")
+
+    monkeypatch.setattr(wandb, "init", failing_init)
+    logger = metrics.WandbLogger(WandbConfig(mode="offline"), tmp_path / "r", "r", {})
+    assert started.wait(60)
+    assert logger.run is None  # waits for the thread; training goes on without wandb
+    logger.log({"step": 1, "train_loss": 1.0})
+    logger.finish()
+    assert (
+        "could not start a offline run (the wandb service did not start)" in capsys.readouterr().err
+    )
+
+    def buggy_mode(mode: str) -> str:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(metrics, "resolve_mode", buggy_mode)
+    logger = metrics.WandbLogger(WandbConfig(mode="auto"), tmp_path / "r", "r", {})
+    with pytest.raises(KeyError, match="a bug"):
+        logger.log({"step": 1, "train_loss": 1.0})
+    assert logger.run is None  # raised once; the run then continues without wandb
+    assert metrics.WandbLogger(WandbConfig(mode="disabled"), tmp_path, "r", {}).run is None
 
 
 def test_each_rank_evaluates_its_share_of_the_val_batches(monkeypatch) -> None:

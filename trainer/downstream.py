@@ -196,7 +196,7 @@ def _log_to_wandb(
         return None
     from trainer.metrics import WandbLogger
 
-    logger = WandbLogger(cfg, run_dir, run_dir.name, {})
+    logger = WandbLogger(cfg, run_dir, run_dir.name, {}, background=False)
     if logger.run is None:
         return None
     # The run's own step has moved past an earlier checkpoint's, and wandb drops rows logged

@@ -25,7 +25,7 @@ from trainer.checkpoint import (
 from trainer.config import RunConfig
 from trainer.distributed import DistInfo, any_rank, background_group, barrier
 from trainer.evaluation import evaluate_sources
-from trainer.metrics import MetricsLog, WandbLogger, mfu, write_plot
+from trainer.metrics import MetricsLog, PlotWriter, WandbLogger, mfu
 from trainer.prefetch import BatchPrefetcher
 from trainer.run_layout import BEST, LATEST, TRAIN_STATE_DIR, prune_checkpoints, set_pointer
 from trainer.step import train_step
@@ -75,6 +75,7 @@ class Trainer:
         self.cfg, self.parts, self.run_dir, self.dist = cfg, parts, run_dir, dist
         self.config_yaml, self.wandb, self.peak = config_yaml, wandb, peak_flops
         self.metrics = MetricsLog(run_dir / METRICS_FILE)
+        self.plots = PlotWriter()  # rank 0 draws; run_training waits for the last plot
         self.tok_hash = tokenizer_hash(parts.data.tokenizer)
         self.flops_per_token = parts.model.estimate_flops(cfg.trainer.seq_len)
         self.tokens_per_step = (
@@ -237,7 +238,7 @@ class Trainer:
         if self.wandb is not None:
             self.wandb.log(row)
         if plot:
-            write_plot(self.metrics.read(), self.run_dir / PLOT_FILE, title=self.cfg.run_name)
+            self.plots.draw(self.metrics.read(), self.run_dir / PLOT_FILE, self.cfg.run_name)
 
     # ---- the loop ---------------------------------------------------------------------------
     def _train_one_step(self) -> None:

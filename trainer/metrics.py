@@ -10,6 +10,7 @@ import math
 import os
 import platform
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,39 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(line + "\n")
             f.flush()
+
+
+class PlotWriter:
+    """Draws ``metrics.png`` in a background thread, one plot at a time, so that the next steps
+    (or the samples after the last evaluation) run while matplotlib imports and renders, about
+    1 s per plot on a 2-core CPU. :meth:`wait` returns when the last plot is on disk and
+    re-raises an error raised while drawing it."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def draw(self, records: list[dict[str, Any]], path: Path, title: str = "") -> None:
+        self.wait()
+        # Not a daemon: the interpreter waits for it, so a plot is never cut off at exit.
+        self._thread = threading.Thread(
+            target=self._draw, args=(records, path, title), name="metrics-plot"
+        )
+        self._thread.start()
+
+    def _draw(self, records: list[dict[str, Any]], path: Path, title: str) -> None:
+        try:
+            write_plot(records, path, title)
+        except BaseException as e:  # re-raised by wait(), in the caller's thread
+            self._error = e
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -114,40 +148,82 @@ def wandb_run_id(run_dir: Path) -> str:
 
 
 class WandbLogger:
-    """One wandb run per run directory (a resumed run continues the same wandb run id)."""
+    """One wandb run per run directory (a resumed run continues the same wandb run id).
+
+    wandb starts in a background thread: importing it and starting its service take about 3 s on
+    a 2-core CPU (2 s of that importing ``wandb.sdk.launch``, which ``wandb.init`` always does),
+    as long as the rest of a short run's setup, which goes on meanwhile. The first use of
+    :attr:`run` waits for it; an error inside wandb is reported there as before, and a bug in
+    this code is raised there with its traceback."""
 
     def __init__(
+        self,
+        cfg: WandbConfig,
+        run_dir: Path,
+        run_name: str,
+        config: dict[str, Any],
+        background: bool = True,
+    ) -> None:
+        self._run: Any = None
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if cfg.mode == "disabled":
+            return
+        args = (cfg, run_dir, run_name, config)
+        if background:
+            self._thread = threading.Thread(
+                target=self._start_catching, args=args, name="wandb-init", daemon=True
+            )
+            self._thread.start()
+        else:
+            self._start(*args)
+
+    def _start_catching(self, *args: Any) -> None:
+        try:
+            self._start(*args)
+        except BaseException as e:  # re-raised by the caller's thread at the first use
+            self._error = e
+
+    def _start(
         self, cfg: WandbConfig, run_dir: Path, run_name: str, config: dict[str, Any]
     ) -> None:
-        self.mode = resolve_mode(cfg.mode)
-        self.run = None
-        if self.mode == "disabled":
+        mode = resolve_mode(cfg.mode)
+        if mode == "disabled":
             return
         import wandb
 
         wandb_dir = Path(os.environ.get("WANDB_DIR") or run_dir)
         wandb_dir.mkdir(parents=True, exist_ok=True)
-        run_id = wandb_run_id(run_dir)
         try:
-            self.run = wandb.init(
+            self._run = wandb.init(
                 project=cfg.project,
                 entity=cfg.entity,
                 name=run_name,
-                id=run_id,
+                id=wandb_run_id(run_dir),
                 resume="allow",
                 tags=list(cfg.tags),
                 dir=str(wandb_dir),
-                mode=self.mode,  # type: ignore[arg-type]  # resolve_mode returns one of wandb's modes
+                mode=mode,  # type: ignore[arg-type]  # resolve_mode returns one of wandb's modes
                 config=config,
                 settings=wandb.Settings(console="off", silent=True),
             )
         except Exception as e:  # wandb raises many types (network, auth, service start)
             print(
-                f"wandb: could not start a {self.mode} run ({e}); training continues without "
+                f"wandb: could not start a {mode} run ({e}); training continues without "
                 "wandb (set wandb.mode=offline, or disabled to silence this)",
                 file=sys.stderr,
             )
-            self.run = None
+
+    @property
+    def run(self) -> Any:
+        """The wandb run, once started (None when disabled or when it could not start)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        return self._run
 
     @property
     def run_path(self) -> Path | None:
@@ -155,16 +231,16 @@ class WandbLogger:
         return Path(self.run.dir).parent if self.run is not None else None
 
     def log(self, record: dict[str, Any]) -> None:
-        if self.run is not None:
+        run = self.run
+        if run is not None:
             step = record["step"]
-            self.run.log(
-                {k: v for k, v in record.items() if k != "step" and v is not None}, step=step
-            )
+            run.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=step)
 
     def finish(self, exit_code: int = 0) -> None:
-        if self.run is not None:
-            self.run.finish(exit_code=exit_code)
-            self.run = None
+        run = self.run
+        if run is not None:
+            run.finish(exit_code=exit_code)
+            self._run = None
 
 
 # Dense bf16 tensor-core peaks (FLOP/s) of common GPUs, from the vendors' data sheets.

@@ -101,6 +101,7 @@ def run_training(
         print(f"error: {e}", file=sys.stderr)
         if wandb is not None:
             wandb.finish(exit_code=1)
+        trainer.plots.wait()
         return 1
     if not outcome.final_eval:  # stopped early, or resumed a finished run
         outcome.final_eval = trainer.evaluate()
@@ -128,12 +129,14 @@ def run_training(
             f"\nstopped by {outcome.stopped_by} at step {outcome.step}; resume with:\n"
             f"  {resume_command(overrides, cfg.run_name, dist)}"
         )
+        trainer.plots.wait()
         return 0
     if sample_model is not None and sample_cfg.prompts and sample_cfg.max_new_tokens:
         sample_model.eval()
         sampling = replace(sample_cfg, seed=cfg.seed)  # the run's seed
         texts = complete(sample_model, parts.data.tokenizer, sample_cfg.prompts, sampling)
         print(samples_text(sample_cfg.prompts, texts))
+    trainer.plots.wait()  # the last plot, drawn while the samples were generated
     return 0
 
 
