@@ -68,7 +68,7 @@ class OptimConfig:
 
     name: str = "muon"
     # Muon (2-D matrices inside the transformer blocks)
-    lr: float = 1.2e-2  # best of the sweep in benchmarks/results/convergence.md
+    lr: float = 8e-3  # best of the main job's recipe search (benchmarks/results/recipe.md)
     weight_decay: float = 0.1
     momentum: float = 0.95
     nesterov: bool = True
@@ -86,7 +86,7 @@ class OptimConfig:
     adamw_impl: str = "auto"  # auto (torch picks) | fused | foreach | loop
     # Schedule, shared by every optimizer, each from its own base lr
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
-    warmup_steps: int = 100
+    warmup_steps: int = 30  # ahead of 100 at every evaluation of the recipe search
     min_lr_ratio: float = 0.1  # floor as a fraction of each optimizer's peak lr
     decay_fraction: float = 0.2  # wsd only: the final fraction of max_steps that decays linearly
 

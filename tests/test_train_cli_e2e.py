@@ -67,7 +67,7 @@ def test_short_run_on_the_default_corpus(tmp_path) -> None:
 
 
 def test_two_steps_with_the_shipped_warmup_run_and_leave_no_empty_log(tmp_path) -> None:
-    """``train.py trainer.max_steps=2`` with the shipped 100 warmup steps: the warmup is
+    """``train.py trainer.max_steps=2`` with the shipped 30 warmup steps: the warmup is
     shortened with one printed line, the saved config says what ran, and the run directory holds
     no empty train.log."""
     corpus = write_corpus(tmp_path / "play.txt")
@@ -76,9 +76,9 @@ def test_two_steps_with_the_shipped_warmup_run_and_leave_no_empty_log(tmp_path) 
         tmp_path, *overrides, "trainer.max_steps=2", "run_name=short", "sample.max_new_tokens=0"
     )
     assert res.returncode == 0, res.stderr
-    notes = [line for line in res.stdout.splitlines() if "optim.warmup_steps=100" in line]
+    notes = [line for line in res.stdout.splitlines() if "optim.warmup_steps=30" in line]
     assert notes == [
-        "optim.warmup_steps=100 does not fit the run (trainer.max_steps=2): running without warmup"
+        "optim.warmup_steps=30 does not fit the run (trainer.max_steps=2): running without warmup"
     ]
     run = tmp_path / "runs" / "short"
     assert "warmup_steps: 0" in (run / "best" / "config.yaml").read_text()
