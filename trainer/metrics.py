@@ -12,6 +12,7 @@ import platform
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,31 @@ class MetricsLog:
             f.flush()
 
 
+class BackgroundCall:
+    """``fn(*args)`` run in its own thread; :meth:`result` waits for it and returns its value, or
+    raises, in the caller's thread and with its traceback, what it raised."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any, name: str, daemon: bool) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._call, args=(fn, args), name=name, daemon=daemon
+        )
+        self._thread.start()
+
+    def _call(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as e:  # handed to the caller's thread by result()
+            self._error = e
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 class PlotWriter:
     """Draws ``metrics.png`` in a background thread, one plot at a time, so that the next steps
     (or the samples after the last evaluation) run while matplotlib imports and renders, about
@@ -67,30 +93,19 @@ class PlotWriter:
     re-raises an error raised while drawing it."""
 
     def __init__(self) -> None:
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._pending: BackgroundCall | None = None
 
     def draw(self, records: list[dict[str, Any]], path: Path, title: str = "") -> None:
         self.wait()
         # Not a daemon: the interpreter waits for it, so a plot is never cut off at exit.
-        self._thread = threading.Thread(
-            target=self._draw, args=(records, path, title), name="metrics-plot"
+        self._pending = BackgroundCall(
+            write_plot, records, path, title, name="metrics-plot", daemon=False
         )
-        self._thread.start()
-
-    def _draw(self, records: list[dict[str, Any]], path: Path, title: str) -> None:
-        try:
-            write_plot(records, path, title)
-        except BaseException as e:  # re-raised by wait(), in the caller's thread
-            self._error = e
 
     def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
 
 def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -165,37 +180,26 @@ class WandbLogger:
         background: bool = True,
     ) -> None:
         self._run: Any = None
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
+        self._pending: BackgroundCall | None = None
         if cfg.mode == "disabled":
             return
         args = (cfg, run_dir, run_name, config)
         if background:
-            self._thread = threading.Thread(
-                target=self._start_catching, args=args, name="wandb-init", daemon=True
-            )
-            self._thread.start()
+            self._pending = BackgroundCall(self._start, *args, name="wandb-init", daemon=True)
         else:
-            self._start(*args)
+            self._run = self._start(*args)
 
-    def _start_catching(self, *args: Any) -> None:
-        try:
-            self._start(*args)
-        except BaseException as e:  # re-raised by the caller's thread at the first use
-            self._error = e
-
-    def _start(
-        self, cfg: WandbConfig, run_dir: Path, run_name: str, config: dict[str, Any]
-    ) -> None:
+    @staticmethod
+    def _start(cfg: WandbConfig, run_dir: Path, run_name: str, config: dict[str, Any]) -> Any:
         mode = resolve_mode(cfg.mode)
         if mode == "disabled":
-            return
+            return None
         import wandb
 
         wandb_dir = Path(os.environ.get("WANDB_DIR") or run_dir)
         wandb_dir.mkdir(parents=True, exist_ok=True)
         try:
-            self._run = wandb.init(
+            return wandb.init(
                 project=cfg.project,
                 entity=cfg.entity,
                 name=run_name,
@@ -213,16 +217,14 @@ class WandbLogger:
                 "wandb (set wandb.mode=offline, or disabled to silence this)",
                 file=sys.stderr,
             )
+            return None
 
     @property
     def run(self) -> Any:
         """The wandb run, once started (None when disabled or when it could not start)."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._run = pending.result()
         return self._run
 
     @property
