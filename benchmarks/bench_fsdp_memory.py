@@ -9,6 +9,11 @@ ratio (target: FSDP at most 0.6 of DDP), the wall time of each job, and how long
 and how long training waited for it (the trainer's "saved ... in X s (training waited Y s)" line),
 for a synchronous and an asynchronous (``trainer.async_save``) FSDP save.
 
+Each side runs as the trainer sets it up: under FSDP on CPU that includes glibc's ``malloc`` mmap
+threshold fixed at 4 MiB (``trainer.build.fix_malloc_mmap_threshold``), which DDP leaves at
+glibc's default; the row "DDP at FSDP's threshold" runs DDP with the same setting, to show what
+the setting alone is worth.
+
     .venv/bin/python benchmarks/bench_fsdp_memory.py            # ~210M parameters
     .venv/bin/python benchmarks/bench_fsdp_memory.py --quick    # a ~20M model, for CI
 """
@@ -25,6 +30,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from trainer.build import MALLOC_MMAP_THRESHOLD  # noqa: E402
 
 # (hidden, layers, heads, kv heads, intermediate): with the 8,192-token Shakespeare vocabulary
 # these are 210M and 20M parameters (tied embeddings).
@@ -142,8 +150,13 @@ def main() -> None:
         )
         if prep.returncode != 0:
             sys.exit(f"prepare failed:\n{prep.stderr[-3000:]}")
-        rows = {
-            "DDP": run_job(overrides, fsdp=False, name="ddp", env=env),
+        rows = {"DDP": run_job(overrides, fsdp=False, name="ddp", env=env)}
+        if env is None:
+            fixed = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MALLOC_MMAP_THRESHOLD)}
+            rows["DDP at FSDP's threshold"] = run_job(
+                overrides, fsdp=False, name="ddp-threshold", env=fixed
+            )
+        rows |= {
             "FSDP": run_job(overrides, fsdp=True, name="fsdp", env=env),
             "FSDP, async save": run_job(
                 overrides, fsdp=True, name="fsdp-async", async_save=True, env=env
@@ -154,6 +167,7 @@ def main() -> None:
         f"2 CPU processes (gloo), shape {shape} {SHAPES[shape]}, {args.steps} steps + eval + save, "
         f"activation checkpointing {args.activation_checkpointing}, MALLOC_MMAP_THRESHOLD_ "
         f"{args.malloc_mmap_threshold if args.malloc_mmap_threshold is not None else 'unset'}"
+        " (unset: the trainer's choice, 4 MiB under FSDP)"
     )
     print(
         "| run | peak RSS, largest process (MiB) | ratio to DDP | wall (s) | CPU (s) | save (s) "
