@@ -78,11 +78,10 @@ def fix_malloc_mmap_threshold(nbytes: int = MALLOC_MMAP_THRESHOLD) -> bool:
 
     Why: glibc starts at 128 KiB and raises its threshold (up to 32 MiB) each time a mapped
     block is freed, so tensors of a few MiB soon come from the heap, whose freed holes it keeps
-    resident. FSDP, which frees and re-gathers every block's weights each step, then held about
-    1.3 GB more than it used: on a 210M model its peak fell from 3.6 to 3.0 GB with this, at no
-    measurable CPU cost. The cost is a page fault per page of every such tensor on every
-    allocation: where activations pass 4 MiB (the tiny model at batch 16) a step takes ~10% more
-    CPU, so only FSDP sets it (benchmarks/results/fsdp-memory.md)."""
+    resident; FSDP frees and re-gathers every block's weights each step, so its peak holds many
+    such holes. The price is a page fault per page of every such tensor on every allocation,
+    which steps whose activations pass 4 MiB pay, hence FSDP only (figures:
+    benchmarks/results/fsdp-memory.md)."""
     if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     try:
