@@ -19,16 +19,19 @@ class DataConfig:
 
     source: `shakespeare` (the built-in default corpus), `hf` (a Hugging Face dataset,
       streamed) or `local` (globs of .txt / .jsonl / .parquet files, streamed by `datasets`).
-    path, name, split: the `hf` dataset (`roneneldan/TinyStories`), its config and train split.
+    path: the `hf` dataset id (`roneneldan/TinyStories`).
+    name, split: the `hf` dataset's config name and its train split.
     text_field: the column holding the text (`hf`, and `local` JSON Lines / Parquet).
     paths: `local` globs, e.g. `["corpus/*.txt"]`, relative to the working directory.
     doc_separator: how `.txt` files split into documents: `blank_line`, `file` or `line`.
     max_docs: read at most this many documents (per split when the source has its own
-      validation split). max_tokens: cut the train split to this many tokens.
+      validation split).
+    max_tokens: cut the train split to this many tokens.
     val_docs: hold out this many documents (the first ones of the stream; for `shakespeare`,
-      this many whole plays chosen by a fixed hash). When null, `val_fraction` decides: every
-      round(1/val_fraction)-th document (the share of plays for `shakespeare`). An `hf` dataset
-      with a `validation` split uses that split instead.
+      this many whole plays chosen by a fixed hash). An `hf` dataset with a `validation` split
+      uses that split instead.
+    val_fraction: when val_docs is null, hold out every round(1/val_fraction)-th document (the
+      share of plays for `shakespeare`).
     cache_dir: where tokenizers and token caches are stored (relative to the working directory).
     tokenizer: an existing tokenizer directory (e.g. a downloaded Qwen3 one); null = train one.
     vocab_size: the vocabulary to train; null = the model's vocab_size.

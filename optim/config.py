@@ -66,27 +66,27 @@ class OptimConfig:
     nesterov on; build_optimizers refuses the broken combination.
     """
 
-    name: str = "muon"
+    name: str = "muon"  # muon (Muon on block matrices, AdamW on the rest) | adamw (AdamW alone)
     # Muon (2-D matrices inside the transformer blocks)
-    lr: float = 8e-3  # best of the main job's recipe search (benchmarks/results/recipe.md)
-    weight_decay: float = 0.1
-    momentum: float = 0.95
-    nesterov: bool = True
-    adjust_lr_fn: str = "match_rms_adamw"
-    ns_steps: int = 5
+    lr: float = 8e-3  # Muon's peak lr: best of the recipe search (benchmarks/results/recipe.md)
+    weight_decay: float = 0.1  # Muon's decoupled weight decay
+    momentum: float = 0.95  # Muon's momentum
+    nesterov: bool = True  # Nesterov momentum for Muon
+    adjust_lr_fn: str = "match_rms_adamw"  # Muon's per-matrix lr scale: match_rms_adamw | original
+    ns_steps: int = 5  # Newton-Schulz iterations per Muon update
     # Muon momentum warmup: linear from momentum_warmup_start to momentum over these steps (0 = off)
     momentum_warmup_steps: int = 0
-    momentum_warmup_start: float = 0.85
+    momentum_warmup_start: float = 0.85  # Muon's momentum at the start of its warmup
     # AdamW (embeddings, lm_head, norms, 1-D params; everything when name="adamw")
-    adamw_lr: float = 1.2e-2
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    adamw_weight_decay: float = 0.1
-    embed_weight_decay: bool = False
+    adamw_lr: float = 1.2e-2  # AdamW's peak learning rate
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW's betas
+    eps: float = 1e-8  # AdamW's epsilon
+    adamw_weight_decay: float = 0.1  # AdamW's weight decay (matrices outside the blocks)
+    embed_weight_decay: bool = False  # decay the embedding too
     adamw_impl: str = "auto"  # auto (torch picks) | fused | foreach | loop
     # Schedule, shared by every optimizer, each from its own base lr
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
-    warmup_steps: int = 30  # ahead of 100 at every evaluation of the recipe search
+    warmup_steps: int = 30  # linear warmup steps (30: ahead of 100 in the recipe search)
     min_lr_ratio: float = 0.1  # floor as a fraction of each optimizer's peak lr
     decay_fraction: float = 0.2  # wsd only: the final fraction of max_steps that decays linearly
 

@@ -256,33 +256,33 @@ class Qwen3Config:
     windows, quantization) are refused by :meth:`from_dict`, never ignored.
     """
 
-    vocab_size: int = 8192
-    hidden_size: int = 128
-    intermediate_size: int = 384
-    num_hidden_layers: int = 3
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    head_dim: int = 32
-    max_position_embeddings: int = 1024
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-6
-    tie_word_embeddings: bool = True
-    attention_bias: bool = False
-    attention_dropout: float = 0.0
-    hidden_act: str = "silu"
-    initializer_range: float = 0.02
-    bos_token_id: int | None = None
-    eos_token_id: int | None = None
-    pad_token_id: int | None = None
+    vocab_size: int = 8192  # embedding rows (the tokenizer's size, padded to a multiple of 64)
+    hidden_size: int = 128  # width of the residual stream
+    intermediate_size: int = 384  # width of each dense SwiGLU MLP
+    num_hidden_layers: int = 3  # decoder blocks
+    num_attention_heads: int = 4  # query heads per block
+    num_key_value_heads: int = 2  # key/value heads (grouped-query attention shares each)
+    head_dim: int = 32  # channels per attention head
+    max_position_embeddings: int = 1024  # longest context the model is built for
+    rope_theta: float = 10000.0  # RoPE base frequency
+    rms_norm_eps: float = 1e-6  # epsilon of every RMSNorm
+    tie_word_embeddings: bool = True  # the LM head shares the embedding's weights
+    attention_bias: bool = False  # biases on the q/k/v/o projections
+    attention_dropout: float = 0.0  # dropout on attention weights, in training mode only
+    hidden_act: str = "silu"  # the MLP's activation (SwiGLU: silu only)
+    initializer_range: float = 0.02  # std of the normal initialisation of weights
+    bos_token_id: int | None = None  # null: taken from the tokenizer
+    eos_token_id: int | None = None  # null: taken from the tokenizer (<|endoftext|>)
+    pad_token_id: int | None = None  # null: taken from the tokenizer
     # Mixture of experts (transformers' Qwen3MoeConfig names); num_experts=0 is the dense model.
     # Layer i is sparse unless i is in mlp_only_layers or (i + 1) % decoder_sparse_step != 0.
-    num_experts: int = 0
-    num_experts_per_tok: int = 2
-    moe_intermediate_size: int = 192
-    norm_topk_prob: bool = True
-    decoder_sparse_step: int = 1
-    mlp_only_layers: list[int] = field(default_factory=list)
-    router_aux_loss_coef: float = 0.001
+    num_experts: int = 0  # experts per sparse MLP; 0 = the dense model
+    num_experts_per_tok: int = 2  # experts each token is routed to
+    moe_intermediate_size: int = 192  # width of each expert's SwiGLU MLP
+    norm_topk_prob: bool = True  # renormalise the chosen experts' router weights to sum to 1
+    decoder_sparse_step: int = 1  # every this-many-th layer is sparse
+    mlp_only_layers: list[int] = field(default_factory=list)  # layer indices kept dense
+    router_aux_loss_coef: float = 0.001  # weight of the load-balancing loss (0 = off)
     # Fields we do not interpret but carry through a Hugging Face config.json untouched.
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 

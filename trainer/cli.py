@@ -1,8 +1,10 @@
-"""The ``train.py`` command line: a Hydra training run, or the ``demo``/``interactive``/``eval``
-subcommands with their ``key=value`` options."""
+"""The ``train.py`` command line: a Hydra training run, ``prepare`` and ``config`` (Hydra
+overrides too), or the ``demo``/``interactive``/``eval`` subcommands with their ``key=value``
+options; :func:`check_command` validates any of them without running it."""
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import sys
 import time
@@ -40,7 +42,19 @@ from trainer.errors import CheckpointError, ConfigError, LaunchError
 from trainer.generation import demo, interactive
 from trainer.run_layout import default_run_name, timestamp_name
 
-SUBCOMMANDS = ("demo", "interactive", "eval")  # key=value options; `prepare` takes Hydra's
+SUBCOMMANDS = ("demo", "interactive", "eval")  # key=value options; `prepare`, `config`: Hydra's
+USAGE = """\
+python train.py [group=option ...] [key=value ...]   train (Hydra overrides; -m for sweeps)
+python train.py resume=latest                        continue the most recent run
+python train.py prepare [overrides]                  build the tokenizer and token cache, then stop
+python train.py config [overrides]                   the resolved config: values, origins, meanings
+python train.py demo [ckpt=DIR] [key=value ...]      samples from the best checkpoint of the newest run
+python train.py interactive [ckpt=DIR]               a prompt loop
+python train.py eval tasks=[hellaswag] [ckpt=DIR] [limit=N] [...]   lm-evaluation-harness tasks
+python train.py [overrides] --cfg job [--resolve]    the composed config as YAML
+"""
+# Hydra's own flags that take a value (``--cfg job``); check_command skips them.
+_HYDRA_VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 QUANTIZE_IN_TRAINING = (
     "quantize is for inference, not training (int8 weights cannot be trained); train in full "
@@ -177,6 +191,13 @@ def main(argv: list[str], start_time: float) -> int:
         return run_subcommand(argv[1], argv[2:])
     if len(argv) > 1 and argv[1] == "prepare":
         return prepare(argv[2:])
+    if len(argv) > 1 and argv[1] == "config":
+        return show_config(argv[2:])
+    if "--help" in argv[1:] or "-h" in argv[1:]:
+        return show_help([a for a in argv[1:] if a not in ("--help", "-h")])
+    shown = _cfg_job(argv[1:])
+    if shown is not None:
+        return shown
     try:
         dist = dist_info()
         unknown = unknown_override(argv[1:])
@@ -218,13 +239,141 @@ def main(argv: list[str], start_time: float) -> int:
     return max(codes, default=0)
 
 
+# ---- composing and checking a command line without running it -----------------------------
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The config Hydra composes for ``train.py OVERRIDES`` (a mistyped key raises
+    :class:`ConfigError` naming the closest ones, as a run would say)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    unknown = unknown_override(overrides)
+    if unknown is not None:
+        raise ConfigError(unknown)
+    register_resolvers()
+    register_config_nodes()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose("config", overrides=overrides)
+    except HydraException as e:
+        raise ConfigError(str(e)) from None
+
+
+def _sweep_expanded(overrides: list[str]) -> list[list[str]]:
+    """Each job of a ``-m`` sweep as plain overrides (``optim.lr=1e-3,3e-3`` -> two lists)."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as e:
+        raise ConfigError(str(e)) from None
+    choices = [
+        [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
+        if o.is_sweep_override()
+        else [o.input_line or o.key_or_group]
+        for o in parsed
+    ]
+    return [list(job) for job in itertools.product(*choices)]
+
+
+def check_command(args: list[str]) -> None:
+    """Validate the command line ``train.py ARGS`` as the real command would, without running
+    it: Hydra composes the config and every section is typed and checked (a sweep's every job),
+    or a subcommand's options are parsed. Raises :class:`ConfigError` with the message the
+    command would print."""
+    if args and args[0] in SUBCOMMANDS:
+        if args[0] == "eval":
+            parse_eval_options(args[1:])
+        else:
+            parse_options(args[0], args[1:])
+        return
+    words = args[1:] if args and args[0] in ("prepare", "config") else args
+    overrides: list[str] = []
+    skip = False
+    for word in words:
+        if skip:
+            skip = False
+        elif word.startswith("-"):  # Hydra's flags: -m, --cfg job, --resolve ...
+            skip = word in _HYDRA_VALUE_FLAGS
+        else:
+            overrides.append(word)
+    for job in _sweep_expanded(overrides):
+        build_run_config(to_container(compose_config(job)))
+
+
+def _hydra_flags(args: list[str]) -> tuple[list[str], dict[str, str | None]]:
+    """``args`` split into overrides and the Hydra flags among them (``--cfg`` -> ``job``)."""
+    overrides: list[str] = []
+    flags: dict[str, str | None] = {}
+    words = iter(args)
+    for word in words:
+        if word in _HYDRA_VALUE_FLAGS:
+            flags[word] = next(words, None)
+        elif word.startswith("-"):
+            flags[word] = None
+        else:
+            overrides.append(word)
+    return overrides, flags
+
+
+def _cfg_job(args: list[str]) -> int | None:
+    """``--cfg job`` (or ``all``) without ``--package`` or a sweep: print the composed config
+    with the model section's real values (Hydra's own printout shows null for every key the
+    preset sets); None for any other command line, which Hydra handles."""
+    overrides, flags = _hydra_flags(args)
+    kind = flags.get("--cfg", flags.get("-c"))
+    hydra_only = {"--package", "-p", "-m", "--multirun", "--config-path", "-cp", "--config-name"}
+    if kind not in ("job", "all") or hydra_only & set(flags):
+        return None
+    from trainer.config_view import render_job
+
+    try:
+        cfg = compose_config(overrides)
+        text = render_job(cfg, resolved="--resolve" in flags)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if kind == "all":  # Hydra's own node, as Hydra prints it, after the job's
+        from hydra import compose, initialize_config_dir
+
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            full = compose("config", overrides=overrides, return_hydra_config=True)
+        text += OmegaConf.to_yaml({"hydra": OmegaConf.to_container(full.hydra, resolve=False)})
+    print(text, end="")
+    return 0
+
+
+def show_config(overrides: list[str]) -> int:
+    """``train.py config [overrides]``: the resolved config, where each value came from and
+    what each key means."""
+    from trainer.config_view import render_config
+
+    try:
+        print(render_config(overrides, compose_config(overrides)))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def show_help(overrides: list[str]) -> int:
+    """``train.py --help``: the commands, the config groups and every key (with overrides
+    applied) with its value, origin and description."""
+    groups = {
+        d.name: ", ".join(sorted(p.stem for p in d.glob("*.yaml")))
+        for d in sorted(CONF_DIR.iterdir())
+        if d.is_dir()
+    }
+    print(USAGE)
+    print("Config groups (group=option):")
+    for name, options in groups.items():
+        print(f"  {name}: {options}")
+    print("\nEvery key below is an override (key=value); [from] says where its value comes from.")
+    print("Hydra's flags: -m/--multirun, --cfg job|hydra|all, --resolve, --hydra-help.\n")
+    return show_config(overrides)
+
+
 # ---- prepare ------------------------------------------------------------------------------
 def prepare(overrides: list[str]) -> int:
     """``train.py prepare [overrides]``: build the tokenizer and token cache exactly as a
     training run with the same overrides would, report them, and stop."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-
     if dist_info().is_distributed:
         print(
             "error: train.py prepare runs in one process: run it without torchrun, then start "
@@ -232,16 +381,9 @@ def prepare(overrides: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    unknown = unknown_override(overrides)
     try:
-        if unknown is not None:
-            raise ConfigError(unknown)
-        register_resolvers()
-        register_config_nodes()
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            composed = compose("config", overrides=overrides)
-        run_cfg = build_run_config(to_container(composed))
-    except (ConfigError, HydraException) as e:
+        run_cfg = build_run_config(to_container(compose_config(overrides)))
+    except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     return _prepare_and_report(run_cfg)

@@ -131,23 +131,23 @@ class TrainConfig:
     process; ``batch_size`` is what one forward pass holds in memory.
     """
 
-    max_steps: int = DEFAULT_MAX_STEPS  # null in the YAML: this, or what a token budget sets
+    max_steps: int = DEFAULT_MAX_STEPS  # optimizer steps (null in YAML: 400, or a token budget)
     max_tokens: int | None = None  # train for this many tokens (sets max_steps; trainer/budget.py)
     tokens_per_param: float | None = None  # or this many per model parameter (20: Chinchilla)
-    batch_size: int = 16
-    grad_accum: int = 1
-    seq_len: int = 256
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    batch_size: int = 16  # sequences per forward pass, per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seq_len: int = 256  # tokens per training window
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA that has it
     clip: float = 1.0  # global gradient-norm clip; 0 turns clipping off
-    eval_every: int = 140
-    eval_batches: int = 16
-    log_every: int = 10
-    save_every: int = 280
-    keep_last: int = 2
+    eval_every: int = 140  # steps between evaluations; 0 = only at the end
+    eval_batches: int = 16  # validation batches per evaluation
+    log_every: int = 10  # steps between metrics rows (and progress lines in a log file)
+    save_every: int = 280  # steps between checkpoints; 0 = only at the end (and at best evals)
+    keep_last: int = 2  # step directories kept besides the best one
     async_save: bool = False  # write the training state in the background (trainer/train_state.py)
-    compile: bool = False
+    compile: bool = False  # torch.compile each decoder block
     tf32: bool = True  # on CUDA, float32 matmuls in TF32 (set_float32_matmul_precision("high"))
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     peak_flops: float | None = None  # FLOP/s of one device (MFU); None: measured with a matmul
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     num_threads: int | None = None  # CPU threads for torch; None: torch's default
@@ -238,9 +238,10 @@ class SampleConfig(Sampling):
     key_prefix: ClassVar[str] = "sample."
     not_keys: ClassVar[tuple[str, ...]] = ("stop_ids", "seed")
 
-    max_new_tokens: int = 120
+    max_new_tokens: int = 120  # tokens generated per prompt after training; 0 = no samples
     temperature: float = 0.8
     top_k: int | None = 50
+    # the prompts of the samples after training (and of demo)
     prompts: list[str] = field(default_factory=lambda: ["ROMEO:", "JULIET:\n", "First Citizen:\n"])
 
 
@@ -249,9 +250,9 @@ class WandbConfig:
     """Weights & Biases logging. ``auto``: online when logged in, offline otherwise."""
 
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
-    project: str = "qwen3-pretrain"
-    entity: str | None = None
-    tags: list[str] = field(default_factory=list)
+    project: str = "qwen3-pretrain"  # the wandb project
+    entity: str | None = None  # the wandb team or user; null: your default
+    tags: list[str] = field(default_factory=list)  # wandb tags of the run
 
     def __post_init__(self) -> None:
         if self.mode not in WANDB_MODES:

@@ -27,6 +27,7 @@ from trainer.distributed import DistInfo, any_rank, background_group, barrier
 from trainer.evaluation import evaluate_sources
 from trainer.metrics import MetricsLog, PlotWriter, WandbLogger, mfu
 from trainer.prefetch import BatchPrefetcher
+from trainer.progress import Progress
 from trainer.run_layout import BEST, LATEST, TRAIN_STATE_DIR, prune_checkpoints, set_pointer
 from trainer.step import train_step
 from trainer.stop import StopRequest
@@ -280,7 +281,7 @@ class Trainer:
                 "then resume=PATH from a checkpoint before the divergence."
             )
 
-    def _log_eval_save(self, stopping: bool, outcome: Outcome, bar: tqdm) -> None:
+    def _log_eval_save(self, stopping: bool, outcome: Outcome, bar: Progress) -> None:
         """After a step: write a metrics row, evaluate, save, as the cadences say."""
         t = self.cfg.trainer
         last = self.step == t.max_steps
@@ -288,11 +289,7 @@ class Trainer:
         if not (do_eval or stopping or self.step % t.log_every == 0):
             return
         row = self._record()
-        bar.set_postfix(
-            loss=f"{row['train_loss']:.3f}",
-            ppl=f"{math.exp(min(row['train_loss'], 50)):.1f}",
-            tok_s=f"{row['tokens_per_s']:,.0f}",
-        )
+        bar.log(row)
         improved = False
         if do_eval:
             ev = self.evaluate()
@@ -319,14 +316,7 @@ class Trainer:
         t = self.cfg.trainer
         outcome = Outcome(step=self.step, stopped_by=None)
         start_step = self.step
-        bar = tqdm(
-            total=t.max_steps,
-            initial=self.step,
-            desc="train",
-            unit="step",
-            disable=None if self.dist.is_main else True,
-            dynamic_ncols=True,
-        )
+        bar = Progress(t.max_steps, self.step, self.dist.is_main, self.parts.device)
         stopping = False
         with StopRequest() as stop:
             try:
