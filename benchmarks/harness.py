@@ -192,7 +192,7 @@ def machine_line(device: torch.device) -> str:
 
 
 def print_table(headers: list[str], rows: list[list[Any]]) -> None:
-    """A Markdown table, ready to paste into the README."""
+    """A Markdown table, ready to paste into benchmarks/results/ or docs/performance.md."""
     cells = [[str(c) for c in row] for row in [headers, *rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     for i, row in enumerate(cells):

