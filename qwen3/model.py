@@ -12,6 +12,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from qwen3.cache import KVCache
 from qwen3.checkpointing import MODES, ActivationCheckpointing
 from qwen3.config import Qwen3Config
+from qwen3.device import compute_dtype
 from qwen3.layers import DecoderLayer, RMSNorm, RotaryEmbedding
 from qwen3.loss import linear_cross_entropy, linear_cross_entropy_stats
 from qwen3.projections import inference_linear
@@ -37,7 +38,10 @@ class Qwen3Backbone(nn.Module):
         cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,  # (B, T), 1 = real token, 0 = padding
     ) -> torch.Tensor:
+        # Under autocast the residual stream is in the compute dtype, as under FSDP's bf16
+        # parameters: every block then takes and returns that dtype (one numerics for both).
         x = self.embed_tokens(input_ids)  # (B, T, C)
+        x = x.to(compute_dtype(x))
         t = input_ids.shape[1]
         mask = None
         if cache is None:
