@@ -1,4 +1,4 @@
-"""Choosing the device to run on."""
+"""Choosing the device to run on, and the dtype computations run in there."""
 
 from __future__ import annotations
 
@@ -22,3 +22,11 @@ def pick_device(pref: str = "auto") -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype ``t``'s device computes matmuls in now: autocast's when it is on there, else
+    ``t``'s own."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.get_autocast_dtype(t.device.type)
+    return t.dtype

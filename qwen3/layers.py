@@ -14,7 +14,8 @@ from torch import nn
 from qwen3.cache import KVCache
 from qwen3.checkpointing import ActivationCheckpointing, run_block
 from qwen3.config import Qwen3Config
-from qwen3.projections import _derived, inference_linear, stacked_linear
+from qwen3.device import compute_dtype
+from qwen3.projections import _derived, inference_linear, inference_mode, stacked_linear
 
 # How many positions of cos/sin to precompute; longer sequences extend the table on demand.
 _ROPE_PRECOMPUTE = 4096
@@ -26,7 +27,7 @@ def rms_norm_f32(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> to
     x, times the weight): on CPU torch runs the function as a composite of about a dozen calls
     (dtype casts, ``mean``, a division by a Python number), which costs the per-token decode
     path more than the arithmetic does (measured in benchmarks/results/generate.md)."""
-    if not torch.is_inference_mode_enabled() or torch.compiler.is_compiling():
+    if not inference_mode():
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     scale = (x * x).sum(dim=-1, keepdim=True)
     scale.div_(_float_tensor(x.shape[-1], x.device)).add_(eps).rsqrt_()
@@ -47,7 +48,11 @@ def _float_tensor(value: int, device: torch.device) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in float32 and cast back, then scaled (as in transformers)."""
+    """Root-mean-square norm computed in float32 and cast back, then scaled (as in transformers).
+
+    The output has the input's dtype: the weight is cast to it first (a float32 weight times a
+    bf16 input would promote to float32, and q/k would reach attention in float32 under
+    autocast). With a weight of the input's dtype this is transformers' product exactly."""
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -59,7 +64,7 @@ class RMSNorm(nn.Module):
             # Same products in the same order as below, one call instead of four.
             return rms_norm_f32(x, self.weight, self.eps)
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(x.dtype)
+        return self.weight.to(x.dtype) * normed.to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -170,11 +175,8 @@ class Attention(nn.Module):
     def _qk_norm(self, qk: torch.Tensor) -> torch.Tensor:
         """``q_norm`` on the first H heads and ``k_norm`` on the last K of (B, T, H + K, D): one
         normalisation, then one product with the two weights stacked per head. Same products in
-        the same order as the two modules (their float32 path), in half the kernels."""
+        the same order as the two modules, in half the kernels."""
         qn, kn = self.q_norm, self.k_norm
-        if not (qk.dtype == torch.float32 and qn.weight.dtype == torch.float32):
-            h = self.n_heads
-            return torch.cat((qn(qk[:, :, :h]), kn(qk[:, :, h:])), dim=2)
 
         def build() -> tuple[torch.Tensor | None, ...]:  # (H + K, D)
             d = self.head_dim
@@ -182,7 +184,31 @@ class Attention(nn.Module):
 
         (weight,) = _derived(self, "_qk_weight", [qn.weight, kn.weight], build)
         assert weight is not None
-        return rms_norm_f32(qk, None, qn.eps) * weight
+        if qk.dtype == torch.float32 and weight.dtype == torch.float32:
+            return rms_norm_f32(qk, None, qn.eps) * weight
+        normed = F.rms_norm(qk.float(), (qk.shape[-1],), eps=qn.eps).to(qk.dtype)
+        return weight.to(qk.dtype) * normed  # RMSNorm's low-precision path (dtype kept)
+
+    def _project(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v as (B, H|K|K, T, D), q and k normed and rotated."""
+        b, t, _ = x.shape
+        h, kv, d = self.n_heads, self.n_kv, self.head_dim
+        # One matmul for q, k and v where the stack is small (stacked weights; the parameters
+        # stay separate, so names, Muon's per-matrix updates and the HF layout are untouched).
+        # q and k are adjacent in its output, so their per-head norm and RoPE run once over that
+        # (B, T, H + K, D) view.
+        qkv = stacked_linear(self, x, (self.q_proj, self.k_proj, self.v_proj))
+        if qkv is not None:
+            qk = apply_rope(self._qk_norm(qkv[..., : (h + kv) * d].view(b, t, h + kv, d)), cos, sin)
+            q, k = qk[:, :, :h], qk[:, :, h:]
+            v = qkv[..., (h + kv) * d :].view(b, t, kv, d)
+        else:  # three matmuls, each output used where it is (never concatenated)
+            q = apply_rope(self.q_norm(self.q_proj(x).view(b, t, h, d)), cos, sin)
+            k = apply_rope(self.k_norm(self.k_proj(x).view(b, t, kv, d)), cos, sin)
+            v = self.v_proj(x).view(b, t, kv, d)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(
         self,
@@ -194,17 +220,12 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         b, t, _ = x.shape
         h, kv, d = self.n_heads, self.n_kv, self.head_dim
-        # One matmul for q, k and v (stacked weights; the parameters stay separate, so names,
-        # Muon's per-matrix updates and the HF layout are untouched). q and k are adjacent in its
-        # output, so their per-head norm and RoPE run once over that (B, T, H + K, D) view.
-        qkv = stacked_linear(self, x, (self.q_proj, self.k_proj, self.v_proj))
-        qk = apply_rope(self._qk_norm(qkv[..., : (h + kv) * d].view(b, t, h + kv, d)), cos, sin)
-        q, k = qk[:, :, :h].transpose(1, 2), qk[:, :, h:].transpose(1, 2)  # (B, H|K, T, D)
-        v = qkv[..., (h + kv) * d :].view(b, t, kv, d).transpose(1, 2)
+        q, k, v = self._project(x, cos, sin)  # (B, H|K, T, D)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
         p = self.dropout if self.training else 0.0
-        gqa = h == kv or sdpa_native_gqa(q.device.type, q.dtype, mask is not None, d)
+        # The dtype SDPA computes in (autocast's, if on), not whatever q arrived in.
+        gqa = h == kv or sdpa_native_gqa(q.device.type, compute_dtype(q), mask is not None, d)
         if not gqa:  # a kernel that ignores enable_gqa would run: give it equal head counts
             k, v = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)
         if mask is None:
@@ -218,7 +239,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa
             )
-        out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
+        out = out.transpose(1, 2).reshape(b, t, h * d)
         return inference_linear(out, self.o_proj)
 
 
@@ -234,7 +255,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(f, c, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = stacked_linear(self, x, (self.gate_proj, self.up_proj)).chunk(2, dim=-1)
+        gate_up = stacked_linear(self, x, (self.gate_proj, self.up_proj))
+        if gate_up is None:  # two matmuls, their outputs used where they are
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

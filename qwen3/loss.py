@@ -11,23 +11,110 @@ gradients by the incoming one. torch has no fused linear + cross-entropy op, hen
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from qwen3.device import compute_dtype
+
+# The float32 logits of one chunk on CPU: cache-sized (8 MiB; smaller chunks were faster there,
+# benchmarks/results/design-measurements.md).
+_CPU_CHUNK_BYTES = 2**23
+# On an accelerator the chunk matmuls must be tall enough to run at their peak: up to 2 GiB of
+# float32 logits (about 3.3k rows at Qwen's 151,936-word vocabulary), at most 1/32 of the memory.
+_ACCELERATOR_CHUNK_BYTES = 2**31
+
 
 def default_chunk_rows(vocab_size: int, device: torch.device) -> int:
-    """Rows per chunk so that a chunk's (rows, V) float32 logits stay cache-sized on a CPU (8 MiB:
-    smaller chunks were faster there, see benchmarks/results/design-measurements.md) and big
-    enough on an accelerator (256 MiB) that the chunk matmuls stay large."""
-    target = 2**21 if device.type == "cpu" else 2**26
-    return max(64, min(16384, target // vocab_size))
+    """Rows per chunk of the fused loss on ``device`` (:func:`chunk_rows_for`)."""
+    memory = None
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    return chunk_rows_for(vocab_size, device.type, memory)
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(t.device.type):
-        return torch.get_autocast_dtype(t.device.type)
-    return t.dtype
+def chunk_rows_for(vocab_size: int, device_type: str, memory_bytes: int | None = None) -> int:
+    """Rows per chunk so that a chunk's (rows, V) float32 logits stay cache-sized on a CPU and
+    large on an accelerator (``memory_bytes``: its memory, which bounds the budget), where the
+    rows are a multiple of 256 (tensor-core tiles) and at least 1024."""
+    if device_type == "cpu":
+        return max(64, min(16384, _CPU_CHUNK_BYTES // (4 * vocab_size)))
+    budget = _ACCELERATOR_CHUNK_BYTES
+    if memory_bytes is not None:
+        budget = min(budget, memory_bytes // 32)
+    return max(1024, min(32768, budget // (4 * vocab_size)) // 256 * 256)
+
+
+def _chunk_nll_and_probs(
+    h: torch.Tensor,  # (n, C) compute dtype
+    w: torch.Tensor,  # (V, C) compute dtype
+    tgt: torch.Tensor,  # (n, 1) int64, ignored rows already pointing at 0
+    valid: torch.Tensor,  # (n,) bool
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The summed cross-entropy of one chunk's valid rows, and with ``need_grad`` softmax minus
+    one-hot in float32 (n, V): d(sum nll)/d(logits). The memory-bound part of the loss (several
+    passes over (n, V)), which torch.compile fuses; the matmuls around it stay cuBLAS/oneDNN."""
+    logp = torch.log_softmax((h @ w.t()).float(), dim=-1)  # (n, V)
+    nll = (-logp.gather(1, tgt).squeeze(1) * valid).sum()
+    if not need_grad:
+        return nll, None
+    probs = logp.exp_()  # in place: eager keeps one (n, V) buffer, compile fuses either way
+    return nll, probs.scatter_add_(1, tgt, torch.full_like(tgt, -1, dtype=probs.dtype))
+
+
+ChunkFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def compile_chunk(**options: Any) -> ChunkFn:
+    """The loss's chunk step through ``torch.compile`` (one graph; compiled on first use, for
+    the full chunk size and once more for a shorter last chunk). ``options`` go to
+    ``torch.compile``."""
+    options = {"fullgraph": True, "dynamic": False, **options}
+    compiled: ChunkFn = torch.compile(_chunk_nll_and_probs, **options)
+    return compiled
+
+
+@functools.cache
+def _addmm_accumulates_in_fp32(device: torch.device) -> bool:
+    """Whether ``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)`` adds a bf16
+    product into a float32 ``acc`` in place on ``device``: CUDA in recent torch (the
+    ``addmm.dtype_out`` kernel, which older releases lack or restrict to inputs of one dtype).
+    Probed once per device with a tiny product, so torch 2.11 takes the fallback cleanly."""
+    if device.type != "cuda" or not hasattr(torch.ops.aten.addmm, "dtype_out"):
+        return False
+    a = torch.ones(2, 3, device=device, dtype=torch.bfloat16)
+    acc = torch.ones(2, 2, device=device)
+    try:
+        torch.addmm(acc, a, a.t(), out_dtype=torch.float32, out=acc)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return bool((acc == 4).all())
+
+
+def _accumulate_weight_grad(
+    grad_w: torch.Tensor,  # (V, C) float32, added to in place
+    probs: torch.Tensor,  # (n, V) float32: softmax minus one-hot
+    g: torch.Tensor,  # (n, V) the same in the compute dtype
+    hs: torch.Tensor,  # (n, C) float32: the chunk's hidden states times their row scale
+) -> None:
+    """``grad_w += probs.T @ hs`` without a (V, C) temporary. bf16 on CUDA, where the
+    ``out_dtype`` kernel exists: bf16 operands, float32 accumulation in the GEMM's epilogue.
+    Elsewhere a float32 GEMM into the accumulator: on CPU faster than bf16 (emulated there),
+    and fp16 has no room for these operands (h/N and the small probabilities fall below its
+    normal range long before GradScaler's factor reaches them; that factor scales the result in
+    backward)."""
+    cdt = g.dtype
+    if (
+        cdt == torch.bfloat16
+        and not torch.compiler.is_compiling()
+        and _addmm_accumulates_in_fp32(grad_w.device)
+    ):
+        torch.addmm(grad_w, g.t(), hs.to(cdt), out_dtype=torch.float32, out=grad_w)
+    else:
+        grad_w.addmm_(probs.t(), hs)
 
 
 def _loss_and_grads(
@@ -38,9 +125,10 @@ def _loss_and_grads(
     chunk_rows: int,
     need_h: bool,
     need_w: bool,
+    chunk_fn: ChunkFn = _chunk_nll_and_probs,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Mean loss, and d(loss)/d(hidden), d(loss)/d(weight) where asked for, chunk by chunk."""
-    cdt = _compute_dtype(hidden)
+    cdt = compute_dtype(hidden)
     # Autocast would change dtypes between the steps below; every cast here is explicit.
     with torch.autocast(hidden.device.type, enabled=False):
         h_all, w = hidden.to(cdt), weight.to(cdt)
@@ -57,28 +145,18 @@ def _loss_and_grads(
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             h, tgt = h_all[rows], safe_targets[rows, None]  # (n, C), (n, 1)
-            logp = torch.log_softmax((h @ w.t()).float(), dim=-1)  # (n, V)
-            total += (-logp.gather(1, tgt).squeeze(1) * valid[rows]).sum()
-            if not (need_h or need_w):
+            nll, probs = chunk_fn(h, w, tgt, valid[rows], need_h or need_w)
+            total += nll
+            if probs is None:
                 continue
-            # d(mean nll)/d(logits) = (softmax - onehot) * row_scale, built in place.
-            probs = logp.exp_()
-            probs.scatter_add_(1, tgt, torch.full_like(tgt, -1, dtype=probs.dtype))
-            scale = row_scale[rows, None]  # (n, 1), applied on the narrow side of each matmul
+            # d(mean nll)/d(logits) = (softmax - onehot) * row_scale; the scale is applied on the
+            # narrow side of each matmul.
+            scale = row_scale[rows, None]  # (n, 1)
             g = probs.to(cdt)
             if grad_h is not None:
                 grad_h[rows] = ((g @ w).float() * scale).to(hidden.dtype)
             if grad_w is not None:
-                if cdt == torch.float16:
-                    # fp16 has no room for these operands: h/N and the small probabilities fall
-                    # below its normal range long before GradScaler's factor reaches the backward
-                    # pass, so the product is formed in float32 (and scaled by the incoming
-                    # gradient, GradScaler's factor included, in backward).
-                    grad_w.addmm_(probs.t(), h.float() * scale)
-                elif cdt == torch.float32:
-                    grad_w.addmm_(g.t(), h * scale)  # (V, C), accumulated in place
-                else:  # bfloat16 has float32's exponent range
-                    grad_w += g.t() @ (h.float() * scale).to(cdt)
+                _accumulate_weight_grad(grad_w, probs, g, h.float() * scale)
     return total / count, grad_h, grad_w.to(weight.dtype) if grad_w is not None else None
 
 
@@ -99,7 +177,7 @@ def linear_cross_entropy_stats(
     targets = targets.reshape(-1)
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(weight.shape[0], hidden.device)
-    cdt = _compute_dtype(hidden)
+    cdt = compute_dtype(hidden)
     out = torch.empty(hidden.shape[0], 2, dtype=torch.float32, device=hidden.device)
     with torch.autocast(hidden.device.type, enabled=False):
         w = weight.to(cdt)
@@ -121,9 +199,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         targets: torch.Tensor,
         ignore_index: int,
         chunk_rows: int,
+        chunk_fn: ChunkFn,
     ) -> torch.Tensor:
+        need_h, need_w = ctx.needs_input_grad[:2]
         loss, ctx.grad_h, ctx.grad_w = _loss_and_grads(
-            hidden, weight, targets, ignore_index, chunk_rows, *ctx.needs_input_grad[:2]
+            hidden, weight, targets, ignore_index, chunk_rows, need_h, need_w, chunk_fn
         )
         return loss
 
@@ -134,7 +214,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_h = grad_h * grad_out.to(grad_h.dtype)
         if grad_w is not None:
             grad_w = grad_w * grad_out.to(grad_w.dtype)
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -143,11 +223,13 @@ def linear_cross_entropy(
     targets: torch.Tensor,  # (...,) int64
     ignore_index: int = -100,
     chunk_rows: int | None = None,
+    chunk_fn: ChunkFn | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, equal in value and gradient
     to ``F.cross_entropy((hidden @ weight.T).float().flatten(0, -2), targets.flatten(),
     ignore_index=ignore_index)`` but without materialising the full logits or their gradient.
-    ``chunk_rows`` defaults to :func:`default_chunk_rows`."""
+    ``chunk_rows`` defaults to :func:`default_chunk_rows`; ``chunk_fn`` replaces the chunk
+    step, e.g. by its compiled form (:func:`compile_chunk`)."""
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(weight.shape[0], hidden.device)
     if chunk_rows < 1:
@@ -160,6 +242,6 @@ def linear_cross_entropy(
             "pass targets with the same (batch, seq) shape as input_ids."
         )
     loss: torch.Tensor = _LinearCrossEntropy.apply(  # type: ignore[no-untyped-call]
-        hidden, weight, targets, ignore_index, chunk_rows
+        hidden, weight, targets, ignore_index, chunk_rows, chunk_fn or _chunk_nll_and_probs
     )
     return loss

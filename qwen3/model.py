@@ -12,8 +12,9 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from qwen3.cache import KVCache
 from qwen3.checkpointing import MODES, ActivationCheckpointing
 from qwen3.config import Qwen3Config
+from qwen3.device import compute_dtype
 from qwen3.layers import DecoderLayer, RMSNorm, RotaryEmbedding
-from qwen3.loss import linear_cross_entropy, linear_cross_entropy_stats
+from qwen3.loss import ChunkFn, linear_cross_entropy, linear_cross_entropy_stats
 from qwen3.projections import inference_linear
 
 
@@ -37,7 +38,10 @@ class Qwen3Backbone(nn.Module):
         cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,  # (B, T), 1 = real token, 0 = padding
     ) -> torch.Tensor:
+        # Under autocast the residual stream is in the compute dtype, as under FSDP's bf16
+        # parameters: every block then takes and returns that dtype (one numerics for both).
         x = self.embed_tokens(input_ids)  # (B, T, C)
+        x = x.to(compute_dtype(x))
         t = input_ids.shape[1]
         mask = None
         if cache is None:
@@ -74,14 +78,17 @@ class Qwen3(nn.Module):
     Build large presets without memory on the meta device: ``with torch.device("meta"): Qwen3(cfg)``.
 
     Speed: ``model(x, targets=y)`` fuses the LM head with the loss (``qwen3.loss``), so the
-    (B*T, V) logits are never materialised. For training, ``torch.compile(model)`` works as is
-    (``trainer.compile=true``; figures in benchmarks/results/design-measurements.md).
+    (B*T, V) logits are never materialised. For training, ``qwen3.compile.compile_for_training``
+    compiles each decoder block as one graph and the loss's chunk step (``trainer.compile=true``;
+    figures in benchmarks/results/compile.md); ``torch.compile(model)`` also traces it whole.
     """
 
     def __init__(self, config: Qwen3Config) -> None:
         super().__init__()
         self.config = config
         self.model = Qwen3Backbone(config)
+        # The loss's chunk step when compiled (qwen3.compile.compile_for_training), else None.
+        self.loss_chunk: ChunkFn | None = None
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -147,7 +154,9 @@ class Qwen3(nn.Module):
             return linear_cross_entropy_stats(hidden, self.lm_head.weight, targets)
         if targets is not None:
             # Fused head + loss: the (B*T, V) logits and their gradient are never materialised.
-            return linear_cross_entropy(hidden, self.lm_head.weight, targets, ignore_index=-100)
+            return linear_cross_entropy(
+                hidden, self.lm_head.weight, targets, ignore_index=-100, chunk_fn=self.loss_chunk
+            )
         if logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         logits = inference_linear(hidden, self.lm_head)  # (B, T or logits_to_keep, V)

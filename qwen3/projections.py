@@ -1,6 +1,10 @@
 """Projections in fewer, faster calls: q/k/v and gate/up as one matmul against stacked weights,
 transposed weight copies for inference, and the cache that keeps such derived weights on their
-module until a source changes."""
+module until a source changes.
+
+Every inference-only branch asks :func:`inference_mode`, which tests ``is_compiling()`` first:
+Dynamo cannot trace ``torch.is_inference_mode_enabled()``, and one such call in a decoder block
+breaks the compiled training graph in every layer."""
 
 from __future__ import annotations
 
@@ -15,6 +19,13 @@ from torch import nn
 # overhead of the call itself); above it the matmuls dominate, and the stacked copy (kept for
 # backward in training) would only cost memory.
 _STACK_MAX_NUMEL = 2**20
+
+
+def inference_mode() -> bool:
+    """Whether this is eager code under ``torch.inference_mode()`` (generation, the server), the
+    only place where the inference fast paths run; never while Dynamo traces (``is_compiling()``
+    is tested first, so a compiled block never evaluates the call Dynamo cannot trace)."""
+    return not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
 
 
 def _derived(
@@ -33,7 +44,7 @@ def _derived(
     between steps could read the previous one's weights. Inference tensors (no version counter)
     also build afresh. This is the per-token decode path, so the hit case is kept to a few
     attribute reads."""
-    if not torch.is_inference_mode_enabled() or torch.compiler.is_compiling():
+    if not inference_mode():
         return build()
     # The entry holds the sources' storage alive, so no new tensor (another dtype or device after
     # .to(), a state dict loaded with assign=True) can reuse those addresses: an equal
@@ -72,7 +83,7 @@ def inference_linear(x: torch.Tensor, linear: nn.Module) -> torch.Tensor:
     """``linear(x)``; under ``torch.inference_mode()`` against a cached transposed copy of its
     weight (:func:`_transposed`, :func:`_derived`) when that pays: an output at least as wide as
     the input, and at most ``_TRANSPOSE_MAX_NUMEL`` elements (the LM head of a small model)."""
-    if not torch.is_inference_mode_enabled() or type(linear) is not nn.Linear:
+    if not inference_mode() or type(linear) is not nn.Linear:
         return linear(x)  # also int8 (qwen3.quantize): packed weights of their own
     weight = linear.weight
     if weight.numel() > _TRANSPOSE_MAX_NUMEL or weight.shape[0] < weight.shape[1]:
@@ -88,35 +99,36 @@ def inference_linear(x: torch.Tensor, linear: nn.Module) -> torch.Tensor:
 
 def stacked_linear(
     owner: nn.Module, x: torch.Tensor, linears: tuple[nn.Linear, ...]
-) -> torch.Tensor:
-    """``torch.cat([lin(x) for lin in linears], -1)`` as one matmul against the stacked weights.
+) -> torch.Tensor | None:
+    """``torch.cat([lin(x) for lin in linears], -1)`` as one matmul against the stacked weights,
+    or None where stacking does not pay: the caller then runs each projection on its own, and
+    their outputs are never concatenated (that copy would move every output byte twice).
 
     Measured on 2 CPU cores at the tiny shape: one stacked matmul takes half the time of three.
     With gradients the weights are concatenated every call (autograd splits the gradient back);
     without, the stacked copy is cached on ``owner`` (:func:`_derived`), under
     ``torch.inference_mode()`` transposed (:func:`_transposed`). Large stacks are not worth a
-    copy: their projections run one by one.
+    copy (kept for backward, and one FSDP could not free): None. So is an int8 projection
+    (qwen3.quantize), whose packed weights run one kernel each.
     """
-    if not all(isinstance(lin, nn.Linear) for lin in linears):  # int8 (qwen3.quantize): packed
-        return torch.cat([lin(x) for lin in linears], dim=-1)  # weights, one kernel each
+    if not all(isinstance(lin, nn.Linear) for lin in linears):
+        return None
     weights: list[torch.Tensor] = [lin.weight for lin in linears]
     biases: list[torch.Tensor] = []
     if linears[0].bias is not None:  # the layers of one stack agree (config.attention_bias)
         biases = [lin.bias for lin in linears]
 
-    inference = torch.is_inference_mode_enabled()
+    inference = inference_mode()
+    limit = _INFERENCE_STACK_MAX_NUMEL if inference else _STACK_MAX_NUMEL
+    if sum(w.numel() for w in weights) > limit:
+        return None
 
     def build() -> tuple[torch.Tensor | None, ...]:
-        if sum(w.numel() for w in weights) > (
-            _INFERENCE_STACK_MAX_NUMEL if inference else _STACK_MAX_NUMEL
-        ):
-            return None, None
         weight = torch.cat(weights)
         # The copy cached for inference is laid out (in, out): a stack is wider than its input.
         weight = _transposed(weight) if inference else weight
         return weight, torch.cat(biases) if biases else None
 
     weight, bias = _derived(owner, "_stacked", weights + biases, build)
-    if weight is None:
-        return torch.cat([lin(x) for lin in linears], dim=-1)
+    assert weight is not None
     return F.linear(x, weight, bias)

@@ -30,7 +30,8 @@ def test_rmsnorm_matches_its_formula_and_returns_input_dtype() -> None:
     x = torch.randn(3, 5, 16)
     expected = norm.weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
     torch.testing.assert_close(norm(x), expected, rtol=1e-5, atol=1e-6)
-    assert norm(x.bfloat16()).dtype == torch.float32  # weight (f32) * bf16 normed promotes
+    # A float32 weight is cast to the input's dtype, not promoted with it (autocast keeps bf16).
+    assert norm(x.bfloat16()).dtype == torch.bfloat16
     assert norm.to(torch.bfloat16)(x.bfloat16()).dtype == torch.bfloat16
 
 

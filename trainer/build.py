@@ -39,7 +39,9 @@ class RunParts:
     precision: Precision
     data: PreparedData
     model: Qwen3  # the module itself (sharded in place under trainer.fsdp): saved, sampled from
-    forward: nn.Module  # what training calls: ``model``, in DDP and/or torch.compile wrappers
+    forward: (
+        nn.Module
+    )  # what training calls: ``model`` (blocks compiled in place), or its DDP wrapper
     optimizers: OptimizerSet
     sampler: BatchSampler
     token_bytes: torch.Tensor  # (V,) each id's UTF-8 byte length, on ``device``: for val_bpb

@@ -22,7 +22,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from qwen3 import Qwen3
 from qwen3.checkpointing import ActivationCheckpointing
+from qwen3.compile import compile_for_training
 from trainer.errors import LaunchError
 
 T = TypeVar("T")
@@ -205,10 +206,14 @@ def wrap_model(
     (bf16 training) is the dtype FSDP gathers parameters in; gradients are still reduced in
     float32 and the sharded weights stay float32.
 
-    torchtitan's order: activation checkpointing inside each block first, then sharding or
-    replication, then compile, so FSDP's per-block gathers stay outside the recomputed region.
+    torchtitan's order: activation checkpointing inside each block first, then ``compile`` block
+    by block (``qwen3.compile``: one graph per block, the checkpointed region inside it), then
+    sharding or replication, so FSDP's per-block gathers stay outside the recomputed region and
+    the compiled graphs.
     """
     model.set_activation_checkpointing(activation_checkpointing)
+    if compile:
+        compile_for_training(model)
     forward: nn.Module = model
     if fsdp and not dist.is_distributed:
         warnings.warn(
@@ -224,11 +229,7 @@ def wrap_model(
             device_ids=[device.index] if device.type == "cuda" else None,
             forward_sync_buffers=False,  # only RoPE tables, the same on every rank
         )
-    return cast(nn.Module, torch.compile(forward)) if compile else forward
-
-
-def _unwrap_compiled(model: nn.Module) -> nn.Module:
-    return getattr(model, "_orig_mod", model)
+    return forward
 
 
 @contextlib.contextmanager
@@ -242,9 +243,8 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
     model's worth per rank, what sharding exists to avoid), while one reduce-scatter per
     micro-batch leaves each rank 1/world of them. Memory wins over the extra communication
     (measured in benchmarks/results/fsdp-memory.md)."""
-    inner = _unwrap_compiled(model)
-    if not enabled and isinstance(inner, DistributedDataParallel):
-        with inner.no_sync():
+    if not enabled and isinstance(model, DistributedDataParallel):
+        with model.no_sync():
             yield
     else:
         yield
