@@ -7,10 +7,11 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
+from serving.access import BodyLimit, api_key_dependencies
 from serving.completions import router as completions_router
 from serving.engine import GenerationEngine
 from serving.errors import APIError, install_error_handlers
@@ -26,10 +27,22 @@ def create_app(
     max_tokens_cap: int = 1024,
     max_batch_size: int = 32,
     threads: int | None = None,
+    api_key: str | None = None,
+    max_body_bytes: int | None = None,
+    max_queue: int | None = None,
 ) -> FastAPI:
-    """Build the app; the generation worker starts and stops with the app's lifespan."""
+    """Build the app; the generation worker starts and stops with the app's lifespan.
+
+    ``api_key``: every /v1 route wants `Authorization: Bearer KEY` (401 without it);
+    ``max_body_bytes``: larger request bodies get 413; ``max_queue``: requests that would wait
+    beyond this many get 429 with Retry-After. None: no key, no limit.
+    """
     engine = GenerationEngine(
-        served.model, served.tokenizer, max_batch_size=max_batch_size, threads=threads
+        served.model,
+        served.tokenizer,
+        max_batch_size=max_batch_size,
+        threads=threads,
+        max_waiting=max_queue,
     )
 
     @asynccontextmanager
@@ -49,8 +62,14 @@ def create_app(
     app.state.engine = engine
     app.state.max_tokens_cap = max_tokens_cap
     app.state.token_names = TokenNames(served.tokenizer)
+    app.state.api_key = api_key
+    app.state.max_body_bytes = max_body_bytes
     install_error_handlers(app)
-    app.include_router(completions_router)
+    if max_body_bytes is not None:
+        app.add_middleware(BodyLimit, limit=max_body_bytes)
+    guarded = api_key_dependencies(api_key)
+    app.include_router(completions_router, dependencies=guarded)
+    models = APIRouter(dependencies=guarded)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     def card() -> ModelCard:
@@ -73,12 +92,12 @@ def create_app(
         """Liveness plus the engine's queue: requests waiting and rows being decoded."""
         return {"status": "ok", "model": served.name, **request.app.state.engine.load}
 
-    @app.get("/v1/models", response_model=ModelList)
+    @models.get("/v1/models", response_model=ModelList)
     async def list_models() -> ModelList:
         """The one model this server serves, with its size and context length."""
         return ModelList(data=[card()])
 
-    @app.get("/v1/models/{model_id:path}", response_model=ModelCard)
+    @models.get("/v1/models/{model_id:path}", response_model=ModelCard)
     async def get_model(model_id: str) -> ModelCard:
         """Details of the served model; any other id is 404."""
         if model_id != served.name:
@@ -90,4 +109,5 @@ def create_app(
             )
         return card()
 
+    app.include_router(models)
     return app

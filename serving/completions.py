@@ -22,7 +22,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
 from qwen3.tokenizer import Qwen3Tokenizer
-from serving.engine import Choice, GenerationEngine, GenerationRequest
+from serving.engine import Choice, GenerationEngine, GenerationRequest, QueueFull
 from serving.errors import APIError
 from serving.formats import ChatFormat, CompletionFormat, Part
 from serving.logprobs import TokenLogprob
@@ -40,6 +40,9 @@ from serving.text_stream import TextStream
 
 router = APIRouter()
 DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
+# Seconds a client refused for a full queue is told to wait (`Retry-After`): rows free up as
+# requests finish, so a short wait usually finds room; the openai client honours it.
+RETRY_AFTER_S = 1
 
 
 class ClientGone(Exception):
@@ -232,7 +235,16 @@ async def _respond(
     http: Request, req: GenerationRequest, body: SamplingFields, fmt: CompletionFormat
 ) -> Response | BaseModel:
     engine: GenerationEngine = http.app.state.engine
-    engine.submit(req)
+    try:
+        engine.submit(req)
+    except QueueFull:
+        raise APIError(
+            429,
+            f"the server is busy: {engine.max_waiting} requests are already waiting; retry "
+            f"after {RETRY_AFTER_S} s (serve.py --max-queue sets how many may wait)",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        ) from None
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

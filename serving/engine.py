@@ -26,7 +26,14 @@ from serving.batching import DecodeBatch, Row
 from serving.logprobs import Alternatives, TokenLogprob, score_prompts, score_step
 from serving.requests import Choice, GenerationRequest, batch_key
 
-__all__ = ["Choice", "GenerationEngine", "GenerationRequest", "batch_key", "default_threads"]
+__all__ = [
+    "Choice",
+    "GenerationEngine",
+    "GenerationRequest",
+    "QueueFull",
+    "batch_key",
+    "default_threads",
+]
 
 log = logging.getLogger("serving.engine")
 
@@ -41,8 +48,15 @@ def default_threads(device: torch.device) -> int | None:
     return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
+class QueueFull(Exception):
+    """`max_waiting` requests are already waiting for rows; the new one is refused."""
+
+
 class GenerationEngine:
     """Owns the model on one worker thread; `submit` queues a request, `cancel` drops it.
+
+    ``max_waiting``: how many requests may wait for rows at once (None: no limit); `submit`
+    refuses more with QueueFull, so a flood of clients cannot grow the queue without bound.
 
     ``stats``: requests completed and cancelled, tokens generated, and decode steps run (one
     forward over the whole running batch each), since start.
@@ -55,8 +69,10 @@ class GenerationEngine:
         max_batch_size: int = 32,
         eos_ids: Sequence[int] | None = None,
         threads: int | None = None,
+        max_waiting: int | None = None,
     ) -> None:
         self.model = model
+        self.max_waiting = max_waiting
         self.threads = threads if threads is not None else default_threads(model.device)
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -84,8 +100,11 @@ class GenerationEngine:
         self._thread.join(timeout=30)
 
     def submit(self, request: GenerationRequest) -> None:
-        """Queue a request; its events start arriving on `request.events`."""
+        """Queue a request; its events start arriving on `request.events`. QueueFull when
+        `max_waiting` requests are waiting already."""
         with self._wake:
+            if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting")
             self._waiting.append(request)
             self._wake.notify()
 

@@ -22,13 +22,19 @@ class APIError(Exception):
     """An error to send back to the client as an OpenAI error body."""
 
     def __init__(
-        self, status: int, message: str, param: str | None = None, code: str | None = None
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers  # e.g. Retry-After on 429, WWW-Authenticate on 401
 
     def body(self) -> dict[str, Any]:
         """The JSON body OpenAI clients parse (`openai.APIStatusError.message` shows `message`)."""
@@ -36,6 +42,16 @@ class APIError(Exception):
         return {
             "error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}
         }
+
+
+def body_too_large(limit: int, path: str) -> APIError:
+    """The 413 of a body above `--max-body-bytes`."""
+    return APIError(
+        413,
+        f"request body too large for {path}: this server takes at most {limit} bytes "
+        "(serve.py --max-body-bytes)",
+        code="request_too_large",
+    )
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:
@@ -102,7 +118,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -119,4 +135,6 @@ def install_error_handlers(app: FastAPI) -> None:
         err = APIError(
             exc.status_code, message, code="not_found" if exc.status_code == 404 else None
         )
+        if exc.status_code == 413:  # serving.access.BodyLimit, counting the bytes read
+            err = body_too_large(request.app.state.max_body_bytes, request.url.path)
         return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)

@@ -51,6 +51,18 @@ def serving_dtype(
     return None
 
 
+def quantize_device_note(quantize: str | None, device: str, best: torch.device) -> str | None:
+    """What to tell a user whose `--quantize` moves an `auto` device off an accelerator
+    (``best``: the device `auto` picks without it); None when nothing moves."""
+    if not quantize or device != "auto" or best.type == "cpu":
+        return None
+    return (
+        f"note: --quantize {quantize} serves on the CPU (torch's int8 kernels are CPU kernels), "
+        f"not on the {best.type} device this machine has; drop --quantize to serve there "
+        "(bfloat16 on a CUDA GPU), or pass --device cpu to silence this note"
+    )
+
+
 def load_served_model(
     path: Path,
     device: str = "auto",
