@@ -1,25 +1,35 @@
-"""Training throughput: our Qwen3 against transformers' Qwen3ForCausalLM, same weights and batch.
+"""Training throughput: our Qwen3 against transformers' Qwen3ForCausalLM, same weights and batch;
+with --compile, our compiled training step (``trainer.compile=true``) against our eager one.
 
 Forward + backward + optimizer step, the contenders alternating within each round, median
 tokens/s over the rounds, the ratio ours / transformers (both with AdamW), and MFU against
 this machine's float32 (or bf16 with --amp) matmul peak, measured here first.
 
+--compile: the main job's model and batch (tiny, 16 x 256, Muon + AdamW) and the ~100M shape,
+each eager and compiled as the trainer compiles (``qwen3.compile.compile_for_training``: one
+graph per decoder block, plus the loss's chunk step), alternating; the ratio is compiled / eager
+within each round, and the compile time is the first compiled step's extra time over a steady
+one, with an empty Inductor cache (``--warm-cache`` keeps the machine's).
+
     .venv/bin/python benchmarks/bench_train.py                 # tiny, mid, small
     .venv/bin/python benchmarks/bench_train.py --quick         # short smoke run
-    .venv/bin/python benchmarks/bench_train.py --compile       # add torch.compile rows
+    .venv/bin/python benchmarks/bench_train.py --compile       # compiled vs eager: tiny, 100m
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 
 import harness
 import torch
 
 from qwen3 import Qwen3
+from qwen3.compile import compile_for_training
 
-# Batch and sequence length per shape: tokens per step kept CPU-sized.
-SHAPES = {"tiny": (16, 256), "mid": (16, 256), "small": (8, 256)}
+# Batch and sequence length per shape: tokens per step kept CPU-sized (tiny's is the main job's).
+SHAPES = {"tiny": (16, 256), "mid": (16, 256), "small": (8, 256), "100m": (4, 256)}
 
 
 def bench_shape(name: str, args, dtype: torch.dtype, device: torch.device) -> list[list[str]]:
@@ -36,29 +46,15 @@ def bench_shape(name: str, args, dtype: torch.dtype, device: torch.device) -> li
         return m
 
     contenders = {
-        "transformers AdamW": (harness.transformers_twin(base), False, "adamw", False),
-        "ours AdamW": (ours_copy(), True, "adamw", False),
-        "ours Muon+AdamW": (ours_copy(), True, "muon", False),
+        "transformers AdamW": (harness.transformers_twin(base), False, "adamw"),
+        "ours AdamW": (ours_copy(), True, "adamw"),
+        "ours Muon+AdamW": (ours_copy(), True, "muon"),
     }
-    if args.compile:
-        contenders["transformers AdamW compiled"] = (
-            harness.transformers_twin(base),
-            False,
-            "adamw",
-            True,
-        )
-        contenders["ours AdamW compiled"] = (ours_copy(), True, "adamw", True)
     runs = {}
-    for label, (model, is_ours, optim_name, compiled) in contenders.items():
-        if compiled:
-            model = torch.compile(model)
+    for label, (model, is_ours, optim_name) in contenders.items():
         loss_fn = harness.ours_loss if is_ours else harness.transformers_loss
         step = harness.train_stepper(model, loss_fn, batch, optim_name, args.amp)
-        t0 = time.perf_counter()
-        first_loss = step()
-        for _ in range(2 if compiled else 0):
-            step()
-        print(f"  {name} {label}: warm-up {time.perf_counter() - t0:.1f}s, loss {first_loss:.4f}")
+        print(f"  {name} {label}: first loss {step():.4f}")
         runs[label] = harness.timed(step, args.steps, batch_size * seq_len)
     # The peak is measured again in every round, so MFU follows the load on a shared machine.
     runs["peak"] = lambda: harness.matmul_peak_gflops(device, dtype, repeats=2)
@@ -88,16 +84,108 @@ def bench_shape(name: str, args, dtype: torch.dtype, device: torch.device) -> li
     return rows
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (Inductor's compiler runs)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _timed_both(step, steps: int):
+    """A closure running ``steps`` steps; returns (wall seconds, CPU seconds) per step."""
+
+    def run() -> tuple[float, float]:
+        w0, c0 = time.perf_counter(), _cpu_seconds()
+        for _ in range(steps):
+            step()
+        return (time.perf_counter() - w0) / steps, (_cpu_seconds() - c0) / steps
+
+    return run
+
+
+def bench_compile(name: str, args) -> list[str]:
+    """Our Muon + AdamW step on ``name``'s shape, eager against compiled block by block."""
+    batch_size, seq_len = SHAPES[name]
+    cfg = harness.config_for(name)
+    device = torch.device(args.device_resolved)
+    torch.manual_seed(args.seed)
+    eager = Qwen3(cfg).to(device).train()
+    compiled = Qwen3(cfg).to(device).train()
+    compiled.load_state_dict(eager.state_dict())
+    compile_for_training(compiled)
+    batch = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1), device=device)
+    steps = {
+        label: harness.train_stepper(model, harness.ours_loss, batch, "muon", args.amp)
+        for label, model in (("eager", eager), ("compiled", compiled))
+    }
+    firsts = {}
+    for label, step in steps.items():  # the compiled side compiles in its first step
+        firsts[label] = _timed_both(step, 1)()
+        print(f"  {name} {label}: first step {firsts[label][0]:.1f}s wall")
+    results = harness.alternate(
+        {label: _timed_both(step, args.steps) for label, step in steps.items()}, args.rounds
+    )
+    tokens = batch_size * seq_len
+    eager_s = harness.median([w for w, _ in results["eager"]])
+    compiled_s = harness.median([w for w, _ in results["compiled"]])
+    pairs = list(zip(results["eager"], results["compiled"], strict=True))
+    wall_ratio, cpu_ratio = (harness.median([e[i] / c[i] for e, c in pairs]) for i in (0, 1))
+    compile_wall = firsts["compiled"][0] - compiled_s
+    compile_cpu = firsts["compiled"][1] - harness.median([c for _, c in results["compiled"]])
+    saved = eager_s - compiled_s
+    break_even = f"{compile_wall / saved:,.0f}" if saved > 0 else "never"
+    return [
+        name,
+        f"{eager.num_params() / 1e6:.1f}M",
+        f"{batch_size}x{seq_len}",
+        f"{tokens / eager_s:,.0f}",
+        f"{tokens / compiled_s:,.0f}",
+        f"{wall_ratio:.2f}",
+        f"{cpu_ratio:.2f}",
+        f"{compile_wall:.0f}s ({compile_cpu:.0f}s CPU)",
+        break_even,
+    ]
+
+
+def main_compile(args) -> None:
+    if not args.warm_cache:  # what a first run on a machine pays
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-bench-")
+    rows = [bench_compile(name, args) for name in args.shapes.split(",")]
+    cache = "the machine's Inductor cache" if args.warm_cache else "an empty Inductor cache"
+    print(
+        f"\n{args.rounds} alternating rounds x {args.steps} steps of Muon + AdamW, median wall "
+        "tokens/s; ratio = median over rounds of compiled / eager speed in the same round (by "
+        "wall time, and by the process's CPU time, steadier on a shared machine); compile = "
+        f"first compiled step minus a steady one, with {cache}; break-even = steps until the "
+        "compiled run has caught up (wall)"
+    )
+    headers = ["shape", "params", "batch", "eager tok/s", "compiled tok/s", "ratio (wall)"]
+    harness.print_table([*headers, "ratio (CPU)", "compile", "break-even steps"], rows)
+
+
 def main() -> None:
     parser = harness.common_args(__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="tiny,mid,small", help="comma list: tiny, mid, small")
+    parser.add_argument(
+        "--shapes",
+        default=None,
+        help="comma list of tiny, mid, small, 100m (default: "
+        "tiny,mid,small; with --compile tiny,100m)",
+    )
     parser.add_argument("--steps", type=int, default=None, help="steps per side per round")
-    parser.add_argument("--compile", action="store_true", help="add torch.compile rows")
+    parser.add_argument(
+        "--compile", action="store_true", help="compiled against eager (trainer.compile=true)"
+    )
+    parser.add_argument("--warm-cache", action="store_true", help="keep the Inductor cache")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (GPUs)")
     args = parser.parse_args()
     args.rounds = args.rounds or (2 if args.quick else 5)
     args.steps = args.steps or (1 if args.quick else 2)
+    args.shapes = args.shapes or ("tiny,100m" if args.compile else "tiny,mid,small")
     device = harness.setup(args.device, args.threads)
+    args.device_resolved = str(device)
+    if args.compile:
+        print(f"machine: {harness.machine_line(device)}")
+        main_compile(args)
+        return
     dtype = torch.bfloat16 if args.amp else torch.float32
     print(f"machine: {harness.machine_line(device)}")
     print(f"{dtype} matmul peak now: {harness.matmul_peak_gflops(device, dtype):,.0f} GFLOP/s")

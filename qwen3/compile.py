@@ -5,8 +5,10 @@ Blocks are compiled one by one (torchtitan's scheme), not the model whole: every
 same block code, so one compiled graph (and its backward) serves them all and compile time does
 not grow with depth; the embedding, the loss loop and FSDP/DDP stay eager around them. Call
 :func:`compile_for_training` after :meth:`Qwen3.set_activation_checkpointing` (the checkpointed
-region is then inside each block's graph) and before FSDP/DDP wrapping. ``nn.Module.compile``
-compiles in place, so parameter names stay Hugging Face's (no ``_orig_mod.``).
+region is then inside each block's graph) and before FSDP/DDP wrapping. The compiled function
+is kept on its layer (``DecoderLayer.compiled_block``), so parameter names stay Hugging Face's
+(no ``_orig_mod.``), FSDP's hooks run around it, and only the training forward runs it:
+evaluation (no gradients) and generation (a KV cache) stay eager instead of compiling more graphs.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 import torch
 
+from qwen3.layers import DecoderLayer
 from qwen3.loss import compile_chunk
 from qwen3.model import Qwen3
 
@@ -26,7 +29,8 @@ def compile_for_training(model: Qwen3, **options: Any) -> None:
     ``options`` go to ``torch.compile`` (``backend``, ``mode`` ...). Compilation itself happens
     on the first forward."""
     for layer in model.model.layers:
-        layer.compile(fullgraph=True, **options)
+        assert isinstance(layer, DecoderLayer)
+        layer.compiled_block = torch.compile(layer.checkpointed_block, fullgraph=True, **options)
     model.loss_chunk = compile_chunk(**options)
 
 

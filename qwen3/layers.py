@@ -7,6 +7,8 @@ tokens, H query heads, K key/value heads, D head_dim, C hidden size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -281,6 +283,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # Set by Qwen3.set_activation_checkpointing (a training choice, not part of the config).
         self.activation_checkpointing: ActivationCheckpointing = "none"
+        # Set by qwen3.compile.compile_for_training: checkpointed_block compiled, which the
+        # training forward (gradients on, no cache, no mask) runs instead; evaluation and
+        # generation stay eager (a decode step's growing cache would recompile every token).
+        self.compiled_block: Callable[..., torch.Tensor] | None = None
 
     def forward(
         self,
@@ -290,6 +296,24 @@ class DecoderLayer(nn.Module):
         cache: KVCache | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if (
+            self.compiled_block is not None
+            and cache is None
+            and mask is None
+            and torch.is_grad_enabled()
+        ):
+            return self.compiled_block(x, cos, sin, None, None)
+        return self.checkpointed_block(x, cos, sin, cache, mask)
+
+    def checkpointed_block(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The block under its activation checkpointing (what compile traces as one graph)."""
         return run_block(self._block, self.activation_checkpointing, x, cos, sin, cache, mask)
 
     def _block(

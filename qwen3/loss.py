@@ -131,7 +131,9 @@ def _loss_and_grads(
     cdt = compute_dtype(hidden)
     # Autocast would change dtypes between the steps below; every cast here is explicit.
     with torch.autocast(hidden.device.type, enabled=False):
-        h_all, w = hidden.to(cdt), weight.to(cdt)
+        # Detached: gradients are formed here by hand (and a compiled step then sees the same
+        # plain tensors in training and evaluation).
+        h_all, w = hidden.detach().to(cdt), weight.detach().to(cdt)
         valid = targets != ignore_index  # (N,)
         count = valid.sum()
         # Mean over real targets; all-ignored gives 0/0 = nan like F.cross_entropy, zero grads.
@@ -142,10 +144,12 @@ def _loss_and_grads(
         grad_w = (
             torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         )
+        # A compiled step serves training; a forward without gradients is not worth a compile.
+        step = chunk_fn if need_h or need_w else _chunk_nll_and_probs
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             h, tgt = h_all[rows], safe_targets[rows, None]  # (n, C), (n, 1)
-            nll, probs = chunk_fn(h, w, tgt, valid[rows], need_h or need_w)
+            nll, probs = step(h, w, tgt, valid[rows], need_h or need_w)
             total += nll
             if probs is None:
                 continue

@@ -16,7 +16,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch.overrides import TorchFunctionMode
 
 import qwen3.projections
-from qwen3 import Qwen3, Qwen3Config
+from qwen3 import Qwen3, Qwen3Config, Sampling, generate
 from qwen3.compile import compile_for_training, graph_breaks
 
 CFG = Qwen3Config(
@@ -100,6 +100,12 @@ def test_one_compiled_graph_serves_every_block() -> None:
         model(x, targets=y).backward()
     # one frame for the block (shared by all 3 layers), one for the loss's chunk step
     assert counter.frame_count == 2
+    with torch.no_grad():  # evaluation and generation run eagerly: nothing more compiles
+        model(x, targets=y)
+        model(x, targets=y, token_stats=True)
+    generate(model.eval(), x[:, :4].tolist(), Sampling(max_new_tokens=3, temperature=0.0))
+    assert counter.frame_count == 2
+    model.train()
     assert "model.layers.0.self_attn.q_proj.weight" in model.state_dict()  # HF names kept
     (2 * ref(x, targets=y)).backward()
     for (name, a), b in zip(model.named_parameters(), ref.parameters(), strict=True):
@@ -112,7 +118,7 @@ import json, sys
 import torch
 import torch.distributed as dist
 from torch._dynamo.testing import CompileCounterWithBackend
-from qwen3 import Qwen3, Qwen3Config
+from qwen3 import Qwen3, Qwen3Config, Sampling, generate
 from qwen3.compile import compile_for_training
 from trainer.distributed import shard_model
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from qwen3 import Qwen3, Qwen3Config
-from qwen3.loss import linear_cross_entropy
+from qwen3.loss import chunk_rows_for, compile_chunk, linear_cross_entropy
 
 
 def _reference(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -111,3 +114,62 @@ def test_frozen_head_gets_no_gradient_and_hidden_gradient_still_matches() -> Non
     linear_cross_entropy(h_got, w, y, chunk_rows=4).backward()
     torch.testing.assert_close(h_got.grad, h_ref.grad, rtol=1e-5, atol=1e-6)
     assert w.grad is None
+
+
+def test_chunk_rows_on_an_accelerator_are_thousands_and_tile_aligned() -> None:
+    gib = 2**30
+    rows = chunk_rows_for(151936, "cuda", 80 * gib)  # qwen3-0.6b's vocabulary on an H100
+    assert 2048 <= rows <= 4096 and rows % 256 == 0
+    smaller = chunk_rows_for(151936, "cuda", 16 * gib)  # a smaller GPU: smaller chunks, tall still
+    assert 1024 <= smaller < rows
+    assert chunk_rows_for(8192, "cuda", 80 * gib) == 32768  # ceiling for small vocabularies
+    assert chunk_rows_for(8192, "cpu") == 256  # the CPU's cache-sized chunks are unchanged
+
+
+class _Allocations(TorchDispatchMode):
+    """Counts the ops whose output is shaped like the head weight (V, C) and is new memory (not
+    a view of, or written into, one of their inputs)."""
+
+    def __init__(self, shape: torch.Size) -> None:
+        super().__init__()
+        self.shape, self.count = shape, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [*args, *(kwargs or {}).values()]
+        given = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(t, torch.Tensor) and t.shape == self.shape:
+                self.count += t.untyped_storage().data_ptr() not in given
+        return out
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_weight_gradient_accumulates_without_a_temporary_per_chunk(precision: str) -> None:
+    """The (V, C) tensors the loss allocates do not grow with the number of chunks: each chunk's
+    product is added into the float32 accumulator in place (no ``grad_w += g.T @ h``)."""
+    torch.manual_seed(6)
+    h, w, y = torch.randn(64, 16), torch.randn(97, 16), torch.randint(0, 97, (64,))
+    counts = []
+    for chunk_rows in (32, 8):  # 2 and 8 chunks
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        ctx = torch.autocast("cpu", torch.bfloat16) if precision == "bf16" else nullcontext()
+        with _Allocations(w.shape) as seen, ctx:
+            linear_cross_entropy(hh, ww, y, chunk_rows=chunk_rows)
+        counts.append(seen.count)
+    assert counts[0] == counts[1], counts
+
+
+@pytest.mark.slow  # compiles the chunk step (~20 s on 2 CPU cores)
+def test_compiled_chunk_step_equals_the_unchunked_loss() -> None:
+    torch.manual_seed(7)
+    h, w = torch.randn(2, 24, 16), torch.randn(97, 16)
+    y = torch.randint(0, 97, (2, 24))
+    y[1, :6] = -100
+    ref = _value_and_grads(_reference, h, w, y)
+    step = compile_chunk()
+    got = _value_and_grads(
+        lambda a, b, c: linear_cross_entropy(a, b, c, chunk_rows=20, chunk_fn=step), h, w, y
+    )  # 48 rows: two full chunks and a shorter last one
+    for r, g in zip(ref, got, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)

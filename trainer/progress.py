@@ -35,11 +35,11 @@ def duration(seconds: float) -> str:
 
 def facts(row: dict[str, Any], device: torch.device | None = None) -> list[str]:
     """The figures of a metrics row worth watching, each as ``name value``."""
-    out = [f"loss {row['train_loss']:.3g}"]
+    out = [f"loss {row['train_loss']:.2f}"]
     if row.get("lr") is not None:
         out.append(f"lr {_short_float(row['lr'])}")
     if row.get("grad_norm") is not None:
-        out.append(f"grad {row['grad_norm']:.3g}")
+        out.append(f"grad {row['grad_norm']:.2g}")
     out.append(f"{row.get('tokens_per_s', 0.0):,.0f} tok/s")
     mfu = 100 * float(row.get("mfu") or 0.0)
     out.append(f"MFU {mfu:.0f}%" if mfu >= 10 else f"MFU {mfu:.1f}%")
