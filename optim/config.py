@@ -83,7 +83,9 @@ class OptimConfig:
     eps: float = 1e-8
     adamw_weight_decay: float = 0.1
     embed_weight_decay: bool = False
-    adamw_impl: str = "auto"  # auto (torch picks) | fused | foreach | loop
+    adamw_impl: str = (
+        "auto"  # auto (fused where it exists, else torch picks) | fused | foreach | loop
+    )
     # Schedule, shared by every optimizer, each from its own base lr
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
     warmup_steps: int = 30  # ahead of 100 at every evaluation of the recipe search
