@@ -39,9 +39,11 @@ from torch.optim import Muon
 
 from optim.muon_math import adjusted_lr, default_dtype, matrix_batches, newton_schulz
 
-# What orthogonalising one batch hands back once its collectives are done: the result of each
-# member, shaped like its (local) update.
-Pending = Callable[[], list[Tensor]]
+# Orthogonalising one batch in stages, so that one batch's transfers overlap another's iteration:
+# the batch is started (maybe a transfer in flight), then advanced (the iteration run, maybe a
+# transfer back started), then finished: the result of each member, shaped like its local update.
+Finish = Callable[[], list[Tensor]]
+Pending = Callable[[], Finish]
 
 
 def local(t: Tensor) -> Tensor:
@@ -129,12 +131,14 @@ class BatchedMuon(Muon):
         updates = list(torch._foreach_lerp(gs, bs, momentum)) if group["nesterov"] else bs
         # Launch every batch first (their collectives overlap the next batch's iteration), then
         # apply them in order.
-        launched: list[tuple[list[int], Pending]] = []
-        for members in matrix_batches(params, self._batch_key):
-            launched.append((members, self._orthogonalize_batch(group, members, params, updates)))
+        launched = [
+            (members, self._orthogonalize_batch(group, members, params, updates))
+            for members in matrix_batches(params, self._batch_key)
+        ]
+        advanced = [(members, pending()) for members, pending in launched]
         keep = None if skip is None else (~skip).float()  # 1 = apply, 0 = skipped
-        for members, pending in launched:
-            results = pending()
+        for members, finish in advanced:
+            results = finish()
             batch = [ps[i] for i in members]
             device = batch[0].device
             # Made on the device (a fill, no host-to-device copy), and a tensor, not a float:
@@ -182,11 +186,11 @@ class BatchedMuon(Muon):
             work.wait()
             return _split_like(gathered[:n], mats)
 
-        return finish
+        return lambda: finish
 
 
 def _ready(results: list[Tensor]) -> Pending:
-    return lambda: results
+    return lambda: lambda: results
 
 
 def _split_like(stacked: Tensor, mats: list[Tensor]) -> list[Tensor]:

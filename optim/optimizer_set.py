@@ -186,13 +186,24 @@ def step_with_found_inf(opt: Optimizer, found_inf: Tensor) -> None:
         opt.step()
 
 
+def _fused_adamw_runs_on(device: torch.device) -> bool:
+    """Whether torch has a fused AdamW kernel for ``device`` (a step on a one-element tensor:
+    AdamW's constructor accepts ``fused=True`` anywhere and refuses only at the first step)."""
+    probe = torch.zeros(1, device=device, requires_grad=True)
+    probe.grad = torch.zeros_like(probe)
+    try:
+        AdamW([probe], fused=True).step()
+    except RuntimeError:
+        return False
+    return True
+
+
 def _adamw(groups: list[dict[str, Any]], cfg: OptimConfig) -> AdamW:
     foreach, fused = _ADAMW_IMPLS[cfg.adamw_impl]
     if cfg.adamw_impl == "auto":
-        try:  # where the parameters' device and dtype have a fused kernel
-            return AdamW(groups, cfg.adamw_lr, cfg.betas, cfg.eps, fused=True)
-        except RuntimeError:  # e.g. the meta device of the config check
-            pass
+        devices = {p.device for g in groups for p in g["params"]}
+        if all(d.type != "meta" and _fused_adamw_runs_on(d) for d in devices):
+            fused = True
     return AdamW(groups, cfg.adamw_lr, cfg.betas, cfg.eps, foreach=foreach, fused=fused)
 
 

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from optim.batched_muon import BatchedMuon, Pending, _ready, _split_like, local
+from optim.batched_muon import BatchedMuon, Finish, Pending, _ready, _split_like, local
 
 
 def _row_shards(rows: int, world: int) -> list[int]:
@@ -117,7 +117,7 @@ class ShardedMuon(BatchedMuon):
         there = dist.all_to_all_single(recv, send, group=pg, async_op=True)
         back = torch.empty_like(send)
 
-        def finish() -> list[Tensor]:
+        def advance() -> Finish:
             assert there is not None
             there.wait()
             mine = min(share, max(0, n - me * share))  # the real matrices of my share
@@ -127,8 +127,13 @@ class ShardedMuon(BatchedMuon):
                 out[:mine, :rows] = self.orthogonalize(whole[:mine, :rows], group, dtype)
             # [j * share + m]: rank j's rows of my m-th result
             pieces = out.view(share, world, chunk, cols).transpose(0, 1).contiguous()
-            work = dist.all_to_all_single(back, pieces.view_as(send), group=pg)
-            assert work is None
-            return [back[i, : counts[me]] for i in range(n)]
+            work = dist.all_to_all_single(back, pieces.view_as(send), group=pg, async_op=True)
 
-        return finish
+            def finish() -> list[Tensor]:
+                assert work is not None
+                work.wait()
+                return [back[i, : counts[me]] for i in range(n)]
+
+            return finish
+
+        return advance
