@@ -7,28 +7,40 @@ difference from torch's is printed.
 
     .venv/bin/python benchmarks/bench_muon.py
     .venv/bin/python benchmarks/bench_muon.py --quick
+
+``--ddp``: the DDP split instead. Two gloo processes (one thread each) hold the same matrices
+and gradients, as DDP leaves them after its all-reduce, and step them replicated (every rank
+runs the whole Newton-Schulz, as before) and split (``BatchedMuon(process_group=...)``: each rank
+its share of every shape, then one all-gather per shape), alternating rounds; a round's time is
+the slower rank's. The split's weights are checked equal to the replicated ones first.
+
+    .venv/bin/python benchmarks/bench_muon.py --ddp --models tiny,mid,small
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections.abc import Callable
 
 import harness
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch.optim import Muon, Optimizer
 
 from optim import OptimConfig
 from optim.batched_muon import BatchedMuon
 from optim.muon_math import default_dtype
 from optim.param_groups import split_parameters
-from qwen3 import Qwen3, Qwen3Config
+from qwen3 import Qwen3
 
 
 def matrices(preset: str, device: torch.device, seed: int) -> list[torch.Tensor]:
     """The Muon share of ``preset`` (its 2-D hidden matrices), each with a random gradient."""
     torch.manual_seed(seed)
-    model = Qwen3(Qwen3Config.from_preset(preset)).to(device)
+    model = Qwen3(harness.config_for(preset)).to(device)
     mats = [p.detach().clone().requires_grad_() for _, p in split_parameters(model).matrices]
     for p in mats:
         p.grad = torch.randn_like(p)
@@ -63,9 +75,88 @@ def stepper(opt: Optimizer, grads: list[torch.Tensor], device: torch.device) -> 
     return run
 
 
+def _slowest_rank(step: Callable[[], float]) -> Callable[[], float]:
+    """``step`` started together on every rank, timed as its slowest rank."""
+
+    def run() -> float:
+        dist.barrier()
+        took = torch.tensor([step()])
+        dist.all_reduce(took, op=dist.ReduceOp.MAX)
+        return float(took)
+
+    return run
+
+
+def _ddp_worker(rank: int, port: int, models: list[str], rounds: int, seed: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)  # one core per rank
+    device = torch.device("cpu")
+    rows = []
+    for preset in models:
+        mats = matrices(preset, device, seed)
+        grads = [p.grad for p in mats if p.grad is not None]
+        replicated = build(BatchedMuon, mats)
+        split = build(BatchedMuon, mats, process_group=dist.group.WORLD)
+
+        steps = {
+            "replicated": _slowest_rank(stepper(replicated, grads, device)),
+            "split": _slowest_rank(stepper(split, grads, device)),
+        }
+        for step in steps.values():
+            step()
+        pairs = zip(
+            replicated.param_groups[0]["params"], split.param_groups[0]["params"], strict=True
+        )
+        diff = max((a - b).abs().max().item() for a, b in pairs)
+        runs = harness.alternate(steps, rounds)
+        t_rep, t_split = (harness.median(runs[k]) for k in steps)
+        shapes = len({tuple(p.shape) for p in mats})
+        params = sum(p.numel() for p in mats) / 1e6
+        rows.append(
+            [
+                preset,
+                f"{len(mats)} in {shapes}",
+                f"{params:.1f}",
+                f"{1000 * t_rep:.1f}",
+                f"{1000 * t_split:.1f}",
+                f"{t_rep / t_split:.2f}",
+                f"{diff:.1e}",
+            ]
+        )
+    if rank == 0:
+        print(f"machine: {harness.machine_line(device)}; 2 gloo processes, 1 thread each")
+        print(f"Muon step under DDP, default OptimConfig; {rounds} alternating rounds, medians")
+        harness.print_table(
+            [
+                "model",
+                "matrices (shapes)",
+                "Muon params (M)",
+                "replicated ms",
+                "split ms",
+                "speedup",
+                "max |split - replicated|",
+            ],
+            rows,
+        )
+    dist.destroy_process_group()
+
+
+def ddp_main(models: list[str], rounds: int, seed: int) -> None:
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, models, rounds, seed), nprocs=2)
+
+
 def main() -> None:
     parser = harness.common_args(__doc__.splitlines()[0])
+    parser.add_argument("--ddp", action="store_true", help="time the DDP split (2 processes)")
+    parser.add_argument("--models", default="tiny,mid", help="--ddp: presets, mid or 100m")
     args = parser.parse_args()
+    if args.ddp:
+        ddp_main(args.models.split(","), args.rounds or (3 if args.quick else 15), args.seed)
+        return
     device = harness.setup(args.device)
     rounds = args.rounds or (5 if args.quick else 30)
     print(f"machine: {harness.machine_line(device)}")

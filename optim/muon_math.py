@@ -11,6 +11,7 @@ own Frobenius norm) and a dtype: in bf16 it is torch's iteration bit for bit
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Hashable
 
 import torch
 from torch import Tensor
@@ -52,10 +53,29 @@ def newton_schulz(
 def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
     """torch.optim.Muon's shape-dependent learning rate (``adjust_lr_fn``), rewritten because
     torch keeps it private: "original" scales by sqrt(max(1, rows/cols)), "match_rms_adamw" by
-    0.2 * sqrt(max(rows, cols))."""
-    rows, cols = shape[:2]
+    0.2 * sqrt(max(rows, cols)), of the trailing two dimensions (a stack of matrices, such as an
+    MoE layer's ``(E, out, in)`` experts, is scaled as each of its matrices)."""
+    rows, cols = shape[-2:]
     if adjust_lr_fn is None or adjust_lr_fn == "original":
         return lr * math.sqrt(max(1.0, rows / cols))
     if adjust_lr_fn == "match_rms_adamw":
         return lr * 0.2 * math.sqrt(max(rows, cols))
     return lr
+
+
+def matrix_batches(
+    params: list[Tensor], key: Callable[[Tensor], Hashable] | None = None
+) -> list[list[int]]:
+    """Indices of ``params`` grouped into batches orthogonalised together: same trailing 2-D
+    shape, device and dtype (and ``key``, if given), in order of first appearance (the same on
+    every rank). A parameter of more than two dimensions is a stack of matrices, one batch
+    member per slice of its leading dimensions."""
+    batches: dict[Hashable, list[int]] = {}
+    for i, p in enumerate(params):
+        if p.ndim < 2:
+            raise ValueError(
+                f"Muon orthogonalises matrices; got a tensor of shape {tuple(p.shape)}"
+            )
+        k = (tuple(p.shape[-2:]), p.device, p.dtype, key(p) if key is not None else None)
+        batches.setdefault(k, []).append(i)
+    return list(batches.values())

@@ -8,6 +8,7 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.optim import AdamW, Optimizer
@@ -19,7 +20,8 @@ from optim.param_groups import ParamSplit, split_parameters
 from optim.schedules import fit_warmup, lr_lambda, muon_momentum
 from optim.sharded_muon import ShardedMuon
 
-# adamw_impl -> AdamW's (foreach, fused); None lets torch choose
+# adamw_impl -> AdamW's (foreach, fused); None lets torch choose. "auto" tries fused first
+# (build_optimizers): one kernel per step, and it skips a non-finite step on the device.
 _ADAMW_IMPLS: dict[str, tuple[bool | None, bool | None]] = {
     "auto": (None, None),
     "fused": (None, True),
@@ -55,16 +57,31 @@ class OptimizerSet:
         for group in self.optimizers[self.names.index("muon")].param_groups:
             group["momentum"] = momentum
 
-    def step(self, scaler: torch.amp.GradScaler | None = None) -> None:
+    def step(
+        self, scaler: torch.amp.GradScaler | None = None, found_inf: Tensor | None = None
+    ) -> None:
         """Step every optimizer (through ``scaler`` when given, then ``scaler.update()``),
-        then every scheduler, then the Muon momentum warmup."""
-        if scaler is None:
-            for opt in self.optimizers:
-                opt.step()
+        then every scheduler, then the Muon momentum warmup.
+
+        ``found_inf`` (a 0-d float tensor on the device, 1 = skip) drops the update on the
+        device: Muon and fused AdamW take it as GradScaler hands it to fused optimizers, and
+        leave parameters and state as they were without the host reading it; only an optimizer
+        that cannot (``optim.adamw_impl=foreach`` or ``loop``) makes the host read it. The
+        schedules advance either way, as in :meth:`skip`. With a ``scaler``, ``found_inf`` must
+        already cover the scaler's own overflow check (the trainer's covers it: a gradient that
+        overflowed has a non-finite norm), and the gradients must have been unscaled."""
+        if found_inf is None:
+            if scaler is None:
+                for opt in self.optimizers:
+                    opt.step()
+            else:
+                for opt in self.optimizers:
+                    scaler.step(opt)
         else:
             for opt in self.optimizers:
-                scaler.step(opt)
-            scaler.update()
+                step_with_found_inf(opt, found_inf)
+        if scaler is not None:
+            scaler.update()  # from the overflow checks unscale_ recorded, on the device
         self._advance()
 
     def skip(self, scaler: torch.amp.GradScaler | None = None) -> None:
@@ -155,6 +172,41 @@ class OptimizerSet:
         self._apply_momentum()
 
 
+def step_with_found_inf(opt: Optimizer, found_inf: Tensor) -> None:
+    """``opt.step()`` that leaves everything as it was when ``found_inf`` is 1."""
+    if getattr(opt, "_step_supports_amp_scaling", False):
+        # torch's fused optimizers (and BatchedMuon) read these attributes, as GradScaler sets
+        opt.found_inf = found_inf  # type: ignore[attr-defined]
+        opt.grad_scale = None  # type: ignore[attr-defined]
+        try:
+            opt.step()
+        finally:
+            del opt.found_inf, opt.grad_scale  # type: ignore[attr-defined]
+    elif not found_inf.item():  # a host sync; only for optimizers that cannot skip on the device
+        opt.step()
+
+
+def _fused_adamw_runs_on(device: torch.device) -> bool:
+    """Whether torch has a fused AdamW kernel for ``device`` (a step on a one-element tensor:
+    AdamW's constructor accepts ``fused=True`` anywhere and refuses only at the first step)."""
+    probe = torch.zeros(1, device=device, requires_grad=True)
+    probe.grad = torch.zeros_like(probe)
+    try:
+        AdamW([probe], fused=True).step()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _adamw(groups: list[dict[str, Any]], cfg: OptimConfig) -> AdamW:
+    foreach, fused = _ADAMW_IMPLS[cfg.adamw_impl]
+    if cfg.adamw_impl == "auto":
+        devices = {p.device for g in groups for p in g["params"]}
+        if all(d.type != "meta" and _fused_adamw_runs_on(d) for d in devices):
+            fused = True
+    return AdamW(groups, cfg.adamw_lr, cfg.betas, cfg.eps, foreach=foreach, fused=fused)
+
+
 def _validate_run_length(max_steps: int) -> None:
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(
@@ -181,8 +233,16 @@ def _check_muon_dtypes(cfg: OptimConfig, split: ParamSplit) -> None:
         )
 
 
-def build_optimizers(model: nn.Module, cfg: OptimConfig, max_steps: int) -> OptimizerSet:
+def build_optimizers(
+    model: nn.Module,
+    cfg: OptimConfig,
+    max_steps: int,
+    data_parallel: dist.ProcessGroup | None = None,
+) -> OptimizerSet:
     """Build the optimizers of ``cfg.name`` for ``model`` and a ``max_steps``-long LR schedule.
+
+    ``data_parallel``: the group over which ``model`` is replicated (DDP); its ranks split
+    Muon's Newton-Schulz work (every rank must step). FSDP-sharded models need none.
 
     muon: Muon for ``split.matrices``; AdamW for embeddings (decayed only if
     ``cfg.embed_weight_decay``), norms, 1-D parameters and MoE routers (never decayed).
@@ -221,6 +281,7 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, max_steps: int) -> Opti
             nesterov=cfg.nesterov,
             ns_steps=cfg.ns_steps,
             adjust_lr_fn=cfg.adjust_lr_fn,
+            process_group=None if sharded else data_parallel,
         )
         if cfg.momentum_warmup_steps > 0:
             momentum_fn = partial(
@@ -233,10 +294,7 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, max_steps: int) -> Opti
         adamw_entries.insert(0, ("matrices", split.matrices, cfg.adamw_weight_decay))
     adamw_groups = _groups(adamw_entries)
     if adamw_groups:
-        foreach, fused = _ADAMW_IMPLS[cfg.adamw_impl]
-        optimizers["adamw"] = AdamW(
-            adamw_groups, cfg.adamw_lr, cfg.betas, cfg.eps, foreach=foreach, fused=fused
-        )
+        optimizers["adamw"] = _adamw(adamw_groups, cfg)
     schedule = lr_lambda(cfg, max_steps)
     schedulers: list[LRScheduler] = [LambdaLR(opt, schedule) for opt in optimizers.values()]
     return OptimizerSet(optimizers, schedulers, muon_momentum_fn=momentum_fn)

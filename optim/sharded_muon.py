@@ -1,41 +1,35 @@
-"""Muon for FSDP2-sharded (DTensor) matrices: each matrix orthogonalised once, on one rank.
+"""Muon for FSDP2-sharded (DTensor) matrices: each matrix orthogonalised once, on one rank, with
+one exchange per matrix shape per step.
 
 torch.optim.Muon runs on a DTensor shard too, but then every matmul of its Newton-Schulz loop
 is a distributed bf16 matmul (15 redistributions per matrix per step, results off by bf16
 rounding from the unsharded run). Gathering every matrix on every rank instead repeats the
-whole Newton-Schulz work world_size times. Here (nanochat's scheme) the matrices are dealt out
-round-robin: in each round every rank owns at most one matrix, receives its row shards
-(``gather``), orthogonalises it, and sends each rank its rows back (``scatter``). The
-momentum buffer stays sharded, and the arithmetic is that of torch's ``_single_tensor_muon``,
-so a sharded run matches one process to float tolerance.
+whole Newton-Schulz work world_size times. Here the matrices of one shape (a batch, as in
+optim/batched_muon.py) are dealt out in equal shares: one ``all_to_all`` sends each owner the
+row shards of its share, the owner iterates on its share as one batch, and a second
+``all_to_all`` sends every rank its rows of every result. Both move the iteration's dtype (bf16 on
+GPUs, the dtype the iteration casts to first anyway), so the result is one process's bit for
+bit. The batches' exchanges are started before any is waited on, so one batch's transfer
+overlaps another's iteration.
+
+A parameter sharded along a leading stack dimension (an MoE layer's ``(E, out, in)`` experts under
+``Shard(0)``) holds whole matrices on each rank: those are orthogonalised where they are, with no
+exchange at all. Momentum, weight decay and the update are elementwise and run on the local
+shards (``BatchedMuon._update``); the state layout is torch.optim.Muon's (``momentum_buffer`` per
+parameter, a DTensor shaped like it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
-from torch.optim import Muon
 
-from optim.muon_math import adjusted_lr, default_dtype, newton_schulz
-
-
-def orthogonalize(update: Tensor, group: dict[str, Any]) -> Tensor:
-    """Muon's Newton-Schulz orthogonalisation of one 2-D ``update``, with ``group``'s
-    coefficients, steps and eps, in the dtype one process uses on that device (BatchedMuon's), so
-    a sharded run matches one process."""
-    out = newton_schulz(
-        update.unsqueeze(0),
-        group["ns_coefficients"],
-        group["ns_steps"],
-        group["eps"],
-        default_dtype(update.device),
-    )
-    return out[0]
+from optim.batched_muon import BatchedMuon, Finish, Pending, _ready, _split_like, local
 
 
 def _row_shards(rows: int, world: int) -> list[int]:
@@ -45,115 +39,101 @@ def _row_shards(rows: int, world: int) -> list[int]:
     return [max(0, min(chunk, rows - r * chunk)) for r in range(world)]
 
 
-def _is_row_sharded(param: Tensor) -> bool:
-    return (
-        isinstance(param, DTensor)
-        and param.device_mesh.ndim == 1
-        and tuple(param.placements) == (Shard(0),)
-    )
+def _placement(param: Tensor) -> str:
+    """How a parameter is laid out: "rows" (a matrix sharded by rows: exchanged), "stack" (a stack
+    of matrices sharded along its first dimension: local), or "whole" (anything else)."""
+    if not isinstance(param, DTensor):
+        return "whole"
+    if param.device_mesh.ndim != 1 or tuple(param.placements) != (Shard(0),):
+        return "whole"
+    return "rows" if param.ndim == 2 else "stack"
 
 
-class ShardedMuon(Muon):
-    """torch.optim.Muon for FSDP2 parameters (same state layout: ``momentum_buffer`` per
-    parameter, a DTensor shaped like it), each matrix's Newton-Schulz run by one owning rank.
-    Parameters that are not row-sharded DTensors (another mesh, or plain tensors) are
-    orthogonalised whole on every rank, as torch.optim.Muon does."""
+class ShardedMuon(BatchedMuon):
+    """torch.optim.Muon for FSDP2 parameters, each matrix's Newton-Schulz run by one rank.
+    Parameters that are neither row-sharded matrices nor stacks sharded along their first
+    dimension (another mesh, or plain tensors) are orthogonalised whole on every rank, as
+    torch.optim.Muon does."""
 
-    # Replaced in tests to see which rank orthogonalised which matrix.
-    orthogonalize: Callable[[Tensor, dict[str, Any]], Tensor] = staticmethod(orthogonalize)
+    def _batch_key(self, param: Tensor) -> object:
+        if not isinstance(param, DTensor):
+            return ("whole",)
+        return (_placement(param), param.device_mesh, tuple(param.placements))
 
-    @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[no-untyped-def]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            updates = [self._momentum_update(p, group) for p in params]
-            sharded = [i for i, p in enumerate(params) if _is_row_sharded(p)]
-            ortho: dict[int, Tensor] = {}
-            world = params[sharded[0]].device_mesh.size() if sharded else 1
-            for start in range(0, len(sharded), world):  # a round: one matrix per rank at most
-                ortho.update(self._round(sharded[start : start + world], params, updates, group))
-            for i, (param, update) in enumerate(zip(params, updates, strict=True)):
-                lr = adjusted_lr(group["lr"], group["adjust_lr_fn"], param.shape)
-                local = param.to_local() if isinstance(param, DTensor) else param
-                if i not in ortho:  # not row-sharded: orthogonalise the whole matrix here
-                    whole = update.full_tensor() if isinstance(update, DTensor) else update
-                    ortho[i] = self.orthogonalize(whole, group)
-                    if isinstance(param, DTensor):
-                        ortho[i] = distribute_tensor(
-                            ortho[i], param.device_mesh, param.placements, src_data_rank=None
-                        ).to_local()
-                local.mul_(1 - group["lr"] * group["weight_decay"])
-                local.add_(ortho[i].to(local.dtype), alpha=-lr)
-        return loss
+    def _orthogonalize_batch(
+        self, group: dict[str, Any], members: list[int], params: list[Tensor], updates: list[Tensor]
+    ) -> Pending:
+        first = params[members[0]]
+        mats = [updates[i] for i in members]  # local parts
+        placement = _placement(first)
+        if placement == "rows":
+            assert isinstance(first, DTensor)
+            return self._exchange(group, first, [local(m) for m in mats])
+        if placement == "stack":  # whole matrices on every rank: iterate where they are
+            return super()._orthogonalize_batch(
+                group, members, [local(p) for p in params], [local(u) for u in updates]
+            )
+        # Whole on every rank, then each rank keeps its own part.
+        wholes = [
+            DTensor.from_local(
+                m, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+            ).full_tensor()
+            if isinstance(p, DTensor)
+            else m
+            for m, p in zip(mats, (params[i] for i in members), strict=True)
+        ]
+        rows, cols = wholes[0].shape[-2:]
+        stacked = torch.cat([w.reshape(-1, rows, cols) for w in wholes])
+        out = _split_like(
+            self.orthogonalize(stacked, group, self._ns_dtype(stacked.device)), wholes
+        )
+        if isinstance(first, DTensor):
+            out = [
+                distribute_tensor(
+                    o, first.device_mesh, first.placements, src_data_rank=None
+                ).to_local()
+                for o in out
+            ]
+        return _ready(out)
 
-    def _momentum_update(self, param: Tensor, group: dict[str, Any]) -> Tensor:
-        """This rank's part of the (Nesterov) momentum update; elementwise, so shards suffice."""
-        grad = param.grad
-        assert grad is not None
-        state = self.state[param]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(grad)
-        buf = state["momentum_buffer"]
-        buf.lerp_(grad, 1 - group["momentum"])
-        return grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-
-    def _round(
-        self, which: list[int], params: list[Tensor], updates: list[Tensor], group: dict[str, Any]
-    ) -> dict[int, Tensor]:
-        """Orthogonalise ``params[which[j]]`` on the mesh's rank j; return this rank's rows of
-        each one's result (local tensors, keyed by index)."""
-        first = params[which[0]]
-        assert isinstance(first, DTensor)
+    def _exchange(self, group: dict[str, Any], first: DTensor, shards: list[Tensor]) -> Pending:
+        """Orthogonalise the row-sharded matrices whose local row shards are ``shards`` (all
+        of ``first``'s global shape): rank r owns the r-th equal share of them."""
         pg = first.device_mesh.get_group()
         me, world = dist.get_rank(pg), dist.get_world_size(pg)
-        # Shards are padded to torch.chunk's chunk size: gather and scatter move equal blocks.
-        shards = {i: _row_shards(params[i].shape[0], world) for i in which}
+        rows, cols = first.shape
+        counts = _row_shards(rows, world)
+        chunk = max(counts)
+        n = len(shards)
+        share = math.ceil(n / world)
+        device = shards[0].device
+        dtype = self._ns_dtype(device)
+        # (world * share, chunk, cols): this rank's rows of every matrix, zero-padded to the chunk
+        # size (and to whole shares), so that both all_to_alls move equal blocks.
+        send = torch.zeros(world * share, chunk, cols, dtype=dtype, device=device)
+        for i, s in enumerate(shards):
+            send[i, : s.shape[0]] = s
+        recv = torch.empty_like(send)  # [j * share + m]: rank j's rows of my m-th matrix
+        there = dist.all_to_all_single(recv, send, group=pg, async_op=True)
+        back = torch.empty_like(send)
 
-        def padded(local: Tensor, rows: int) -> Tensor:
-            return torch.nn.functional.pad(local, (0, 0, 0, rows - local.shape[0]))
+        def advance() -> Finish:
+            assert there is not None
+            there.wait()
+            mine = min(share, max(0, n - me * share))  # the real matrices of my share
+            whole = recv.view(world, share, chunk, cols).transpose(0, 1).reshape(share, -1, cols)
+            out = torch.zeros(share, world * chunk, cols, dtype=dtype, device=device)
+            if mine:
+                out[:mine, :rows] = self.orthogonalize(whole[:mine, :rows], group, dtype)
+            # [j * share + m]: rank j's rows of my m-th result
+            pieces = out.view(share, world, chunk, cols).transpose(0, 1).contiguous()
+            work = dist.all_to_all_single(back, pieces.view_as(send), group=pg, async_op=True)
 
-        gathered: dict[int, list[Tensor]] = {}
-        works = []
-        for owner, i in enumerate(which):
-            update = updates[i]
-            assert isinstance(update, DTensor)
-            local = update.to_local()
-            chunk = max(shards[i])
-            dst = dist.get_global_rank(pg, owner)
-            if owner == me:
-                gathered[i] = [torch.empty_like(padded(local, chunk)) for _ in range(world)]
-            works.append(
-                dist.gather(
-                    padded(local, chunk).contiguous(),
-                    gathered.get(i),
-                    dst=dst,
-                    group=pg,
-                    async_op=True,
-                )
-            )
-        for w in works:
-            assert w is not None
-            w.wait()
-        results: dict[int, Tensor] = {}
-        works = []
-        for owner, i in enumerate(which):
-            chunk, rows = max(shards[i]), shards[i]
-            pieces: list[Tensor] | None = None
-            if owner == me:
-                whole = torch.cat([g[:n] for g, n in zip(gathered.pop(i), rows, strict=True)])
-                # in the update's dtype: every rank can size its receive buffer from its own shard
-                out = self.orthogonalize(whole, group).to(updates[i].dtype)
-                pieces = [padded(p, chunk).contiguous() for p in torch.split(out, rows)]
-            results[i] = torch.empty(
-                chunk, params[i].shape[1], dtype=updates[i].dtype, device=updates[i].device
-            )
-            src = dist.get_global_rank(pg, owner)
-            works.append(dist.scatter(results[i], pieces, src=src, group=pg, async_op=True))
-        for w in works:
-            assert w is not None
-            w.wait()
-        return {i: results[i][: shards[i][me]] for i in which}
+            def finish() -> list[Tensor]:
+                assert work is not None
+                work.wait()
+                return [back[i, : counts[me]] for i in range(n)]
+
+            return finish
+
+        return advance

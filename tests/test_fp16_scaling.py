@@ -77,15 +77,15 @@ def test_trainer_fp16_step_unscales_clips_and_steps() -> None:
     x = torch.randint(0, 256, (4, 16))
     y = torch.randint(0, 256, (4, 16))
     ref, ref_opt = _model_and_optimizers()
-    fp32 = train_step(ref, ref_opt, x, y, 2, Precision("fp32", "cpu", None), clip=0.0)
+    fp32 = train_step(ref, ref_opt, x, y, 2, Precision("fp32", "cpu", None), clip=0.0).read()
     before = [p.detach().clone() for p in model.parameters()]
     precision = _fp16(2.0**16)
-    res = train_step(model, opt, x, y, 2, precision, clip=0.5)
-    assert not res.skipped and not res.overflow
+    res = train_step(model, opt, x, y, 2, precision, clip=0.5).read()
+    assert not res["skipped"] and not res["overflow"]
     # The norm is of the unscaled gradients (not 65536 times larger) and near float32's.
-    assert res.grad_norm == pytest.approx(fp32.grad_norm, rel=2e-2)
-    assert res.grad_norm > 0.5  # so clipping to 0.5 was in effect
-    assert res.loss == pytest.approx(fp32.loss, rel=1e-2)
+    assert res["grad_norm"] == pytest.approx(fp32["grad_norm"], rel=2e-2)
+    assert res["grad_norm"] > 0.5  # so clipping to 0.5 was in effect
+    assert res["loss"] == pytest.approx(fp32["loss"], rel=1e-2)
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
     assert precision.scaler is not None and precision.scaler.get_scale() == 2.0**16
     assert all(p.grad is None for p in model.parameters())
@@ -99,11 +99,11 @@ def test_trainer_fp16_step_skips_on_overflow_and_lowers_the_scale() -> None:
     y = torch.randint(0, 256, (2, 16))
     before = [p.detach().clone() for p in model.parameters()]
     precision = _fp16(2.0**100)
-    res = train_step(model, opt, x, y, 1, precision, clip=1.0)
-    assert res.skipped and res.overflow
-    assert res.loss == pytest.approx(5.55, abs=0.1)  # finite: ln(256) at init
+    res = train_step(model, opt, x, y, 1, precision, clip=1.0).read()
+    assert res["skipped"] and res["overflow"]
+    assert res["loss"] == pytest.approx(5.55, abs=0.1)  # finite: ln(256) at init
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
     assert precision.scaler is not None and precision.scaler.get_scale() == 2.0**99
     assert opt.steps == 1
-    res = train_step(model, opt, x, y, 1, _fp16(2.0**8), clip=1.0)
-    assert not res.skipped
+    res = train_step(model, opt, x, y, 1, _fp16(2.0**8), clip=1.0).read()
+    assert not res["skipped"]

@@ -230,7 +230,8 @@ def test_bf16_muon_without_nesterov_is_refused() -> None:
 
 @pytest.mark.parametrize(
     ("impl", "foreach", "fused"),
-    [("auto", None, None), ("fused", None, True), ("foreach", True, None), ("loop", False, None)],
+    # auto: fused where the device has the kernel (CPU too, since torch 2.4)
+    [("auto", None, True), ("fused", None, True), ("foreach", True, None), ("loop", False, None)],
 )
 def test_adamw_impl_reaches_adamw(impl: str, foreach: bool | None, fused: bool | None) -> None:
     model = make_model()

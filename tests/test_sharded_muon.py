@@ -1,5 +1,9 @@
-"""Muon under FSDP2 (``optim.sharded_muon``): each matrix orthogonalised by one rank, the same
-update as one process (the trainer's BatchedMuon), bit for bit on plain tensors."""
+"""Muon's Newton-Schulz work split across ranks: under DDP (``BatchedMuon`` with a process group:
+each rank iterates on its share of every shape's batch, one all-gather per shape) and under
+FSDP2 (``ShardedMuon``: the share's row shards go to their owner and back, one all-to-all each
+way per shape). Both give one process's weights (the trainer's BatchedMuon), and on plain
+tensors ShardedMuon is it bit for bit. A 3-D stack of matrices (MoE experts) is orthogonalised
+slice by slice; a step flagged ``found_inf`` changes nothing."""
 
 from __future__ import annotations
 
@@ -13,26 +17,67 @@ from test_distributed_support import run_worker
 from torch import nn
 
 from optim.batched_muon import BatchedMuon
+from optim.muon_math import matrix_batches
 from optim.sharded_muon import ShardedMuon
 
 REPO = Path(__file__).resolve().parents[1]
-# Row counts that do not divide by 2 (uneven shards, one rank holding a single row) and a
-# matrix count that leaves the last round one matrix short.
-SHAPES = [(5, 7), (8, 3), (3, 4), (6, 6), (1, 9)]
+# (out, in) of each matrix: row counts that do not divide by 2 (uneven shards, one rank holding
+# a single row or none), and shapes repeated 1, 2 and 3 times (an odd count leaves one rank's
+# share a matrix short).
+SHAPES = [(5, 7), (8, 3), (5, 7), (3, 4), (6, 6), (1, 9), (3, 4), (5, 7), (1, 9), (1, 9)]
+BATCHES = {(5, 7): 3, (8, 3): 1, (3, 4): 2, (6, 6): 1, (1, 9): 3}
+EXPERTS = (4, 3, 5)  # (E, out, in): a stack of 4 matrices, as an MoE layer's experts
+KW = dict(lr=0.05, weight_decay=0.1, momentum=0.9)
+STEPS = 3
 
 
-def _model() -> nn.Sequential:
+class Experts(nn.Module):
+    """A 3-D parameter used as E matrices, the layout MoE experts take."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(*EXPERTS) / 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, in) -> (B, E, out)
+        return torch.einsum("eoi,bi->beo", self.weight, x)
+
+
+def _model(experts: bool = False) -> nn.Sequential:
     torch.manual_seed(0)
-    return nn.Sequential(*[nn.Linear(i, o, bias=False) for o, i in SHAPES])
+    layers: list[nn.Module] = [nn.Linear(i, o, bias=False) for o, i in SHAPES]
+    return nn.Sequential(*layers, *([Experts()] if experts else []))
+
+
+def _optimizer(cls: type[BatchedMuon], model: nn.Module, **extra: object) -> BatchedMuon:
+    """``cls`` over the model's 2-D weights, with a 3-D one added as its own group:
+    torch.optim.Muon's constructor refuses more than two dimensions, the step takes them."""
+    flat = [p for p in model.parameters() if p.ndim == 2]
+    opt = cls(flat, **KW, **extra)  # type: ignore[arg-type]
+    stacks = [p for p in model.parameters() if p.ndim == 3]
+    if stacks:
+        opt.add_param_group({"params": stacks})
+    return opt
 
 
 def _loss(model: nn.Module, step: int) -> torch.Tensor:
-    """A loss touching every matrix, the same on every rank (so FSDP's averaged gradient is it)."""
+    """A loss touching every matrix, the same on every rank (so the averaged gradient is it)."""
     g = torch.Generator().manual_seed(step)
-    return sum(
-        (lin(torch.randn(4, lin.in_features, generator=g)).sin().sum() for lin in model),
-        start=torch.zeros(()),
-    )
+    total = torch.zeros(())
+    for layer in model:
+        n = layer.weight.shape[-1]
+        total = total + layer(torch.randn(4, n, generator=g)).sin().sum()
+    return total
+
+
+def _reference(experts: bool) -> list[torch.Tensor]:
+    """One process's weights after STEPS steps of the trainer's BatchedMuon."""
+    ref = _model(experts)
+    opt = _optimizer(BatchedMuon, ref)
+    for step in range(STEPS):
+        opt.zero_grad()
+        _loss(ref, step).backward()
+        opt.step()
+    return [p.detach() for p in ref.parameters()]
 
 
 @pytest.mark.parametrize("nesterov", [True, False])
@@ -42,12 +87,9 @@ def test_one_process_step_is_the_trainers_muon(nesterov, adjust_lr_fn) -> None:
     on CPU), bit for bit; with a bf16 iteration BatchedMuon is torch.optim.Muon's step
     (tests/test_batched_muon.py), which pins the rewritten learning-rate rule to torch's."""
     ours, ref = _model(), _model()
-    kw = dict(lr=0.05, weight_decay=0.1, momentum=0.9, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn)
-    opt_ours, opt_ref = (
-        ShardedMuon(ours.parameters(), **kw),
-        BatchedMuon(ref.parameters(), **kw),
-    )
-    for step in range(3):
+    kw = dict(nesterov=nesterov, adjust_lr_fn=adjust_lr_fn)
+    opt_ours, opt_ref = _optimizer(ShardedMuon, ours, **kw), _optimizer(BatchedMuon, ref, **kw)
+    for step in range(STEPS):
         for model, opt in ((ours, opt_ours), (ref, opt_ref)):
             opt.zero_grad()
             _loss(model, step).backward()
@@ -56,60 +98,131 @@ def test_one_process_step_is_the_trainers_muon(nesterov, adjust_lr_fn) -> None:
         assert torch.equal(a, b)
 
 
+def test_batches_group_by_the_trailing_matrix_shape() -> None:
+    model = _model(experts=True)
+    params = list(model.parameters())
+    got = {tuple(params[b[0]].shape[-2:]): len(b) for b in matrix_batches(params)}
+    assert got == {**BATCHES, EXPERTS[1:]: 1}
+
+
+def test_a_stack_of_matrices_is_orthogonalised_slice_by_slice() -> None:
+    """A (E, out, in) parameter steps exactly as its E matrices would as separate parameters
+    (each normalised and orthogonalised on its own, the learning rate of one matrix)."""
+    stacked = Experts()
+    slices = [nn.Parameter(w.detach().clone()) for w in stacked.weight]
+    unused = nn.Parameter(torch.zeros(2, 2))  # no gradient: never stepped
+    opt_stack = _optimizer(BatchedMuon, nn.ParameterList([unused, stacked.weight]))
+    opt_slices = BatchedMuon(slices, **KW)  # type: ignore[arg-type]
+    for step in range(STEPS):
+        g = torch.randn(EXPERTS, generator=torch.Generator().manual_seed(step))
+        stacked.weight.grad = g.clone()
+        for p, gs in zip(slices, g, strict=True):
+            p.grad = gs.clone()
+        opt_stack.step()
+        opt_slices.step()
+    for got, want in zip(stacked.weight, slices, strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("cls", [BatchedMuon, ShardedMuon])
+def test_found_inf_skips_the_step_on_the_device(cls) -> None:
+    """``found_inf`` 1 with non-finite gradients leaves parameters and momentum bit for bit;
+    ``found_inf`` 0 is the plain step, bit for bit."""
+    model, twin = _model(experts=True), _model(experts=True)
+    opt, opt_twin = _optimizer(cls, model), _optimizer(cls, twin)
+    for step in range(2):  # a real step first, so the momentum buffers are not zero
+        for m, o in ((model, opt), (twin, opt_twin)):
+            o.zero_grad()
+            _loss(m, step).backward()
+        opt.found_inf = torch.zeros(())
+        opt.step()
+        opt_twin.step()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b)
+    before = [p.detach().clone() for p in model.parameters()]
+    bufs = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    opt.found_inf = torch.ones(())
+    opt.step()
+    for p, was, buf in zip(model.parameters(), before, bufs, strict=True):
+        assert torch.equal(p, was)
+        assert torch.equal(opt.state[p]["momentum_buffer"], buf)
+
+
 WORKER = textwrap.dedent(
     """
     import json, sys
     import torch, torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.debug import CommDebugMode
     sys.path[:0] = [sys.argv[2], sys.argv[3]]
-    from test_sharded_muon import SHAPES, _loss, _model
+    from test_sharded_muon import STEPS, _loss, _model, _optimizer
+    from optim.batched_muon import BatchedMuon
     from optim.sharded_muon import ShardedMuon
 
+    mode = sys.argv[4]
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    model = _model()
-    for lin in model:
-        fully_shard(lin)
-    fully_shard(model)
+    model = _model(experts=True)
+    if mode == "fsdp":
+        for layer in model:
+            fully_shard(layer)
+        fully_shard(model)
+        cls, extra = ShardedMuon, {}
+    else:  # DDP's state after its all-reduce: the same parameters and gradients on every rank
+        cls, extra = BatchedMuon, {"process_group": dist.group.WORLD}
     done = []
-    plain = ShardedMuon.orthogonalize
+    plain = cls.orthogonalize
 
-    def counted(update, group):
-        done.append(list(update.shape))
-        return plain(update, group)
+    def counted(stacked, group, dtype):
+        done.append(list(stacked.shape))
+        return plain(stacked, group, dtype)
 
-    ShardedMuon.orthogonalize = staticmethod(counted)
-    opt = ShardedMuon(model.parameters(), lr=0.05, weight_decay=0.1, momentum=0.9)
-    per_step = []
-    for step in range(3):
+    cls.orthogonalize = staticmethod(counted)
+    opt = _optimizer(cls, model, **extra)
+    per_step, comms = [], []
+    for step in range(STEPS):
         opt.zero_grad()
         _loss(model, step).backward()
         done.clear()
-        opt.step()
+        with CommDebugMode() as comm:
+            opt.step()
         per_step.append(list(done))
-    weights = [p.full_tensor().tolist() for p in model.parameters()]
-    json.dump({"orthogonalised": per_step, "weights": weights}, open(f"{sys.argv[1]}/{rank}.json", "w"))
+        comms.append({str(k): v for k, v in comm.get_comm_counts().items()})
+    weights = [(p.full_tensor() if isinstance(p, DTensor) else p).tolist() for p in model.parameters()]
+    out = {"orthogonalised": per_step, "comms": comms, "weights": weights}
+    json.dump(out, open(f"{sys.argv[1]}/{rank}.json", "w"))
     dist.destroy_process_group()
     """
 )
 
+# The collectives of one step, by name as CommDebugMode counts them: one exchange per batch of
+# row-sharded matrices (an all-to-all each way), none for the expert stack (each rank holds whole
+# experts under FSDP); one all-gather per batch, the stack's included, under DDP.
+COMMS = {
+    "fsdp": {"c10d.alltoall_base_": 2 * len(BATCHES)},
+    "ddp": {"c10d._allgather_base_": len(BATCHES) + 1},
+}
 
-def test_two_ranks_share_the_work_and_match_one_process(tmp_path) -> None:
-    res = run_worker(tmp_path, WORKER, str(REPO / "tests"), str(REPO))
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_share_the_work_and_match_one_process(tmp_path, mode) -> None:
+    res = run_worker(tmp_path, WORKER, str(REPO / "tests"), str(REPO), mode)
     assert res.returncode == 0, res.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
-    for step in range(3):
-        mine = [sorted(map(tuple, r["orthogonalised"][step])) for r in ranks]
-        # every matrix once, on one rank; the work split as evenly as the count allows
-        assert sorted(mine[0] + mine[1]) == sorted(SHAPES)
-        assert sorted(len(m) for m in mine) == [2, 3]
-
-    ref = _model()
-    opt = BatchedMuon(ref.parameters(), lr=0.05, weight_decay=0.1, momentum=0.9)
-    for step in range(3):
-        opt.zero_grad()
-        _loss(ref, step).backward()
-        opt.step()
+    shares = {shape: [-(-n // 2), n // 2] for shape, n in BATCHES.items()}  # rank 0, rank 1
+    e, rows, cols = EXPERTS
+    for step in range(STEPS):
+        for r, rank in enumerate(ranks):
+            assert rank["comms"][step] == COMMS[mode]
+            got = sorted(map(tuple, rank["orthogonalised"][step]))
+            # each rank iterates once per batch on its share, as one batch
+            want = [(shares[s][r], *s) for s in BATCHES if shares[s][r]]
+            # the experts: under FSDP each rank's own shard of the stack; under DDP a share
+            want.append((e // 2, rows, cols))
+            assert got == sorted(want)
     for r in ranks:
-        for got, want in zip(r["weights"], ref.parameters(), strict=True):
-            torch.testing.assert_close(torch.tensor(got), want.detach(), rtol=1e-5, atol=1e-6)
+        for got, want in zip(r["weights"], _reference(experts=True), strict=True):
+            torch.testing.assert_close(torch.tensor(got), want, rtol=0, atol=1e-5)

@@ -42,12 +42,14 @@ def test_grad_accumulation_gives_the_same_gradients_and_update(corpus, tmp_path)
         loss = accumulate_gradients(t.parts.forward, x, y, ga, t.parts.precision).item()
         grads = {n: p.grad.clone() for n, p in t.parts.model.named_parameters()}
         t.parts.optimizers.zero_grad()
-        res = train_step(t.parts.forward, t.parts.optimizers, x, y, ga, t.parts.precision, 1.0)
-        assert not res.skipped and res.loss == pytest.approx(loss, rel=1e-6)
+        res = train_step(
+            t.parts.forward, t.parts.optimizers, x, y, ga, t.parts.precision, 1.0
+        ).read()
+        assert not res["skipped"] and res["loss"] == pytest.approx(loss, rel=1e-6)
         runs[name] = (loss, grads, res, t.parts.model)
     (l1, g1, r1, m1), (l2, g2, r2, m2) = runs["whole"], runs["accum"]
     assert l1 == pytest.approx(l2, rel=1e-5)
-    assert r1.grad_norm == pytest.approx(r2.grad_norm, rel=1e-4)
+    assert r1["grad_norm"] == pytest.approx(r2["grad_norm"], rel=1e-4)
     for n in g1:
         torch.testing.assert_close(g1[n], g2[n], rtol=1e-4, atol=1e-7, msg=n)
     for (n, p), q in zip(m1.named_parameters(), m2.parameters(), strict=True):

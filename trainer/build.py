@@ -205,7 +205,9 @@ def build_parts(
     )
     if model.device.type == "meta":
         model.materialize(device)
-    optimizers = build_optimizers(model, cfg.optim, tcfg.max_steps)
+    # DDP: the ranks split Muon's Newton-Schulz work (FSDP shards it by itself)
+    replicas = torch.distributed.group.WORLD if dist.is_distributed and not tcfg.fsdp else None
+    optimizers = build_optimizers(model, cfg.optim, tcfg.max_steps, data_parallel=replicas)
     sampler = BatchSampler(  # the one source's windows, or a mixture's by weight
         [s.train for s in data.sources] if data.is_mixture else data.train,
         tcfg.batch_size * tcfg.grad_accum,

@@ -154,6 +154,13 @@ def sum_across_ranks(values: list[float]) -> list[float]:
     return [float(v) for v in t.tolist()]
 
 
+def all_reduce_sum_(tensor: torch.Tensor) -> None:
+    """Sum ``tensor`` over all ranks in place, on its own device (NCCL for CUDA tensors: the host
+    does not wait for it); no-op in one process."""
+    if _active():
+        dist.all_reduce(tensor)
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on any (so all ranks take the same branch)."""
     if not _active():

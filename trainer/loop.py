@@ -23,13 +23,14 @@ from trainer.checkpoint import (
     write_checkpoint_files,
 )
 from trainer.config import RunConfig
-from trainer.distributed import DistInfo, any_rank, background_group, barrier
+from trainer.distributed import DistInfo, background_group, barrier
 from trainer.evaluation import evaluate_sources
 from trainer.metrics import MetricsLog, PlotWriter, WandbLogger, mfu
 from trainer.prefetch import BatchPrefetcher
 from trainer.progress import Progress
 from trainer.run_layout import BEST, LATEST, TRAIN_STATE_DIR, prune_checkpoints, set_pointer
 from trainer.step import train_step
+from trainer.step_stats import StepStats, WindowStats
 from trainer.stop import StopRequest
 from trainer.train_state import PendingSave, load_train_state, save_train_state
 
@@ -39,7 +40,7 @@ PLOT_FILE = "metrics.png"
 
 def _empty_accum() -> dict[str, float]:
     """Sums over the steps since the last metrics row (saved in checkpoints: exact resume)."""
-    return {"loss_sum": 0.0, "grad_norm_sum": 0.0, "steps": 0, "skipped": 0}
+    return {"loss_sum": 0.0, "loss_count": 0, "grad_norm_sum": 0.0, "steps": 0, "skipped": 0}
 
 
 class TrainingDiverged(RuntimeError):
@@ -90,6 +91,10 @@ class Trainer:
         self.last_saved: int | None = None
         self.train_seconds = 0.0
         self.window = {"seconds": 0.0, "tokens": 0}
+        # Step results stay on the device until a log step reads them (trainer/step_stats.py);
+        # the time of the steps between two reads is measured from one read to the next.
+        self.stats = StepStats(parts.device, cfg.trainer.max_bad_steps, dist.world_size)
+        self.window_start = time.perf_counter()
         self.batches = BatchPrefetcher(parts.sampler, parts.device)
         t = cfg.trainer
         self.batch = global_batch(t.batch_size, t.grad_accum, dist.world_size, t.seq_len)
@@ -132,6 +137,7 @@ class Trainer:
         self.best_val_loss = float(state["best_val_loss"])
         self.best_step = state["best_step"]
         self.bad_in_row = int(state["bad_in_row"])
+        self.stats.resume(self.bad_in_row)
         self.accum = {**_empty_accum(), **state["log_accum"]}
         self.last_saved = self.step
         if self.dist.is_main:
@@ -215,7 +221,7 @@ class Trainer:
         lrs = self.parts.optimizers.lrs()
         row: dict[str, Any] = {
             "step": self.step,
-            "train_loss": a["loss_sum"] / a["steps"] if a["steps"] else math.nan,
+            "train_loss": a["loss_sum"] / a["loss_count"] if a["loss_count"] else math.nan,
             "grad_norm": a["grad_norm_sum"] / a["steps"] if a["steps"] else math.nan,
             "lr": next(iter(lrs.values())),
             **lrs,
@@ -243,51 +249,60 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------
     def _train_one_step(self) -> None:
-        """Run step ``self.step + 1`` and account for it (or stop if training diverged)."""
+        """Queue step ``self.step + 1``; its results stay on the device (no host wait)."""
         t, p = self.cfg.trainer, self.parts
-        t0 = time.perf_counter()
         x, y = self.batches.get(self.step)  # sampler.batch(self.step), usually already copied
         ahead = self.step + 1
         prefetch = (lambda: self.batches.prefetch(ahead)) if ahead < t.max_steps else None
         res = train_step(p.forward, p.optimizers, x, y, t.grad_accum, p.precision, t.clip, prefetch)
-        dt = time.perf_counter() - t0
+        self.stats.add(res)
         self.step += 1
-        self.train_seconds += dt
-        self.window["seconds"] += dt
         self.window["tokens"] += self.tokens_per_step
-        if not res.skipped:
-            self.bad_in_row = 0
-            self.accum["loss_sum"] += res.loss
-            self.accum["grad_norm_sum"] += res.grad_norm
-            for name, value in res.router.items():  # a mixture of experts' aux loss and load
-                self.accum[f"{name}_sum"] = self.accum.get(f"{name}_sum", 0.0) + value
-            self.accum["steps"] += 1
-            return
-        self.accum["skipped"] += 1
-        if res.overflow:  # GradScaler lowered its scale: routine under fp16, not divergence
-            return
-        self.bad_in_row += 1
-        if self.dist.is_main:
+
+    def _read_steps(self, stop_requested: bool) -> bool:
+        """On a log step: read the steps since the last one (every rank together, one
+        collective), add them to the row's sums, and stop if training diverged. Returns whether
+        any rank was asked to stop."""
+        w: WindowStats = self.stats.read(stop_requested)
+        elapsed = time.perf_counter() - self.window_start  # the device has finished the steps
+        self.train_seconds += elapsed
+        self.window["seconds"] += elapsed
+        a, world = self.accum, w.world
+        a["loss_sum"] += w.loss_sum
+        a["loss_count"] += int(w.loss_count)
+        a["grad_norm_sum"] += w.grad_norm_sum / world
+        a["steps"] += round(w.steps / world)
+        a["skipped"] += round(w.skipped / world)
+        if w.moe:  # a mixture of experts' aux loss and load
+            for name in ("aux_loss", "expert_load"):
+                a[f"{name}_sum"] = a.get(f"{name}_sum", 0.0) + getattr(w, f"{name}_sum") / world
+        self.bad_in_row = w.bad_in_row
+        if w.bad and self.dist.is_main:
             tqdm.write(
-                f"step {self.step}: non-finite loss/gradient (loss {res.loss}, "
-                f"grad norm {res.grad_norm}); update skipped"
+                f"step {self.step}: {round(w.bad / world)} step(s) since the last log had a "
+                "non-finite gradient; their updates were skipped"
             )
-        if self.bad_in_row >= t.max_bad_steps:
+        if w.diverged:
             self._write(self._record(), plot=True)
             raise TrainingDiverged(
-                f"{self.bad_in_row} non-finite steps in a row (last at step {self.step}): "
-                f"training diverged. The last good checkpoints are intact in {self.run_dir} "
-                "(latest, best). Lower optim.lr/optim.adamw_lr or keep trainer.clip on, "
-                "then resume=PATH from a checkpoint before the divergence."
+                f"{self.cfg.trainer.max_bad_steps} non-finite steps in a row (seen at step "
+                f"{self.step}): training diverged. The last good checkpoints are intact in "
+                f"{self.run_dir} (latest, best). Lower optim.lr/optim.adamw_lr or keep "
+                "trainer.clip on, then resume=PATH from a checkpoint before the divergence."
             )
+        return w.stop
 
-    def _log_eval_save(self, stopping: bool, outcome: Outcome, bar: Progress) -> None:
-        """After a step: write a metrics row, evaluate, save, as the cadences say."""
+    def _log_eval_save(self, stop_requested: bool, outcome: Outcome, bar: Progress) -> bool:
+        """After a step: on a log step read the steps, write a metrics row, evaluate, save, as
+        the cadences say. Returns whether to stop: one process stops after the step a signal
+        came in; several agree on the log step after it, where they read the device anyway."""
         t = self.cfg.trainer
         last = self.step == t.max_steps
         do_eval = last or (t.eval_every and self.step % t.eval_every == 0)
-        if not (do_eval or stopping or self.step % t.log_every == 0):
-            return
+        stop_here = stop_requested and not self.dist.is_distributed
+        if not (do_eval or stop_here or self.step % t.log_every == 0):
+            return False
+        stopping = self._read_steps(stop_requested)
         row = self._record()
         bar.log(row)
         improved = False
@@ -310,6 +325,8 @@ class Trainer:
         periodic = t.save_every and self.step % t.save_every == 0
         if (improved or last or stopping or periodic) and self.last_saved != self.step:
             self.save(improved)
+        self.window_start = time.perf_counter()  # evaluations and saves are not training time
+        return stopping
 
     def fit(self) -> Outcome:
         """Train from ``self.step`` to ``trainer.max_steps``, or until SIGINT/SIGTERM."""
@@ -318,13 +335,13 @@ class Trainer:
         start_step = self.step
         bar = Progress(t.max_steps, self.step, self.dist.is_main, self.parts.device)
         stopping = False
+        self.window_start = time.perf_counter()
         with StopRequest() as stop:
             try:
                 while self.step < t.max_steps and not stopping:
                     self._train_one_step()
                     bar.update(1)
-                    stopping = any_rank(stop.requested)  # all ranks stop after the same step
-                    self._log_eval_save(stopping, outcome, bar)
+                    stopping = self._log_eval_save(stop.requested, outcome, bar)
                     self.poll_save()
             except Exception:  # a failing run still publishes the save it started
                 self.finish_save()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -13,20 +13,29 @@ from torch.distributed.tensor import DTensor
 from optim import OptimizerSet
 from qwen3.moe import RouterLosses
 from trainer.build import Precision
-from trainer.distributed import gradient_sync, mean_across_ranks
+from trainer.distributed import gradient_sync
 
 
 @dataclass
 class StepResult:
-    """What one optimizer step did. ``skipped``: no update (non-finite loss or gradient);
-    ``overflow``: of those, a step GradScaler dropped as its scale overflowed fp16 (expected
-    now and then while the scale settles, so not a sign of divergence)."""
+    """What one optimizer step did, as 0-d tensors left on the device: reading one waits for the
+    step to finish, so the loop sums them there (trainer.step_stats) and reads on log steps.
 
-    loss: float  # mean over the micro-batches (and ranks)
-    grad_norm: float  # global norm before clipping
-    skipped: bool
-    router: dict[str, float] = field(default_factory=dict)  # MoE: aux_loss, expert_load
-    overflow: bool = False
+    ``skipped``: the update was dropped on the device (a non-finite gradient norm); ``overflow``:
+    of those, one GradScaler dropped as its scale overflowed fp16 with a finite loss (expected now
+    and then while the scale settles, not a sign of divergence)."""
+
+    loss: torch.Tensor  # this rank's mean over its micro-batches (float32)
+    grad_norm: torch.Tensor  # global norm before clipping (float32)
+    skipped: torch.Tensor  # bool
+    overflow: torch.Tensor  # bool
+    router: torch.Tensor | None = None  # MoE: (aux_loss, expert_load) means of this rank
+
+    def read(self) -> dict[str, float]:
+        """The host values (one device read): for tests and tools, not the loop."""
+        fields = [self.loss, self.grad_norm, self.skipped.float(), self.overflow.float()]
+        loss, norm, skipped, overflow = torch.stack(fields).tolist()
+        return {"loss": loss, "grad_norm": norm, "skipped": skipped, "overflow": overflow}
 
 
 def accumulate_gradients(
@@ -83,11 +92,16 @@ def train_step(
 ) -> StepResult:
     """Accumulate gradients over ``grad_accum`` micro-batches, clip by global norm, step.
 
-    A non-finite loss or gradient skips the update. The host waits for the device once per step:
-    loss, norm and their finiteness come back together. ``prefetch`` runs after the step's work
-    is queued and before that wait, so the next batch's host work (memmap read, pinned copy)
-    overlaps this step on an accelerator. With fp16, GradScaler unscales the gradients before
-    clipping; a gradient that overflowed fp16 skips the step and lowers the scale.
+    The host never waits for the device here: a non-finite gradient norm skips the update on the
+    device (``found_inf``, as GradScaler hands it to fused optimizers), and the results stay
+    there. The norm is of the gradients every rank steps with (all-reduced under DDP, reduced
+    over shards under FSDP), so every rank makes the same decision. A non-finite loss with
+    finite gradients (a micro-batch whose targets are all masked: 0/0) still updates, and the
+    loop leaves that loss out of its mean. ``prefetch`` runs once the step's work is queued, so
+    the next batch's host work (memmap read, pinned copy) overlaps this step on an accelerator.
+    With fp16, GradScaler unscales the gradients before clipping; a gradient that overflowed
+    fp16 has a non-finite norm, skips the step and lowers the scale (``scaler.update()``, on the
+    device).
     """
     scaler = precision.scaler
     router = RouterLosses(model)
@@ -97,18 +111,15 @@ def train_step(
             scaler.unscale_(opt)
     params = [p for p in model.parameters() if p.grad is not None]
     norm = clip_gradients(params, clip).to(loss.device, torch.float32)
+    skipped = ~norm.isfinite()
     if prefetch is not None:
         prefetch()
-    # The one host sync of the step; the finiteness test itself runs on the device.
-    stats = torch.stack([loss, norm, (loss.isfinite() & norm.isfinite()).float()])
-    local_loss, grad_norm, finite = stats.tolist()
-    mean_loss = mean_across_ranks(local_loss)  # host floats; a non-finite rank poisons the mean
-    bad = not (finite and math.isfinite(mean_loss))
-    if bad:
-        optimizers.skip(scaler)  # with a scaler: its update() lowers the scale
-    else:
-        optimizers.step(scaler)
+    optimizers.step(scaler, found_inf=skipped.float())
     optimizers.zero_grad()
-    overflow = bad and scaler is not None and math.isfinite(mean_loss)
-    moe = {name: mean_across_ranks(v) for name, v in router.means().items()}
-    return StepResult(mean_loss, grad_norm, bad, overflow=overflow, router=moe)
+    if scaler is not None:
+        overflow = skipped & loss.isfinite()
+    else:
+        overflow = torch.zeros((), dtype=torch.bool, device=loss.device)
+    # MoE: this rank's (aux loss, expert load) sums over its micro-batches, averaged
+    moe = router.sums / router.count if router.sums is not None else None
+    return StepResult(loss, norm, skipped, overflow, moe)

@@ -1,5 +1,8 @@
 """Stop on signal: the first SIGINT/SIGTERM becomes a flag the training loop polls, so the run
-finishes its step and saves before it ends."""
+finishes its step and saves before it ends. One process polls it after every step (a host flag,
+no device read); under torchrun the ranks agree on it at the next log step, in the collective
+that reads the steps' results anyway (trainer/step_stats.py), so at most ``trainer.log_every``
+steps later."""
 
 from __future__ import annotations
 
