@@ -83,7 +83,7 @@ class OptimConfig:
     eps: float = 1e-8  # AdamW's epsilon
     adamw_weight_decay: float = 0.1  # AdamW's weight decay (matrices outside the blocks)
     embed_weight_decay: bool = False  # decay the embedding too
-    adamw_impl: str = "auto"  # auto (fused where it exists, else torch picks) | fused | foreach
+    adamw_impl: str = "auto"  # auto (fused where it exists) | fused | foreach | loop
     # Schedule, shared by every optimizer, each from its own base lr
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
     warmup_steps: int = 30  # linear warmup steps (30: ahead of 100 in the recipe search)
