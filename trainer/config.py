@@ -506,7 +506,7 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
         raise ConfigError(f"seed={seed!r} must be an integer, e.g. seed=1337.")
     resume = data.get("resume")
     if resume is not None and not isinstance(resume, str):
-        raise ConfigError(f"resume={resume!r} must be null, latest, or a checkpoint path.")
+        raise ConfigError(f"resume={resume!r} must be null, latest, auto, or a checkpoint path.")
     init_from = data.get("init_from")
     if init_from is not None and (not isinstance(init_from, str) or not init_from):
         raise ConfigError(f"init_from={init_from!r} must be null or a model directory path.")

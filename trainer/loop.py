@@ -14,23 +14,21 @@ from trainer.build import RunParts
 from trainer.checkpoint import (
     capture_rng,
     check_compatible,
-    commit_checkpoint,
     global_batch,
     load_trainer_state,
     restore_rng,
-    stage_checkpoint,
     tokenizer_hash,
-    write_checkpoint_files,
 )
+from trainer.checkpointer import Checkpointer, DiskFull
 from trainer.config import RunConfig
-from trainer.distributed import DistInfo, any_rank, background_group, barrier
+from trainer.distributed import DistInfo, any_rank
 from trainer.evaluation import evaluate_sources
 from trainer.metrics import MetricsLog, PlotWriter, WandbLogger, mfu
 from trainer.prefetch import BatchPrefetcher
-from trainer.run_layout import BEST, LATEST, TRAIN_STATE_DIR, prune_checkpoints, set_pointer
+from trainer.run_layout import TRAIN_STATE_DIR
 from trainer.step import train_step
 from trainer.stop import StopRequest
-from trainer.train_state import PendingSave, load_train_state, save_train_state
+from trainer.train_state import load_train_state
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
@@ -86,14 +84,14 @@ class Trainer:
         self.best_step: int | None = None
         self.bad_in_row = 0
         self.accum = _empty_accum()
-        self.last_saved: int | None = None
         self.train_seconds = 0.0
         self.window = {"seconds": 0.0, "tokens": 0}
         self.batches = BatchPrefetcher(parts.sampler, parts.device)
         t = cfg.trainer
         self.batch = global_batch(t.batch_size, t.grad_accum, dist.world_size, t.seq_len)
-        self.pending: PendingSave | None = None  # a checkpoint being written in the background
-        self.save_group = background_group() if t.async_save else None
+        self.checkpoints = Checkpointer(
+            run_dir, parts, dist, config_yaml, t.keep_last, asynchronous=t.async_save
+        )
 
     # ---- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -132,65 +130,13 @@ class Trainer:
         self.best_step = state["best_step"]
         self.bad_in_row = int(state["bad_in_row"])
         self.accum = {**_empty_accum(), **state["log_accum"]}
-        self.last_saved = self.step
+        self.checkpoints.last_saved = self.step
         if self.dist.is_main:
             self.metrics.truncate_after(self.step)
 
-    def save(self, improved: bool) -> None:
-        """Save a checkpoint of the current step; once it is whole, move ``latest`` (and
-        ``best`` if improved). Collective. Every rank writes its shards of the weights and
-        optimizer state; rank 0 writes the rest, the Hugging Face export gathered one tensor at a
-        time. With ``trainer.async_save`` the shards are written in the background and the
-        checkpoint appears when they are whole (:meth:`poll_save`)."""
-        self.finish_save()  # one save in flight at a time
-        p, main = self.parts, self.dist.is_main
-        start = time.perf_counter()
-        tmp = stage_checkpoint(self.run_dir, self.step, create=main)
-        barrier()  # the directory exists before any rank writes into it
-        write_checkpoint_files(
-            tmp, p.model, p.data.tokenizer, self.state_dict(), self.config_yaml, write=main
-        )
-        future = save_train_state(
-            p.model,
-            p.optimizers,
-            tmp / TRAIN_STATE_DIR,
-            self.save_group,
-            asynchronous=self.cfg.trainer.async_save,
-        )
-        self.last_saved = self.step
-        blocked = time.perf_counter() - start
-        if future is not None:
-            self.pending = PendingSave(future, self.step, improved, start, blocked)
-        elif main:  # dcp.save returned on rank 0 after every rank's shards were written
-            self._publish(PendingSave(None, self.step, improved, start, blocked))
-
-    def _publish(self, save: PendingSave) -> None:
-        """Rank 0: rename the whole checkpoint into place, move the pointers, say so."""
-        tmp = stage_checkpoint(self.run_dir, save.step, create=False)
-        path = commit_checkpoint(self.run_dir, tmp, save.step)
-        set_pointer(self.run_dir, LATEST, path)
-        if save.improved:
-            set_pointer(self.run_dir, BEST, path)
-        prune_checkpoints(self.run_dir, self.cfg.trainer.keep_last)
-        tqdm.write(
-            f"step {save.step}: saved {path.name} in {time.perf_counter() - save.started:.1f} s "
-            f"(training waited {save.blocked:.1f} s)"
-        )
-
-    def poll_save(self) -> None:
-        """Publish a background save that has finished (no waiting, no collective: rank 0's
-        write completes only after every rank's shards are written)."""
-        if self.pending is not None and self.pending.done():
-            self.finish_save()
-
-    def finish_save(self) -> None:
-        """Wait for a background save, then publish it (rank 0)."""
-        pending, self.pending = self.pending, None
-        if pending is None:
-            return
-        pending.wait()
-        if self.dist.is_main:
-            self._publish(pending)
+    def save(self, improved: bool, final: bool = True) -> None:
+        """Save a checkpoint of the current step (collective; :class:`Checkpointer`)."""
+        self.checkpoints.save(self.step, self.state_dict, improved, final)
 
     # ---- pieces of a step -------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -311,8 +257,8 @@ class Trainer:
                 )
         self._write(row, plot=bool(do_eval))
         periodic = t.save_every and self.step % t.save_every == 0
-        if (improved or last or stopping or periodic) and self.last_saved != self.step:
-            self.save(improved)
+        if (improved or last or stopping or periodic) and self.checkpoints.last_saved != self.step:
+            self.save(improved, final=bool(last or stopping))
 
     def fit(self) -> Outcome:
         """Train from ``self.step`` to ``trainer.max_steps``, or until SIGINT/SIGTERM."""
@@ -335,11 +281,12 @@ class Trainer:
                     bar.update(1)
                     stopping = any_rank(stop.requested)  # all ranks stop after the same step
                     self._log_eval_save(stopping, outcome, bar)
-                    self.poll_save()
-            except Exception:  # a failing run still publishes the save it started
-                self.finish_save()
+                    self.checkpoints.poll()
+            except Exception as err:  # a failing run still publishes the save it started
+                if not isinstance(err, DiskFull):
+                    self.checkpoints.finish()
                 raise
-            self.finish_save()
+            self.checkpoints.finish()
             outcome.stopped_by = stop.signal_name or ("signal (another rank)" if stopping else None)
         bar.close()
         outcome.step = self.step
