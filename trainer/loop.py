@@ -26,6 +26,7 @@ from trainer.evaluation import evaluate_sources
 from trainer.metrics import MetricsLog, PlotWriter, WandbLogger, mfu
 from trainer.prefetch import BatchPrefetcher
 from trainer.run_layout import TRAIN_STATE_DIR
+from trainer.spikes import SpikeMonitor
 from trainer.step import train_step
 from trainer.stop import StopRequest
 from trainer.train_state import load_train_state
@@ -89,6 +90,7 @@ class Trainer:
         self.batches = BatchPrefetcher(parts.sampler, parts.device)
         t = cfg.trainer
         self.batch = global_batch(t.batch_size, t.grad_accum, dist.world_size, t.seq_len)
+        self.spikes = SpikeMonitor(t.spike_window, t.spike_zscore) if t.spike_detection else None
         self.checkpoints = Checkpointer(
             run_dir, parts, dist, config_yaml, t.keep_last, asynchronous=t.async_save
         )
@@ -111,6 +113,7 @@ class Trainer:
             "global_batch": self.batch,
             "tokenizer_hash": self.tok_hash,
             "data_fingerprint": p.data.fingerprint,
+            "spikes": self.spikes.state_dict() if self.spikes is not None else None,
         }
 
     def resume_from(self, ckpt_dir: Path) -> None:
@@ -130,6 +133,8 @@ class Trainer:
         self.best_step = state["best_step"]
         self.bad_in_row = int(state["bad_in_row"])
         self.accum = {**_empty_accum(), **state["log_accum"]}
+        if self.spikes is not None and state.get("spikes"):
+            self.spikes.load_state_dict(state["spikes"])
         self.checkpoints.last_saved = self.step
         if self.dist.is_main:
             self.metrics.truncate_after(self.step)
@@ -177,6 +182,23 @@ class Trainer:
         self.window = {"seconds": 0.0, "tokens": 0}
         return row
 
+    def _report_spikes(self, row: dict[str, Any]) -> None:
+        """One line per loss spike since the last row; the row gets their count and the largest
+        z-score (``loss_spikes``, ``loss_spike``)."""
+        found = self.spikes.take() if self.spikes is not None else []
+        if not found:
+            return
+        row["loss_spikes"] = len(found)
+        row["loss_spike"] = max(s.zscore for s in found)
+        if not self.dist.is_main:
+            return
+        action = "update skipped" if self.cfg.trainer.spike_action == "skip" else "kept"
+        for s in found:
+            tqdm.write(
+                f"step {s.step}: loss spike {s.loss:.4f} ({s.zscore:.1f} std above the mean "
+                f"{s.mean:.4f} of recent steps); {action}"
+            )
+
     def _write(self, row: dict[str, Any], plot: bool) -> None:
         if not self.dist.is_main:
             return
@@ -194,7 +216,19 @@ class Trainer:
         x, y = self.batches.get(self.step)  # sampler.batch(self.step), usually already copied
         ahead = self.step + 1
         prefetch = (lambda: self.batches.prefetch(ahead)) if ahead < t.max_steps else None
-        res = train_step(p.forward, p.optimizers, x, y, t.grad_accum, p.precision, t.clip, prefetch)
+        res = train_step(
+            p.forward,
+            p.optimizers,
+            x,
+            y,
+            t.grad_accum,
+            p.precision,
+            t.clip,
+            prefetch,
+            spikes=self.spikes,
+            skip_spikes=t.spike_action == "skip",
+            step=self.step + 1,
+        )
         dt = time.perf_counter() - t0
         self.step += 1
         self.train_seconds += dt
@@ -212,6 +246,15 @@ class Trainer:
         if res.overflow:  # GradScaler lowered its scale: routine under fp16, not divergence
             return
         self.bad_in_row += 1
+        if res.spike:  # its line comes with the next log row (trainer/spikes.py)
+            if self.bad_in_row >= t.max_bad_steps:
+                self._write(self._record(), plot=True)
+                raise TrainingDiverged(
+                    f"{self.bad_in_row} loss spikes skipped in a row (last at step {self.step}): "
+                    "the loss moved to a new level. Lower optim.lr/optim.adamw_lr, or set "
+                    f"trainer.spike_action=log, then resume from {self.run_dir}/latest."
+                )
+            return
         if self.dist.is_main:
             tqdm.write(
                 f"step {self.step}: non-finite loss/gradient (loss {res.loss}, "
@@ -234,6 +277,7 @@ class Trainer:
         if not (do_eval or stopping or self.step % t.log_every == 0):
             return
         row = self._record()
+        self._report_spikes(row)
         bar.set_postfix(
             loss=f"{row['train_loss']:.3f}",
             ppl=f"{math.exp(min(row['train_loss'], 50)):.1f}",

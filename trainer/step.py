@@ -14,6 +14,7 @@ from optim import OptimizerSet
 from qwen3.moe import RouterLosses
 from trainer.build import Precision
 from trainer.distributed import gradient_sync, mean_across_ranks
+from trainer.spikes import SpikeMonitor
 
 
 @dataclass
@@ -27,6 +28,7 @@ class StepResult:
     skipped: bool
     router: dict[str, float] = field(default_factory=dict)  # MoE: aux_loss, expert_load
     overflow: bool = False
+    spike: bool = False  # skipped as a loss spike (trainer.spike_action=skip)
 
 
 def accumulate_gradients(
@@ -80,6 +82,9 @@ def train_step(
     precision: Precision,
     clip: float,
     prefetch: Callable[[], object] | None = None,
+    spikes: SpikeMonitor | None = None,
+    skip_spikes: bool = False,
+    step: int = 0,
 ) -> StepResult:
     """Accumulate gradients over ``grad_accum`` micro-batches, clip by global norm, step.
 
@@ -87,7 +92,8 @@ def train_step(
     loss, norm and their finiteness come back together. ``prefetch`` runs after the step's work
     is queued and before that wait, so the next batch's host work (memmap read, pinned copy)
     overlaps this step on an accelerator. With fp16, GradScaler unscales the gradients before
-    clipping; a gradient that overflowed fp16 skips the step and lowers the scale.
+    clipping; a gradient that overflowed fp16 skips the step and lowers the scale. ``spikes``
+    judges the mean loss of ``step``; with ``skip_spikes`` a spike's update is dropped too.
     """
     scaler = precision.scaler
     router = RouterLosses(model)
@@ -104,11 +110,15 @@ def train_step(
     local_loss, grad_norm, finite = stats.tolist()
     mean_loss = mean_across_ranks(local_loss)  # host floats; a non-finite rank poisons the mean
     bad = not (finite and math.isfinite(mean_loss))
+    spike = False
+    if spikes is not None:  # the mean over ranks: every rank reaches the same verdict
+        spike = bool(spikes.observe(step, torch.tensor(mean_loss))) and skip_spikes
+    bad = bad or spike
     if bad:
         optimizers.skip(scaler)  # with a scaler: its update() lowers the scale
     else:
         optimizers.step(scaler)
     optimizers.zero_grad()
-    overflow = bad and scaler is not None and math.isfinite(mean_loss)
+    overflow = bad and not spike and scaler is not None and math.isfinite(mean_loss)
     moe = {name: mean_across_ranks(v) for name, v in router.means().items()}
-    return StepResult(mean_loss, grad_norm, bad, overflow=overflow, router=moe)
+    return StepResult(mean_loss, grad_norm, bad, overflow=overflow, router=moe, spike=spike)
