@@ -275,7 +275,7 @@ def test_async_save_writes_the_same_checkpoints_and_resumes_exactly(corpus, tmp_
     for mode in ("false", "true"):
         t = make_trainer(_overrides(corpus, *steps, f"trainer.async_save={mode}"), tmp_path / mode)
         t.fit()
-        assert t.pending is None  # fit() ends with every save published
+        assert t.checkpoints.pending is None  # fit() ends with every save published
         losses[mode] = [r["train_loss"] for r in read_metrics(tmp_path / mode)]
         run = tmp_path / mode
         assert sorted(p.name for p in run.glob("step-*")) == [f"step-{s:06d}" for s in (2, 4, 6)]

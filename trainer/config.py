@@ -155,6 +155,12 @@ class TrainConfig:
     # Per decoder block: none, full (recompute the block) or selective (save matmul and attention
     # outputs, recompute the rest); qwen3/checkpointing.py says what each keeps.
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    # A finite loss spike: z-score of a step's loss against the last spike_window accepted steps
+    # (trainer/spikes.py); spike_action=skip drops its update like a non-finite step's.
+    spike_detection: bool = True
+    spike_zscore: float = 6.0
+    spike_window: int = 100
+    spike_action: Literal["log", "skip"] = "log"
 
     def __post_init__(self) -> None:
         _check_int("trainer.max_steps", self.max_steps, 1, "600")
@@ -180,9 +186,21 @@ class TrainConfig:
         _check_int("trainer.save_every", self.save_every, 0, "200 (0 = only at the end)")
         _check_int("trainer.keep_last", self.keep_last, 1, "2")
         _check_int("trainer.max_bad_steps", self.max_bad_steps, 1, "5")
+        _check_int("trainer.spike_window", self.spike_window, 2, "100")
+        if not (
+            isinstance(self.spike_zscore, int | float)
+            and math.isfinite(self.spike_zscore)
+            and self.spike_zscore > 0
+        ):
+            _fail(
+                "trainer.spike_zscore",
+                self.spike_zscore,
+                "must be a positive number of standard deviations",
+                "set e.g. trainer.spike_zscore=6",
+            )
         if self.num_threads is not None:
             _check_int("trainer.num_threads", self.num_threads, 1, "2")
-        for key in ("fsdp", "async_save"):
+        for key in ("fsdp", "async_save", "spike_detection"):
             if not isinstance(getattr(self, key), bool):
                 _fail(
                     f"trainer.{key}",
@@ -507,7 +525,7 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
         raise ConfigError(f"seed={seed!r} must be an integer, e.g. seed=1337.")
     resume = data.get("resume")
     if resume is not None and not isinstance(resume, str):
-        raise ConfigError(f"resume={resume!r} must be null, latest, or a checkpoint path.")
+        raise ConfigError(f"resume={resume!r} must be null, latest, auto, or a checkpoint path.")
     init_from = data.get("init_from")
     if init_from is not None and (not isinstance(init_from, str) or not init_from):
         raise ConfigError(f"init_from={init_from!r} must be null or a model directory path.")

@@ -14,25 +14,24 @@ from trainer.build import RunParts
 from trainer.checkpoint import (
     capture_rng,
     check_compatible,
-    commit_checkpoint,
     global_batch,
     load_trainer_state,
     restore_rng,
-    stage_checkpoint,
     tokenizer_hash,
-    write_checkpoint_files,
 )
+from trainer.checkpointer import Checkpointer, DiskFull
 from trainer.config import RunConfig
-from trainer.distributed import DistInfo, background_group, barrier
+from trainer.distributed import DistInfo
 from trainer.evaluation import evaluate_sources
 from trainer.metrics import MetricsLog, PlotWriter, WandbLogger, mfu
 from trainer.prefetch import BatchPrefetcher
 from trainer.progress import Progress
-from trainer.run_layout import BEST, LATEST, TRAIN_STATE_DIR, prune_checkpoints, set_pointer
+from trainer.run_layout import TRAIN_STATE_DIR
+from trainer.spikes import SpikeMonitor
 from trainer.step import train_step
 from trainer.step_stats import StepStats, WindowStats
 from trainer.stop import StopRequest
-from trainer.train_state import PendingSave, load_train_state, save_train_state
+from trainer.train_state import load_train_state
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
@@ -88,18 +87,20 @@ class Trainer:
         self.best_step: int | None = None
         self.bad_in_row = 0
         self.accum = _empty_accum()
-        self.last_saved: int | None = None
         self.train_seconds = 0.0
         self.window = {"seconds": 0.0, "tokens": 0}
         # Step results stay on the device until a log step reads them (trainer/step_stats.py);
         # the time of the steps between two reads is measured from one read to the next.
         self.stats = StepStats(parts.device, cfg.trainer.max_bad_steps, dist.world_size)
+        self.spikes_seen = 0  # loss spikes the last read of the step statistics counted
         self.window_start = time.perf_counter()
         self.batches = BatchPrefetcher(parts.sampler, parts.device)
         t = cfg.trainer
         self.batch = global_batch(t.batch_size, t.grad_accum, dist.world_size, t.seq_len)
-        self.pending: PendingSave | None = None  # a checkpoint being written in the background
-        self.save_group = background_group() if t.async_save else None
+        self.spikes = SpikeMonitor(t.spike_window, t.spike_zscore) if t.spike_detection else None
+        self.checkpoints = Checkpointer(
+            run_dir, parts, dist, config_yaml, t.keep_last, asynchronous=t.async_save
+        )
 
     # ---- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -119,6 +120,7 @@ class Trainer:
             "global_batch": self.batch,
             "tokenizer_hash": self.tok_hash,
             "data_fingerprint": p.data.fingerprint,
+            "spikes": self.spikes.state_dict() if self.spikes is not None else None,
         }
 
     def resume_from(self, ckpt_dir: Path) -> None:
@@ -139,65 +141,15 @@ class Trainer:
         self.bad_in_row = int(state["bad_in_row"])
         self.stats.resume(self.bad_in_row)
         self.accum = {**_empty_accum(), **state["log_accum"]}
-        self.last_saved = self.step
+        if self.spikes is not None and state.get("spikes"):
+            self.spikes.load_state_dict(state["spikes"])
+        self.checkpoints.last_saved = self.step
         if self.dist.is_main:
             self.metrics.truncate_after(self.step)
 
-    def save(self, improved: bool) -> None:
-        """Save a checkpoint of the current step; once it is whole, move ``latest`` (and
-        ``best`` if improved). Collective. Every rank writes its shards of the weights and
-        optimizer state; rank 0 writes the rest, the Hugging Face export gathered one tensor at a
-        time. With ``trainer.async_save`` the shards are written in the background and the
-        checkpoint appears when they are whole (:meth:`poll_save`)."""
-        self.finish_save()  # one save in flight at a time
-        p, main = self.parts, self.dist.is_main
-        start = time.perf_counter()
-        tmp = stage_checkpoint(self.run_dir, self.step, create=main)
-        barrier()  # the directory exists before any rank writes into it
-        write_checkpoint_files(
-            tmp, p.model, p.data.tokenizer, self.state_dict(), self.config_yaml, write=main
-        )
-        future = save_train_state(
-            p.model,
-            p.optimizers,
-            tmp / TRAIN_STATE_DIR,
-            self.save_group,
-            asynchronous=self.cfg.trainer.async_save,
-        )
-        self.last_saved = self.step
-        blocked = time.perf_counter() - start
-        if future is not None:
-            self.pending = PendingSave(future, self.step, improved, start, blocked)
-        elif main:  # dcp.save returned on rank 0 after every rank's shards were written
-            self._publish(PendingSave(None, self.step, improved, start, blocked))
-
-    def _publish(self, save: PendingSave) -> None:
-        """Rank 0: rename the whole checkpoint into place, move the pointers, say so."""
-        tmp = stage_checkpoint(self.run_dir, save.step, create=False)
-        path = commit_checkpoint(self.run_dir, tmp, save.step)
-        set_pointer(self.run_dir, LATEST, path)
-        if save.improved:
-            set_pointer(self.run_dir, BEST, path)
-        prune_checkpoints(self.run_dir, self.cfg.trainer.keep_last)
-        tqdm.write(
-            f"step {save.step}: saved {path.name} in {time.perf_counter() - save.started:.1f} s "
-            f"(training waited {save.blocked:.1f} s)"
-        )
-
-    def poll_save(self) -> None:
-        """Publish a background save that has finished (no waiting, no collective: rank 0's
-        write completes only after every rank's shards are written)."""
-        if self.pending is not None and self.pending.done():
-            self.finish_save()
-
-    def finish_save(self) -> None:
-        """Wait for a background save, then publish it (rank 0)."""
-        pending, self.pending = self.pending, None
-        if pending is None:
-            return
-        pending.wait()
-        if self.dist.is_main:
-            self._publish(pending)
+    def save(self, improved: bool, final: bool = True) -> None:
+        """Save a checkpoint of the current step (collective; :class:`Checkpointer`)."""
+        self.checkpoints.save(self.step, self.state_dict, improved, final)
 
     # ---- pieces of a step -------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -238,6 +190,27 @@ class Trainer:
         self.window = {"seconds": 0.0, "tokens": 0}
         return row
 
+    def _report_spikes(self, row: dict[str, Any]) -> None:
+        """One line per loss spike since the last row; the row gets their count and the largest
+        z-score (``loss_spikes``, ``loss_spike``). The monitor's records are read from the device
+        only when the step statistics counted a spike (a log step reads the device once)."""
+        if self.spikes is None:
+            return
+        if not self.spikes_seen:
+            self.spikes.drop()
+            return
+        found = self.spikes.take()
+        row["loss_spikes"] = len(found)
+        row["loss_spike"] = max(s.zscore for s in found)
+        if not self.dist.is_main:
+            return
+        action = "update skipped" if self.cfg.trainer.spike_action == "skip" else "kept"
+        for s in found:
+            tqdm.write(
+                f"step {s.step}: loss spike {s.loss:.4f} ({s.zscore:.1f} std above the mean "
+                f"{s.mean:.4f} of recent steps); {action}"
+            )
+
     def _write(self, row: dict[str, Any], plot: bool) -> None:
         if not self.dist.is_main:
             return
@@ -254,7 +227,19 @@ class Trainer:
         x, y = self.batches.get(self.step)  # sampler.batch(self.step), usually already copied
         ahead = self.step + 1
         prefetch = (lambda: self.batches.prefetch(ahead)) if ahead < t.max_steps else None
-        res = train_step(p.forward, p.optimizers, x, y, t.grad_accum, p.precision, t.clip, prefetch)
+        res = train_step(
+            p.forward,
+            p.optimizers,
+            x,
+            y,
+            t.grad_accum,
+            p.precision,
+            t.clip,
+            prefetch,
+            spikes=self.spikes,
+            skip_spikes=t.spike_action == "skip",
+            step=self.step + 1,
+        )
         self.stats.add(res)
         self.step += 1
         self.window["tokens"] += self.tokens_per_step
@@ -282,13 +267,16 @@ class Trainer:
                 f"step {self.step}: {round(w.bad / world)} step(s) since the last log had a "
                 "non-finite gradient; their updates were skipped"
             )
+        self.spikes_seen = round(w.spikes / world)
         if w.diverged:
             self._write(self._record(), plot=True)
             raise TrainingDiverged(
-                f"{self.cfg.trainer.max_bad_steps} non-finite steps in a row (seen at step "
-                f"{self.step}): training diverged. The last good checkpoints are intact in "
-                f"{self.run_dir} (latest, best). Lower optim.lr/optim.adamw_lr or keep "
-                "trainer.clip on, then resume=PATH from a checkpoint before the divergence."
+                f"{self.cfg.trainer.max_bad_steps} non-finite steps in a row (or loss spikes "
+                f"skipped; seen at step {self.step}): training diverged. The last good "
+                f"checkpoints are intact in {self.run_dir} (latest, best). Lower "
+                "optim.lr/optim.adamw_lr or keep trainer.clip on (or set "
+                "trainer.spike_action=log if the loss moved to a new level), then resume=PATH "
+                "from a checkpoint before the divergence."
             )
         return w.stop
 
@@ -304,6 +292,7 @@ class Trainer:
             return False
         stopping = self._read_steps(stop_requested)
         row = self._record()
+        self._report_spikes(row)
         bar.log(row)
         improved = False
         if do_eval:
@@ -323,8 +312,8 @@ class Trainer:
                 )
         self._write(row, plot=bool(do_eval))
         periodic = t.save_every and self.step % t.save_every == 0
-        if (improved or last or stopping or periodic) and self.last_saved != self.step:
-            self.save(improved)
+        if (improved or last or stopping or periodic) and self.checkpoints.last_saved != self.step:
+            self.save(improved, final=bool(last or stopping))
         self.window_start = time.perf_counter()  # evaluations and saves are not training time
         return stopping
 
@@ -342,11 +331,12 @@ class Trainer:
                     self._train_one_step()
                     bar.update(1)
                     stopping = self._log_eval_save(stop.requested, outcome, bar)
-                    self.poll_save()
-            except Exception:  # a failing run still publishes the save it started
-                self.finish_save()
+                    self.checkpoints.poll()
+            except Exception as err:  # a failing run still publishes the save it started
+                if not isinstance(err, DiskFull):
+                    self.checkpoints.finish()
                 raise
-            self.finish_save()
+            self.checkpoints.finish()
             outcome.stopped_by = stop.signal_name or ("signal (another rank)" if stopping else None)
         bar.close()
         outcome.step = self.step

@@ -136,8 +136,12 @@ def write_plot(records: list[dict[str, Any]], path: Path, title: str = "") -> No
     # Fixed margins: tight_layout measures every label with an extra render (40% of the plot's time)
     fig.subplots_adjust(left=0.05, right=0.99, bottom=0.13, top=0.85, wspace=0.25)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=80)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=80)
+        os.replace(tmp, path)
+    except OSError as err:  # a full disk: the plot can be redrawn from metrics.jsonl later
+        tmp.unlink(missing_ok=True)
+        print(f"warning: could not write {path} ({err}); training goes on", file=sys.stderr)
 
 
 _ENV_MODES = {"online": "online", "offline": "offline", "disabled": "disabled", "dryrun": "offline"}

@@ -20,13 +20,14 @@ from trainer.build import (
     resolve_device,
 )
 from trainer.checkpoint import check_setup_matches
+from trainer.checkpointer import DiskFull, clean_start
 from trainer.config import RunConfig, SampleConfig
 from trainer.distributed import DistInfo, dist_info, full_model_copy, is_sharded, local_device
 from trainer.errors import CheckpointError, ConfigError
 from trainer.generation import complete
 from trainer.loop import Outcome, Trainer, TrainingDiverged
 from trainer.metrics import WandbLogger, peak_flops
-from trainer.run_layout import resolve_resume
+from trainer.run_layout import AUTO, resolve_auto, resolve_resume
 
 
 def resume_command(overrides: list[str], run_name: str, dist: DistInfo | None = None) -> str:
@@ -63,8 +64,11 @@ def run_training(
         apply_runtime_settings(cfg, device)
         check_optimizer_config(cfg)
         resume_dir = None
-        if cfg.resume:
-            resume_dir, skipped = resolve_resume(cfg.resume, run_dir)
+        resume = resolve_auto(cfg.resume, run_dir)
+        if cfg.resume == AUTO and resume is None and dist.is_main:
+            print(f"resume=auto: no checkpoint in {run_dir} yet; starting a new run")
+        if resume:
+            resume_dir, skipped = resolve_resume(resume, run_dir)
             if skipped and dist.is_main:
                 print(f"warning: {skipped}", file=sys.stderr, flush=True)
             check_setup_matches(resume_dir, cfg.model, cfg.optim.name)
@@ -74,6 +78,7 @@ def run_training(
         return 2
     if dist.is_main:  # the other ranks of a torchrun job never write to the run directory
         run_dir.mkdir(parents=True, exist_ok=True)
+    clean_start(run_dir, dist)
     # one device per process: the run's peak is the sum of theirs
     peak = peak_flops(device, precision.dtype, cfg.trainer.peak_flops) * dist.world_size
     wandb = WandbLogger(cfg.wandb, run_dir, cfg.run_name, config_dict) if dist.is_main else None
@@ -97,8 +102,14 @@ def run_training(
         )
     try:
         outcome = trainer.fit()
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (TrainingDiverged, DiskFull) as e:
+        if dist.is_main:
+            again = (
+                f" with:\n  {resume_command(overrides, cfg.run_name, dist)}"
+                if isinstance(e, DiskFull)
+                else ""
+            )
+            print(f"error: {e}{again}", file=sys.stderr)
         if wandb is not None:
             wandb.finish(exit_code=1)
         trainer.plots.wait()

@@ -22,6 +22,7 @@ from trainer.errors import CheckpointError, ConfigError
 
 LATEST = "latest"
 BEST = "best"
+AUTO = "auto"  # resume=auto: latest when the run has one, else a fresh start
 MODEL_CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -117,7 +118,7 @@ def default_run_name(out_dir: str | None, resume: str | None, stamp: str | None 
     with itself); ``hydra.run.dir`` is built from it.
     """
     out = Path(out_dir or "checkpoints")
-    if resume == LATEST:
+    if resume in (LATEST, AUTO):
         run = most_recent_run(out, LATEST)
         if run is not None:
             return run.relative_to(out).as_posix()
@@ -293,6 +294,16 @@ def intact_checkpoints(run_dir: Path, skip: Path | None = None) -> list[Path]:
 def _looks_like_checkpoint(path: Path) -> bool:
     names = (MODEL_CONFIG, WEIGHTS, WEIGHTS_INDEX, STATE_FILE)
     return step_number(path) is not None or any((path / n).exists() for n in names)
+
+
+def resolve_auto(resume: str | None, run_dir: Path) -> str | None:
+    """``resume=auto`` as ``latest`` when ``run_dir`` has a ``latest`` pointer, else None (a
+    fresh start): one command line for a job's first launch and each requeue. Any other value
+    is returned as it is."""
+    if resume != AUTO:
+        return resume
+    has_latest = (run_dir / LATEST).is_symlink() or (run_dir / LATEST).exists()
+    return LATEST if has_latest else None
 
 
 def resolve_resume(resume: str, run_dir: Path) -> tuple[Path, str | None]:

@@ -13,7 +13,8 @@ from torch.distributed.tensor import DTensor
 from optim import OptimizerSet
 from qwen3.moe import RouterLosses
 from trainer.build import Precision
-from trainer.distributed import gradient_sync
+from trainer.distributed import all_reduce_sum_, gradient_sync, group_rank_world
+from trainer.spikes import SpikeMonitor
 
 
 @dataclass
@@ -21,15 +22,19 @@ class StepResult:
     """What one optimizer step did, as 0-d tensors left on the device: reading one waits for the
     step to finish, so the loop sums them there (trainer.step_stats) and reads on log steps.
 
-    ``skipped``: the update was dropped on the device (a non-finite gradient norm); ``overflow``:
-    of those, one GradScaler dropped as its scale overflowed fp16 with a finite loss (expected now
-    and then while the scale settles, not a sign of divergence)."""
+    ``skipped``: the update was dropped on the device (a non-finite gradient norm, or a loss
+    spike with ``trainer.spike_action=skip``); ``overflow``: of those, one GradScaler dropped as
+    its scale overflowed fp16 with a finite loss (expected now and then while the scale settles,
+    not a sign of divergence); ``spike``: the loss was a spike (trainer/spikes.py), and
+    ``spike_skipped``: its update was dropped for it."""
 
     loss: torch.Tensor  # this rank's mean over its micro-batches (float32)
     grad_norm: torch.Tensor  # global norm before clipping (float32)
     skipped: torch.Tensor  # bool
     overflow: torch.Tensor  # bool
     router: torch.Tensor | None = None  # MoE: (aux_loss, expert_load) means of this rank
+    spike: torch.Tensor | None = None  # bool
+    spike_skipped: torch.Tensor | None = None  # bool
 
     def read(self) -> dict[str, float]:
         """The host values (one device read): for tests and tools, not the loop."""
@@ -89,6 +94,9 @@ def train_step(
     precision: Precision,
     clip: float,
     prefetch: Callable[[], object] | None = None,
+    spikes: SpikeMonitor | None = None,
+    skip_spikes: bool = False,
+    step: int = 0,
 ) -> StepResult:
     """Accumulate gradients over ``grad_accum`` micro-batches, clip by global norm, step.
 
@@ -101,7 +109,9 @@ def train_step(
     the next batch's host work (memmap read, pinned copy) overlaps this step on an accelerator.
     With fp16, GradScaler unscales the gradients before clipping; a gradient that overflowed
     fp16 has a non-finite norm, skips the step and lowers the scale (``scaler.update()``, on the
-    device).
+    device). ``spikes`` judges the loss of ``step`` (the mean over ranks, so every rank agrees:
+    one more scalar all-reduce on the device); with ``skip_spikes`` a spike's update is dropped
+    on the device too.
     """
     scaler = precision.scaler
     router = RouterLosses(model)
@@ -111,15 +121,31 @@ def train_step(
             scaler.unscale_(opt)
     params = [p for p in model.parameters() if p.grad is not None]
     norm = clip_gradients(params, clip).to(loss.device, torch.float32)
-    skipped = ~norm.isfinite()
+    non_finite = ~norm.isfinite()
+    skipped, spike, spike_skipped = non_finite, None, None
+    if spikes is not None:
+        spike = spikes.observe(step, _mean_over_ranks(loss))
+        spike_skipped = spike & non_finite.logical_not() if skip_spikes else torch.zeros_like(spike)
+        skipped = non_finite | spike_skipped
     if prefetch is not None:
         prefetch()
     optimizers.step(scaler, found_inf=skipped.float())
     optimizers.zero_grad()
     if scaler is not None:
-        overflow = skipped & loss.isfinite()
+        overflow = non_finite & loss.isfinite()
     else:
         overflow = torch.zeros((), dtype=torch.bool, device=loss.device)
     # MoE: this rank's (aux loss, expert load) sums over its micro-batches, averaged
     moe = router.sums / router.count if router.sums is not None else None
-    return StepResult(loss, norm, skipped, overflow, moe)
+    return StepResult(loss, norm, skipped, overflow, moe, spike, spike_skipped)
+
+
+def _mean_over_ranks(loss: torch.Tensor) -> torch.Tensor:
+    """The mean of every rank's loss, on the device (no host wait; ``loss`` itself in one
+    process)."""
+    world = group_rank_world()[1]
+    if world == 1:
+        return loss.detach()
+    total = loss.detach().clone()
+    all_reduce_sum_(total)
+    return total / world

@@ -22,9 +22,11 @@ _FIELDS = (
     "loss_count",  # how many of those
     "grad_norm_sum",  # global norms of the steps taken (the same on every rank)
     "steps",  # steps taken (not skipped)
-    "skipped",  # steps skipped: non-finite gradient norm
-    "bad",  # of those, the ones that were not fp16 overflows
+    "skipped",  # steps skipped: non-finite gradient norm, or a loss spike skipped
+    "bad",  # of those, non-finite ones that were not fp16 overflows
     "diverged",  # 1 where max_bad_steps bad steps in a row happened since the last read
+    "spikes",  # loss spikes flagged (trainer/spikes.py; the same on every rank)
+    "spike_skipped",  # of those, the ones whose update was dropped (trainer.spike_action=skip)
     "aux_loss_sum",  # MoE: router load-balancing loss of the steps taken
     "expert_load_sum",  # MoE: the largest expert's share
     "stop",  # 1 where this rank was asked to stop (SIGINT/SIGTERM)
@@ -42,10 +44,12 @@ class WindowStats:
     steps: float
     skipped: float
     bad: float
-    diverged: bool  # some rank saw max_bad_steps non-finite steps in a row
+    diverged: bool  # some rank saw max_bad_steps bad steps (non-finite or skipped spikes) in a row
     aux_loss_sum: float
     expert_load_sum: float
     stop: bool  # some rank was asked to stop
+    spikes: float
+    spike_skipped: float
     bad_in_row: int  # non-finite steps in a row at the last step (every rank's the same)
     world: int
     moe: bool  # the steps carried router statistics
@@ -61,7 +65,8 @@ class WindowStats:
 
 class StepStats:
     """Sums of :class:`StepResult` on ``device`` since the last :meth:`read`. ``max_bad_steps``
-    non-finite steps in a row (fp16 overflows not counted) set the divergence flag."""
+    bad steps in a row (non-finite, fp16 overflows not counted, or loss spikes skipped) set the
+    divergence flag."""
 
     def __init__(self, device: torch.device, max_bad_steps: int, world: int = 1) -> None:
         self.device, self.max_bad_steps, self.world = device, max_bad_steps, world
@@ -77,9 +82,12 @@ class StepStats:
         """Account for one step, on the device (no host wait)."""
         taken = (~res.skipped).float()
         finite_loss = taken * res.loss.isfinite().float()
-        bad = (res.skipped & ~res.overflow).float()
+        no = torch.zeros((), dtype=torch.bool, device=res.skipped.device)
+        spike = res.spike if res.spike is not None else no
+        spike_skipped = res.spike_skipped if res.spike_skipped is not None else no
+        bad = (res.skipped & ~res.overflow & ~spike_skipped).float()
         # a step taken resets the run, a bad one extends it, an fp16 overflow leaves it
-        self.run.add_(bad).mul_(1 - taken)
+        self.run.add_(bad + spike_skipped.float()).mul_(1 - taken)
         row = [
             torch.where(finite_loss > 0, res.loss, 0.0),
             finite_loss,
@@ -88,12 +96,15 @@ class StepStats:
             res.skipped.float(),
             bad,
             (self.run >= self.max_bad_steps).float(),
+            spike.float(),
+            spike_skipped.float(),
         ]
-        if res.router is not None:
-            self.moe = True
-            row += [torch.where(taken > 0, r, 0.0) for r in res.router.unbind()]
         update = torch.stack(row)
         self.sums[: len(row)] += update
+        if res.router is not None:
+            self.moe = True
+            at = _AT["aux_loss_sum"]
+            self.sums[at : at + 2] += torch.where(taken > 0, res.router, 0.0)
         # a flag, not a count: any bad run that reached the limit
         self.sums[_AT["diverged"]].clamp_(max=1)
 
@@ -118,6 +129,8 @@ class StepStats:
             aux_loss_sum=got["aux_loss_sum"],
             expert_load_sum=got["expert_load_sum"],
             stop=got["stop"] > 0,
+            spikes=got["spikes"],
+            spike_skipped=got["spike_skipped"],
             bad_in_row=round(values[-1] / self.world),
             world=self.world,
             moe=self.moe,

@@ -1,8 +1,9 @@
-"""Stop on signal: the first SIGINT/SIGTERM becomes a flag the training loop polls, so the run
-finishes its step and saves before it ends. One process polls it after every step (a host flag,
-no device read); under torchrun the ranks agree on it at the next log step, in the collective
-that reads the steps' results anyway (trainer/step_stats.py), so at most ``trainer.log_every``
-steps later."""
+"""Stop on signal: the first SIGINT/SIGTERM/SIGUSR1 becomes a flag the training loop polls, so
+the run finishes its step and saves before it ends (SIGUSR1 is what a cluster scheduler sends
+ahead of a time limit or preemption: Slurm's ``--signal=USR1@120``). One process polls it after
+every step (a host flag, no device read); under torchrun the ranks agree on it at the next log
+step, in the collective that reads the steps' results anyway (trainer/step_stats.py), so at most
+``trainer.log_every`` steps later."""
 
 from __future__ import annotations
 
@@ -11,9 +12,14 @@ import sys
 import threading
 from types import FrameType, TracebackType
 
+# SIGUSR1 does not exist on Windows
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name)
+)
+
 
 class StopRequest:
-    """Context manager that turns the first SIGINT/SIGTERM into a flag the loop polls.
+    """Context manager that turns the first SIGINT/SIGTERM/SIGUSR1 into a flag the loop polls.
 
     A second SIGINT raises KeyboardInterrupt at once (for a step that never ends).
     """
@@ -39,7 +45,7 @@ class StopRequest:
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
