@@ -6,6 +6,11 @@ one shape are stacked into one ``(N, rows, cols)`` tensor and iterated with batc
 (benchmarks/results/muon.md), bf16 elsewhere as torch does; momentum, weight decay and the update run as ``torch._foreach_*`` ops
 over the whole group.
 
+A 3-D parameter (a layer's experts, ``(E, rows, cols)``) is a batch of matrices, each
+orthogonalised on its own (:func:`optim.muon_math.as_matrices`; a group's ``split_rows`` cuts each
+expert's rows further, a fused gate|up into its gate and up), batched with the other matrices of
+its shape: torch.optim.Muon refuses such parameters.
+
 Everything else is torch.optim.Muon's: the constructor, ``param_groups``, the per-parameter
 ``momentum_buffer`` state (so a checkpoint loads into either class and resumes exactly), the
 coefficients, eps, ns_steps, nesterov, ``adjust_lr_fn`` and the decoupled weight decay. With
@@ -21,10 +26,40 @@ import torch
 from torch import Tensor
 from torch.optim import Muon
 
-from optim.muon_math import adjusted_lr, default_dtype, newton_schulz
+from optim.muon_math import adjusted_lr, as_matrices, default_dtype, matrix_shape, newton_schulz
 
 
-class BatchedMuon(Muon):
+class MatrixBatchMuon(Muon):
+    """torch.optim.Muon that also holds 3-D parameters, each a batch of matrices
+    (:func:`optim.muon_math.as_matrices`; a param group's ``split_rows``, default 1, cuts each
+    one's rows into that many matrices). The base of :class:`BatchedMuon` and of
+    ``optim.sharded_muon.ShardedMuon``; their steps do the orthogonalising."""
+
+    def __init__(self, params: Any, *args: Any, **kw: Any) -> None:
+        given = list(params)
+        groups = given if given and isinstance(given[0], dict) else [{"params": given}]
+        groups = [{**g, "params": _tensors(g["params"])} for g in groups]
+        # torch.optim.Muon checks that each parameter is 2-D in its constructor: it is built with
+        # a 2-D stand-in for each 3-D one (so torch's own argument checks and defaults run), then
+        # holds the real parameters.
+        super().__init__(
+            [{**g, "params": [_stand_in(p) for p in g["params"]]} for g in groups], *args, **kw
+        )
+        for mine, group in zip(self.param_groups, groups, strict=True):
+            for p in group["params"]:
+                matrix_shape(p.shape, int(mine.get("split_rows", 1)))  # the split fits
+            mine["params"] = group["params"]
+
+
+def _tensors(params: Tensor | Any) -> list[Tensor]:
+    return [params] if isinstance(params, Tensor) else list(params)
+
+
+def _stand_in(p: Tensor) -> Tensor:
+    return torch.empty(0, 0, device="meta") if p.ndim == 3 else p
+
+
+class BatchedMuon(MatrixBatchMuon):
     """torch.optim.Muon whose step orthogonalises same-shaped matrices as one batch, in
     ``ns_dtype`` (None: :func:`optim.muon_math.default_dtype` of the parameters' device;
     ``torch.bfloat16`` is torch.optim.Muon's step bit for bit)."""
@@ -57,15 +92,17 @@ class BatchedMuon(Muon):
         lr = float(group["lr"])
         torch._foreach_lerp_(bufs, grads, 1 - momentum)
         updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
+        split = int(group.get("split_rows", 1))
+        matrices = [as_matrices(u, split) for u in updates]  # (n_i, rows, cols) each
         batches: dict[tuple[torch.Size, torch.device], list[int]] = defaultdict(list)
         for i, p in enumerate(params):
-            batches[(p.shape, p.device)].append(i)
+            batches[(matrices[i].shape[1:], p.device)].append(i)
         for (shape, device), members in batches.items():
             ps = [params[i] for i in members]
             # A tensor, not a float: foreach rounds a float factor to a bf16 parameter's dtype
             # first, where torch's param.mul_(float) multiplies in float32.
             torch._foreach_mul_(ps, torch.tensor(1 - lr * group["weight_decay"], device=device))
-            stacked = torch.stack([updates[i] for i in members])
+            stacked = torch.cat([matrices[i] for i in members])
             ortho = newton_schulz(
                 stacked,
                 group["ns_coefficients"],
@@ -74,4 +111,7 @@ class BatchedMuon(Muon):
                 self.ns_dtype or default_dtype(device),
             )
             step_lr = adjusted_lr(lr, group["adjust_lr_fn"], shape)
-            torch._foreach_add_(ps, list(ortho.unbind(0)), alpha=-step_lr)
+            pieces = torch.split(ortho, [len(matrices[i]) for i in members])
+            torch._foreach_add_(
+                ps, [m.reshape(p.shape) for m, p in zip(pieces, ps, strict=True)], alpha=-step_lr
+            )

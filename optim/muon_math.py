@@ -49,11 +49,28 @@ def newton_schulz(
     return x.mT if tall else x
 
 
-def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
-    """torch.optim.Muon's shape-dependent learning rate (``adjust_lr_fn``), rewritten because
-    torch keeps it private: "original" scales by sqrt(max(1, rows/cols)), "match_rms_adamw" by
-    0.2 * sqrt(max(rows, cols))."""
-    rows, cols = shape[:2]
+def matrix_shape(shape: torch.Size | tuple[int, ...], split_rows: int = 1) -> tuple[int, int]:
+    """(rows, cols) of each matrix Muon orthogonalises on its own in a parameter of ``shape``:
+    its trailing two dimensions, the rows cut into ``split_rows`` equal blocks (a fused gate|up
+    weight holds two matrices, gate and up)."""
+    rows, cols = shape[-2:]
+    if rows % split_rows:
+        raise ValueError(f"{rows} rows do not split into {split_rows} equal matrices")
+    return rows // split_rows, cols
+
+
+def as_matrices(t: Tensor, split_rows: int = 1) -> Tensor:
+    """``t`` as the ``(N, rows, cols)`` batch of the matrices Muon orthogonalises on its own
+    (:func:`matrix_shape`): one for a 2-D weight, E for a 3-D stack of E experts' (E x
+    ``split_rows`` for a fused gate|up). A view when ``t`` is contiguous."""
+    return t.reshape(-1, *matrix_shape(t.shape, split_rows))
+
+
+def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size | tuple[int, ...]) -> float:
+    """torch.optim.Muon's shape-dependent learning rate (``adjust_lr_fn``) for a matrix of
+    ``shape`` (rows, cols), rewritten because torch keeps it private: "original" scales by
+    sqrt(max(1, rows/cols)), "match_rms_adamw" by 0.2 * sqrt(max(rows, cols))."""
+    rows, cols = shape[-2:]
     if adjust_lr_fn is None or adjust_lr_fn == "original":
         return lr * math.sqrt(max(1.0, rows / cols))
     if adjust_lr_fn == "match_rms_adamw":

@@ -19,23 +19,23 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
-from torch.optim import Muon
 
-from optim.muon_math import adjusted_lr, default_dtype, newton_schulz
+from optim.batched_muon import MatrixBatchMuon
+from optim.muon_math import adjusted_lr, as_matrices, default_dtype, matrix_shape, newton_schulz
 
 
 def orthogonalize(update: Tensor, group: dict[str, Any]) -> Tensor:
-    """Muon's Newton-Schulz orthogonalisation of one 2-D ``update``, with ``group``'s
-    coefficients, steps and eps, in the dtype one process uses on that device (BatchedMuon's), so
-    a sharded run matches one process."""
+    """Muon's Newton-Schulz orthogonalisation of a 2-D ``update``, or of each matrix of a 3-D one
+    (:func:`optim.muon_math.as_matrices`), with ``group``'s coefficients, steps and eps, in the
+    dtype one process uses on that device (BatchedMuon's), so a sharded run matches one process."""
     out = newton_schulz(
-        update.unsqueeze(0),
+        as_matrices(update, int(group.get("split_rows", 1))),
         group["ns_coefficients"],
         group["ns_steps"],
         group["eps"],
         default_dtype(update.device),
     )
-    return out[0]
+    return out.reshape(update.shape)
 
 
 def _row_shards(rows: int, world: int) -> list[int]:
@@ -53,11 +53,13 @@ def _is_row_sharded(param: Tensor) -> bool:
     )
 
 
-class ShardedMuon(Muon):
+class ShardedMuon(MatrixBatchMuon):
     """torch.optim.Muon for FSDP2 parameters (same state layout: ``momentum_buffer`` per
     parameter, a DTensor shaped like it), each matrix's Newton-Schulz run by one owning rank.
     Parameters that are not row-sharded DTensors (another mesh, or plain tensors) are
-    orthogonalised whole on every rank, as torch.optim.Muon does."""
+    orthogonalised whole on every rank, as torch.optim.Muon does. A 3-D parameter (a layer's
+    experts, ``Shard(0)`` over the experts) is a batch of whole matrices on each rank: each rank
+    orthogonalises its own, with no collective."""
 
     # Replaced in tests to see which rank orthogonalised which matrix.
     orthogonalize: Callable[[Tensor, dict[str, Any]], Tensor] = staticmethod(orthogonalize)
@@ -71,14 +73,18 @@ class ShardedMuon(Muon):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             updates = [self._momentum_update(p, group) for p in params]
-            sharded = [i for i, p in enumerate(params) if _is_row_sharded(p)]
+            sharded = [i for i, p in enumerate(params) if _is_row_sharded(p) and p.ndim == 2]
             ortho: dict[int, Tensor] = {}
             world = params[sharded[0]].device_mesh.size() if sharded else 1
             for start in range(0, len(sharded), world):  # a round: one matrix per rank at most
                 ortho.update(self._round(sharded[start : start + world], params, updates, group))
             for i, (param, update) in enumerate(zip(params, updates, strict=True)):
-                lr = adjusted_lr(group["lr"], group["adjust_lr_fn"], param.shape)
+                shape = matrix_shape(param.shape, int(group.get("split_rows", 1)))
+                lr = adjusted_lr(group["lr"], group["adjust_lr_fn"], shape)
                 local = param.to_local() if isinstance(param, DTensor) else param
+                if param.ndim == 3 and _is_row_sharded(param):  # this rank's whole experts
+                    assert isinstance(update, DTensor)
+                    ortho[i] = self.orthogonalize(update.to_local(), group)
                 if i not in ortho:  # not row-sharded: orthogonalise the whole matrix here
                     whole = update.full_tensor() if isinstance(update, DTensor) else update
                     ortho[i] = self.orthogonalize(whole, group)

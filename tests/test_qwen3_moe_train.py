@@ -39,10 +39,13 @@ def test_muon_takes_each_expert_matrix_and_adamw_the_router() -> None:
     split = split_parameters(model)
     matrices = dict(split.matrices)
     assert [n for n, _ in split.routers] == [f"model.layers.{i}.mlp.gate.weight" for i in range(3)]
-    for e in range(8):  # one 2-D matrix per expert and projection, each orthogonalised alone
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            assert matrices[f"model.layers.0.mlp.experts.{e}.{proj}.weight"].ndim == 2
+    # Each layer's experts as two 3-D stacks, in Muon: batches of matrices orthogonalised one by
+    # one, the fused gate|up in a group of its own (two matrices per expert: gate and up).
+    assert matrices["model.layers.0.mlp.experts.gate_up_proj"].shape == (8, 384, 128)
+    assert matrices["model.layers.0.mlp.experts.down_proj"].shape == (8, 128, 192)
     opt = build_optimizers(model, OptimConfig(name="muon", warmup_steps=0), max_steps=10)
+    (fused,) = [g for g in opt.optimizers[0].param_groups if g["name"] == "fused_gate_up"]
+    assert fused["split_rows"] == 2 and len(fused["params"]) == 3
     adamw = opt.optimizers[opt.names.index("adamw")]
     (routers,) = [g for g in adamw.param_groups if g["name"] == "routers"]
     assert routers["weight_decay"] == 0.0 and len(routers["params"]) == 3
