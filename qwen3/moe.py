@@ -37,7 +37,8 @@ ExpertsImplementation = Literal["auto", "grouped_mm", "loop"]
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the experts run in: autocast's when it is on for ``x``'s device, else x's."""
     device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    return torch.get_autocast_dtype(device) if on else x.dtype
 
 
 def grouped_mm_usable(x: torch.Tensor, dtype: torch.dtype) -> bool:
