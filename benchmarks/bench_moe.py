@@ -15,6 +15,7 @@ active parameters), Muon + AdamW, the load-balancing loss included, alternating 
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 
@@ -22,12 +23,12 @@ import harness
 import torch
 
 from qwen3 import Qwen3Config
-from qwen3.moe import SparseMoeBlock
+from qwen3.moe import SparseMoeBlock, expert_counts
 
 
 def transformers_block(ours: SparseMoeBlock, cfg: Qwen3Config, impl: str) -> torch.nn.Module:
-    """transformers' Qwen3MoeSparseMoeBlock holding ``ours``' weights (its experts fused as
-    (E, 2F, C) gate_up and (E, C, F) down, as transformers 5 stores them)."""
+    """transformers' Qwen3MoeSparseMoeBlock holding ``ours``' weights (both keep the experts fused
+    as (E, 2F, C) gate_up and (E, C, F) down, transformers 5's layout)."""
     import transformers
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
@@ -36,9 +37,8 @@ def transformers_block(ours: SparseMoeBlock, cfg: Qwen3Config, impl: str) -> tor
     block = Qwen3MoeSparseMoeBlock(hf_cfg)
     with torch.no_grad():
         block.gate.weight.copy_(ours.gate.weight)
-        gate_up = [torch.cat((e.gate_proj.weight, e.up_proj.weight)) for e in ours.experts]
-        block.experts.gate_up_proj.copy_(torch.stack(gate_up))
-        block.experts.down_proj.copy_(torch.stack([e.down_proj.weight for e in ours.experts]))
+        block.experts.gate_up_proj.copy_(ours.experts.gate_up_proj)
+        block.experts.down_proj.copy_(ours.experts.down_proj)
     return block
 
 
@@ -83,10 +83,9 @@ def matmuls_only(
     flat = x.reshape(-1, x.shape[-1])
     with torch.no_grad():
         _, _, ids = ours.route(flat)
-    counts = torch.bincount(ids.reshape(-1), minlength=ours.num_experts).tolist()
-    mlps = list(ours.experts)
-    gate_up = [torch.cat((m.gate_proj.weight, m.up_proj.weight)).detach() for m in mlps]
-    down = [m.down_proj.weight.detach() for m in mlps]
+    counts = expert_counts(ids, ours.num_experts).tolist()
+    gate_up = ours.experts.gate_up_proj.detach().unbind(0)
+    down = ours.experts.down_proj.detach().unbind(0)
     c, f = x.shape[-1], down[0].shape[1]
     # Inputs of each matmul, made beforehand (values do not matter): rows, SwiGLU product,
     # output gradient, gate|up gradient.
@@ -167,8 +166,11 @@ def main() -> None:
         for p in ours.parameters():
             p.normal_(0.0, cfg.initializer_range)
     ours.to(device)
+    ours_grouped = copy.deepcopy(ours)
+    ours_grouped.experts.implementation = "grouped_mm"  # the CUDA path, here on torch's CPU kernel
     contenders = {
         "ours": ours,
+        "ours grouped_mm": ours_grouped,
         "transformers grouped_mm": transformers_block(ours, cfg, "grouped_mm").to(device),
         "transformers eager": transformers_block(ours, cfg, "eager").to(device),
     }
