@@ -103,7 +103,9 @@ def matmuls_only(
     return run
 
 
-def model_stepper(name: str, batch: torch.Tensor) -> Callable[[], float]:
+def model_stepper(
+    name: str, batch: torch.Tensor, clock: Callable[[], float] = time.perf_counter
+) -> Callable[[], float]:
     """One training step of preset ``name`` on ``batch`` as the trainer runs it; returns seconds."""
     from optim import OptimConfig, build_optimizers
     from qwen3 import Qwen3
@@ -114,19 +116,21 @@ def model_stepper(name: str, batch: torch.Tensor) -> Callable[[], float]:
     x, y = batch[:, :-1], batch[:, 1:]
 
     def step() -> float:
-        t0 = time.perf_counter()
+        t0 = clock()
         router = RouterLosses(model)
         (model(x, targets=y) + router.take()).backward()
         opt.step()
         opt.zero_grad()
-        return time.perf_counter() - t0
+        return clock() - t0
 
     return step
 
 
-def compare_models(rounds: int, batch: int, seq: int) -> None:
+def compare_models(
+    rounds: int, batch: int, seq: int, clock: Callable[[], float] = time.perf_counter
+) -> None:
     tokens = torch.randint(0, Qwen3Config.from_preset("tiny").vocab_size, (batch, seq + 1))
-    steppers = {name: model_stepper(name, tokens) for name in ("tiny", "tiny-moe")}
+    steppers = {name: model_stepper(name, tokens, clock) for name in ("tiny", "tiny-moe")}
     for step in steppers.values():
         step()  # warm-up
     print(f"training steps of {batch} x {seq}, Muon + AdamW; {rounds} alternating rounds, medians")
@@ -148,16 +152,18 @@ def main() -> None:
     parser.add_argument(
         "--cpu-time",
         action="store_true",
-        help="time the layer by this process's CPU time, not wall-clock (CPU only; steadier on a "
-        "loaded machine, where waiting for a core is not the layer's cost)",
+        help="time by this process's CPU time, not wall-clock (CPU only; steadier on a loaded "
+        "machine, where waiting for a core is not the layer's or the step's cost)",
     )
     args = parser.parse_args()
     device = harness.setup(args.device, args.threads)
     rounds = args.rounds or (3 if args.quick else 15)
     batch, seq = (4, 64) if args.quick else (args.batch, args.seq)
     print(f"machine: {harness.machine_line(device)}")
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    print(f"timed by {'CPU time' if args.cpu_time else 'wall-clock'}")
     if args.models:
-        compare_models(rounds, batch, seq)
+        compare_models(rounds, batch, seq, clock)
         return
     torch.manual_seed(args.seed)
     cfg = Qwen3Config.from_preset(args.shape)
@@ -190,10 +196,8 @@ def main() -> None:
         f"top {cfg.num_experts_per_tok}, hidden {cfg.hidden_size}; batch {batch} x {seq}; "
         f"{rounds} alternating rounds, medians"
     )
-    clock = time.process_time if args.cpu_time else time.perf_counter
     timers = {n: timer(b, x, clock) for n, b in contenders.items()}
     timers["experts' matmuls alone"] = matmuls_only(ours, x, clock)
-    print(f"timed by {'CPU time' if args.cpu_time else 'wall-clock'}")
     runs = harness.alternate(timers, rounds)
     ours_ms = harness.median(runs["ours"])
     rows = [
