@@ -149,3 +149,32 @@ def test_two_processes_train_moe_as_one(tmp_path, fsdp: bool) -> None:
         assert [r[key] for r in got] == pytest.approx([r[key] for r in ref_rows], rel=1e-4)
     ours = Qwen3.from_pretrained(tmp_path / "runs" / "two" / "latest")
     assert ours.config.num_experts == 4
+
+
+def test_a_per_expert_training_state_says_to_start_from_its_weights(tmp_path) -> None:
+    """A training state written when each expert matrix was a parameter of its own cannot resume
+    into 3-D experts: one line naming init_from, which loads the same checkpoint's weights (the
+    Hugging Face files keep the per-expert names)."""
+    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+    from trainer.errors import CheckpointError
+    from trainer.train_state import load_train_state
+
+    cfg = Qwen3Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        num_experts=2,
+        moe_intermediate_size=8,
+    )
+    old = {"model.layers.0.mlp.experts.0.gate_proj.weight": torch.zeros(8, 32)}
+    dcp_save({"model": old}, checkpoint_id=str(tmp_path / "step-1" / "train_state"), no_dist=True)
+    model = Qwen3(cfg)
+    opts = build_optimizers(model, OptimConfig(warmup_steps=0), max_steps=2)
+    with pytest.raises(CheckpointError, match="one tensor per expert matrix") as err:
+        load_train_state(model, opts, tmp_path / "step-1" / "train_state")
+    assert f"init_from={tmp_path / 'step-1'}" in str(err.value) and "\n" not in str(err.value)
