@@ -15,6 +15,7 @@ active parameters), Muon + AdamW, the load-balancing loss included, alternating 
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 
@@ -22,12 +23,12 @@ import harness
 import torch
 
 from qwen3 import Qwen3Config
-from qwen3.moe import SparseMoeBlock
+from qwen3.moe import SparseMoeBlock, expert_counts
 
 
 def transformers_block(ours: SparseMoeBlock, cfg: Qwen3Config, impl: str) -> torch.nn.Module:
-    """transformers' Qwen3MoeSparseMoeBlock holding ``ours``' weights (its experts fused as
-    (E, 2F, C) gate_up and (E, C, F) down, as transformers 5 stores them)."""
+    """transformers' Qwen3MoeSparseMoeBlock holding ``ours``' weights (both keep the experts fused
+    as (E, 2F, C) gate_up and (E, C, F) down, transformers 5's layout)."""
     import transformers
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
@@ -36,9 +37,8 @@ def transformers_block(ours: SparseMoeBlock, cfg: Qwen3Config, impl: str) -> tor
     block = Qwen3MoeSparseMoeBlock(hf_cfg)
     with torch.no_grad():
         block.gate.weight.copy_(ours.gate.weight)
-        gate_up = [torch.cat((e.gate_proj.weight, e.up_proj.weight)) for e in ours.experts]
-        block.experts.gate_up_proj.copy_(torch.stack(gate_up))
-        block.experts.down_proj.copy_(torch.stack([e.down_proj.weight for e in ours.experts]))
+        block.experts.gate_up_proj.copy_(ours.experts.gate_up_proj)
+        block.experts.down_proj.copy_(ours.experts.down_proj)
     return block
 
 
@@ -83,10 +83,9 @@ def matmuls_only(
     flat = x.reshape(-1, x.shape[-1])
     with torch.no_grad():
         _, _, ids = ours.route(flat)
-    counts = torch.bincount(ids.reshape(-1), minlength=ours.num_experts).tolist()
-    mlps = list(ours.experts)
-    gate_up = [torch.cat((m.gate_proj.weight, m.up_proj.weight)).detach() for m in mlps]
-    down = [m.down_proj.weight.detach() for m in mlps]
+    counts = expert_counts(ids, ours.num_experts).tolist()
+    gate_up = ours.experts.gate_up_proj.detach().unbind(0)
+    down = ours.experts.down_proj.detach().unbind(0)
     c, f = x.shape[-1], down[0].shape[1]
     # Inputs of each matmul, made beforehand (values do not matter): rows, SwiGLU product,
     # output gradient, gate|up gradient.
@@ -104,7 +103,9 @@ def matmuls_only(
     return run
 
 
-def model_stepper(name: str, batch: torch.Tensor) -> Callable[[], float]:
+def model_stepper(
+    name: str, batch: torch.Tensor, clock: Callable[[], float] = time.perf_counter
+) -> Callable[[], float]:
     """One training step of preset ``name`` on ``batch`` as the trainer runs it; returns seconds."""
     from optim import OptimConfig, build_optimizers
     from qwen3 import Qwen3
@@ -115,19 +116,21 @@ def model_stepper(name: str, batch: torch.Tensor) -> Callable[[], float]:
     x, y = batch[:, :-1], batch[:, 1:]
 
     def step() -> float:
-        t0 = time.perf_counter()
+        t0 = clock()
         router = RouterLosses(model)
         (model(x, targets=y) + router.take()).backward()
         opt.step()
         opt.zero_grad()
-        return time.perf_counter() - t0
+        return clock() - t0
 
     return step
 
 
-def compare_models(rounds: int, batch: int, seq: int) -> None:
+def compare_models(
+    rounds: int, batch: int, seq: int, clock: Callable[[], float] = time.perf_counter
+) -> None:
     tokens = torch.randint(0, Qwen3Config.from_preset("tiny").vocab_size, (batch, seq + 1))
-    steppers = {name: model_stepper(name, tokens) for name in ("tiny", "tiny-moe")}
+    steppers = {name: model_stepper(name, tokens, clock) for name in ("tiny", "tiny-moe")}
     for step in steppers.values():
         step()  # warm-up
     print(f"training steps of {batch} x {seq}, Muon + AdamW; {rounds} alternating rounds, medians")
@@ -149,16 +152,18 @@ def main() -> None:
     parser.add_argument(
         "--cpu-time",
         action="store_true",
-        help="time the layer by this process's CPU time, not wall-clock (CPU only; steadier on a "
-        "loaded machine, where waiting for a core is not the layer's cost)",
+        help="time by this process's CPU time, not wall-clock (CPU only; steadier on a loaded "
+        "machine, where waiting for a core is not the layer's or the step's cost)",
     )
     args = parser.parse_args()
     device = harness.setup(args.device, args.threads)
     rounds = args.rounds or (3 if args.quick else 15)
     batch, seq = (4, 64) if args.quick else (args.batch, args.seq)
     print(f"machine: {harness.machine_line(device)}")
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    print(f"timed by {'CPU time' if args.cpu_time else 'wall-clock'}")
     if args.models:
-        compare_models(rounds, batch, seq)
+        compare_models(rounds, batch, seq, clock)
         return
     torch.manual_seed(args.seed)
     cfg = Qwen3Config.from_preset(args.shape)
@@ -167,8 +172,11 @@ def main() -> None:
         for p in ours.parameters():
             p.normal_(0.0, cfg.initializer_range)
     ours.to(device)
+    ours_grouped = copy.deepcopy(ours)
+    ours_grouped.experts.implementation = "grouped_mm"  # the CUDA path, here on torch's CPU kernel
     contenders = {
         "ours": ours,
+        "ours grouped_mm": ours_grouped,
         "transformers grouped_mm": transformers_block(ours, cfg, "grouped_mm").to(device),
         "transformers eager": transformers_block(ours, cfg, "eager").to(device),
     }
@@ -188,10 +196,8 @@ def main() -> None:
         f"top {cfg.num_experts_per_tok}, hidden {cfg.hidden_size}; batch {batch} x {seq}; "
         f"{rounds} alternating rounds, medians"
     )
-    clock = time.process_time if args.cpu_time else time.perf_counter
     timers = {n: timer(b, x, clock) for n, b in contenders.items()}
     timers["experts' matmuls alone"] = matmuls_only(ours, x, clock)
-    print(f"timed by {'CPU time' if args.cpu_time else 'wall-clock'}")
     runs = harness.alternate(timers, rounds)
     ours_ms = harness.median(runs["ours"])
     rows = [

@@ -32,16 +32,21 @@ from torch.optim import Muon, Optimizer
 
 from optim import OptimConfig
 from optim.batched_muon import BatchedMuon
-from optim.muon_math import default_dtype
-from optim.param_groups import split_parameters
+from optim.muon_math import as_matrices, default_dtype
+from optim.param_groups import split_parameters, split_rows
 from qwen3 import Qwen3
 
 
 def matrices(preset: str, device: torch.device, seed: int) -> list[torch.Tensor]:
-    """The Muon share of ``preset`` (its 2-D hidden matrices), each with a random gradient."""
+    """The Muon share of ``preset`` as the 2-D matrices torch.optim.Muon takes (each expert's gate,
+    up and down cut out of the 3-D expert stacks), each with a random gradient."""
     torch.manual_seed(seed)
     model = Qwen3(harness.config_for(preset)).to(device)
-    mats = [p.detach().clone().requires_grad_() for _, p in split_parameters(model).matrices]
+    mats = [
+        m.clone().requires_grad_()
+        for name, p in split_parameters(model).matrices
+        for m in as_matrices(p.detach(), split_rows(name))
+    ]
     for p in mats:
         p.grad = torch.randn_like(p)
     return mats

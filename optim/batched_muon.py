@@ -37,7 +37,13 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torch.optim import Muon
 
-from optim.muon_math import adjusted_lr, default_dtype, matrix_batches, newton_schulz
+from optim.muon_math import (
+    adjusted_lr,
+    default_dtype,
+    matrix_batches,
+    matrix_shape,
+    newton_schulz,
+)
 
 # Orthogonalising one batch in stages, so that one batch's transfers overlap another's iteration:
 # the batch is started (maybe a transfer in flight), then advanced (the iteration run, maybe a
@@ -51,7 +57,37 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-class BatchedMuon(Muon):
+class MatrixBatchMuon(Muon):
+    """torch.optim.Muon that also holds 3-D parameters, each a batch of matrices
+    (:func:`optim.muon_math.as_matrices`; a param group's ``split_rows``, default 1, cuts each
+    one's rows into that many matrices). The base of :class:`BatchedMuon` (and so of
+    ``optim.sharded_muon.ShardedMuon``); their steps do the orthogonalising."""
+
+    def __init__(self, params: Any, *args: Any, **kw: Any) -> None:
+        given = list(params)
+        groups = given if given and isinstance(given[0], dict) else [{"params": given}]
+        groups = [{**g, "params": _tensors(g["params"])} for g in groups]
+        # torch.optim.Muon checks that each parameter is 2-D in its constructor: it is built with
+        # a 2-D stand-in for each 3-D one (so torch's own argument checks and defaults run), then
+        # holds the real parameters.
+        super().__init__(
+            [{**g, "params": [_stand_in(p) for p in g["params"]]} for g in groups], *args, **kw
+        )
+        for mine, group in zip(self.param_groups, groups, strict=True):
+            for p in group["params"]:
+                matrix_shape(p.shape, int(mine.get("split_rows", 1)))  # the split fits
+            mine["params"] = group["params"]
+
+
+def _tensors(params: Tensor | Any) -> list[Tensor]:
+    return [params] if isinstance(params, Tensor) else list(params)
+
+
+def _stand_in(p: Tensor) -> Tensor:
+    return torch.empty(0, 0, device="meta") if p.ndim == 3 else p
+
+
+class BatchedMuon(MatrixBatchMuon):
     """torch.optim.Muon whose step orthogonalises same-shaped matrices as one batch, in
     ``ns_dtype`` (None: :func:`optim.muon_math.default_dtype` of the parameters' device;
     ``torch.bfloat16`` is torch.optim.Muon's step bit for bit). With ``process_group`` (DDP: the
@@ -133,7 +169,7 @@ class BatchedMuon(Muon):
         # apply them in order.
         launched = [
             (members, self._orthogonalize_batch(group, members, params, updates))
-            for members in matrix_batches(params, self._batch_key)
+            for members in matrix_batches(params, self._batch_key, _split(group))
         ]
         advanced = [(members, pending()) for members, pending in launched]
         keep = None if skip is None else (~skip).float()  # 1 = apply, 0 = skipped
@@ -149,7 +185,8 @@ class BatchedMuon(Muon):
                 decay = decay.masked_fill(skip.to(device), 1)
                 torch._foreach_mul_(results, keep.to(device))  # finite, so 0 * it is 0
             torch._foreach_mul_(batch, decay)
-            step_lr = adjusted_lr(lr, group["adjust_lr_fn"], params[members[0]].shape)
+            shape = matrix_shape(params[members[0]].shape, _split(group))
+            step_lr = adjusted_lr(lr, group["adjust_lr_fn"], shape)
             shaped = [r.reshape(p.shape) for r, p in zip(results, batch, strict=True)]
             torch._foreach_add_(batch, shaped, alpha=-step_lr)
 
@@ -164,7 +201,7 @@ class BatchedMuon(Muon):
         """Start orthogonalising ``updates[i]`` for ``i`` in ``members`` (parameters of one
         trailing 2-D shape, each a stack of its matrices); the returned call finishes it."""
         mats = [updates[i] for i in members]
-        rows, cols = mats[0].shape[-2:]
+        rows, cols = matrix_shape(mats[0].shape, _split(group))
         stacked = torch.cat([m.reshape(-1, rows, cols) for m in mats])  # (N, rows, cols)
         dtype = self._ns_dtype(stacked.device)
         pg = self.process_group
@@ -189,6 +226,11 @@ class BatchedMuon(Muon):
         return lambda: finish
 
 
+def _split(group: dict[str, Any]) -> int:
+    """The group's ``split_rows``: matrices per (rows, cols) slice (2 for a fused gate|up)."""
+    return int(group.get("split_rows", 1))
+
+
 def _ready(results: list[Tensor]) -> Pending:
     return lambda: lambda: results
 
@@ -196,5 +238,5 @@ def _ready(results: list[Tensor]) -> Pending:
 def _split_like(stacked: Tensor, mats: list[Tensor]) -> list[Tensor]:
     """``stacked`` (N, rows, cols) cut back into one piece per tensor of ``mats``, each shaped
     like it."""
-    sizes = [m.numel() // (m.shape[-2] * m.shape[-1]) for m in mats]
+    sizes = [m.numel() // (stacked.shape[-2] * stacked.shape[-1]) for m in mats]
     return [s.reshape(m.shape) for s, m in zip(torch.split(stacked, sizes), mats, strict=True)]

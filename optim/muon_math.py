@@ -50,7 +50,24 @@ def newton_schulz(
     return x.mT if tall else x
 
 
-def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
+def matrix_shape(shape: torch.Size | tuple[int, ...], split_rows: int = 1) -> tuple[int, int]:
+    """(rows, cols) of each matrix Muon orthogonalises on its own in a parameter of ``shape``:
+    its trailing two dimensions, the rows cut into ``split_rows`` equal blocks (a fused gate|up
+    weight holds two matrices, gate and up)."""
+    rows, cols = shape[-2:]
+    if rows % split_rows:
+        raise ValueError(f"{rows} rows do not split into {split_rows} equal matrices")
+    return rows // split_rows, cols
+
+
+def as_matrices(t: Tensor, split_rows: int = 1) -> Tensor:
+    """``t`` as the ``(N, rows, cols)`` batch of the matrices Muon orthogonalises on its own
+    (:func:`matrix_shape`): one for a 2-D weight, E for a 3-D stack of E experts' (E x
+    ``split_rows`` for a fused gate|up). A view when ``t`` is contiguous."""
+    return t.reshape(-1, *matrix_shape(t.shape, split_rows))
+
+
+def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size | tuple[int, ...]) -> float:
     """torch.optim.Muon's shape-dependent learning rate (``adjust_lr_fn``), rewritten because
     torch keeps it private: "original" scales by sqrt(max(1, rows/cols)), "match_rms_adamw" by
     0.2 * sqrt(max(rows, cols)), of the trailing two dimensions (a stack of matrices, such as an
@@ -64,18 +81,19 @@ def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float
 
 
 def matrix_batches(
-    params: list[Tensor], key: Callable[[Tensor], Hashable] | None = None
+    params: list[Tensor], key: Callable[[Tensor], Hashable] | None = None, split_rows: int = 1
 ) -> list[list[int]]:
-    """Indices of ``params`` grouped into batches orthogonalised together: same trailing 2-D
-    shape, device and dtype (and ``key``, if given), in order of first appearance (the same on
-    every rank). A parameter of more than two dimensions is a stack of matrices, one batch
-    member per slice of its leading dimensions."""
+    """Indices of ``params`` grouped into batches orthogonalised together: same matrix shape
+    (:func:`matrix_shape` with ``split_rows``), device and dtype (and ``key``, if given), in order
+    of first appearance (the same on every rank). A parameter of more than two dimensions is a
+    stack of matrices, one batch member per slice of its leading dimensions."""
     batches: dict[Hashable, list[int]] = {}
     for i, p in enumerate(params):
         if p.ndim < 2:
             raise ValueError(
                 f"Muon orthogonalises matrices; got a tensor of shape {tuple(p.shape)}"
             )
-        k = (tuple(p.shape[-2:]), p.device, p.dtype, key(p) if key is not None else None)
+        shape = matrix_shape(p.shape, split_rows)
+        k = (shape, p.device, p.dtype, key(p) if key is not None else None)
         batches.setdefault(k, []).append(i)
     return list(batches.values())

@@ -16,7 +16,7 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from optim.batched_muon import BatchedMuon
 from optim.config import OptimConfig
-from optim.param_groups import ParamSplit, split_parameters
+from optim.param_groups import ParamSplit, split_parameters, split_rows
 from optim.schedules import fit_warmup, lr_lambda, muon_momentum
 from optim.sharded_muon import ShardedMuon
 
@@ -273,8 +273,14 @@ def build_optimizers(
         _check_muon_dtypes(cfg, split)
         # FSDP2-sharded matrices (DTensors) are orthogonalised whole, once per step.
         sharded = any(isinstance(p, DTensor) for _, p in split.matrices)
+        # Fused gate|up expert stacks in a group of their own: two matrices per expert.
+        muon_groups = [
+            {"name": name, "params": ps, **({"split_rows": rows} if rows > 1 else {})}
+            for name, rows in (("matrices", 1), ("fused_gate_up", 2))
+            if (ps := [p for n, p in split.matrices if split_rows(n) == rows])
+        ]
         optimizers["muon"] = (ShardedMuon if sharded else BatchedMuon)(
-            [{"name": "matrices", "params": [p for _, p in split.matrices]}],
+            muon_groups,
             lr=cfg.lr,
             weight_decay=cfg.weight_decay,
             momentum=cfg.momentum,

@@ -13,21 +13,33 @@ from torch import Tensor, nn
 # The router of a mixture-of-experts block, in Hugging Face's Qwen3-MoE names (a dense MLP has no
 # ``gate``, its projection is ``gate_proj``); by name, so wrappers' prefixes and FSDP keep it.
 ROUTER_SUFFIX = "mlp.gate.weight"
+# A mixture-of-experts block's experts as 3-D stacks (transformers 5's names): ``gate_up_proj``
+# (E, 2F, C) holds each expert's gate and up matrices, ``down_proj`` (E, C, F) its down matrix.
+EXPERTS_INFIX = "mlp.experts."
+FUSED_GATE_UP_SUFFIX = "mlp.experts.gate_up_proj"
+
+
+def split_rows(name: str) -> int:
+    """How many matrices Muon orthogonalises on their own in each (rows, cols) slice of the
+    matrix parameter ``name``: 2 for a fused gate|up (its gate and up halves, as a dense MLP's
+    are two parameters), else 1."""
+    return 2 if name.endswith(FUSED_GATE_UP_SUFFIX) else 1
 
 
 @dataclass
 class ParamSplit:
     """Trainable parameters of a model, each in exactly one list, as (name, tensor) pairs.
 
-    matrices: every other 2-D weight; in Qwen3 exactly the q/k/v/o and gate/up/down
-        projections inside the transformer blocks, each expert's own in a mixture of experts
-        (so Muon orthogonalises every expert's matrices separately). Muon's share under name="muon".
+    matrices: every other 2-D weight, and the 3-D expert stacks of a mixture of experts; in Qwen3
+        exactly the q/k/v/o and gate/up/down projections inside the transformer blocks. Muon's
+        share under name="muon", which orthogonalises every expert's gate, up and down matrix
+        on its own (:func:`split_rows`).
     routers: the router (``mlp.gate``) of each mixture-of-experts block: AdamW, no weight decay.
         A (E, C) matrix of a handful of rows whose softmax picks the experts; Muon's orthogonal
         update would give each expert's row the same norm of change whatever its gradient.
     embeddings: token embedding and output head weights (tied or not).
     no_decay: norm weights, biases and every other 1-D (or 0-D) parameter.
-    other: parameters of 3 or more dimensions (none in Qwen3); AdamW with weight decay.
+    other: any other parameter of 3 or more dimensions (none in Qwen3); AdamW with weight decay.
     """
 
     matrices: list[tuple[str, Tensor]] = field(default_factory=list)
@@ -69,7 +81,7 @@ def split_parameters(model: nn.Module) -> ParamSplit:
             split.embeddings.append((name, param))
         elif name.endswith(ROUTER_SUFFIX):
             split.routers.append((name, param))
-        elif param.ndim == 2:
+        elif param.ndim == 2 or (param.ndim == 3 and EXPERTS_INFIX in name):
             split.matrices.append((name, param))
         elif param.ndim < 2:
             split.no_decay.append((name, param))

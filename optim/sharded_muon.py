@@ -29,7 +29,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from optim.batched_muon import BatchedMuon, Finish, Pending, _ready, _split_like, local
+from optim.batched_muon import BatchedMuon, Finish, Pending, _ready, _split, _split_like, local
+from optim.muon_math import matrix_shape
 
 
 def _row_shards(rows: int, world: int) -> list[int]:
@@ -66,8 +67,8 @@ class ShardedMuon(BatchedMuon):
         first = params[members[0]]
         mats = [updates[i] for i in members]  # local parts
         placement = _placement(first)
-        if placement == "rows":
-            assert isinstance(first, DTensor)
+        if placement == "rows":  # a 2-D matrix: one per (rows, cols), no split_rows
+            assert isinstance(first, DTensor) and _split(group) == 1
             return self._exchange(group, first, [local(m) for m in mats])
         if placement == "stack":  # whole matrices on every rank: iterate where they are
             return super()._orthogonalize_batch(
@@ -82,7 +83,7 @@ class ShardedMuon(BatchedMuon):
             else m
             for m, p in zip(mats, (params[i] for i in members), strict=True)
         ]
-        rows, cols = wholes[0].shape[-2:]
+        rows, cols = matrix_shape(wholes[0].shape, _split(group))
         stacked = torch.cat([w.reshape(-1, rows, cols) for w in wholes])
         out = _split_like(
             self.orthogonalize(stacked, group, self._ns_dtype(stacked.device)), wholes

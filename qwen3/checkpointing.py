@@ -35,13 +35,15 @@ MODES: tuple[str, ...] = ("none", "full", "selective")
 
 @functools.cache
 def _saved_ops() -> frozenset[Any]:
-    """The ops whose outputs selective checkpointing saves: matmuls and every SDPA kernel that
-    exists in this torch build (CPU, flash, memory-efficient, cuDNN, math)."""
+    """The ops whose outputs selective checkpointing saves: matmuls (the MoE experts' grouped
+    one too) and every SDPA kernel that exists in this torch build (CPU, flash,
+    memory-efficient, cuDNN, math)."""
     aten = torch.ops.aten
     names = (
         "mm",
         "addmm",
         "bmm",
+        "_grouped_mm",
         "_scaled_dot_product_flash_attention",
         "_scaled_dot_product_flash_attention_for_cpu",
         "_scaled_dot_product_efficient_attention",

@@ -176,18 +176,21 @@ def _storage_type(name: str, data: np.ndarray, dtype: str) -> gguf.GGMLQuantizat
 
 
 def _gguf_tensors(model: Qwen3) -> Iterator[tuple[str, torch.Tensor]]:
-    """The state dict under Hugging Face names, each sparse layer's experts stacked per projection
-    into one (E, out, in) tensor named ``...mlp.experts.{proj}.weight``, as llama.cpp's converter
-    writes them."""
-    experts: dict[str, list[torch.Tensor]] = {}
+    """The state dict under Hugging Face names, each sparse layer's experts as one (E, out, in)
+    tensor per projection named ``...mlp.experts.{proj}.weight``, as llama.cpp's converter writes
+    them (the fused gate|up parameter split into its gate and up halves), after every other
+    tensor, layer by layer."""
+    experts: list[tuple[str, torch.Tensor]] = []
     for hf_name, tensor in model.state_dict().items():
-        parts = hf_name.split(".")  # model.layers.{i}.mlp.experts.{e}.{proj}.weight
-        if len(parts) == 8 and parts[3:5] == ["mlp", "experts"]:
-            experts.setdefault(".".join(parts[:5] + parts[6:]), []).append(tensor)
-            continue
-        yield hf_name, tensor
-    for name, tensors in experts.items():
-        yield name, torch.stack(tensors)
+        prefix, _, proj = hf_name.rpartition(".")  # model.layers.{i}.mlp.experts.{proj}
+        if not prefix.endswith(".mlp.experts"):
+            yield hf_name, tensor
+        elif proj == "gate_up_proj":
+            gate, up = (half.contiguous() for half in tensor.chunk(2, dim=1))
+            experts += [(f"{prefix}.gate_proj.weight", gate), (f"{prefix}.up_proj.weight", up)]
+        else:
+            experts.append((f"{prefix}.{proj}.weight", tensor))
+    yield from experts
 
 
 def _add_tensors(writer: gguf.GGUFWriter, model: Qwen3, dtype: str) -> None:

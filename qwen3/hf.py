@@ -1,11 +1,14 @@
 """Read and write Hugging Face Qwen3 and Qwen3-MoE directories (config.json + safetensors, sharded
-or not). A Qwen3-MoE model's experts keep the released per-expert names
-(``mlp.experts.{e}.gate_proj.weight``), which transformers reads and writes too."""
+or not). A Qwen3-MoE model holds each layer's experts as two 3-D parameters
+(``mlp.experts.gate_up_proj`` (E, 2F, C), ``mlp.experts.down_proj`` (E, C, F), transformers 5's
+layout); files keep the released per-expert names (``mlp.experts.{e}.gate_proj.weight``), which
+transformers reads and writes too, and the fused names load as well."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -35,6 +38,23 @@ def _weight_files(path: Path) -> dict[str, Path]:
     )
 
 
+def _released_parts(name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    """The per-expert tensors of the released checkpoints that make up the fused expert parameter
+    ``name`` of ``shape``, in the order of its rows (expert by expert; within an expert of
+    ``gate_up_proj`` its gate rows, then its up rows); [] for any other tensor."""
+    prefix, _, proj = name.rpartition(".")
+    if not prefix.endswith(".mlp.experts") or len(shape) != 3:
+        return []
+    e, rows, cols = shape
+    if proj == "gate_up_proj":
+        kinds = [("gate_proj", rows // 2), ("up_proj", rows // 2)]
+    elif proj == "down_proj":
+        kinds = [("down_proj", rows)]
+    else:
+        return []
+    return [(f"{prefix}.{i}.{kind}.weight", (n, cols)) for i in range(e) for kind, n in kinds]
+
+
 def load_pretrained(
     path: str | Path,
     device: torch.device | str | None = None,
@@ -57,41 +77,52 @@ def load_pretrained(
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
     files = _weight_files(path)
+    # Each fused expert parameter is read whole if the files hold it so (transformers 5's fused
+    # layout), else from its released per-expert tensors.
+    parts = {
+        n: ps
+        for n, shape in expected.items()
+        if n not in files and (ps := _released_parts(n, shape))
+    }
+    wanted = {n: shape for n, shape in expected.items() if n not in parts}
+    wanted.update(part for ps in parts.values() for part in ps)
 
-    missing = sorted(set(expected) - set(files))
-    extra = sorted(set(files) - set(expected) - {"lm_head.weight"})
+    missing = sorted(set(wanted) - set(files))
+    extra = sorted(set(files) - set(wanted) - {"lm_head.weight"})
     if missing or extra:
-        parts = []
+        problems = []
         if missing:
-            parts.append(
+            problems.append(
                 f"missing tensors: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
             )
         if extra:
-            parts.append(
+            problems.append(
                 f"unexpected tensors: {', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''}"
             )
         raise ValueError(
-            f"{path} does not match its config.json ({'; '.join(parts)}); the checkpoint is incomplete "
+            f"{path} does not match its config.json ({'; '.join(problems)}); the checkpoint is incomplete "
             "or was written for another architecture."
         )
 
     target_dtype = dtype
     tensors: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
-    for name in expected:
+    for name in wanted:
         by_file.setdefault(files[name], []).append(name)
     for file, names in by_file.items():
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in names:
                 t = f.get_tensor(name)
-                if tuple(t.shape) != expected[name]:
+                if tuple(t.shape) != wanted[name]:
                     raise ValueError(
                         f"{path}: tensor {name} has shape {tuple(t.shape)}, but config.json implies "
-                        f"{expected[name]}; the weights and config.json disagree."
+                        f"{wanted[name]}; the weights and config.json disagree."
                     )
                 if target_dtype is None and t.is_floating_point():
                     target_dtype = t.dtype
                 tensors[name] = t
+    for name, ps in parts.items():  # the experts' matrices, joined one parameter at a time
+        tensors[name] = torch.cat([tensors.pop(p) for p, _ in ps]).view(expected[name])
 
     model = model.to_empty(device=device or "cpu")
     model.model.rotary_emb.reset()
@@ -132,13 +163,15 @@ def save_pretrained(model: Qwen3, path: str | Path, write: bool = True) -> None:
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, t in tensors:
-        size = t.numel() * t.element_size()
-        header[name] = {
-            "dtype": _SAFETENSORS_DTYPES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
+        # A fused expert parameter is written as its released per-expert matrices, in row order.
+        for part, shape in _released_parts(name, tuple(t.shape)) or [(name, tuple(t.shape))]:
+            size = math.prod(shape) * t.element_size()
+            header[part] = {
+                "dtype": _SAFETENSORS_DTYPES[t.dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
+            offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
     # safetensors.save_file needs every tensor in memory at once; its documented layout (header

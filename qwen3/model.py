@@ -15,6 +15,7 @@ from qwen3.config import Qwen3Config
 from qwen3.device import compute_dtype
 from qwen3.layers import DecoderLayer, RMSNorm, RotaryEmbedding
 from qwen3.loss import ChunkFn, linear_cross_entropy, linear_cross_entropy_stats
+from qwen3.moe import Experts
 from qwen3.projections import inference_linear
 
 
@@ -113,6 +114,9 @@ class Qwen3(nn.Module):
                 _draw_normal(module.weight, residual_std if scaled else std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+            elif isinstance(module, Experts):  # each expert's matrices, as Linear's above
+                _draw_normal(module.gate_up_proj, std)
+                _draw_normal(module.down_proj, residual_std)
             elif isinstance(module, nn.Embedding):
                 _draw_normal(module.weight, std)
             elif isinstance(module, RMSNorm):
@@ -192,9 +196,10 @@ class Qwen3(nn.Module):
         matmul_params: float = sum(
             m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear)
         )
-        expert_params = sum(p.numel() for n, p in self.named_parameters() if ".experts." in n)
-        if expert_params:
-            matmul_params -= expert_params * (1 - c.num_experts_per_tok / c.num_experts)
+        for m in self.modules():
+            if isinstance(m, Experts):
+                experts = m.gate_up_proj.numel() + m.down_proj.numel()
+                matmul_params += experts * c.num_experts_per_tok / c.num_experts
         attention = 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
         return 6.0 * matmul_params + attention
 

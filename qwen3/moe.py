@@ -1,64 +1,138 @@
 """The sparse mixture-of-experts block of Qwen3-MoE and its load-balancing loss.
 
-Same maths and parameter names as transformers' ``Qwen3MoeSparseMoeBlock``: a router
-(``gate``, no bias) gives a softmax over the experts, each token goes to its top-k of them
-(weights renormalised to sum to 1 when ``norm_topk_prob``), and each expert is a SwiGLU MLP.
-The experts are kept as separate modules (``experts.{i}.gate_proj`` ...), the layout of the
-released checkpoints, so a checkpoint is a Hugging Face directory as it stands and Muon
-orthogonalises each expert's matrices on their own.
+Same maths as transformers' ``Qwen3MoeSparseMoeBlock``: a router (``gate``, no bias) gives a
+softmax over the experts, each token goes to its top-k of them (weights renormalised to sum to 1
+when ``norm_topk_prob``), and each expert is a SwiGLU MLP. The experts are two 3-D parameters in
+transformers 5's layout (``experts.gate_up_proj`` (E, 2F, C), gate rows then up rows, and
+``experts.down_proj`` (E, C, F)), which the grouped matmul takes as they are: no per-forward
+stack, so nothing but the parameters themselves and activations is saved for backward, and FSDP
+can free what it gathered. Checkpoints keep the released per-expert names
+(``experts.{e}.gate_proj.weight``, qwen3.hf), and Muon orthogonalises each expert's gate, up and
+down matrices on their own, batched (optim.param_groups).
 
 Dispatch goes by expert: the routed (token, expert) pairs are sorted by expert once, each expert
-runs once on its contiguous group (on CUDA in bf16 all of them in one ``F.grouped_mm``; elsewhere
-one autograd Function over all experts, ``qwen3.moe_experts``), and each result, scaled by its
-routing weight, is added to its token's row. No expert ever sees a token not routed to it.
+runs once on its contiguous group (``F.grouped_mm`` on CUDA in bf16 and in compiled bf16 graphs;
+otherwise one autograd Function over all experts, ``qwen3.moe_experts``), and each result,
+scaled by its routing weight, is added to its token's row. No expert ever sees a token not
+routed to it. Counting the rows per expert reads nothing back to the host on the grouped path
+(``torch.bincount`` would, and would break a compiled graph).
 Shapes: N tokens, k experts per token, E experts, C hidden size, F expert width.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qwen3.config import Qwen3Config
-from qwen3.layers import MLP
 from qwen3.moe_experts import swiglu_experts
 
+ExpertsImplementation = Literal["auto", "grouped_mm", "loop"]
 
-def _grouped_mm_usable(x: torch.Tensor) -> bool:
-    """Whether to run the experts through ``F.grouped_mm``: on CUDA in bfloat16 (what its kernels
-    take, SM 8.0 and newer), by dtype or by autocast. Its float32 CPU kernel is no faster than
-    one ``torch.mm`` per expert at our sizes (2 cores, tiny-moe's width), so the CPU keeps
-    :func:`qwen3.moe_experts.swiglu_experts`."""
-    if not x.is_cuda or torch.cuda.get_device_capability(x.device) < (8, 0):
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the experts run in: autocast's when it is on for ``x``'s device, else x's."""
+    device = x.device.type
+    on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    return torch.get_autocast_dtype(device) if on else x.dtype
+
+
+def grouped_mm_usable(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``auto`` runs the experts through ``F.grouped_mm`` (feature-detected: older
+    torch lacks it): in bfloat16 (what its kernels and its meta function take), on CUDA SM 8.0
+    and newer, or on CPU inside a compiled graph, where the loop's row counts would be a graph
+    break. Eager CPU keeps :func:`qwen3.moe_experts.swiglu_experts`: the float32 CPU kernel is
+    no faster than one ``torch.mm`` per expert at our sizes (benchmarks/results/moe.md)."""
+    if not hasattr(F, "grouped_mm") or dtype != torch.bfloat16:
         return False
-    autocast_bf16 = torch.is_autocast_enabled("cuda") and (
-        torch.get_autocast_dtype("cuda") == torch.bfloat16
-    )
-    return x.dtype == torch.bfloat16 or autocast_bf16
+    if x.is_cuda:
+        return torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return bool(torch.compiler.is_compiling())
 
 
 def grouped_swiglu(
-    xs: torch.Tensor,  # (N*k, C) routed rows, sorted by expert
-    counts: torch.Tensor,  # (E,) rows per expert
-    experts: Iterable[MLP],
-    dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Every expert's SwiGLU on its rows as two grouped matmuls (``F.grouped_mm``; gate and up
-    stacked), equal to the loop over experts in :meth:`SparseMoeBlock.forward`, computed in
-    ``dtype`` (the kernel does not autocast). The per-expert weights are stacked on each call:
-    the parameters stay one matrix per expert (HF names, Muon per matrix)."""
-    mlps = list(experts)
-    dtype = dtype or xs.dtype
-    offs = counts.cumsum(0).to(torch.int32)
-    gate_up = torch.stack([torch.cat((m.gate_proj.weight, m.up_proj.weight)) for m in mlps])
-    down = torch.stack([m.down_proj.weight for m in mlps])  # (E, C, F)
-    h = F.grouped_mm(xs.to(dtype), gate_up.to(dtype).transpose(1, 2), offs=offs)
+    xs: torch.Tensor,  # (R, C) routed rows, sorted by expert
+    offsets: torch.Tensor,  # (E,) int32: the end of each expert's rows
+    gate_up: torch.Tensor,  # (E, 2F, C)
+    down: torch.Tensor,  # (E, C, F)
+) -> torch.Tensor:  # (R, C)
+    """Every expert's SwiGLU on its rows as two grouped matmuls, in the operands' dtype (the
+    kernel does not autocast). The weights go in as transposed views of the parameters: the
+    kernel saves them for backward as they are, so no copy of them outlives the call."""
+    h = F.grouped_mm(xs, gate_up.transpose(1, 2), offs=offsets)  # (R, 2F)
     gate, up = h.chunk(2, dim=-1)
     # The kernel takes only dense gradients: keep the product contiguous for its backward.
-    return F.grouped_mm((F.silu(gate) * up).contiguous(), down.to(dtype).transpose(1, 2), offs=offs)
+    return F.grouped_mm((F.silu(gate) * up).contiguous(), down.transpose(1, 2), offs=offsets)
+
+
+def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """How many of ``ids`` (any shape, int64) name each expert: (E,) int64, computed on the
+    device without reading it back (``torch.bincount`` syncs the host on CUDA to size its
+    output, and breaks a compiled graph)."""
+    flat = ids.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(
+        0, flat, torch.ones_like(flat)
+    )
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts as two 3-D parameters, transformers 5's ``Qwen3MoeExperts`` layout:
+    ``gate_up_proj`` (E, 2F, C), each expert's gate rows then its up rows, and ``down_proj``
+    (E, C, F). ``implementation`` picks the kernel: ``auto`` (:func:`grouped_mm_usable`),
+    ``grouped_mm`` or ``loop`` (:func:`qwen3.moe_experts.swiglu_experts`)."""
+
+    def __init__(self, config: Qwen3Config) -> None:
+        super().__init__()
+        e, c, f = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.num_experts = e
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * f, c))
+        self.down_proj = nn.Parameter(torch.empty(e, c, f))
+        self.implementation: ExpertsImplementation = "auto"
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Each expert's matrices as ``nn.Linear`` initialises its weight, U(-1/sqrt(in),
+        1/sqrt(in)), for a block used alone; :class:`qwen3.Qwen3` draws its own."""
+        for w in (self.gate_up_proj, self.down_proj):
+            bound = 1 / math.sqrt(w.shape[-1])
+            nn.init.uniform_(w, -bound, bound)
+
+    def forward(
+        self,
+        flat: torch.Tensor,  # (N, C)
+        weights: torch.Tensor,  # (N, k) routing weights
+        ids: torch.Tensor,  # (N, k) expert ids
+    ) -> torch.Tensor:  # (N, C), in the compute dtype
+        flat_ids = ids.reshape(-1)
+        sorted_ids, order = flat_ids.sort(stable=True)  # (N*k,) pairs grouped by expert
+        # The end of each expert's rows, read off the sorted ids on the device.
+        ends = torch.arange(1, self.num_experts + 1, device=ids.device)
+        offsets = torch.searchsorted(sorted_ids, ends)  # (E,)
+        dtype = _compute_dtype(flat)
+        use_grouped = self.implementation == "grouped_mm" or (
+            self.implementation == "auto" and grouped_mm_usable(flat, dtype)
+        )
+        if not use_grouped:
+            # The loop slices each expert's rows by Python ints: one read of the E counts (on CPU
+            # no sync; on CUDA outside bf16, one per layer).
+            counts = offsets.diff(prepend=offsets.new_zeros(1)).tolist()
+            return swiglu_experts(flat, weights, order, counts, self.gate_up_proj, self.down_proj)
+        token = order // ids.shape[1]  # (N*k,) each routed row's token
+        # index_select, not flat[token]: advanced indexing and its backward (index_put_ with
+        # accumulate) cost ~8x more at this size (benchmarks/results/moe.md).
+        xs = flat.to(dtype).index_select(0, token)  # (N*k, C)
+        # Casts are no-ops when the parameters already are in dtype (FSDP's bf16 gather).
+        gate_up, down = self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
+        ys = grouped_swiglu(xs, offsets.to(torch.int32), gate_up, down)
+        # Each output scaled by its routing weight and added to its token's row (N tiny bmm
+        # calls would cost more than the experts' matmuls).
+        ys = ys * weights.to(dtype).reshape(-1).index_select(0, order).unsqueeze(-1)
+        return ys.new_zeros(flat.shape).index_add_(0, token, ys)
 
 
 class SparseMoeBlock(nn.Module):
@@ -75,9 +149,7 @@ class SparseMoeBlock(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
         self.aux_loss_coef = config.router_aux_loss_coef
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
-        self.experts = nn.ModuleList(
-            MLP(config, config.moe_intermediate_size) for _ in range(config.num_experts)
-        )
+        self.experts = Experts(config)
         self.router_logits: torch.Tensor | None = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -95,23 +167,7 @@ class SparseMoeBlock(nn.Module):
         logits, weights, ids = self.route(flat)
         if torch.is_grad_enabled():
             self.router_logits = logits
-        flat_ids = ids.reshape(-1)
-        order = flat_ids.argsort(stable=True)  # (N*k,) pairs grouped by expert
-        counts = torch.bincount(flat_ids, minlength=self.num_experts)
-        experts: list[MLP] = list(self.experts)  # type: ignore[arg-type]
-        if not _grouped_mm_usable(flat):
-            # One host sync for the row counts: each expert's rows are then a plain slice.
-            return swiglu_experts(flat, weights, order, counts.tolist(), experts).view(shape)
-        token = order // ids.shape[1]  # (N*k,) each routed row's token
-        # index_select, not flat[token]: advanced indexing and its backward (index_put_ with
-        # accumulate) cost ~8x more at this size (benchmarks/results/moe.md).
-        xs = flat.index_select(0, token)  # (N*k, C)
-        ys = grouped_swiglu(xs, counts, experts, torch.bfloat16)
-        # Each output scaled by its routing weight and added to its token's row (N tiny bmm
-        # calls would cost more than the experts' matmuls).
-        ys = ys * weights.reshape(-1).index_select(0, order).unsqueeze(-1)
-        out = torch.zeros_like(flat).index_add_(0, token, ys)  # (N, C)
-        return out.view(shape)
+        return self.experts(flat, weights, ids).view(shape)
 
 
 def pop_router_logits(model: nn.Module) -> list[torch.Tensor]:
@@ -166,7 +222,7 @@ def load_balancing_loss(
     mean router probability, both over the tokens of every layer together."""
     probs = torch.cat([F.softmax(g.float(), dim=-1) for g in router_logits])  # (L*N, E)
     _, selected = torch.topk(probs, top_k, dim=-1)
-    counts = torch.bincount(selected.reshape(-1), minlength=num_experts).float()
+    counts = expert_counts(selected, num_experts).float()
     tokens_per_expert = counts / probs.shape[0]
     return num_experts * torch.sum(tokens_per_expert * probs.mean(dim=0))
 
@@ -177,5 +233,5 @@ def expert_load(router_logits: list[torch.Tensor], num_experts: int, top_k: int)
     shares = []
     for g in router_logits:
         ids = torch.topk(g.detach(), top_k, dim=-1).indices.reshape(-1)
-        shares.append(torch.bincount(ids, minlength=num_experts).max() / ids.numel())
+        shares.append(expert_counts(ids, num_experts).max() / ids.numel())
     return torch.stack(shares).mean()

@@ -2,36 +2,28 @@
 expert's SwiGLU, ``down(silu(gate(x)) * up(x))``, on its own contiguous group of expert-sorted
 rows, scaled by the routing weights and added back to the tokens, in one autograd Function.
 
-Why not autograd over the expert modules: it records ~10 nodes per expert, concatenates the
-outputs, the gate|up halves and the input gradients, and recomputes the sigmoid in SiLU's
-backward. Here each expert's matmuls write into a few row buffers, reused in place in backward,
-and SiLU's derivative is kept from forward, so each element takes one sigmoid in all: on CPU its
-exp costs several multiplies (measurements in benchmarks/results/moe.md).
+Why not autograd over per-expert ops: it records ~10 nodes per expert, concatenates the outputs,
+the gate|up halves and the input gradients, and recomputes the sigmoid in SiLU's backward. Here
+each expert's matmuls write into a few row buffers, reused in place in backward, and SiLU's
+derivative is kept from forward, so each element takes one sigmoid in all: on CPU its exp costs
+several multiplies (measurements in benchmarks/results/moe.md).
 
-The parameters stay one matrix per expert (Hugging Face names, Muon per matrix); the expert
-modules themselves are not called. Shapes: N tokens, k experts per token, R = N x k routed rows,
-E experts, C hidden size, F expert width.
+The weights are the block's two 3-D parameters (``gate_up`` (E, 2F, C), ``down`` (E, C, F));
+each expert's matrices are views of them, never copies, and the weight gradients are written
+straight into one (E, 2F, C) and one (E, C, F) buffer. Shapes: N tokens, k experts per token,
+R = N x k routed rows, E experts, C hidden size, F expert width.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from qwen3.layers import MLP
-
-
-def _by_kind(mats: Sequence[torch.Tensor], e: int) -> tuple[Sequence[torch.Tensor], ...]:
-    """The E gate, E up and E down matrices of ``mats``."""
-    return mats[:e], mats[e : 2 * e], mats[2 * e :]
-
 
 class _SwiGLUExperts(torch.autograd.Function):
-    """``sum_j w_j * expert_j(x)`` per token; see :func:`swiglu_experts`. The matrices come as E
-    gate, E up, then E down."""
+    """``sum_j w_j * expert_j(x)`` per token; see :func:`swiglu_experts`."""
 
     @staticmethod
     def forward(
@@ -40,10 +32,11 @@ class _SwiGLUExperts(torch.autograd.Function):
         weights: torch.Tensor,  # (N, k) routing weights
         order: torch.Tensor,  # (R,) routed pairs (token * k + slot), sorted by expert
         counts: list[int],  # (E,) rows per expert
-        *mats: torch.Tensor,
+        gate_up: torch.Tensor,  # (E, 2F, C)
+        down: torch.Tensor,  # (E, C, F)
     ) -> torch.Tensor:
-        e, k = len(counts), weights.shape[1]
-        rows, width = order.shape[0], mats[0].shape[0]
+        k, width = weights.shape[1], down.shape[2]
+        rows = order.shape[0]
         token = order // k  # (R,) each row's token
         row_weight = weights.reshape(-1).index_select(0, order)  # (R,)
         xs = flat.index_select(0, token)  # (R, C)
@@ -55,12 +48,14 @@ class _SwiGLUExperts(torch.autograd.Function):
         ys = flat.new_empty(rows, flat.shape[1])  # (R, C)
         # One view per expert and buffer up front: slicing in the loop would cost ~30 calls each.
         views = [torch.split(t, counts) for t in (xs, gate, up, h, ys)]
-        slopes = torch.split(slope, counts) if slope is not None else [None] * e
-        for x_i, g_i, u_i, h_i, y_i, s_i, wg, wu, wd in zip(
-            *views, slopes, *_by_kind(mats, e), strict=True
+        slopes = torch.split(slope, counts) if slope is not None else [None] * len(counts)
+        for x_i, g_i, u_i, h_i, y_i, s_i, w_gu, w_d in zip(
+            *views, slopes, gate_up, down, strict=True
         ):
-            torch.mm(x_i, wg.t(), out=g_i)
-            torch.mm(x_i, wu.t(), out=u_i)
+            # Gate and up by two matmuls into contiguous buffers: one matmul into a (rows, 2F)
+            # buffer leaves every element-wise pass below on strided halves, ~8% slower in all.
+            torch.mm(x_i, w_gu[:width].t(), out=g_i)
+            torch.mm(x_i, w_gu[width:].t(), out=u_i)
             if s_i is None:
                 torch.ops.aten.silu.out(g_i, out=g_i)
             else:
@@ -68,10 +63,13 @@ class _SwiGLUExperts(torch.autograd.Function):
                 g_i.mul_(s_i)  # gate now holds silu(g)
                 torch.lerp(g_i, one, s_i, out=s_i)
             torch.mul(g_i, u_i, out=h_i)
-            torch.mm(h_i, wd.t(), out=y_i)
+            torch.mm(h_i, w_d.t(), out=y_i)
         out = torch.zeros_like(flat).index_add_(0, token, ys * row_weight.unsqueeze(1))
         if training:
-            ctx.save_for_backward(xs, gate, up, h, slope, ys, order, token, row_weight, *mats)
+            # Activations and the parameters themselves: no copy of any weight is kept.
+            ctx.save_for_backward(
+                xs, gate, up, h, slope, ys, order, token, row_weight, gate_up, down
+            )
             ctx.counts = counts
         return out
 
@@ -79,32 +77,33 @@ class _SwiGLUExperts(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         # The saved buffers are reused in place: once_differentiable, and nothing else holds them.
-        xs, act, up, h, slope, ys, order, token, row_weight, *mats = ctx.saved_tensors
+        xs, act, up, h, slope, ys, order, token, row_weight, gate_up, down = ctx.saved_tensors
         counts: list[int] = ctx.counts
-        e = len(counts)
+        width = down.shape[2]
         grad_ys = grad_out.index_select(0, token)  # (R, C), not yet scaled
         grad_row_weight = ys.mul_(grad_ys).sum(1)  # (R,)
         grad_weights = torch.empty_like(grad_row_weight).index_copy_(0, order, grad_row_weight)
         grad_ys.mul_(row_weight.unsqueeze(1))
-        scratch = h.new_empty(max(counts, default=0), h.shape[1])  # reused expert to expert
-        grads_gate, grads_up, grads_down = [], [], []
+        # Every expert's weight gradient written in place (an expert without rows gets zeros).
+        grad_gate_up, grad_down = torch.empty_like(gate_up), torch.empty_like(down)
+        scratch = h.new_empty(max(counts, default=0), width)  # reused expert to expert
         views = [torch.split(t, counts) for t in (xs, act, up, h, slope, grad_ys)]
-        for x_i, a_i, u_i, h_i, s_i, gy_i, wg, wu, wd in zip(
-            *views, *_by_kind(mats, e), strict=True
+        for x_i, a_i, u_i, h_i, s_i, gy_i, w_gu, w_d, gw_gu, gw_d in zip(
+            *views, gate_up, down, grad_gate_up, grad_down, strict=True
         ):
             grad_h = scratch[: len(x_i)]
-            torch.mm(gy_i, wd, out=grad_h)
-            grads_down.append(gy_i.t() @ h_i)
+            torch.mm(gy_i, w_d, out=grad_h)
+            torch.mm(gy_i.t(), h_i, out=gw_d)
             grad_up = torch.mul(grad_h, a_i, out=h_i)
             grad_gate = u_i.mul_(grad_h).mul_(s_i)
-            grads_gate.append(grad_gate.t() @ x_i)
-            grads_up.append(grad_up.t() @ x_i)
+            torch.mm(grad_gate.t(), x_i, out=gw_gu[:width])
+            torch.mm(grad_up.t(), x_i, out=gw_gu[width:])
             # xs is spent once both weight gradients are formed: it takes the input gradient.
-            torch.mm(grad_gate, wg, out=x_i)
-            x_i.addmm_(grad_up, wu)
+            torch.mm(grad_gate, w_gu[:width], out=x_i)
+            x_i.addmm_(grad_up, w_gu[width:])
         grad_flat = torch.zeros_like(grad_out).index_add_(0, token, xs)
         grad_weights = grad_weights.view(grad_out.shape[0], -1)  # (N, k)
-        return grad_flat, grad_weights, None, None, *grads_gate, *grads_up, *grads_down
+        return grad_flat, grad_weights, None, None, grad_gate_up, grad_down
 
 
 def swiglu_experts(
@@ -112,20 +111,18 @@ def swiglu_experts(
     weights: torch.Tensor,  # (N, k) routing weights
     order: torch.Tensor,  # (R,) int64: routed pairs (token * k + slot), sorted by expert
     counts: list[int],  # (E,) rows per expert
-    experts: Iterable[MLP],
+    gate_up: torch.Tensor,  # (E, 2F, C)
+    down: torch.Tensor,  # (E, C, F)
 ) -> torch.Tensor:  # (N, C)
-    """Each token's experts' SwiGLU outputs, scaled by their routing weights and summed: the same
-    products as calling each expert module on its rows. Every expert gets a gradient (zero when it
-    had no rows), which DDP and FSDP need from every rank. Under autocast the experts run in its
-    dtype, as ``nn.Linear`` would."""
-    mlps = list(experts)
-    mats = [m.gate_proj.weight for m in mlps] + [m.up_proj.weight for m in mlps]
-    mats += [m.down_proj.weight for m in mlps]
+    """Each token's experts' SwiGLU outputs, scaled by their routing weights and summed. Every
+    expert gets a gradient (zero when it had no rows), which DDP and FSDP need from every rank.
+    Under autocast the experts run in its dtype, as ``nn.Linear`` would (the cast weights are
+    then copies, as autocast's own are)."""
     device = flat.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else flat.dtype
     # Function.apply is untyped in torch's stubs.
     with torch.autocast(device, enabled=False):
         out: torch.Tensor = _SwiGLUExperts.apply(  # type: ignore[no-untyped-call]
-            flat.to(dtype), weights.to(dtype), order, counts, *(m.to(dtype) for m in mats)
+            flat.to(dtype), weights.to(dtype), order, counts, gate_up.to(dtype), down.to(dtype)
         )
     return out

@@ -93,7 +93,7 @@ def quantize_int8(model: Qwen3) -> Qwen3:
     """Quantize ``model`` in place for inference (and return it): see the module docstring.
 
     Refused with a ``ValueError`` (one line): a model in training mode, one on a GPU or not in
-    float32, or a mixture of experts (its experts' weights are stacked per call)."""
+    float32, or a mixture of experts (its experts are 3-D parameters, not ``nn.Linear``)."""
     if model.training:
         raise ValueError(
             "quantize=int8 is for inference: call model.eval() first (an int8 model cannot be "

@@ -13,9 +13,9 @@ from torch.optim import Muon
 
 from optim.batched_muon import BatchedMuon
 from optim.config import OptimConfig
-from optim.muon_math import default_dtype, newton_schulz
+from optim.muon_math import as_matrices, default_dtype, newton_schulz
 from optim.optimizer_set import build_optimizers
-from optim.param_groups import split_parameters
+from optim.param_groups import split_parameters, split_rows
 from qwen3 import Qwen3, Qwen3Config
 
 # tiny and tiny-moe cut to test size, keeping their many same-shaped (and tall and wide) matrices.
@@ -53,7 +53,7 @@ KW: dict[str, Any] = dict(lr=0.02, momentum=0.95)
 BF16 = dict(ns_dtype=torch.bfloat16)  # torch.optim.Muon's iteration dtype
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+@pytest.mark.parametrize("preset", ["tiny"])
 @pytest.mark.parametrize(
     ("nesterov", "weight_decay", "adjust_lr_fn", "dtype"),
     [
@@ -83,7 +83,7 @@ def test_steps_equal_torch_muons(preset, nesterov, weight_decay, adjust_lr_fn, d
 def test_state_dict_loads_into_torch_muon_and_back() -> None:
     """A checkpoint of either class resumes in the other, the next steps identical."""
     kw = dict(KW, weight_decay=0.1)
-    first, second = _model("tiny-moe"), _model("tiny-moe")
+    first, second = _model("tiny"), _model("tiny")
     opt = BatchedMuon(_matrices(first), **kw, **BF16)
     other = BatchedMuon(_matrices(second), **kw, **BF16)
     _train(first, opt, range(2))
@@ -99,6 +99,45 @@ def test_state_dict_loads_into_torch_muon_and_back() -> None:
         _train(model, o, range(3, 4))
     for a, b in zip(_matrices(first), _matrices(second), strict=True):
         assert torch.equal(a, b)
+
+
+def _muon_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """The trainer's Muon groups (optim.optimizer_set): fused gate|up expert stacks apart."""
+    matrices = split_parameters(model).matrices
+    return [
+        {"params": [p for n, p in matrices if split_rows(n) == 1]},
+        {"params": [p for n, p in matrices if split_rows(n) == 2], "split_rows": 2},
+    ]
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("adjust_lr_fn", ["original", "match_rms_adamw"])
+def test_expert_stacks_step_as_torch_muon_on_each_expert_matrix(nesterov, adjust_lr_fn) -> None:
+    """tiny-moe's 3-D expert parameters are batches of matrices: each expert's gate, up and down
+    orthogonalised on its own, with its own shape's learning rate, exactly as torch.optim.Muon
+    steps each one held as a 2-D parameter of its own (the layout before experts were fused)."""
+    ours, ref = _model("tiny-moe"), _model("tiny-moe")
+    kw = dict(KW, nesterov=nesterov, weight_decay=0.1, adjust_lr_fn=adjust_lr_fn)
+    opt = BatchedMuon(_muon_groups(ours), **kw, **BF16)
+    named = split_parameters(ref).matrices
+    assert any(p.ndim == 3 for _, p in named)
+    # The reference: every matrix a 2-D leaf of its own, stepped by torch, copied back.
+    leaves = {n: list(as_matrices(p.detach(), split_rows(n)).clone().unbind(0)) for n, p in named}
+    opt_ref = Muon([m for ms in leaves.values() for m in ms], **kw)
+    for step in range(3):
+        _train(ours, opt, range(step, step + 1))
+        tokens = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(step))
+        ref.zero_grad()
+        ref(tokens[:, :-1], targets=tokens[:, 1:]).backward()
+        for n, p in named:
+            for m, g in zip(leaves[n], as_matrices(p.grad, split_rows(n)), strict=True):
+                m.grad = g.clone()
+        opt_ref.step()
+        with torch.no_grad():
+            for n, p in named:
+                as_matrices(p, split_rows(n)).copy_(torch.stack(leaves[n]))
+    for (n, a), b in zip(named, [p for _, p in split_parameters(ours).matrices], strict=True):
+        assert torch.equal(a, b), n
 
 
 def test_newton_schulz_is_torchs_per_matrix() -> None:

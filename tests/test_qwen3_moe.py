@@ -213,12 +213,46 @@ def test_gradients_equal_transformers(tmp_path) -> None:
         theirs.get_parameter(f"{layer}.gate.weight").grad,
         atol=1e-5,
     )
-    up = theirs.get_parameter(f"{layer}.experts.gate_up_proj").grad  # (E, 2F, C)
-    for e in range(8):
-        gate_up = torch.cat(
-            [mine[f"{layer}.experts.{e}.{n}_proj.weight"].grad for n in ("gate", "up")]
+    for proj in ("gate_up_proj", "down_proj"):  # the same (E, out, in) layout as transformers 5
+        ref = theirs.get_parameter(f"{layer}.experts.{proj}").grad
+        assert torch.allclose(mine[f"{layer}.experts.{proj}"].grad, ref, atol=1e-5), proj
+
+
+def test_fused_layout_loads_and_the_released_one_is_written(tmp_path) -> None:
+    """A directory holding the experts fused (transformers 5's in-memory names) loads as the
+    released per-expert one does; saving writes the released names, each expert's matrices the
+    slices of the fused parameters."""
+    from safetensors.torch import save_file
+
+    ours = Qwen3(Qwen3Config(**dict(BASE, **CONFIGS["e6-top2-raw-dense1-untied"]))).eval()
+    _randomise(ours)
+    ours.save_pretrained(tmp_path / "released")
+    saved = load_file(tmp_path / "released" / "model.safetensors")
+    experts = ours.model.layers[2].mlp.experts
+    for e in range(6):
+        gate, up = experts.gate_up_proj[e].chunk(2)
+        assert torch.equal(saved[f"model.layers.2.mlp.experts.{e}.gate_proj.weight"], gate)
+        assert torch.equal(saved[f"model.layers.2.mlp.experts.{e}.up_proj.weight"], up)
+        assert torch.equal(
+            saved[f"model.layers.2.mlp.experts.{e}.down_proj.weight"], experts.down_proj[e]
         )
-        assert torch.allclose(gate_up, up[e], atol=1e-5)
+    assert not any(n.endswith(("gate_up_proj", "experts.down_proj")) for n in saved)
+    (tmp_path / "fused").mkdir()
+    (tmp_path / "fused" / "config.json").write_text(
+        (tmp_path / "released" / "config.json").read_text()
+    )
+    state = {
+        n: t
+        for n, t in ours.state_dict().items()
+        if n != "lm_head.weight" or not ours.config.tie_word_embeddings
+    }
+    save_file(
+        {n: t.contiguous() for n, t in state.items()}, tmp_path / "fused" / "model.safetensors"
+    )
+    for where in ("released", "fused"):
+        loaded = Qwen3.from_pretrained(tmp_path / where)
+        for name, t in ours.state_dict().items():
+            assert torch.equal(loaded.state_dict()[name], t), (where, name)
 
 
 # ---- the block itself ---------------------------------------------------------------------------
@@ -262,29 +296,37 @@ def test_block_equals_each_token_through_its_experts_and_unused_experts_get_zero
     flat = x.reshape(-1, BASE["hidden_size"])
     _, weights, ids = block.route(flat)
     assert ids.unique().tolist() == list(range(7))
-    results = []
-    for run in ("block", "definition"):
+    results = {}
+    for run in ("loop", "grouped_mm", "definition"):
+        block.experts.implementation = "loop" if run == "definition" else run  # type: ignore[assignment]
         xi = flat.detach().clone().requires_grad_()
-        if run == "block":
+        if run != "definition":
             out = block(xi.view(x.shape)).reshape(flat.shape)
         else:
             _, weights, ids = block.route(xi)
             rows = [
-                sum(weights[t, j] * block.experts[ids[t, j]](xi[t : t + 1])[0] for j in range(2))
+                sum(weights[t, j] * _expert(block.experts, ids[t, j], xi[t]) for j in range(2))
                 for t in range(flat.shape[0])
             ]
             out = torch.stack(rows)
         out.square().sum().backward()
         grads = {n: p.grad for n, p in block.named_parameters()}
-        results.append((out.detach(), xi.grad, grads))
+        results[run] = (out.detach(), xi.grad, grads)
         block.zero_grad(set_to_none=True)
-    (out0, gx0, g0), (out1, gx1, g1) = results
-    assert torch.allclose(out0, out1, atol=1e-6) and torch.allclose(gx0, gx1, atol=1e-6)
-    for name, grad in g0.items():
-        if name.startswith("experts.7."):
-            assert grad is not None and not grad.any() and g1[name] is None, name
-        else:
-            assert torch.allclose(grad, g1[name], atol=1e-6), name
+    out1, gx1, g1 = results["definition"]
+    for run in ("loop", "grouped_mm"):
+        out0, gx0, g0 = results[run]
+        assert torch.allclose(out0, out1, atol=1e-5) and torch.allclose(gx0, gx1, atol=1e-5), run
+        for name, grad in g0.items():
+            assert torch.allclose(grad, g1[name], atol=1e-5), (run, name)
+        for name in ("experts.gate_up_proj", "experts.down_proj"):
+            assert not g0[name][7].any(), (run, name)  # a zero gradient, not none
+
+
+def _expert(experts: torch.nn.Module, e: int | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Expert ``e`` on one row ``x``, written out from its definition."""
+    gate, up = (experts.gate_up_proj[e] @ x).chunk(2)
+    return experts.down_proj[e] @ (torch.nn.functional.silu(gate) * up)
 
 
 def test_expert_load_reads_balance() -> None:
@@ -319,25 +361,29 @@ def test_generation_with_cache_equals_full_recompute() -> None:
 
 
 def test_grouped_matmul_path_equals_the_loop_over_experts() -> None:
-    """The CUDA path's F.grouped_mm (whose CPU kernel runs it here in float32) against the loop:
-    same outputs and gradients, an expert with no rows included."""
+    """The CUDA path's F.grouped_mm (whose CPU kernel runs it here in float32) against the loop
+    over experts: same outputs and gradients, an expert with no rows included."""
     torch.manual_seed(0)
     cfg = Qwen3Config(**dict(BASE, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24))
-    block = SparseMoeBlock(cfg)
+    experts = SparseMoeBlock(cfg).experts
     xs = torch.randn(40, BASE["hidden_size"], requires_grad=True)
     counts = torch.tensor([7, 0, 13, 5, 11, 4])
-    ys = torch.cat([e(g) for e, g in zip(block.experts, xs.split(counts.tolist()), strict=True)])
-    grads = torch.autograd.grad(ys.square().sum(), [xs, *block.parameters()], allow_unused=True)
-    grouped = grouped_swiglu(xs, counts, block.experts)  # type: ignore[arg-type]
-    assert torch.allclose(grouped, ys, atol=1e-5)
-    grads2 = torch.autograd.grad(
-        grouped.square().sum(), [xs, *block.parameters()], allow_unused=True
+    params = [xs, experts.gate_up_proj, experts.down_proj]
+    ys = torch.cat(
+        [
+            torch.stack([_expert(experts, e, row) for row in rows]) if len(rows) else rows
+            for e, rows in enumerate(xs.split(counts.tolist()))
+        ]
     )
+    grads = torch.autograd.grad(ys.square().sum(), params)
+    grouped = grouped_swiglu(
+        xs, counts.cumsum(0).to(torch.int32), experts.gate_up_proj, experts.down_proj
+    )
+    assert torch.allclose(grouped, ys, atol=1e-5)
+    grads2 = torch.autograd.grad(grouped.square().sum(), params)
     for a, b in zip(grads, grads2, strict=True):
-        if a is None:  # the router: not part of the experts' SwiGLU
-            assert b is None
-        else:
-            assert torch.allclose(a, b, atol=1e-5)
+        assert torch.allclose(a, b, atol=1e-5)
+    assert not grads2[1][1].any() and not grads2[2][1].any()  # expert 1 had no rows
 
 
 @pytest.mark.slow

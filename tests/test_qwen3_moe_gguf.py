@@ -10,6 +10,7 @@ import subprocess
 import gguf
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_gguf_llama_cpp import MIXED, build_llama_cpp
 
 from data.tokenizer_training import train_tokenizer
@@ -56,7 +57,11 @@ def test_moe_file_holds_stacked_experts_and_their_hyperparameters(tokenizer, tmp
     assert fields["qwen3moe.expert_used_count"] == 2
     assert fields["qwen3moe.expert_feed_forward_length"] == 32
     tensors = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
-    state = model.state_dict()
+    state = load_file(tmp_path / "ckpt" / "model.safetensors")  # the released per-expert names
+    assert torch.equal(  # and those are the halves of the fused parameter
+        state["model.layers.0.mlp.experts.3.up_proj.weight"],
+        model.model.layers[0].mlp.experts.gate_up_proj[3, 32:],
+    )
     for i in range(2):
         assert torch.equal(
             tensors[f"blk.{i}.ffn_gate_inp.weight"], state[f"model.layers.{i}.mlp.gate.weight"]

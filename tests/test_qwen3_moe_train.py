@@ -39,10 +39,13 @@ def test_muon_takes_each_expert_matrix_and_adamw_the_router() -> None:
     split = split_parameters(model)
     matrices = dict(split.matrices)
     assert [n for n, _ in split.routers] == [f"model.layers.{i}.mlp.gate.weight" for i in range(3)]
-    for e in range(8):  # one 2-D matrix per expert and projection, each orthogonalised alone
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            assert matrices[f"model.layers.0.mlp.experts.{e}.{proj}.weight"].ndim == 2
+    # Each layer's experts as two 3-D stacks, in Muon: batches of matrices orthogonalised one by
+    # one, the fused gate|up in a group of its own (two matrices per expert: gate and up).
+    assert matrices["model.layers.0.mlp.experts.gate_up_proj"].shape == (8, 384, 128)
+    assert matrices["model.layers.0.mlp.experts.down_proj"].shape == (8, 128, 192)
     opt = build_optimizers(model, OptimConfig(name="muon", warmup_steps=0), max_steps=10)
+    (fused,) = [g for g in opt.optimizers[0].param_groups if g["name"] == "fused_gate_up"]
+    assert fused["split_rows"] == 2 and len(fused["params"]) == 3
     adamw = opt.optimizers[opt.names.index("adamw")]
     (routers,) = [g for g in adamw.param_groups if g["name"] == "routers"]
     assert routers["weight_decay"] == 0.0 and len(routers["params"]) == 3
@@ -146,3 +149,32 @@ def test_two_processes_train_moe_as_one(tmp_path, fsdp: bool) -> None:
         assert [r[key] for r in got] == pytest.approx([r[key] for r in ref_rows], rel=1e-4)
     ours = Qwen3.from_pretrained(tmp_path / "runs" / "two" / "latest")
     assert ours.config.num_experts == 4
+
+
+def test_a_per_expert_training_state_says_to_start_from_its_weights(tmp_path) -> None:
+    """A training state written when each expert matrix was a parameter of its own cannot resume
+    into 3-D experts: one line naming init_from, which loads the same checkpoint's weights (the
+    Hugging Face files keep the per-expert names)."""
+    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+    from trainer.errors import CheckpointError
+    from trainer.train_state import load_train_state
+
+    cfg = Qwen3Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        num_experts=2,
+        moe_intermediate_size=8,
+    )
+    old = {"model.layers.0.mlp.experts.0.gate_proj.weight": torch.zeros(8, 32)}
+    dcp_save({"model": old}, checkpoint_id=str(tmp_path / "step-1" / "train_state"), no_dist=True)
+    model = Qwen3(cfg)
+    opts = build_optimizers(model, OptimConfig(warmup_steps=0), max_steps=2)
+    with pytest.raises(CheckpointError, match="one tensor per expert matrix") as err:
+        load_train_state(model, opts, tmp_path / "step-1" / "train_state")
+    assert f"init_from={tmp_path / 'step-1'}" in str(err.value) and "\n" not in str(err.value)

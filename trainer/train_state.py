@@ -11,6 +11,7 @@ thread; training goes on, and the checkpoint is renamed into place once the writ
 
 from __future__ import annotations
 
+import re
 import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -98,6 +100,26 @@ def save_train_state(
     return future
 
 
+# A mixture of experts' per-expert weights, as training states held them before the experts
+# became 3-D parameters (``...mlp.experts.gate_up_proj``).
+_PER_EXPERT = re.compile(r"\.mlp\.experts\.\d+\.")
+
+
+def _check_expert_layout(model: nn.Module, path: Path) -> None:
+    """A training state written with one parameter per expert matrix does not fit a model whose
+    experts are 3-D: say so, and how to go on, in one line (its weights still load from the
+    checkpoint's Hugging Face files)."""
+    if not any(n.endswith("mlp.experts.gate_up_proj") for n, _ in model.named_parameters()):
+        return
+    saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    if any(_PER_EXPERT.search(key) for key in saved):
+        raise CheckpointError(
+            f"{path} holds a mixture of experts' training state one tensor per expert matrix, "
+            "written before the experts became 3-D parameters, so its optimizer state cannot be "
+            f"resumed; start from its weights instead with init_from={path.parent}"
+        )
+
+
 def load_train_state(model: nn.Module, optimizers: OptimizerSet, path: Path) -> None:
     """Fill ``model`` and ``optimizers`` (built for this run, sharded or not) from ``path``;
     each rank reads the parts of each tensor it holds. The schedules are restored separately
@@ -107,6 +129,7 @@ def load_train_state(model: nn.Module, optimizers: OptimizerSet, path: Path) -> 
             f"{path / '.metadata'} is missing: the training state was not written whole; "
             "resume from another checkpoint"
         )
+    _check_expert_layout(model, path)
     state = _state(model, optimizers)
     try:
         dcp_load(state, checkpoint_id=str(path), no_dist=_no_dist())
