@@ -16,6 +16,7 @@ from serving.completions import router as completions_router
 from serving.engine import GenerationEngine
 from serving.errors import APIError, install_error_handlers
 from serving.logprobs import TokenNames
+from serving.openapi import ServerLimits, install_openapi
 from serving.schemas import ModelCard, ModelList
 from serving.served_model import ServedModel
 
@@ -110,4 +111,13 @@ def create_app(
         return card()
 
     app.include_router(models)
+    limits = ServerLimits(
+        vocab_size=served.model.config.vocab_size,
+        context=served.context_length,
+        max_tokens_cap=max_tokens_cap,
+        max_batch_size=max_batch_size,
+        template_options=served.tokenizer.chat_template_options,
+        api_key=api_key is not None,
+    )
+    install_openapi(app, limits)
     return app

@@ -124,21 +124,24 @@ def _build_request(
 ) -> GenerationRequest:
     served: ServedModel = http.app.state.served
     cap: int = http.app.state.max_tokens_cap
-    max_tokens = default_max if body.max_tokens is None else body.max_tokens
-    if max_tokens > cap:
-        raise APIError(
-            400,
-            f"max_tokens={max_tokens} is above this server's cap of {cap} "
-            "(start serve.py with a larger --max-tokens-cap)",
-            param="max_tokens",
-        )
+    for name in ("max_tokens", "max_completion_tokens"):  # each, though one wins
+        asked = getattr(body, name, None)
+        if asked is not None and asked > cap:
+            raise APIError(
+                400,
+                f"{name}={asked} is above this server's cap of {cap} "
+                "(start serve.py with a larger --max-tokens-cap)",
+                param=name,
+            )
+    max_tokens = default_max if body.max_new_tokens is None else body.max_new_tokens
     ctx = served.context_length
     engine: GenerationEngine = http.app.state.engine
     most = engine.max_batch_size
-    if len(prompts) * body.n > most:
+    n = body.choices_per_prompt
+    if len(prompts) * n > most:
         raise APIError(
             400,
-            f"{len(prompts)} prompts x n={body.n} asks for {len(prompts) * body.n} sequences; "
+            f"{len(prompts)} prompts x n={n} asks for {len(prompts) * n} sequences; "
             f"this server decodes at most {most} at once (serve.py --max-batch-size)",
             param=field,
         )
@@ -152,10 +155,10 @@ def _build_request(
                 param=field,
                 code="context_length_exceeded",
             )
-        for j in range(body.n):
+        for j in range(n):
             stream = TextStream(served.tokenizer, body.stop_list)
             room = min(max_tokens, ctx - len(ids))
-            choices.append(Choice(p_index * body.n + j, ids, room, stream, logprobs, echo))
+            choices.append(Choice(p_index * n + j, ids, room, stream, logprobs, echo))
     sampling = body.sampling(max_tokens, engine.eos_ids)
     return GenerationRequest(choices=choices, sampling=sampling, loop=asyncio.get_running_loop())
 

@@ -23,6 +23,15 @@ def serve_in_subprocess(
 ) -> Iterator[str]:
     """Start `serve.py --ckpt ckpt --port 0 ...`; yield its base URL once /health answers; stop it.
     ``serve_py``: another checkout's serve.py (a benchmark's baseline), run in its own folder."""
+    with serve_process(ckpt, *extra_args, serve_py=serve_py) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def serve_process(
+    ckpt: str | Path, *extra_args: str, serve_py: Path = SERVE_PY
+) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """As `serve_in_subprocess`, yielding the process too (its pid, for memory figures)."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -46,7 +55,7 @@ def serve_in_subprocess(
         # Keep draining the server's output so a chatty log can never block it on a full pipe.
         threading.Thread(target=proc.stdout.read, daemon=True).start()  # type: ignore[union-attr]
         _wait_healthy(url, proc)
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         try:

@@ -3,14 +3,29 @@
 Field names, defaults and ranges follow the OpenAI API reference. Fields this server does not
 implement are accepted only at their neutral value, and unknown fields are refused, so a request
 never silently gets less than it asked for; each refusal is a 400 naming the field.
+
+Requests are validated strictly (JSON types as the schema says: `logprobs: false` is not the
+integer 0, `"5"` is not 5), and each rule a validator enforces is also written into the JSON
+schema (`json_schema_extra`; `serving.openapi` adds the limits of the served model), so a
+request the schema allows is one the server takes, except where the schema cannot know (the
+number of tokens a text renders to), which the field descriptions say.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    field_validator,
+    model_validator,
+)
+from pydantic.config import JsonDict
 
 from qwen3.generate import MAX_SEED, MIN_SEED, Sampling
 
@@ -18,12 +33,42 @@ MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 MAX_CHOICES = 8  # `n` above this is refused: each choice is a full generation
 MAX_LOGPROBS = 5  # OpenAI's limit for /v1/completions' `logprobs`
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for /v1/chat/completions' `top_logprobs`
+FLOAT32_TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny
+# Logits divided by a temperature this small overflow float32 (inf - inf = nan in the softmax);
+# sampling that cold is argmax anyway (float32 rounds the likeliest token's probability to 1
+# once the temperature is far below the gap to the next logit).
+GREEDY_BELOW = 1e-20
+
+NULL: JsonDict = {"type": "null"}
+
+
+def only_with(field: str, needs: str) -> JsonDict:
+    """JSON schema: `field` may be set (not null) only when the boolean `needs` is true. Pydantic
+    cannot express a rule between fields; the model validator enforces it."""
+    return {
+        "if": {"properties": {needs: {"const": True}}, "required": [needs]},
+        "else": {"properties": {field: NULL}},
+    }
+
+
+def neutral(value: JsonValue) -> JsonDict:
+    """JSON schema of a field accepted only at its neutral value (or null)."""
+    return {"anyOf": [{"const": value}, NULL]}
+
+
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# An integer as JSON Schema has it: 44.0 is one (strict pydantic alone would refuse it). Written
+# after a field's bounds (`Annotated[int, Field(ge=1), Whole]`), so the schema keeps them.
+Whole = BeforeValidator(_integral)
 
 
 class RequestPart(BaseModel):
     """A request object whose unknown fields are refused, unless null (as good as absent)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -39,51 +84,53 @@ class StreamOptions(RequestPart):
     include_usage: bool = False
 
 
+StopText = Annotated[str, Field(min_length=1)]
+
+
 class SamplingFields(RequestPart):
     """The sampling fields shared by both endpoints, with OpenAI's ranges."""
 
+    model_config = ConfigDict(json_schema_extra={"allOf": [only_with("stream_options", "stream")]})
+
     model: str | None = Field(
-        default=None, description="Served model id; omitted means the one served."
+        default=None, description="Served model id; omitted means the one served (others: 404)."
     )
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0 means greedy.")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(
-        default=None, ge=1, description="Extension (as in vLLM): keep the k likeliest."
+    max_tokens: Annotated[int, Field(ge=1), Whole] | None = Field(
+        default=None, description="At most the server's --max-tokens-cap (see /v1/models)."
     )
-    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=MIN_SEED, le=MAX_SEED)
+    temperature: float | None = Field(default=1.0, ge=0.0, le=2.0, description="0 means greedy.")
+    top_p: float | None = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: Annotated[int, Field(ge=1), Whole] | None = Field(
+        default=None, description="Extension (as in vLLM): keep the k likeliest."
+    )
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES), Whole] | None = Field(
+        default=1,
+        description="Choices per prompt; prompts x n may not exceed the server's --max-batch-size.",
+    )
+    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
+    # `lt` 2**64 rather than `le` 2**64 - 1: the same integers, and a bound a JSON client's
+    # doubles hold exactly (2**64 - 1 rounds up to 2**64, which would then pass it).
+    seed: Annotated[int, Field(ge=MIN_SEED, lt=MAX_SEED + 1), Whole] | None = None
     ignore_eos: bool = Field(
         default=False, description="Extension (as in vLLM): keep going past end-of-text tokens."
     )
     stream: bool = False
-    stream_options: StreamOptions | None = None
+    stream_options: StreamOptions | None = Field(
+        default=None, description="Only with stream: true."
+    )
     user: str | None = None  # who is asking, for the provider's records: nothing to do here
     # Accepted at their neutral values only (see module docstring).
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-
-    @field_validator("temperature", "top_p", mode="before")
-    @classmethod
-    def _null_means_default(cls, value: Any) -> Any:
-        return 1.0 if value is None else value
-
-    @field_validator("n", mode="before")
-    @classmethod
-    def _null_n(cls, value: Any) -> Any:
-        return 1 if value is None else value
-
-    @field_validator("stop")
-    @classmethod
-    def _check_stop(cls, value: str | list[str] | None) -> list[str]:
-        stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
-        if any(s == "" for s in stops):
-            raise ValueError("stop sequences must be non-empty strings")
-        return stops
+    presence_penalty: float | None = Field(
+        default=0.0, json_schema_extra=neutral(0), description="Not supported: 0 only."
+    )
+    frequency_penalty: float | None = Field(
+        default=0.0, json_schema_extra=neutral(0), description="Not supported: 0 only."
+    )
+    logit_bias: dict[str, float] | None = Field(
+        default=None,
+        json_schema_extra={"maxProperties": 0},
+        description="Not supported: empty only.",
+    )
 
     @model_validator(mode="after")
     def _check_unsupported(self) -> SamplingFields:
@@ -100,40 +147,86 @@ class SamplingFields(RequestPart):
         return self
 
     @property
+    def max_new_tokens(self) -> int | None:
+        """The most tokens each choice may generate (None: the endpoint's default)."""
+        return self.max_tokens
+
+    @property
+    def choices_per_prompt(self) -> int:
+        """`n`, null meaning 1."""
+        return 1 if self.n is None else self.n
+
+    @property
     def stop_list(self) -> list[str]:
-        """`stop` normalised to a list (the validator already made it one)."""
-        return list(self.stop or [])
+        """`stop` as a list."""
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     def sampling(self, max_new_tokens: int, eos_ids: Sequence[int]) -> Sampling:
-        """The request's settings as the generator takes them: top_p 1 is no limit, and the
-        end-of-text ids stop a choice unless `ignore_eos`. (`stop` strings are matched in the
-        text, not here.)"""
+        """The request's settings as the generator takes them: null temperature and top_p are
+        OpenAI's defaults (1), top_p 1 is no limit, and the end-of-text ids stop a choice unless
+        `ignore_eos`. (`stop` strings are matched in the text, not here.)"""
+        # A top_p below float32's smallest normal would become 0 against the float32 logits and
+        # drop every token (qwen3.sample_next then fails); any top_p that small keeps the likeliest
+        # token alone, as this one does.
+        top_p = 1.0 if self.top_p is None else max(self.top_p, FLOAT32_TINY)
+        temperature = 1.0 if self.temperature is None else self.temperature
         return Sampling(
             max_new_tokens,
-            temperature=self.temperature,
+            temperature=0.0 if temperature < GREEDY_BELOW else temperature,
             top_k=self.top_k,
-            top_p=self.top_p if self.top_p < 1.0 else None,
+            top_p=top_p if top_p < 1.0 else None,
             stop_ids=() if self.ignore_eos else tuple(eos_ids),
             seed=self.seed,
         )
 
 
+TokenId = Annotated[int, Field(ge=0), Whole]  # below the vocabulary size: serving.openapi adds it
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+
+
 class CompletionRequest(SamplingFields):
     """POST /v1/completions. `prompt` is text, token ids, or a list of either (one choice set each)."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
+    model_config = ConfigDict(
+        json_schema_extra={
+            "allOf": [
+                only_with("stream_options", "stream"),
+                {  # max_tokens 0 only scores an echoed prompt
+                    "if": {"properties": {"echo": {"const": True}}, "required": ["echo"]},
+                    "else": {"properties": {"max_tokens": {"not": {"const": 0}}}},
+                },
+            ]
+        }
+    )
+
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1)]
+        | TokenIds
+        | Annotated[list[list[TokenId]], Field(min_length=1)]
+    ) = Field(
+        description="Text, a list of texts, token ids, or a list of token-id lists (not empty "
+        "lists). Each prompt must leave room for one new token in the model's context "
+        "(`max_model_len` of /v1/models; all of it when only scored: echo with max_tokens 0); "
+        "a longer text prompt is refused with 400."
+    )
     # OpenAI's default for completions; 0 (with echo) scores the prompt without generating.
-    max_tokens: int | None = Field(default=16, ge=0)
+    max_tokens: Annotated[int, Field(ge=0), Whole] | None = Field(
+        default=16,
+        description="At most the server's --max-tokens-cap; 0 only with echo (scores the prompt).",
+    )
     echo: bool = Field(default=False, description="Put the prompt before the completion.")
-    logprobs: int | None = Field(
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), Whole] | None = Field(
         default=None,
-        ge=0,
-        le=MAX_LOGPROBS,
         description="Each token's log-probability and this many likeliest alternatives "
         "(of the model's distribution before temperature, top_k and top_p).",
     )
-    suffix: str | None = None
-    best_of: int | None = None
+    suffix: str | None = Field(
+        default=None, json_schema_extra={"maxLength": 0}, description="Not supported: empty only."
+    )
+    best_of: Annotated[int, Whole] | None = Field(
+        default=None, json_schema_extra=neutral(1), description="Not supported: 1 only; use n."
+    )
 
     @model_validator(mode="after")
     def _check_completion_only(self) -> CompletionRequest:
@@ -146,8 +239,6 @@ class CompletionRequest(SamplingFields):
             raise ValueError("suffix is not supported by this server; leave it unset")
         if self.best_of not in (None, 1):
             raise ValueError("best_of is not supported by this server; use n instead")
-        if isinstance(self.prompt, list) and not self.prompt:
-            raise ValueError("prompt must not be an empty list")
         return self
 
 
@@ -162,10 +253,21 @@ class ChatMessage(RequestPart):
     """A chat message; `content` is text or a list of text parts. An assistant message may carry
     its `reasoning_content` (the Qwen3 template shows it after the last user message)."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"role": {"const": "assistant"}}, "required": ["role"]},
+            "else": {"properties": {"reasoning_content": NULL}},
+        }
+    )
+
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
-    reasoning_content: str | None = None
-    name: str | None = None
+    reasoning_content: str | None = Field(default=None, description="Assistant messages only.")
+    name: str | None = Field(
+        default=None,
+        json_schema_extra={"maxLength": 0},
+        description="Not supported by the model's chat format: empty only.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -190,40 +292,52 @@ class ChatMessage(RequestPart):
 class ResponseFormat(BaseModel):
     """`response_format`: only the default, plain text, can be honoured."""
 
-    model_config = ConfigDict(extra="allow")  # json_schema's schema: refused with its type
+    model_config = ConfigDict(extra="allow", strict=True)  # json_schema's schema: refused by type
 
-    type: str
+    type: str = Field(json_schema_extra={"enum": ["text"]})
 
 
 class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions; messages are rendered with the model's chat format."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    model_config = ConfigDict(
+        json_schema_extra={
+            "allOf": [
+                only_with("stream_options", "stream"),
+                only_with("top_logprobs", "logprobs"),
+            ]
+        }
+    )
+
+    messages: list[ChatMessage] = Field(
+        min_length=1,
+        description="Rendered with the model's chat template; the result must leave room for "
+        "one new token in the model's context (`max_model_len` of /v1/models), else 400.",
+    )
+    max_completion_tokens: Annotated[int, Field(ge=1), Whole] | None = Field(
+        default=None, description="At most the server's --max-tokens-cap."
+    )
     chat_template_kwargs: dict[str, Any] | None = Field(
         default=None,
         description="Extension (as in vLLM): options of the chat template, e.g. "
         '{"enable_thinking": false} to have a Qwen3 model answer without thinking first.',
     )
     response_format: ResponseFormat | None = None
-    tools: list[Any] | None = None
-    functions: list[Any] | None = None
-    logprobs: bool = Field(
+    tools: list[Any] | None = Field(
+        default=None, max_length=0, description="Not supported: empty only."
+    )
+    functions: list[Any] | None = Field(
+        default=None, max_length=0, description="Not supported: empty only."
+    )
+    logprobs: bool | None = Field(
         default=False,
         description="Each generated token's log-probability (of the model's distribution "
         "before temperature, top_k and top_p).",
     )
-    top_logprobs: int | None = Field(
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS), Whole] | None = Field(
         default=None,
-        ge=0,
-        le=MAX_TOP_LOGPROBS,
-        description="With logprobs: this many likeliest alternatives at each token.",
+        description="Only with logprobs: true; this many likeliest alternatives at each token.",
     )
-
-    @field_validator("logprobs", mode="before")
-    @classmethod
-    def _null_logprobs(cls, value: Any) -> Any:
-        return False if value is None else value
 
     @field_validator("chat_template_kwargs")
     @classmethod
@@ -235,8 +349,6 @@ class ChatCompletionRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _check_chat_only(self) -> ChatCompletionRequest:
-        if self.tools or self.functions:
-            raise ValueError("tools/functions are not supported by this server; leave them unset")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=true; set both or leave it unset")
         if self.response_format is not None and self.response_format.type != "text":
@@ -244,9 +356,12 @@ class ChatCompletionRequest(SamplingFields):
                 f"response_format type '{self.response_format.type}' is not supported by this "
                 'server (it cannot constrain the output); leave it unset or {"type": "text"}'
             )
-        if self.max_completion_tokens is not None:  # the newer name wins, as in OpenAI's API
-            self.max_tokens = self.max_completion_tokens
         return self
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        """`max_completion_tokens`, else `max_tokens` (the newer name wins, as in OpenAI's API)."""
+        return self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
 
     def chat_messages(self) -> list[dict[str, str | None]]:
         """Messages as plain dicts for the tokenizer's chat template (developer -> system)."""
@@ -259,6 +374,21 @@ class ChatCompletionRequest(SamplingFields):
             }
             for m in self.messages
         ]
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong: `message` names the field at fault and the fix."""
+
+    message: str
+    type: str = Field(description="invalid_request_error, or server_error for 5xx.")
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error of this server, in OpenAI's shape."""
+
+    error: ErrorDetail
 
 
 FinishReason = Literal["stop", "length"]

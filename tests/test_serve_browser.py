@@ -102,3 +102,40 @@ def test_chat_mode_and_stop_button(page: Page, tmp_path: Path) -> None:
     assert page.locator(".bubble.assistant .content").nth(1).inner_text()
     assert "stopped" in page.inner_text("#stats")
     page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
+
+
+KEY = "sk-browser-test"
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    ckpt = build_tiny_checkpoint(tmp_path_factory.mktemp("browser-key") / "tiny-model")
+    with serve_in_subprocess(ckpt, "--api-key", KEY) as url:
+        yield url
+
+
+def test_the_page_asks_for_the_api_key_once(keyed_server: str, chromium: str) -> None:
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.set_default_timeout(WAIT_MS)
+        page.goto(keyed_server)
+        page.locator("#key-box").wait_for(state="visible")
+        page.fill("#api-key", "wrong-key")
+        page.click("#save-key")
+        page.locator("#key-error").filter(has_text="refused").wait_for()
+        page.fill("#api-key", KEY)
+        page.click("#save-key")
+        page.locator("#model-info").filter(has_text="tiny-model").wait_for()
+        assert page.locator("#key-box").is_hidden()
+        page.fill("#max_tokens", "8")
+        page.fill("#prompt", "Once upon a time")
+        page.click("#generate")
+        page.wait_for_function("!document.querySelector('#generate').disabled")
+        assert page.locator("#output .generated").inner_text()
+        assert page.locator("#error").is_hidden()
+        page.reload()  # the key is kept for the tab: no second prompt
+        page.locator("#model-info").filter(has_text="tiny-model").wait_for()
+        assert page.locator("#key-box").is_hidden()
+        assert KEY not in page.content()
+        browser.close()

@@ -3,6 +3,19 @@
 
 const $ = (id) => document.getElementById(id);
 const state = { mode: "completion", model: null, controller: null, chat: [] };
+// The server's --api-key, asked for once when /v1 answers 401 and kept for this tab only.
+const KEY_ITEM = "qwen3-api-key";
+
+function apiHeaders(extra = {}) {
+  const key = sessionStorage.getItem(KEY_ITEM);
+  return key ? { ...extra, Authorization: `Bearer ${key}` } : extra;
+}
+
+function askForKey(message) {
+  $("key-error").textContent = message || "";
+  $("key-box").classList.remove("hidden");
+  $("api-key").focus();
+}
 
 function formatCount(n) {
   if (n >= 1e9) return (n / 1e9).toFixed(1) + " B";
@@ -13,7 +26,14 @@ function formatCount(n) {
 
 async function loadModelInfo() {
   try {
-    const res = await fetch("/v1/models");
+    const res = await fetch("/v1/models", { headers: apiHeaders() });
+    if (res.status === 401) {
+      const hadKey = sessionStorage.getItem(KEY_ITEM) !== null;
+      sessionStorage.removeItem(KEY_ITEM);
+      $("model-info").textContent = "waiting for the API key";
+      askForKey(hadKey ? "That key was refused; try again." : "");
+      return;
+    }
     const card = (await res.json()).data[0];
     state.model = card.id;
     $("model-info").innerHTML =
@@ -90,10 +110,14 @@ async function run(url, body, onText) {
   try {
     const res = await fetch(url, {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: apiHeaders({ "Content-Type": "application/json" }),
       body: JSON.stringify(body),
       signal: state.controller.signal,
     });
+    if (res.status === 401) {
+      sessionStorage.removeItem(KEY_ITEM);
+      askForKey("The server refused the key; enter it again.");
+    }
     if (!res.ok) {
       const err = await res.json().catch(() => ({}));
       throw new Error((err.error && err.error.message) || `HTTP ${res.status}`);
@@ -198,4 +222,13 @@ for (const id of ["prompt", "message"]) {
     if (e.key === "Enter" && (e.ctrlKey || e.metaKey) && !$("generate").disabled) $("generate").click();
   });
 }
+$("key-box").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const key = $("api-key").value.trim();
+  if (!key) return;
+  sessionStorage.setItem(KEY_ITEM, key);
+  $("api-key").value = "";
+  $("key-box").classList.add("hidden");
+  loadModelInfo();
+});
 loadModelInfo();
