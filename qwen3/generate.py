@@ -67,6 +67,12 @@ class Sampling:
             self._fail(name, value, f"must be a whole number >= {low}", example)
 
 
+# Logits divided by a temperature this small can overflow float32 (inf - inf = nan in the softmax);
+# sampling that cold is argmax anyway (float32 rounds the likeliest token's probability to 1 once
+# the temperature is far below the gap to the next logit).
+GREEDY_BELOW = 1e-20
+
+
 def sample_next(
     logits: torch.Tensor,  # (B, V)
     sampling: Sampling,
@@ -76,7 +82,7 @@ def sample_next(
     softmax filtered by top_k and top_p (its other fields are the caller's: ``generator`` is the
     one seeded with its seed)."""
     temperature, top_k, top_p = sampling.temperature, sampling.top_k, sampling.top_p
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:  # 0, or so cold that the scaled logits could overflow
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
@@ -87,6 +93,7 @@ def sample_next(
         probs = sorted_logits.softmax(dim=-1)
         # Drop a token when the mass before it already reaches top_p (the first always stays).
         drop = probs.cumsum(dim=-1) - probs >= top_p
+        drop[..., 0] = False  # explicitly: a top_p that rounds to 0 in float32 would drop it too
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)

@@ -33,11 +33,6 @@ MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 MAX_CHOICES = 8  # `n` above this is refused: each choice is a full generation
 MAX_LOGPROBS = 5  # OpenAI's limit for /v1/completions' `logprobs`
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for /v1/chat/completions' `top_logprobs`
-FLOAT32_TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny
-# Logits divided by a temperature this small overflow float32 (inf - inf = nan in the softmax);
-# sampling that cold is argmax anyway (float32 rounds the likeliest token's probability to 1
-# once the temperature is far below the gap to the next logit).
-GREEDY_BELOW = 1e-20
 
 NULL: JsonDict = {"type": "null"}
 
@@ -165,14 +160,11 @@ class SamplingFields(RequestPart):
         """The request's settings as the generator takes them: null temperature and top_p are
         OpenAI's defaults (1), top_p 1 is no limit, and the end-of-text ids stop a choice unless
         `ignore_eos`. (`stop` strings are matched in the text, not here.)"""
-        # A top_p below float32's smallest normal would become 0 against the float32 logits and
-        # drop every token (qwen3.sample_next then fails); any top_p that small keeps the likeliest
-        # token alone, as this one does.
-        top_p = 1.0 if self.top_p is None else max(self.top_p, FLOAT32_TINY)
+        top_p = 1.0 if self.top_p is None else self.top_p
         temperature = 1.0 if self.temperature is None else self.temperature
         return Sampling(
             max_new_tokens,
-            temperature=0.0 if temperature < GREEDY_BELOW else temperature,
+            temperature=temperature,
             top_k=self.top_k,
             top_p=top_p if top_p < 1.0 else None,
             stop_ids=() if self.ignore_eos else tuple(eos_ids),

@@ -67,3 +67,21 @@ def test_requests_share_a_batch_when_only_their_lengths_differ() -> None:
     assert key(max_tokens=4) == key(max_tokens=30) == key(top_p=1.0)
     assert key() != key(temperature=0.5) and key() != key(ignore_eos=True)
     assert key(seed=1) is None  # a seeded request decodes alone
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_p"), [(1e-30, None), (1e-21, 0.9), (1.0, 1e-40), (0.7, 1e-45)]
+)
+def test_extreme_but_valid_settings_sample_the_likeliest_token(temperature, top_p) -> None:
+    """A temperature so cold that the scaled logits would overflow is greedy, and a top_p that
+    rounds to 0 in float32 keeps the likeliest token (both were nan/failures, found by fuzzing
+    the server)."""
+    import torch
+
+    from qwen3 import sample_next
+
+    logits = torch.tensor([[1.0, 30.0, -5.0, 29.0], [0.0, -1.0, 2.0, 1.5]])
+    sampling = Sampling(1, temperature=temperature, top_p=top_p)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        assert sample_next(logits, sampling, gen).tolist() == [1, 2]
