@@ -120,7 +120,7 @@ def bench_compile(name: str, args) -> list[str]:
     firsts = {}
     for label, step in steps.items():  # the compiled side compiles in its first step
         firsts[label] = _timed_both(step, 1)()
-        print(f"  {name} {label}: first step {firsts[label][0]:.1f}s wall")
+        print(f"  {name} {label}: first step {firsts[label][0]:.1f}s wall", flush=True)
     results = harness.alternate(
         {label: _timed_both(step, args.steps) for label, step in steps.items()}, args.rounds
     )
@@ -133,6 +133,11 @@ def bench_compile(name: str, args) -> list[str]:
     compile_cpu = firsts["compiled"][1] - harness.median([c for _, c in results["compiled"]])
     saved = eager_s - compiled_s
     break_even = f"{compile_wall / saved:,.0f}" if saved > 0 else "never"
+    print(  # as soon as it is known: a large shape on a busy CPU takes long
+        f"  {name}: compiled / eager {wall_ratio:.2f} (wall), {cpu_ratio:.2f} (CPU); compile "
+        f"{compile_wall:.0f}s wall, {compile_cpu:.0f}s CPU",
+        flush=True,
+    )
     return [
         name,
         f"{eager.num_params() / 1e6:.1f}M",

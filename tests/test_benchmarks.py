@@ -41,6 +41,14 @@ def test_bench_train_prints_ratios_and_mfu() -> None:
 
 
 @pytest.mark.slow
+def test_bench_train_compile_prints_ratio_and_compile_time() -> None:
+    (row,) = _table(_run("bench_train.py", "--compile", "--shapes", "tiny"))
+    assert row["shape"] == "tiny" and row["batch"] == "16x256"
+    assert float(row["ratio (wall)"]) > 0 and float(row["ratio (CPU)"]) > 0
+    assert row["compile"].endswith("s CPU)")
+
+
+@pytest.mark.slow
 def test_bench_generate_matches_transformers_tokens() -> None:
     out = _run("bench_generate.py", "--batches", "1,2", "--shapes", "tiny,gqa5-160")
     for shape in ("tiny", "gqa5-160"):
