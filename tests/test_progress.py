@@ -33,7 +33,7 @@ def test_the_facts_of_a_row_as_the_issue_shows_them() -> None:
     assert facts(ROW) == [
         "loss 5.01",
         "lr 6.5e-3",
-        "grad 0.48",
+        "grad 0.481",
         "6,650 tok/s",
         "MFU 41%",
     ]
@@ -51,7 +51,7 @@ def test_a_file_gets_one_line_per_logged_row_and_no_bar() -> None:
     match = LINE.match(line)
     assert match, line
     assert match.group(1, 2) == ("120", "400")
-    assert "loss 5.01 | lr 6.5e-3 | grad 0.48 | 6,650 tok/s | MFU 41%" in line
+    assert "loss 5.01 | lr 6.5e-3 | grad 0.481 | 6,650 tok/s | MFU 41%" in line
 
 
 def test_a_terminal_gets_the_bar_not_lines_and_other_ranks_get_nothing() -> None:

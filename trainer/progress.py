@@ -39,7 +39,7 @@ def facts(row: dict[str, Any], device: torch.device | None = None) -> list[str]:
     if row.get("lr") is not None:
         out.append(f"lr {_short_float(row['lr'])}")
     if row.get("grad_norm") is not None:
-        out.append(f"grad {row['grad_norm']:.2g}")
+        out.append(f"grad {row['grad_norm']:.3g}")
     out.append(f"{row.get('tokens_per_s', 0.0):,.0f} tok/s")
     mfu = 100 * float(row.get("mfu") or 0.0)
     out.append(f"MFU {mfu:.0f}%" if mfu >= 10 else f"MFU {mfu:.1f}%")
