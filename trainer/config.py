@@ -157,10 +157,10 @@ class TrainConfig:
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     # A finite loss spike: z-score of a step's loss against the last spike_window accepted steps
     # (trainer/spikes.py); spike_action=skip drops its update like a non-finite step's.
-    spike_detection: bool = True
-    spike_zscore: float = 6.0
-    spike_window: int = 100
-    spike_action: Literal["log", "skip"] = "log"
+    spike_detection: bool = True  # flag finite loss spikes (a line each, loss_spike in metrics)
+    spike_zscore: float = 6.0  # standard deviations above the window's mean that make a spike
+    spike_window: int = 100  # accepted steps the spike z-score is measured against
+    spike_action: Literal["log", "skip"] = "log"  # log | skip (drop the spike's update)
 
     def __post_init__(self) -> None:
         _check_int("trainer.max_steps", self.max_steps, 1, "600")
