@@ -27,7 +27,7 @@ from qwen3 import Qwen3, Qwen3Config, pick_device
 from qwen3.config import padded_vocab_size
 from qwen3.hf import load_pretrained
 from trainer.config import RunConfig
-from trainer.distributed import DistInfo, from_main, wrap_model
+from trainer.distributed import DistInfo, from_main, rank_seed, wrap_model
 from trainer.errors import ConfigError
 
 
@@ -203,6 +203,9 @@ def build_parts(
     )
     if model.device.type == "meta":
         model.materialize(device)
+    # The weights came from the run's seed, the same on every rank; from here on torch's RNG
+    # draws what must differ across data-parallel ranks (attention dropout masks).
+    torch.manual_seed(rank_seed(cfg.seed, dist))
     optimizers = build_optimizers(model, cfg.optim, tcfg.max_steps)
     sampler = BatchSampler(  # the one source's windows, or a mixture's by weight
         [s.train for s in data.sources] if data.is_mixture else data.train,
