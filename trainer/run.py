@@ -105,8 +105,9 @@ def run_training(
         )
     try:
         outcome = trainer.fit()
-    except TrainingDiverged as e:
+    except TrainingDiverged as e:  # (every rank: the losses it counts are all-reduced)
         print(f"error: {e}", file=sys.stderr)
+        shutdown()  # no rank waits on wandb's upload below
         if wandb is not None:
             wandb.finish(exit_code=1)
         trainer.plots.wait()
