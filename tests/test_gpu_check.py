@@ -122,9 +122,9 @@ def test_the_wheelhouse_holds_hydra_omegaconf_pydantic_and_no_torch() -> None:
 
 
 def test_a_node_version_too_old_is_downloaded_and_freeze_lines_are_read() -> None:
-    text = "numpy==1.20.0\nhydra-core==1.3.8\n# comment\n-e git+https://x#egg=y\nfoo @ file:///w\n"
+    text = "numpy==1.20.0\nhydra-core==1.3.8\n# comment\n-e git+https://x#egg=y\nfoo @ file:///w\nBar_Baz\n"
     node = wheelhouse.read_freeze(text)
-    assert node == {"numpy": "1.20.0", "hydra-core": "1.3.8", "foo": ""}
+    assert node == {"numpy": "1.20.0", "hydra-core": "1.3.8", "foo": "", "bar-baz": ""}
     wanted = wheelhouse.missing({**node_freeze(), **node}, "3.12", REPO / "pyproject.toml")
     assert wanted["numpy"] == metadata.version("numpy")  # pyproject wants numpy>=1.26
     assert "hydra-core" not in wanted

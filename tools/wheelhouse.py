@@ -57,8 +57,8 @@ PLATFORMS = [f"manylinux_2_{n}_x86_64" for n in range(39, 16, -1)] + [
 
 
 def read_freeze(text: str) -> dict[str, str]:
-    """``pip freeze`` lines as {canonical name: version}; ``name @ url`` lines count as present
-    at an unknown version ('')."""
+    """``pip freeze`` lines as {canonical name: version}; ``name @ url`` lines and bare names
+    (a list of what an image holds) count as present at an unknown version (''), trusted."""
     found: dict[str, str] = {}
     for line in text.splitlines():
         line = line.split("#", 1)[0].strip()
@@ -69,6 +69,8 @@ def read_freeze(text: str) -> dict[str, str]:
             found[canonicalize_name(name)] = version.strip()
         elif " @ " in line:
             found[canonicalize_name(line.split(" @ ", 1)[0])] = ""
+        elif re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", line):
+            found[canonicalize_name(line)] = ""
     return found
 
 
