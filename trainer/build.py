@@ -27,7 +27,7 @@ from qwen3 import Qwen3, Qwen3Config, pick_device
 from qwen3.config import padded_vocab_size
 from qwen3.hf import load_pretrained
 from trainer.config import RunConfig
-from trainer.distributed import DistInfo, from_main, wrap_model
+from trainer.distributed import DistInfo, from_main, rank_seed, wrap_model
 from trainer.errors import ConfigError
 
 
@@ -205,6 +205,9 @@ def build_parts(
     )
     if model.device.type == "meta":
         model.materialize(device)
+    # The weights came from the run's seed, the same on every rank; from here on torch's RNG
+    # draws what must differ across data-parallel ranks (attention dropout masks).
+    torch.manual_seed(rank_seed(cfg.seed, dist))
     # DDP: the ranks split Muon's Newton-Schulz work (FSDP shards it by itself)
     replicas = torch.distributed.group.WORLD if dist.is_distributed and not tcfg.fsdp else None
     optimizers = build_optimizers(model, cfg.optim, tcfg.max_steps, data_parallel=replicas)

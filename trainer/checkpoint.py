@@ -25,6 +25,7 @@ import yaml
 from optim import OptimizerSet
 from qwen3 import Qwen3, Qwen3Config
 from qwen3.tokenizer import Qwen3Tokenizer
+from trainer.distributed import DistInfo, all_ranks, group_rank_world, rank_seed
 from trainer.errors import CheckpointError
 from trainer.run_layout import MODEL_CONFIG, STATE_FILE, TRAIN_STATE_DIR, step_dir_name
 from trainer.train_state import save_train_state
@@ -228,8 +229,9 @@ def check_compatible(
         )
 
 
-def capture_rng() -> dict[str, Any]:
-    """RNG states as tensors and plain values (``torch.load(weights_only=True)`` can read them)."""
+def _rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors and plain values (``torch.load(weights_only=True)``
+    can read them)."""
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
@@ -247,14 +249,29 @@ def capture_rng() -> dict[str, Any]:
     return state
 
 
+def capture_rng() -> dict[str, Any]:
+    """Rank 0's RNG states, and under ``ranks`` every rank's (they differ:
+    :func:`trainer.distributed.rank_seed`). Collective: every rank calls it."""
+    own = _rng_state()
+    return {**own, "ranks": all_ranks(own)}
+
+
 def restore_rng(state: dict[str, Any]) -> None:
-    """Put back what :func:`capture_rng` saved."""
-    torch.set_rng_state(state["torch"])
-    py = state["python"]
+    """Put back what :func:`capture_rng` saved: each rank its own states when the process count
+    is the one that saved them. On another count (or from a checkpoint that kept only rank 0's),
+    rank 0's states, and on the other ranks a torch seed drawn from them and offset per rank."""
+    rank, world = group_rank_world()
+    ranks = state.get("ranks")
+    own = ranks[rank] if isinstance(ranks, list) and len(ranks) == world else state
+    torch.set_rng_state(own["torch"])
+    py = own["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
+    n = own["numpy"]
     np.random.set_state(
         (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
     )
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in own and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(own["cuda"])
+    if own is state and rank > 0:
+        drawn = int(torch.randint(0, 2**62, (1,)))
+        torch.manual_seed(rank_seed(drawn, DistInfo(rank, world)))

@@ -23,6 +23,7 @@ from trainer.config import (
     EvalCliConfig,
     GenerationCliConfig,
     RunConfig,
+    TrainConfig,
     build_dataclass,
     build_run_config,
     register_config_nodes,
@@ -37,6 +38,7 @@ from trainer.distributed import (
     from_main,
     init_process_group,
     shutdown,
+    under_torchrun,
 )
 from trainer.errors import CheckpointError, ConfigError, LaunchError
 from trainer.generation import demo, interactive
@@ -149,6 +151,25 @@ def _only_hydra_files(run_dir: Path) -> bool:
     )
 
 
+def _group_settings(overrides: list[str]) -> TrainConfig:
+    """``trainer.dist_timeout`` and ``trainer.force_process_group`` as this command line
+    composes them (conf/ and its overrides), checked. The process group is formed before
+    Hydra's run, whose directory name the ranks agree on through it, so these two come from a
+    composition of their own."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    keys = ("dist_timeout", "force_process_group")
+    wanted = [o for o in overrides if not o.startswith(("-", "hydra.", "hydra/", "+hydra"))]
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            composed = compose("config", overrides=wanted)
+    except HydraException as e:
+        raise ConfigError(str(e)) from None
+    values = {k: OmegaConf.select(composed, f"trainer.{k}") for k in keys}
+    return build_dataclass(TrainConfig, values, "trainer")
+
+
 def train_from_hydra(cfg: DictConfig, start_time: float) -> int:
     """Convert and check the composed config, then train; a config mistake, or Ctrl-C before
     the first checkpoint, leaves no run dir."""
@@ -205,12 +226,18 @@ def main(argv: list[str], start_time: float) -> int:
             if dist.is_main:  # every process of a torchrun job checks the same command line
                 print(f"config error: {unknown}", file=sys.stderr)
             return 2
-        init_process_group(dist)  # before Hydra: the ranks agree on the run directory's name
+        register_config_nodes()
+        if under_torchrun():  # before Hydra: the ranks agree on the run directory's name
+            group = _group_settings(argv[1:])
+            init_process_group(dist, group.dist_timeout, group.force_process_group)
+    except ConfigError as e:
+        if dist.is_main:
+            print(f"config error: {e}", file=sys.stderr)
+        return 2
     except LaunchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    register_resolvers(from_main(timestamp_name()) if dist.is_distributed else None)
-    register_config_nodes()
+    register_resolvers(from_main(timestamp_name()) if dist_info().is_distributed else None)
     codes: list[int] = []
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

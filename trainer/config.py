@@ -31,7 +31,7 @@ from qwen3 import PRESETS, Qwen3, Qwen3Config
 from qwen3.generate import Sampling
 from qwen3.quantize import QUANTIZE_CHOICES, unknown_method
 from trainer.budget import DEFAULT_MAX_STEPS, resolve_max_steps
-from trainer.distributed import dist_info
+from trainer.distributed import DEFAULT_TIMEOUT_S, dist_info
 from trainer.errors import ConfigError
 
 T = TypeVar("T")
@@ -152,6 +152,10 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     num_threads: int | None = None  # CPU threads for torch; None: torch's default
     fsdp: bool = False  # under torchrun: shard parameters with FSDP2 instead of replicating (DDP)
+    # torchrun with one process forms a process group of one anyway (NCCL on a GPU), so that one
+    # GPU runs the multi-process path: FSDP2, sharded Muon, DCP shards (trainer/distributed.py)
+    force_process_group: bool = False
+    dist_timeout: float = DEFAULT_TIMEOUT_S  # seconds a collective may wait before it fails
     # Per decoder block: none, full (recompute the block) or selective (save matmul and attention
     # outputs, recompute the rest); qwen3/checkpointing.py says what each keeps.
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
@@ -200,7 +204,7 @@ class TrainConfig:
             )
         if self.num_threads is not None:
             _check_int("trainer.num_threads", self.num_threads, 1, "2")
-        for key in ("fsdp", "async_save", "spike_detection"):
+        for key in ("fsdp", "async_save", "spike_detection", "force_process_group"):
             if not isinstance(getattr(self, key), bool):
                 _fail(
                     f"trainer.{key}",
@@ -208,6 +212,17 @@ class TrainConfig:
                     "must be true or false",
                     f"set trainer.{key}=true",
                 )
+        if not (
+            isinstance(self.dist_timeout, int | float)
+            and math.isfinite(self.dist_timeout)
+            and self.dist_timeout > 0
+        ):
+            _fail(
+                "trainer.dist_timeout",
+                self.dist_timeout,
+                "must be a positive number of seconds",
+                "set e.g. trainer.dist_timeout=1800",
+            )
         if self.fsdp and self.precision == "fp16":  # GradScaler would see only local shards
             _fail(
                 "trainer.precision",

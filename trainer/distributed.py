@@ -4,6 +4,9 @@ wrapping for them (DistributedDataParallel, or FSDP2 sharding).
 ``torchrun`` sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; a plain
 ``python train.py`` sets none of them and runs as rank 0 of 1 without a process group. The
 collectives below are no-ops then, so single-process code paths call them unconditionally.
+``torchrun --nproc_per_node=1`` forms no group either, unless ``trainer.force_process_group``
+asks for one: a group of one rank then takes the multi-process path (FSDP2 sharding, sharded
+Muon, DTensor clipping, DCP with DTensors, NCCL on a GPU), so one GPU can check it.
 
 Wrapping: one process trains the model as is. Several, ``trainer.fsdp=false``: every rank holds
 the whole model and DDP all-reduces (averages) the gradients in buckets during ``backward``.
@@ -18,11 +21,13 @@ checkpoint is gathered to rank 0 one tensor at a time (qwen3/hf.py).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -48,6 +53,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    grouped: bool = False  # in a process group (torchrun; also one rank when forced)
 
     @property
     def is_main(self) -> bool:
@@ -55,7 +61,9 @@ class DistInfo:
 
     @property
     def is_distributed(self) -> bool:
-        return self.world_size > 1
+        """Whether this process trains as one rank of a group (DDP or FSDP2, collectives):
+        two or more processes, or one forced into a group (``trainer.force_process_group``)."""
+        return self.world_size > 1 or self.grouped
 
 
 def _env_int(name: str, default: int) -> int:
@@ -71,6 +79,11 @@ def _env_int(name: str, default: int) -> int:
         ) from None
 
 
+def under_torchrun() -> bool:
+    """Whether a launcher (torchrun) set this process's rank and rendezvous."""
+    return all(name in os.environ for name in (*_ENV, "MASTER_ADDR", "MASTER_PORT"))
+
+
 def dist_info() -> DistInfo:
     """This process's place in the run, from the environment ``torchrun`` sets."""
     world_size = _env_int("WORLD_SIZE", 1)
@@ -80,32 +93,49 @@ def dist_info() -> DistInfo:
             f"RANK={rank}, LOCAL_RANK={local_rank}, WORLD_SIZE={world_size} do not describe a "
             "process of a run; launch with torchrun --nproc_per_node=N train.py ..."
         )
-    return DistInfo(rank, world_size, local_rank)
+    return DistInfo(rank, world_size, local_rank, grouped=dist.is_initialized())
 
 
-def init_process_group(info: DistInfo) -> None:
-    """Join the run's process group (``torchrun``'s env:// rendezvous); no-op for one process.
+DEFAULT_TIMEOUT_S = 1800.0  # trainer.dist_timeout's default: a collective waits at most this
+
+
+def init_process_group(
+    info: DistInfo, timeout_s: float = DEFAULT_TIMEOUT_S, force: bool = False
+) -> None:
+    """Join the run's process group (``torchrun``'s env:// rendezvous); no-op for one process
+    unless ``force`` (a group of one, launched by ``torchrun --nproc_per_node=1``).
 
     CPU tensors always go through gloo; where CUDA is available, this process takes GPU
-    ``LOCAL_RANK`` and CUDA tensors go through NCCL (one group serves both devices).
+    ``LOCAL_RANK`` and CUDA tensors go through NCCL (one group serves both devices), bound to
+    that GPU (``device_id``: NCCL's communicator is made now and no collective has to guess the
+    device). A collective that waits longer than ``timeout_s`` fails instead of hanging.
     """
-    if not info.is_distributed or dist.is_initialized():
+    if dist.is_initialized() or not (info.world_size > 1 or force):
         return
+    if not under_torchrun():
+        raise LaunchError(
+            "trainer.force_process_group=true needs the rendezvous torchrun sets up; launch "
+            "with torchrun --standalone --nproc_per_node=1 train.py ..."
+        )
+    timeout = timedelta(seconds=timeout_s)
     if torch.cuda.is_available():
         if info.local_rank >= torch.cuda.device_count():
             raise LaunchError(
                 f"LOCAL_RANK={info.local_rank} but this machine has {torch.cuda.device_count()} "
                 "GPUs; start at most one process per GPU (torchrun --nproc_per_node)"
             )
-        torch.cuda.set_device(info.local_rank)
-        dist.init_process_group(backend="cpu:gloo,cuda:nccl")
+        gpu = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(gpu)
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl", timeout=timeout, device_id=gpu)
     else:
-        dist.init_process_group(backend="gloo")
+        dist.init_process_group(backend="gloo", timeout=timeout)
 
 
 def shutdown(wait_for_others: bool = True) -> None:
     """Leave the process group, after a barrier (so no rank exits while another still talks)
-    unless this process is failing (then torchrun stops the others)."""
+    unless this process is failing (then torchrun stops the others). Call it after the last
+    collective, before any work that only rank 0 does (its summary, wandb's upload), so that no
+    rank waits in the barrier on that work; later calls are no-ops."""
     if dist.is_initialized():
         if wait_for_others:
             dist.barrier()
@@ -119,8 +149,15 @@ def local_device(device: torch.device, info: DistInfo) -> torch.device:
     return device
 
 
+def rank_seed(seed: int, info: DistInfo) -> int:
+    """The seed of what must differ across data-parallel ranks (dropout masks): ``seed`` on
+    rank 0, offset on the others. What must match (the initial weights, the batch sampler,
+    sampling at the end of a sharded run) keeps the run's ``seed``."""
+    return seed + 1_000_003 * info.rank  # a prime stride: no two ranks of nearby seeds collide
+
+
 def _active() -> bool:
-    return dist.is_initialized() and dist.get_world_size() > 1
+    return dist.is_initialized()
 
 
 def barrier() -> None:
@@ -179,6 +216,15 @@ def from_main(value: T) -> T:
     return box[0]  # type: ignore[return-value]
 
 
+def all_ranks(value: T) -> list[T]:
+    """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
+    if not _active():
+        return [value]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out  # type: ignore[return-value]
+
+
 def main_first(fn: Callable[[], T], what: str, error: type[Exception] = RuntimeError) -> T:
     """Run ``fn`` on rank 0, then on the other ranks (e.g. build a cache once, then load it).
 
@@ -234,9 +280,19 @@ def wrap_model(
         forward = DistributedDataParallel(
             model,
             device_ids=[device.index] if device.type == "cuda" else None,
-            forward_sync_buffers=False,  # only RoPE tables, the same on every rank
+            **_NO_BUFFER_SYNC,
         )
     return forward
+
+
+# DDP broadcasts buffers from rank 0 before each forward unless told not to; ours are only RoPE
+# tables, the same on every rank. ``forward_sync_buffers`` is newer than torch 2.11, which has
+# only ``broadcast_buffers`` (off also skips the initial broadcast: the same tables there too).
+_NO_BUFFER_SYNC: dict[str, Any] = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 @contextlib.contextmanager

@@ -45,14 +45,29 @@ def _fitted(
 
 @torch.no_grad()
 def complete(
-    model: Qwen3, tokenizer: Qwen3Tokenizer, prompts: list[str], sampling: Sampling
+    model: Qwen3,
+    tokenizer: Qwen3Tokenizer,
+    prompts: list[str],
+    sampling: Sampling,
+    fixed_length: bool = False,
 ) -> list[str]:
     """One completion per prompt (batched, KV cache) as ``sampling`` says, stopping at
-    <|endoftext|> too."""
+    <|endoftext|> too.
+
+    ``fixed_length``: every row decodes ``max_new_tokens`` and is cut at its first stop id
+    afterwards, so the number of forward passes does not depend on the tokens drawn. A sharded
+    model needs that: each forward gathers the weights on every rank, and a rank whose draws
+    differed (by a rounding) must not stop while the others still gather. The text is the same:
+    rows draw from one generator whether or not they have stopped."""
     ids = [_prompt_ids(tokenizer, p) for p in prompts]
     longest = max(len(i) for i in ids)
     sampling = _fitted(model, tokenizer, sampling, longest, True)
+    stops = set(sampling.stop_ids)
+    if fixed_length:
+        sampling = replace(sampling, stop_ids=())
     out = generate(model, ids, sampling, vocab_size=tokenizer.vocab_size)
+    if fixed_length:
+        out = [o[: next((i for i, t in enumerate(o) if t in stops), len(o))] for o in out]
     return [tokenizer.decode(o, skip_special_tokens=True) for o in out]
 
 

@@ -249,35 +249,66 @@ class WandbLogger:
             self._run = None
 
 
-# Dense bf16 tensor-core peaks (FLOP/s) of common GPUs, from the vendors' data sheets.
-_GPU_BF16_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+# Dense bf16 tensor-core peaks (FLOP/s) from NVIDIA's data sheets, by the exact name
+# torch.cuda.get_device_name gives: the variants of one chip differ (an H100 PCIe has 76% of the
+# SXM's peak), so a name not listed here is measured rather than matched by a prefix.
+GPU_BF16_PEAKS = {
+    "NVIDIA B200": 2250e12,
+    "NVIDIA H200": 989e12,  # SXM
+    "NVIDIA H200 NVL": 835e12,
+    "NVIDIA GH200 480GB": 989e12,
+    "NVIDIA H100 80GB HBM3": 989e12,  # SXM5
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA L40S": 362e12,
+    "NVIDIA L4": 121e12,
+    "NVIDIA A10": 125e12,
+}
+
+
+def data_sheet_peak(gpu_name: str) -> float | None:
+    """The dense bf16 peak of the GPU named exactly ``gpu_name``, if :data:`GPU_BF16_PEAKS`
+    lists it."""
+    return GPU_BF16_PEAKS.get(gpu_name.strip())
 
 
 def measure_matmul_flops(
-    device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024
+    device: torch.device, dtype: torch.dtype = torch.float32, n: int | None = None
 ) -> float:
-    """FLOP/s of a square ``n`` x ``n`` matmul on ``device``: the best of a few timed repeats.
+    """FLOP/s of a square ``n`` x ``n`` matmul on ``device`` (default 1024 on a CPU, 8192 on a
+    GPU, which a smaller one leaves mostly idle): the best of a few timed repeats. float32 is
+    measured as float32, with TF32 off for the measurement: the precision the name promises.
 
     A peak is what the hardware can do, so the fastest repeat counts (a median taken while
     another process shares the cores underestimates it and pushes MFU past 100%).
     """
+    n = n or (1024 if device.type == "cpu" else 8192)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    reps = 8 if device.type == "cpu" else 50
+    reps = 8 if device.type == "cpu" else 20
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    torch.mm(a, b)
-    sync()
-    times = []
-    for _ in range(7):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            torch.mm(a, b)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        torch.mm(a, b)
         sync()
-        times.append(time.perf_counter() - t0)
+        times = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                torch.mm(a, b)
+            sync()
+            times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_float32_matmul_precision(before)
     return 2 * n**3 * reps / min(times)
 
 
@@ -301,8 +332,8 @@ def _processor_name() -> str:
 def peak_key(device: torch.device, dtype: torch.dtype) -> str:
     """What a measured peak depends on: the device's model (on a CPU, also the threads torch
     uses), the dtype and the torch version."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
+    if device.type == "cuda":  # (fp32 since measured without TF32)
+        name = torch.cuda.get_device_name(device) + (", no TF32" if dtype == torch.float32 else "")
     elif device.type == "cpu":
         name = f"{_processor_name()}, {torch.get_num_threads()} threads"
     else:
@@ -352,10 +383,9 @@ def peak_flops(
     if configured:
         return float(configured)
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
-        name = torch.cuda.get_device_name(device)
-        for key, value in _GPU_BF16_PEAKS.items():
-            if key in name:
-                return value
+        known = data_sheet_peak(torch.cuda.get_device_name(device))
+        if known is not None:
+            return known
     dtype = dtype or torch.float32
     path = cache or peak_cache_path()
     key = peak_key(device, dtype)

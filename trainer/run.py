@@ -3,6 +3,7 @@ without data, build the parts, resume, train, report, and print samples."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -11,9 +12,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from data.errors import DataError
-from qwen3 import Qwen3
 from trainer.build import (
+    RunParts,
     apply_runtime_settings,
     build_parts,
     check_optimizer_config,
@@ -22,7 +25,7 @@ from trainer.build import (
 from trainer.checkpoint import check_setup_matches
 from trainer.checkpointer import DiskFull, clean_start
 from trainer.config import RunConfig, SampleConfig
-from trainer.distributed import DistInfo, dist_info, full_model_copy, is_sharded, local_device
+from trainer.distributed import DistInfo, dist_info, is_sharded, local_device, shutdown
 from trainer.errors import CheckpointError, ConfigError
 from trainer.generation import complete
 from trainer.loop import Outcome, Trainer, TrainingDiverged
@@ -63,6 +66,11 @@ def run_training(
         device = local_device(device, dist)
         apply_runtime_settings(cfg, device)
         check_optimizer_config(cfg)
+        if cfg.trainer.force_process_group and not dist.is_distributed:
+            raise ConfigError(
+                "trainer.force_process_group=true forms its group of one under torchrun; launch "
+                "with torchrun --standalone --nproc_per_node=1 train.py ..."
+            )
         resume_dir = None
         resume = resolve_auto(cfg.resume, run_dir)
         if cfg.resume == AUTO and resume is None and dist.is_main:
@@ -110,21 +118,28 @@ def run_training(
                 else ""
             )
             print(f"error: {e}{again}", file=sys.stderr)
+        shutdown()  # no rank waits on wandb's upload below
         if wandb is not None:
             wandb.finish(exit_code=1)
         trainer.plots.wait()
         return 1
     if not outcome.final_eval:  # stopped early, or resumed a finished run
         outcome.final_eval = trainer.evaluate()
-    if wandb is not None:
-        wandb.finish()
     sample_cfg: SampleConfig = cfg.sample
-    sample_model: Qwen3 | None = parts.model
-    wants_samples = not outcome.stopped_by and sample_cfg.prompts and sample_cfg.max_new_tokens
-    if wants_samples and is_sharded(parts.model):  # rank 0 samples alone: gather the model there
-        sample_model = full_model_copy(parts.model, dist.is_main)
+    wants_samples = not outcome.stopped_by and bool(sample_cfg.prompts)
+    wants_samples = wants_samples and bool(sample_cfg.max_new_tokens)
+    sampling = replace(sample_cfg, seed=cfg.seed)  # the run's seed
+    texts: list[str] | None = None
+    if wants_samples and is_sharded(parts.model):
+        # Every rank samples from its shards on the device (each forward gathers the weights
+        # layer by layer, as in training): no rank gathers the whole model or waits for one that
+        # does, so the end of a run costs the same at any size.
+        texts = end_of_run_samples(parts, sampling, fixed_length=True)
+    shutdown()  # the last collective: no rank waits on what rank 0 alone does below
     if not dist.is_main:
         return 0
+    if wandb is not None:
+        wandb.finish()
     print(
         summary_text(
             outcome,
@@ -142,13 +157,28 @@ def run_training(
         )
         trainer.plots.wait()
         return 0
-    if sample_model is not None and sample_cfg.prompts and sample_cfg.max_new_tokens:
-        sample_model.eval()
-        sampling = replace(sample_cfg, seed=cfg.seed)  # the run's seed
-        texts = complete(sample_model, parts.data.tokenizer, sample_cfg.prompts, sampling)
+    if wants_samples:
+        if texts is None:  # the whole model is here (one process, or a DDP replica)
+            texts = end_of_run_samples(parts, sampling, fixed_length=False)
         print(samples_text(sample_cfg.prompts, texts))
     trainer.plots.wait()  # the last plot, drawn while the samples were generated
     return 0
+
+
+def end_of_run_samples(parts: RunParts, sampling: SampleConfig, fixed_length: bool) -> list[str]:
+    """The completions of ``sampling.prompts`` by the trained model, on its device: in bf16 on
+    a GPU whatever the training precision (sampling needs no float32 master math), else in the
+    run's precision."""
+    model = parts.model
+    model.eval()
+    if parts.device.type == "cuda" and torch.cuda.is_bf16_supported():
+        autocast: contextlib.AbstractContextManager[object] = torch.autocast(
+            "cuda", dtype=torch.bfloat16
+        )
+    else:
+        autocast = parts.precision.autocast()
+    with autocast:
+        return complete(model, parts.data.tokenizer, sampling.prompts, sampling, fixed_length)
 
 
 def format_duration(seconds: float) -> str:
