@@ -179,7 +179,7 @@ class BatchedMuon(Muon):
         if mine.shape[0]:
             out[: mine.shape[0]] = self.orthogonalize(mine, group, dtype)
         gathered = torch.empty(world * share, rows, cols, dtype=dtype, device=stacked.device)
-        work = dist.all_gather_into_tensor(gathered, out, group=pg, async_op=True)
+        work = _all_gather(gathered, out, group=pg, async_op=True)
 
         def finish() -> list[Tensor]:
             assert work is not None
@@ -187,6 +187,10 @@ class BatchedMuon(Muon):
             return _split_like(gathered[:n], mats)
 
         return lambda: finish
+
+
+# torch 2.13 renamed all_gather_into_tensor (still there, deprecated); 2.11 has only the old name.
+_all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 
 
 def _ready(results: list[Tensor]) -> Pending:
