@@ -405,15 +405,15 @@ def fp16_run(s: Sizes) -> Row:
     scaler = torch.amp.GradScaler(s.device.type)
     precision = Precision("fp16", s.device.type, torch.float16, scaler)
     x, y = _random_batch(shape.cfg, shape.batch, shape.seq, s.device)
-    results = [train_step(model, opt, x, y, 1, precision, 1.0) for _ in range(steps)]
-    taken = [r.loss for r in results if not r.skipped]
-    overflows = sum(r.overflow for r in results)
-    finite = all(math.isfinite(r.loss) for r in results)
+    results = [train_step(model, opt, x, y, 1, precision, 1.0).read() for _ in range(steps)]
+    taken = [r["loss"] for r in results if not r["skipped"]]
+    overflows = round(sum(r["overflow"] for r in results))
+    finite = all(math.isfinite(r["loss"]) for r in results)
     return Row(
         f"fp16 + GradScaler, {steps} steps on one batch",
         f"loss {taken[0]:.3f} -> {taken[-1]:.3f}, {overflows} overflow skips, "
         f"scale {scaler.get_scale():g}",
-        finite and not results[-1].skipped and len(taken) > steps // 2 and taken[-1] < taken[0],
+        finite and not results[-1]["skipped"] and len(taken) > steps // 2 and taken[-1] < taken[0],
     )
 
 

@@ -216,7 +216,7 @@ class BatchedMuon(MatrixBatchMuon):
         if mine.shape[0]:
             out[: mine.shape[0]] = self.orthogonalize(mine, group, dtype)
         gathered = torch.empty(world * share, rows, cols, dtype=dtype, device=stacked.device)
-        work = dist.all_gather_into_tensor(gathered, out, group=pg, async_op=True)
+        work = _all_gather(gathered, out, group=pg, async_op=True)
 
         def finish() -> list[Tensor]:
             assert work is not None
@@ -229,6 +229,10 @@ class BatchedMuon(MatrixBatchMuon):
 def _split(group: dict[str, Any]) -> int:
     """The group's ``split_rows``: matrices per (rows, cols) slice (2 for a fused gate|up)."""
     return int(group.get("split_rows", 1))
+
+
+# torch 2.13 renamed all_gather_into_tensor (still there, deprecated); 2.11 has only the old name.
+_all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 
 
 def _ready(results: list[Tensor]) -> Pending:

@@ -89,6 +89,15 @@ def test_bench_recipe_times_each_recipe_against_the_default() -> None:
 
 
 @pytest.mark.slow
+def test_bench_muon_ddp_times_the_split_against_replicated() -> None:
+    out = _run("bench_muon.py", "--ddp", "--models", "tiny")
+    (row,) = _table(out)
+    assert row["model"] == "tiny" and row["matrices (shapes)"] == "21 in 4"
+    assert float(row["replicated ms"]) > 0 and float(row["split ms"]) > 0
+    assert float(row["largest weight difference"]) <= 1e-5  # the same weights either way
+
+
+@pytest.mark.slow
 def test_bench_muon_checks_torchs_step_and_times_ours() -> None:
     out = _run("bench_muon.py", "--rounds", "1")
     for preset in ("tiny", "tiny-moe"):
