@@ -4,6 +4,7 @@ once per machine and cached)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -139,8 +140,11 @@ def write_plot(records: list[dict[str, Any]], path: Path, title: str = "") -> No
     try:
         fig.savefig(tmp, dpi=80)
         os.replace(tmp, path)
-    except OSError as err:  # a full disk: the plot can be redrawn from metrics.jsonl later
+    except OSError as err:
         tmp.unlink(missing_ok=True)
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # a full disk: the plot can be redrawn from metrics.jsonl later; the save says the rest
         print(f"warning: could not write {path} ({err}); training goes on", file=sys.stderr)
 
 
