@@ -174,7 +174,7 @@ def test_gpu_check_dry_run_passes_every_row_with_only_the_node_packages(tmp_path
     )
     table = [line for line in res.stdout.splitlines() if line.startswith("| ")][1:]
     assert res.returncode == 0, res.stdout + res.stderr[-3000:]
-    assert len(table) == 22  # 4 throughput, 3 probes, fp16, 3 torchrun, group, eval, 3 AC, MoE, 3
+    assert len(table) == 20  # 4 throughput, 3 probes, fp16, 3 torchrun, group, eval, 3 AC, MoE, 3
     for row in ROWS:
         assert any(row in line for line in table), row
     assert all(line.rstrip().endswith("| ok |") for line in table), "\n".join(table)
