@@ -128,12 +128,13 @@ class Checkpointer:
         weights = sum(p.numel() * 4 for p in self.parts.model.parameters())
         return 4 * weights
 
-    def _fits(self, step: int, final: bool) -> bool:
-        """Rank 0 decides whether this save goes ahead; every rank learns its answer. A save
-        that will not fit is skipped, except the run's final save, which still tries."""
+    def _fits(self, step: int, final: bool, needed: int) -> bool:
+        """Rank 0 decides whether this save (``needed`` bytes) goes ahead; every rank learns its
+        answer. A save that will not fit is skipped, except the run's final save, which still
+        tries."""
         verdict = True
         if self.dist.is_main:
-            needed, free = self.expected_bytes(), free_bytes(self.run_dir)
+            free = free_bytes(self.run_dir)
             if free < needed:
                 what = "trying anyway (the run's last save)" if final else "skipping this save"
                 tqdm.write(
@@ -170,10 +171,10 @@ class Checkpointer:
         writes the rest, the Hugging Face export gathered one tensor at a time. ``final``: the
         run's last save, which is tried even when the disk looks too full."""
         self.finish()  # one save in flight at a time
-        if not self._fits(step, final):
-            return
         p, main = self.parts, self.dist.is_main
-        needed = self.expected_bytes() if main else 0
+        needed = self.expected_bytes() if main else 0  # walks the last checkpoint: once a save
+        if not self._fits(step, final, needed):
+            return
         start = time.perf_counter()
         tmp = stage_checkpoint(self.run_dir, step, create=main)
         barrier()  # the directory exists before any rank writes into it
