@@ -189,6 +189,11 @@ def save_pretrained(model: Qwen3, path: str | Path, write: bool = True) -> None:
     if not write:
         return
     os.replace(tmp, path / SINGLE_FILE)
+    write_config(model, path)
+
+
+def write_config(model: Qwen3, path: Path) -> None:
+    """``config.json`` of ``model`` (with its dtype) into ``path``, renamed into place whole."""
     config = model.config.to_dict()
     config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
     tmp = path / ".config.json.tmp"

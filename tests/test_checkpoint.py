@@ -111,7 +111,7 @@ def test_weights_round_trip_and_transformers_loads_it(tmp_path, model, tokenizer
     load_train_state(
         other,
         build_optimizers(other, OptimConfig(name="adamw", warmup_steps=0), 10),
-        path / TRAIN_STATE_DIR,
+        path,
     )
     for (n, p), q, r in zip(
         model.state_dict().items(),
@@ -185,8 +185,8 @@ def _damage(ckpt, kind: str) -> str:
     """Damage one file of a checkpoint the way a full disk or a killed copy does; returns what
     the error must name."""
     if kind == "weights":
-        _truncate(ckpt / "model.safetensors")
-        return r"model\.safetensors is damaged \(.*header"
+        _truncate(ckpt / "model-00001-of-00001.safetensors")
+        return r"model-00001-of-00001\.safetensors is damaged \(.*header"
     if kind == "state":
         _truncate(ckpt / "trainer_state.pt")
         return r"trainer_state\.pt is damaged \(.*zip"
@@ -285,3 +285,14 @@ def test_setup_mismatch_is_found_before_any_data(tmp_path, model, tokenizer) -> 
         check_setup_matches(path, dataclasses.replace(model.config, num_hidden_layers=4), "muon")
     with pytest.raises(CheckpointError, match="optim.name is muon in the checkpoint but adamw"):
         check_setup_matches(path, model.config, "adamw")
+
+
+def test_a_checkpoint_stores_the_weights_once(tmp_path, model, tokenizer) -> None:
+    """Bytes on disk are at most 1.1x the weights plus the optimizer state (it held the weights
+    twice before format 3), and no per-rank weight parts are left beside the whole files."""
+    path = _save(tmp_path, 1, model, tokenizer)
+    weights = sum(t.numel() * t.element_size() for t in model.parameters())
+    optim = sum(f.stat().st_size for f in (path / TRAIN_STATE_DIR).rglob("*.distcp") if f.is_file())
+    total = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert not (path / "sharded").exists()
+    assert weights < total <= 1.1 * (weights + optim), (total, weights, optim)
