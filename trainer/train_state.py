@@ -145,11 +145,14 @@ def save_train_state(
     (the training's collectives keep the default one). Rank 0 then calls
     :func:`drop_partial_weights` once they are written."""
     weights = _weights(model)
+    # Under a process group each rank writes its parts, which rank 0 joins into whole files;
+    # one process writes the whole file at once.
+    parts = not _no_dist()
     writer = HuggingFaceStorageWriter(
         path=str(path),
-        fqn_to_index_mapping=dict.fromkeys(weights, 1),  # one consolidated file
-        save_distributed=True,
-        enable_consolidation=True,
+        fqn_to_index_mapping=dict.fromkeys(weights, 1),  # one file, as a small model's
+        save_distributed=parts,
+        enable_consolidation=parts,
     )
     futures = [
         _save(weights, writer, background, asynchronous),
