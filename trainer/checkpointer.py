@@ -32,7 +32,7 @@ from trainer.run_layout import (
     read_pointer,
     set_pointer,
 )
-from trainer.train_state import PendingSave, drop_partial_weights, save_train_state
+from trainer.train_state import PendingSave, finish_weights, save_train_state
 
 MB = 1024 * 1024
 # Below this much free space a failed write is taken for a full disk even when the error does
@@ -209,7 +209,7 @@ class Checkpointer:
     def _publish(self, save: PendingSave) -> None:
         """Rank 0: rename the whole checkpoint into place, move the pointers, say so."""
         tmp = stage_checkpoint(self.run_dir, save.step, create=False)
-        drop_partial_weights(tmp)
+        finish_weights(tmp)
         path = commit_checkpoint(self.run_dir, tmp, save.step)
         set_pointer(self.run_dir, LATEST, path)
         if save.improved:
