@@ -179,8 +179,11 @@ class Checkpointer:
         barrier()  # the directory exists before any rank writes into it
         failure: BaseException | None = None
         try:
+            trainer_state = state()  # collective (every rank's RNG states): every rank calls it
             if main:
-                write_checkpoint_files(tmp, p.model, p.data.tokenizer, state(), self.config_yaml)
+                write_checkpoint_files(
+                    tmp, p.model, p.data.tokenizer, trainer_state, self.config_yaml
+                )
         except (OSError, RuntimeError) as err:  # rank 0's files: no rank may wait in DCP for it
             failure = err
         if any_rank(failure is not None):
