@@ -133,7 +133,8 @@ class BatchSampler:
         return len(self.sources) > 1
 
     def windows(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """(source index, start offset) of this rank's windows at `step`, each (batch_size,)."""
+        """(source index, start offset) of this rank's stream windows at `step`, each
+        (batch_size,); `bos` packing draws its rows in :meth:`sample` instead."""
         total = self.world_size * self.batch_size
         seed = self.seed % (1 << 64)
         rng = np.random.Generator(np.random.PCG64([seed, step]))
