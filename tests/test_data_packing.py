@@ -110,6 +110,27 @@ def test_bos_batches_are_pure_and_do_not_depend_on_the_process_count() -> None:
     assert torch.equal(ids, later.document_ids)
 
 
+def test_a_mixture_packs_each_sources_rows_from_its_own_documents() -> None:
+    plays, _ = _corpus(seed=1)
+    notes, _ = _corpus(seed=2)
+    packing = Packing("bos", 8, document_mask=True, separator=SEP)
+
+    def sampler(rank: int, world: int, batch: int) -> BatchSampler:
+        return BatchSampler(
+            [plays, notes], batch, 48, 5, rank, world, weights=[3, 1], packing=packing
+        )
+
+    whole = sampler(0, 1, 8).sample(4)
+    halves = [sampler(r, 2, 4).sample(4) for r in (0, 1)]
+    assert torch.equal(torch.cat([h.x for h in halves]), whole.x)
+    assert (whole.x[:, 0] == SEP).all()
+    streams = {bytes(np.asarray(s, dtype=np.int64)) for s in (plays, notes)}
+    assert whole.document_ids is not None
+    for row, ids in zip(whole.x.numpy(), whole.document_ids.numpy(), strict=True):
+        body = row[1:][ids[1:] == 0].astype(np.int64).tobytes()  # the first document's text
+        assert any(body in s for s in streams)
+
+
 def test_bos_state_round_trips_and_refuses_other_packing() -> None:
     split, _ = _corpus()
     sampler = _bos(split)
