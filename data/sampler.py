@@ -172,26 +172,28 @@ class BatchSampler:
         rng = np.random.Generator(np.random.PCG64([seed, step]))
         # Rows are filled for the whole global batch in order, then each rank takes its slice:
         # the rows depend on the global batch alone, not on how it is split between ranks.
-        window = self.packing.window
-        if not self.is_mixture:
-            first = draw_first_document(rng, self.bounds(0))
-            rows, docs = pack(
-                self.tokens, self.bounds(0), self.packing.separator, first, total, row_len, window
-            )
-        else:
-            which = rng.choice(len(self.sources), size=total, p=self.probs)
-            rows = np.empty((total, row_len), dtype=np.int64)
-            docs = np.empty_like(rows)
-            for i, split in enumerate(self.sources):
-                picked = np.flatnonzero(which == i)
-                if len(picked):
-                    sub = np.random.Generator(np.random.PCG64([seed, step, i + 1]))
-                    first = draw_first_document(sub, self.bounds(i))
-                    sep = self.packing.separator
-                    bounds = self.bounds(i)
-                    rows[picked], docs[picked] = pack(
-                        split, bounds, sep, first, len(picked), row_len, window
-                    )
+        which = rng.choice(len(self.sources), size=total, p=self.probs) if self.is_mixture else None
+        rows = np.empty((total, row_len), dtype=np.int64)
+        docs = np.empty_like(rows)
+        for i, split in enumerate(self.sources):
+            picked = np.flatnonzero(which == i) if which is not None else np.arange(total)
+            if len(picked):
+                # one source draws from the step's generator, a mixture's from its own
+                own = (
+                    rng
+                    if which is None
+                    else np.random.Generator(np.random.PCG64([seed, step, i + 1]))
+                )
+                first = draw_first_document(own, self.bounds(i))
+                rows[picked], docs[picked] = pack(
+                    split,
+                    self.bounds(i),
+                    self.packing.separator,
+                    first,
+                    len(picked),
+                    row_len,
+                    self.packing.window,
+                )
         mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         return _packed_batch(rows[mine], docs[mine], self.packing.document_mask)
 
