@@ -233,6 +233,7 @@ def build_parts(
         rank=dist.rank,
         world_size=dist.world_size,
         weights=[s.weight for s in data.sources] if data.is_mixture else None,
+        packing=cfg.data.rows(data.tokenizer.eos_id),  # the cache ends documents with it
     )
     try:
         lengths = data.tokenizer.token_byte_lengths()
