@@ -98,6 +98,14 @@ def test_bench_muon_ddp_times_the_split_against_replicated() -> None:
 
 
 @pytest.mark.slow
+def test_bench_muon_memory_counts_the_steps_tensors_whole_and_in_chunks() -> None:
+    rows = {r["step"]: r for r in _table(_run("bench_muon_memory.py"))}
+    assert set(rows) == {"whole batches", "chunks of 0.375 MiB"}
+    whole, chunked = (float(r["peak transient MiB"]) for r in rows.values())
+    assert whole > chunked > 0  # chunks of a sixth of the batch hold less at once
+
+
+@pytest.mark.slow
 def test_bench_muon_checks_torchs_step_and_times_ours() -> None:
     out = _run("bench_muon.py", "--rounds", "1")
     for preset in ("tiny", "tiny-moe"):
