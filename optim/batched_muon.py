@@ -197,9 +197,10 @@ class BatchedMuon(MatrixBatchMuon):
         scale = None if grad_scale is None else grad_scale.to(device)
         skip = None if found_inf is None else found_inf.to(device) != 0  # 0-d, never read
         keep = None if skip is None else (~skip).float()  # 1 = apply, 0 = skipped
-        # A chunk at a time, from momentum to update (so no step-sized temporary exists), at
-        # most three in flight: one started (its collective maybe under way), one advanced,
-        # one being applied; a chunk's transfers overlap the next one's iteration.
+        # A chunk at a time, from momentum to update (so no step-sized temporary exists). A
+        # chunk with transfers (DDP, FSDP) is one of at most three in flight: one started (its
+        # collective maybe under way), one advanced, one being applied, so a chunk's transfers
+        # overlap the next one's iteration; any other is applied as soon as it is iterated.
         started: deque[tuple[Chunk, Pending]] = deque()
         advanced: deque[tuple[Chunk, Finish]] = deque()
         for members in matrix_batches(params, self._batch_key, split):
@@ -213,9 +214,14 @@ class BatchedMuon(MatrixBatchMuon):
                 decay = decay.masked_fill(skip.to(decay.device), 1)
             for pieces in self._chunks(group, members, params, ps):
                 chunk = Chunk(pieces, split, decay, step_lr)
-                updates = self._momentum(group, pieces, gs, bs, scale, skip)
                 owners = [params[p.param] for p in pieces]
-                started.append((chunk, self._orthogonalize_batch(group, owners, updates)))
+                updates = self._momentum(group, pieces, gs, bs, scale, skip)
+                pending = self._orthogonalize_batch(group, owners, updates)
+                del updates  # the iteration's input: freed before the next chunk's
+                if isinstance(pending, _Ready):  # nothing in flight: applied at once
+                    self._apply(chunk, pending(), ps, keep)
+                    continue
+                started.append((chunk, pending))
                 if len(started) > 1:
                     done, pending = started.popleft()
                     advanced.append((done, pending()))
@@ -345,8 +351,18 @@ def _split(group: dict[str, Any]) -> int:
 _all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 
 
+class _Ready:
+    """A chunk orthogonalised already, with no transfer in flight: a Pending of its results."""
+
+    def __init__(self, results: list[Tensor]) -> None:
+        self.results = results
+
+    def __call__(self) -> Finish:
+        return lambda: self.results
+
+
 def _ready(results: list[Tensor]) -> Pending:
-    return lambda: lambda: results
+    return _Ready(results)
 
 
 def _split_like(stacked: Tensor, mats: list[Tensor]) -> list[Tensor]:
