@@ -113,7 +113,9 @@ class Checkpointer:
         self.config_yaml, self.keep_last, self.asynchronous = config_yaml, keep_last, asynchronous
         self.last_saved: int | None = None
         self.pending: PendingSave | None = None  # a checkpoint being written in the background
-        self.group = background_group() if asynchronous else None
+        # One group per write in flight (weights, optimizer state): two background threads
+        # issuing collectives on one group interleave them differently per rank and deadlock.
+        self.groups = (background_group(), background_group()) if asynchronous else (None, None)
         self.pending_needed = 0  # expected_bytes() of the save in flight
 
     # ---- disk space -------------------------------------------------------------------------
@@ -189,7 +191,7 @@ class Checkpointer:
         if any_rank(failure is not None):
             self._raise(step, failure or OSError("another rank failed to write"), needed)
         try:
-            futures = save_train_state(p.model, p.optimizers, tmp, self.group, self.asynchronous)
+            futures = save_train_state(p.model, p.optimizers, tmp, self.groups, self.asynchronous)
         except (OSError, RuntimeError, CheckpointException) as err:
             self._raise(step, err, needed)
         self.last_saved = step

@@ -134,15 +134,16 @@ def save_train_state(
     model: nn.Module,
     optimizers: OptimizerSet,
     path: Path,
-    background: dist.ProcessGroup | None = None,
+    background: tuple[dist.ProcessGroup | None, dist.ProcessGroup | None] = (None, None),
     asynchronous: bool = False,
 ) -> list[Future[Any]]:
     """Write the weights into the directory ``path`` (``model-*.safetensors``, each rank its
     shards, then rank 0 joins them into whole files) and the optimizer state into
     ``path/train_state`` (``.metadata`` and one ``.distcp`` file per writing rank). Collective:
     every rank calls it. ``asynchronous`` returns once the state is copied to CPU memory, with
-    futures of the writes; their coordination runs on ``background``, a process group of its own
-    (the training's collectives keep the default one). Rank 0 then calls
+    futures of the writes; each write's coordination runs on its own process group of
+    ``background`` (weights, optimizer state): the training's collectives keep the default one,
+    and the two writes' threads never share a group. Rank 0 then calls
     :func:`drop_partial_weights` once they are written."""
     weights = _weights(model)
     # Under a process group each rank writes its parts, which rank 0 joins into whole files;
@@ -155,11 +156,11 @@ def save_train_state(
         enable_consolidation=parts,
     )
     futures = [
-        _save(weights, writer, background, asynchronous),
+        _save(weights, writer, background[0], asynchronous),
         _save(
             {"optim": _optim(model, optimizers)},
             FileSystemWriter(str(path / TRAIN_STATE_DIR)),
-            background,
+            background[1],
             asynchronous,
         ),
     ]
