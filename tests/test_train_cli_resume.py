@@ -155,7 +155,8 @@ def _damaged_copy(tmp: Path, kind: str, name: str) -> tuple[Path, str]:
     if kind == "config":
         (ckpt / "config.json").unlink()
         return run, f"{ckpt / 'config.json'} is missing"
-    file = ckpt / ("model.safetensors" if kind == "weights" else "trainer_state.pt")
+    # the weights: the one safetensors file a small model's checkpoint has (its index names it)
+    file = next(ckpt.glob("model*.safetensors")) if kind == "weights" else ckpt / "trainer_state.pt"
     file.write_bytes(file.read_bytes()[:100])
     return run, f"{file} is damaged ("
 
