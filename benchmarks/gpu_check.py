@@ -481,7 +481,9 @@ def torchrun_rows(s: Sizes, root: Path) -> list[Row]:
                 *extra,
             )
             run = root / "runs" / name
-            ok = (run / "step-000003" / "model.safetensors").is_file() and "== samples ==" in out
+            # a checkpoint's weights: model-00001-of-00001.safetensors (format 3) + its index
+            weights = (run / "step-000003" / "model.safetensors.index.json").is_file()
+            ok = weights and "== samples ==" in out
             figure = f"saved step 2, resumed to step 3, sampled ({time.perf_counter() - t0:.0f} s)"
             rows.append(Row(check, figure, ok))
         except Exception as e:  # a failed run is this row's FAIL

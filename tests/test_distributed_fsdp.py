@@ -67,8 +67,8 @@ def test_sharded_run_matches_the_unsharded_one_and_saves_a_transformers_dir(
     # The gathered checkpoint is a transformers model directory with the reference's weights
     # (to float tolerance: logits move by ~0.1 per step here, rounding by ~1e-3).
     ckpt = tmp_path / "runs" / "fsdp" / "latest"
-    assert sorted(load_file(ckpt / "model.safetensors")) == sorted(
-        load_file(tmp_path / "ref" / "latest" / "model.safetensors")
+    assert sorted(load_file(ckpt / "model-00001-of-00001.safetensors")) == sorted(
+        load_file(tmp_path / "ref" / "latest" / "model-00001-of-00001.safetensors")
     )
     hf = AutoModelForCausalLM.from_pretrained(ckpt)
     x = torch.randint(0, hf.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))

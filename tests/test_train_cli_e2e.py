@@ -108,7 +108,9 @@ def test_compiled_run_saves_plain_weight_names(tmp_path) -> None:
         "sample.max_new_tokens=4",
     )
     assert res.returncode == 0, res.stderr
-    names = load_file(tmp_path / "runs" / "compiled" / "best" / "model.safetensors").keys()
+    names = load_file(
+        tmp_path / "runs" / "compiled" / "best" / "model-00001-of-00001.safetensors"
+    ).keys()
     assert names and not [n for n in names if "_orig_mod" in n]
 
 
@@ -130,7 +132,7 @@ def test_multirun_sweep_writes_one_dir_per_job(tmp_path) -> None:
     assert (sweep / "multirun.yaml").is_file()
     lrs = []
     for job in ("0", "1"):
-        assert (sweep / job / "best" / "model.safetensors").is_file()
+        assert (sweep / job / "best" / "model-00001-of-00001.safetensors").is_file()
         lrs.append(read_metrics(sweep / job)[0]["lr/muon"])
     assert lrs[0] < lrs[1]
 

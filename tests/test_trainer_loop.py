@@ -96,7 +96,8 @@ def test_metrics_checkpoints_and_best_pointer(corpus, tmp_path) -> None:
     assert state["step"] == 6 and state["best_val_loss"] == pytest.approx(best_row["val_loss"])
     for f in (
         "config.json",
-        "model.safetensors",
+        "model.safetensors.index.json",
+        "model-00001-of-00001.safetensors",
         "tokenizer.json",
         "tokenizer_config.json",
         "trainer_state.pt",
@@ -143,7 +144,7 @@ def test_metrics_checkpoints_and_best_pointer(corpus, tmp_path) -> None:
     assert all(r["val_loss"] is None for r in rows if r["step"] > 7 and "val_loss" in r)
     assert (run / "best").resolve() == best_before
     assert (run / "latest").resolve().name == "step-000007"
-    weights = load_file(run / "latest" / "model.safetensors")
+    weights = load_file(run / "latest" / "model-00001-of-00001.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
