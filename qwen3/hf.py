@@ -2,7 +2,8 @@
 or not). A Qwen3-MoE model holds each layer's experts as two 3-D parameters
 (``mlp.experts.gate_up_proj`` (E, 2F, C), ``mlp.experts.down_proj`` (E, C, F), transformers 5's
 layout); files keep the released per-expert names (``mlp.experts.{e}.gate_proj.weight``), which
-transformers reads and writes too, and the fused names load as well."""
+transformers reads and writes too, and the fused names load as well. A model sharded with FSDP2
+reads only each rank's slices (:func:`load_sharded`)."""
 
 from __future__ import annotations
 
@@ -162,13 +163,13 @@ def load_pretrained(
     return model.eval()
 
 
+_LAYER = re.compile(r"model\.layers\.\d+\.")
+
+
 def _load_group(name: str) -> str:
     """The tensors read together by :func:`load_sharded`: one decoder layer's, else one tensor."""
     layer = _LAYER.match(name)
     return layer.group(0) if layer else name
-
-
-_LAYER = re.compile(r"model\.layers\.\d+\.")
 
 
 def load_sharded(model: Qwen3, path: str | Path) -> None:
@@ -184,9 +185,8 @@ def load_sharded(model: Qwen3, path: str | Path) -> None:
 
     path = Path(path)
     files, parts = _check_files(path, model.config, _expected(model))
-    state: dict[str, Any] = get_model_state_dict(
-        model
-    )  # the parameters themselves (their shards), filled in place
+    # the parameters themselves (their shards under FSDP), filled in place
+    state: dict[str, Any] = get_model_state_dict(model)
     groups: dict[str, dict[str, Any]] = {}
     for name, t in state.items():
         if name in files:

@@ -97,6 +97,28 @@ def _moe(path: Path) -> Path:
     return path
 
 
+def test_one_process_reads_the_same_weights_and_names_a_missing_tensor(tmp_path) -> None:
+    """The same reader without a process group (the model whole in this process): the
+    one-process load's weights, and a damaged directory is refused before anything is read."""
+    from safetensors.torch import load_file, save_file
+
+    from qwen3.hf import load_pretrained, load_sharded
+
+    for path in (_dense(tmp_path / "dense"), _moe(tmp_path / "moe")):
+        with torch.device("meta"):
+            model = Qwen3(Qwen3Config.from_json_file(path / "config.json"))
+        model.materialize("cpu", init=False)
+        load_sharded(model, path)
+        ref = load_pretrained(path, dtype=torch.float32).state_dict()
+        assert all(torch.equal(t, ref[n]) for n, t in model.state_dict().items())
+    file = tmp_path / "moe" / "model.safetensors"
+    tensors = load_file(file)
+    del tensors["model.layers.1.mlp.experts.2.up_proj.weight"]
+    save_file(tensors, str(file))
+    with pytest.raises(ValueError, match=r"missing tensors: model\.layers\.1\.mlp\.experts\.2\.up"):
+        load_sharded(model, tmp_path / "moe")
+
+
 @pytest.mark.slow  # one 2-process job of two tiny models
 def test_each_rank_reads_its_slices_and_the_weights_equal_the_one_process_load(tmp_path) -> None:
     dense, moe = _dense(tmp_path / "dense"), _moe(tmp_path / "moe")

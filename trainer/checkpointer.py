@@ -113,7 +113,8 @@ class Checkpointer:
         self.config_yaml, self.keep_last, self.asynchronous = config_yaml, keep_last, asynchronous
         self.last_saved: int | None = None
         self.pending: PendingSave | None = None  # a checkpoint being written in the background
-        # one group per background write (save_train_state)
+        # One group per write in flight (weights, optimizer state): two background threads
+        # issuing collectives on one group interleave them differently per rank and deadlock.
         self.groups = (background_group(), background_group()) if asynchronous else (None, None)
         self.pending_needed = 0  # expected_bytes() of the save in flight
 
