@@ -111,3 +111,13 @@ def test_bench_muon_checks_torchs_step_and_times_ours() -> None:
         ("tiny-moe", "2"),
     ]
     assert all(float(r["speedup (torch / ours)"]) > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_bench_downstream_prints_the_cost_ratio() -> None:
+    out = _run("bench_downstream.py")
+    rows = {r["measure"]: r for r in _table(out)}
+    assert float(rows["training step"]["CPU s"]) > 0
+    assert float(rows["one scoring of core_local"]["CPU s"]) > 0
+    assert "ratio at the default cadence (1 scoring per 140 steps)" in out
+    assert "downstream/core at the last round" in out

@@ -117,6 +117,7 @@ def test_config_checks_of_the_downstream_keys(corpus, tmp_path) -> None:
         "trainer.best_metric=loss": "is not a key evaluations log",
         "trainer.eval_tasks_limit=0": "must be a count >= 1 or a fraction in (0, 1)",
         "trainer.eval_tasks_every=-1": "must be a whole number >= 0",
+        "trainer.eval_tasks=[tasks/missing.yaml]": "'tasks/missing.yaml' names no existing task",
     }
     for override, message in mistakes.items():
         with pytest.raises(ConfigError, match=re.escape(message)) as err:

@@ -33,6 +33,7 @@ from qwen3.quantize import QUANTIZE_CHOICES, unknown_method
 from trainer.budget import DEFAULT_MAX_STEPS, resolve_max_steps
 from trainer.distributed import DEFAULT_TIMEOUT_S, dist_info
 from trainer.errors import ConfigError
+from trainer.lm_eval_tasks import is_path
 
 T = TypeVar("T")
 
@@ -194,6 +195,14 @@ class TrainConfig:
                 "must be task names or task YAML paths",
                 "set e.g. trainer.eval_tasks=[core_local] or [hellaswag,path/to/task.yaml]",
             )
+        for spec in self.eval_tasks:  # a missing task file fails before any data is read
+            if is_path(spec) and not Path(spec).expanduser().is_file():
+                _fail(
+                    "trainer.eval_tasks",
+                    spec,
+                    "names no existing task file",
+                    "give a task YAML's path (relative to the working directory) or a task name",
+                )
         _check_int("trainer.eval_tasks_every", self.eval_tasks_every, 0, "280 (0 = each eval)")
         if self.eval_tasks_limit is not None and not (
             (isinstance(self.eval_tasks_limit, int) and self.eval_tasks_limit >= 1)

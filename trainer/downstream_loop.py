@@ -70,8 +70,13 @@ class DownstreamScorer:
         datasets.disable_progress_bars()
         self.cfg, self.dist = cfg, dist
         tasks = cfg.eval_tasks if isinstance(cfg.eval_tasks, list) else [cfg.eval_tasks]
-        with _quiet():
-            self.tasks = load_tasks(tasks, skip_unreachable=True)
+        try:
+            with _quiet():
+                self.tasks = load_tasks(tasks, skip_unreachable=True)
+        except ConfigError as e:  # its key here is trainer.eval_tasks
+            raise ConfigError(
+                f"trainer.eval_{e}" if str(e).startswith("tasks") else str(e)
+            ) from None
         if self.tasks.skipped and dist.is_main:
             print(skipped_line(self.tasks.skipped), file=sys.stderr, flush=True)
         # A forward holds as many tokens as a training micro-batch (without the backward's

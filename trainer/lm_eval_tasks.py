@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 import os
 import random
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -242,7 +241,3 @@ def core_score(flat: dict[str, float]) -> float | None:
         if f"{task}/{metric}" in flat
     ]
     return sum(centered) / len(centered) if centered else None
-
-
-def warn(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
