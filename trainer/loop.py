@@ -26,7 +26,6 @@ from trainer.evaluation import evaluate_sources
 from trainer.metrics import MetricsLog, PlotWriter, WandbLogger, mfu
 from trainer.prefetch import BatchPrefetcher
 from trainer.progress import Progress
-from trainer.run_layout import TRAIN_STATE_DIR
 from trainer.spikes import SpikeMonitor
 from trainer.step import train_step
 from trainer.step_stats import StepStats, WindowStats
@@ -134,7 +133,7 @@ class Trainer:
         state = load_trainer_state(ckpt_dir)
         p = self.parts
         check_compatible(ckpt_dir, state, p.model.config, self.tok_hash, self.batch)
-        load_train_state(p.model, p.optimizers, ckpt_dir / TRAIN_STATE_DIR)
+        load_train_state(p.model, p.optimizers, ckpt_dir)
         p.optimizers.load_schedule_state_dict(state["schedules"])
         if p.precision.scaler is not None and state.get("scaler"):
             p.precision.scaler.load_state_dict(state["scaler"])
