@@ -151,8 +151,8 @@ class Trainer:
             self.metrics.truncate_after(self.step)
 
     def _resume_best(self, state: dict[str, Any]) -> None:
-        """The best value so far, if the checkpoint followed the same metric (a checkpoint of
-        format 3 or older followed val loss; its infinity meant none yet)."""
+        """The best value so far, if the checkpoint followed the same metric (one written
+        before ``trainer.best_metric`` existed followed val loss; its infinity meant none yet)."""
         metric = state.get("best_metric", "val_loss")
         value = float(state.get("best_value", state.get("best_val_loss", math.nan)))
         if metric != self.cfg.trainer.best_metric:
