@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -181,3 +183,15 @@ def test_two_processes_score_as_one_process_scores_their_checkpoints(
     assert res.returncode == 0, res.stderr
     assert "downstream/shakespeare_next_line/acc" in res.stdout
     _assert_equal_to_eval(tmp_path / "runs" / "d", NEXT_LINE, capsys, limit=LIMIT + 1)
+
+
+def test_lm_eval_is_imported_only_when_tasks_are_set() -> None:
+    """A run without trainer.eval_tasks never imports lm-eval (its import costs seconds)."""
+    code = (
+        "import sys, trainer.run, trainer.loop, trainer.build, trainer.config, trainer.cli\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lm_eval', 'datasets')))"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert res.stdout.strip() == "[]"
