@@ -94,10 +94,13 @@ def test_in_loop_scores_equal_eval_of_the_checkpoint_and_core_is_centered(
     corpus, tmp_path, capsys
 ) -> None:
     run = tmp_path / "runs" / "r"
-    make_trainer(
-        _overrides(tmp_path, corpus, "trainer.eval_tasks=core_local", "run_name=r"), run
-    ).fit()
+    trainer = make_trainer(_overrides(tmp_path, corpus, "trainer.eval_tasks=core_local"), run)
+    outcome = trainer.fit()
+    trainer.plots.wait()  # the plot with its downstream panel was drawn without an error
+    assert (run / "metrics.png").stat().st_size > 1000
     rows = _downstream_rows(run)
+    assert outcome.downstream_key == "downstream/core"
+    assert outcome.downstream == [(s, rows[s]["downstream/core"]) for s in (2, 4)]
     for row in rows.values():
         assert {f"downstream/{t}/acc" for t in LOCAL_TASKS} <= set(row)
         centered = [(row[f"downstream/{t}/acc"] - 0.25) / 0.75 for t in LOCAL_TASKS]
