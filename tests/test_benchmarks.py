@@ -149,3 +149,13 @@ def test_bench_packing_compares_stream_bos_and_the_document_mask(tmp_path) -> No
         assert 0 < float(row["val bpb, windows"]) < 20 and 0 < float(row["val bpb, documents"]) < 20
     ratios = {r["packing"]: float(r["x stream"]) for r in _table(speed)}
     assert ratios["stream"] == 1.0 and ratios["bos"] > 0 and ratios["bos+mask"] > 0
+
+
+@pytest.mark.slow
+def test_bench_downstream_prints_the_cost_ratio() -> None:
+    out = _run("bench_downstream.py")
+    rows = {r["measure"]: r for r in _table(out)}
+    assert float(rows["training step"]["CPU s"]) > 0
+    assert float(rows["one scoring of core_local"]["CPU s"]) > 0
+    assert "ratio at the default cadence (1 scoring per 140 steps)" in out
+    assert "downstream/core at the last round" in out

@@ -93,7 +93,7 @@ def test_metrics_checkpoints_and_best_pointer(corpus, tmp_path) -> None:
     t.plots.wait()  # drawn in the background
     assert (run / "metrics.png").stat().st_size > 1000
     state = load_trainer_state(run / "latest")
-    assert state["step"] == 6 and state["best_val_loss"] == pytest.approx(best_row["val_loss"])
+    assert state["step"] == 6 and state["best_value"] == pytest.approx(best_row["val_loss"])
     for f in (
         "config.json",
         "model.safetensors",

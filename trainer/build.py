@@ -15,6 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ from qwen3.hf import load_pretrained, load_sharded
 from trainer.config import RunConfig
 from trainer.distributed import DistInfo, from_main, rank_seed, wrap_model
 from trainer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from trainer.downstream_loop import DownstreamScorer
 
 
 @dataclass
@@ -45,6 +49,7 @@ class RunParts:
     optimizers: OptimizerSet
     sampler: BatchSampler
     token_bytes: torch.Tensor  # (V,) each id's UTF-8 byte length, on ``device``: for val_bpb
+    downstream: DownstreamScorer | None = None  # trainer.eval_tasks scored in the loop
 
 
 def seed_everything(seed: int) -> None:
@@ -241,7 +246,12 @@ def build_parts(
         raise ConfigError(f"data.tokenizer={cfg.data.tokenizer}: {e}") from None
     padding = [0] * (model_cfg.vocab_size - len(lengths))  # padding rows: no text, 0 bytes
     token_bytes = torch.tensor(lengths + padding, dtype=torch.int64, device=device)
-    return RunParts(device, precision, data, model, forward, optimizers, sampler, token_bytes)
+    parts = RunParts(device, precision, data, model, forward, optimizers, sampler, token_bytes)
+    if tcfg.eval_tasks:  # lm-eval is imported only here
+        from trainer.downstream_loop import DownstreamScorer
+
+        parts.downstream = DownstreamScorer(tcfg, parts, dist)
+    return parts
 
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

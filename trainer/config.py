@@ -33,6 +33,7 @@ from qwen3.quantize import QUANTIZE_CHOICES, unknown_method
 from trainer.budget import DEFAULT_MAX_STEPS, resolve_max_steps
 from trainer.distributed import DEFAULT_TIMEOUT_S, dist_info
 from trainer.errors import ConfigError
+from trainer.lm_eval_tasks import is_path
 
 T = TypeVar("T")
 
@@ -165,9 +166,75 @@ class TrainConfig:
     spike_zscore: float = 6.0  # standard deviations above the window's mean that make a spike
     spike_window: int = 100  # accepted steps the spike z-score is measured against
     spike_action: Literal["log", "skip"] = "log"  # log | skip (drop the spike's update)
+    # Downstream tasks scored in the loop on the training model (trainer/downstream_loop.py):
+    # lm-eval names, local task YAML paths, or a suite (core, core_local: docs/evaluation.md).
+    eval_tasks: list[str] | str = field(default_factory=list)  # [] = none (lm-eval not imported)
+    eval_tasks_every: int = 0  # steps between downstream scores; 0 = at each evaluation
+    eval_tasks_limit: int | float | None = (
+        None  # documents per task (a fraction below 1); null: all
+    )
+    eval_tasks_fewshot: int | None = None  # few-shot examples per prompt; null: each task's own
+    best_metric: str = "val_loss"  # the logged key `best` follows, e.g. downstream/core
+    best_mode: Literal["auto", "min", "max"] = "auto"  # auto: max for accuracies and downstream/*
+
+    @property
+    def best_higher(self) -> bool:
+        """Whether a higher ``best_metric`` is better (``best_mode``, or what ``auto`` infers)."""
+        if self.best_mode != "auto":
+            return self.best_mode == "max"
+        name = self.best_metric
+        return name.startswith("downstream/") or name.split("/")[0] in ("val_acc",)
+
+    def _check_downstream(self) -> None:
+        if isinstance(self.eval_tasks, str):  # trainer.eval_tasks=core
+            self.eval_tasks = [self.eval_tasks] if self.eval_tasks else []
+        if not all(isinstance(t, str) and t.strip() for t in self.eval_tasks):
+            _fail(
+                "trainer.eval_tasks",
+                self.eval_tasks,
+                "must be task names or task YAML paths",
+                "set e.g. trainer.eval_tasks=[core_local] or [hellaswag,path/to/task.yaml]",
+            )
+        for spec in self.eval_tasks:  # a missing task file fails before any data is read
+            if is_path(spec) and not Path(spec).expanduser().is_file():
+                _fail(
+                    "trainer.eval_tasks",
+                    spec,
+                    "names no existing task file",
+                    "give a task YAML's path (relative to the working directory) or a task name",
+                )
+        _check_int("trainer.eval_tasks_every", self.eval_tasks_every, 0, "280 (0 = each eval)")
+        if self.eval_tasks_limit is not None and not (
+            (isinstance(self.eval_tasks_limit, int) and self.eval_tasks_limit >= 1)
+            or (isinstance(self.eval_tasks_limit, float) and 0 < self.eval_tasks_limit < 1)
+        ):
+            _fail(
+                "trainer.eval_tasks_limit",
+                self.eval_tasks_limit,
+                "must be a count >= 1 or a fraction in (0, 1)",
+                "set e.g. trainer.eval_tasks_limit=100, or null for all",
+            )
+        if self.eval_tasks_fewshot is not None:
+            _check_int("trainer.eval_tasks_fewshot", self.eval_tasks_fewshot, 0, "5")
+        name = self.best_metric
+        if not isinstance(name, str) or not name.startswith(("val_", "downstream/")):
+            _fail(
+                "trainer.best_metric",
+                name,
+                "is not a key evaluations log",
+                "set e.g. trainer.best_metric=val_loss (or val_bpb, downstream/core)",
+            )
+        if name.startswith("downstream/") and not self.eval_tasks:
+            _fail(
+                "trainer.best_metric",
+                name,
+                "is a downstream score, but trainer.eval_tasks is empty",
+                "set e.g. trainer.eval_tasks=[core_local]",
+            )
 
     def __post_init__(self) -> None:
         _check_int("trainer.max_steps", self.max_steps, 1, "600")
+        self._check_downstream()
         if self.max_tokens is not None:
             _check_int("trainer.max_tokens", self.max_tokens, 1, "100_000_000")
         if self.tokens_per_param is not None and not (

@@ -1,131 +1,69 @@
 """``train.py eval``: downstream tasks from lm-evaluation-harness on a checkpoint directory.
 
-lm-eval does the work through its Python API: its Hugging Face backend (``HFLM``) loads the
-checkpoint, which is a Qwen3 directory ``transformers`` reads, with our tokenizer files. This
-module finds the checkpoint and the tasks, turns the user's mistakes into one-line errors, and
-puts the scores where the run's other results are: ``eval/<timestamp>.json`` in the run
-directory, and the run's wandb run when it has one.
+The checkpoint is loaded here and scored by :class:`trainer.lm_eval_model.Qwen3LM`, the same
+lm-eval model wrapper the training loop scores its downstream tasks with
+(trainer/downstream_loop.py), so a checkpoint's scores equal the ones its run logged at that
+step. The tasks (names, YAML paths, suites) are trainer/lm_eval_tasks.py's. This module finds the
+checkpoint, turns the user's mistakes into one-line errors, and puts the scores where the run's
+other results are: ``eval/<timestamp>.json`` in the run directory, and the run's wandb run when
+it has one.
 """
 
 from __future__ import annotations
 
-import difflib
+import functools
 import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
 import yaml
 
+from qwen3 import Qwen3
+from qwen3.tokenizer import Qwen3Tokenizer
 from trainer.config import EvalCliConfig, WandbConfig, build_dataclass
 from trainer.errors import ConfigError
 from trainer.generation import inference_device
+from trainer.lm_eval_tasks import (
+    INSTALL_HINT,
+    LoadedTasks,
+    core_score,
+    load_tasks,
+    run_tasks,
+    scores,
+    skipped_line,
+)
 from trainer.run_layout import find_model_dir, step_number, timestamp_name
 
-if TYPE_CHECKING:
-    from lm_eval.tasks import TaskManager  # type: ignore[import-untyped]  # lm-eval ships no type hints
 
-INSTALL_HINT = "install it with pip install -e '.[eval]'"
-_YAML_SUFFIXES = (".yaml", ".yml")
-
-
-def _is_path(spec: str) -> bool:
-    """A task given as a file rather than a name: lm-eval's names never hold a slash or end
-    in .yaml."""
-    return spec.endswith(_YAML_SUFFIXES) or "/" in spec or os.sep in spec
-
-
-def resolve_tasks(specs: list[str]) -> tuple[TaskManager, list[str]]:
-    """lm-eval's task manager and the task names for ``specs`` (names or YAML paths).
-
-    Local YAMLs are indexed through ``include_path`` (their folders), so a YAML may include
-    its siblings; lm-eval's own thousands of tasks are indexed only when a name asks for them
-    (that scan takes tens of seconds)."""
+def _results_of(cfg: EvalCliConfig, ckpt: Path) -> tuple[dict[str, Any], LoadedTasks]:
+    """lm-eval's results for ``cfg.tasks`` on the model in ``ckpt``, scored by the same model
+    wrapper as the training loop's downstream tasks (:class:`trainer.lm_eval_model.Qwen3LM`)."""
     try:
-        from lm_eval.tasks import TaskManager
+        from trainer.lm_eval_model import Qwen3LM
     except ImportError as e:
         raise ConfigError(
             f"eval needs lm-eval, which is not installed ({e}); {INSTALL_HINT}"
         ) from None
-    files: dict[str, Path] = {}
-    for spec in filter(_is_path, specs):
-        path = Path(spec).expanduser().resolve()
-        if not path.is_file():
-            raise ConfigError(f"tasks: {spec}: no such task file; pass a task YAML or a task name")
-        files[spec] = path
-    names = [s for s in specs if s not in files]
-    folders = sorted({str(p.parent) for p in files.values()})
-    manager = TaskManager(include_path=folders or None, include_defaults=bool(names))
-    by_file = {e.yaml_path.resolve(): n for n, e in manager.task_index.items() if e.yaml_path}
-    resolved: list[str] = []
-    for spec in specs:
-        if spec in files:
-            name = by_file.get(files[spec])
-            if name is None:
-                raise ConfigError(
-                    f"tasks: {spec} is not an lm-eval task YAML (it needs a 'task:' or "
-                    "'group:' key and must parse as YAML)"
-                )
-            resolved.append(name)
-        elif spec in manager.all_tasks:
-            resolved.append(spec)
-        else:
-            resolved.append(_known_pattern(manager, spec))
-    return manager, resolved
-
-
-def _known_pattern(manager: TaskManager, spec: str) -> str:
-    """``spec`` if it is a glob (``arc_*``) matching some task, else an unknown-task error
-    naming the close ones."""
-    if any(c in spec for c in "*?[") and manager.match_tasks([spec]):
-        return spec
-    close = difflib.get_close_matches(spec, manager.all_tasks, n=5, cutoff=0.6)
-    hint = f"did you mean {', '.join(close)}?" if close else "no task name is close"
-    raise ConfigError(
-        f"tasks: {spec!r} is not an lm-eval task; {hint} (`lm-eval ls tasks` lists them all; "
-        "a local task is given by its YAML path)"
-    )
-
-
-def _offline_fix() -> str:
-    set_vars = [v for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE") if os.environ.get(v)]
-    if set_vars:
-        return f"unset {' and '.join(set_vars)} on a machine with network access"
-    return "run where huggingface.co can be reached"
-
-
-def _results_of(cfg: EvalCliConfig, ckpt: Path) -> dict[str, Any]:
-    """lm-eval's results for ``cfg.tasks`` on the model in ``ckpt``."""
-    try:
-        from lm_eval import simple_evaluate  # type: ignore[import-untyped]  # lm-eval ships no type hints
-        from lm_eval.models.huggingface import HFLM  # type: ignore[import-untyped]  # lm-eval ships no type hints
-    except ImportError as e:  # lm-eval, or its Hugging Face backend's accelerate
-        raise ConfigError(
-            f"eval needs lm-eval with its Hugging Face backend ({e}); {INSTALL_HINT}"
-        ) from None
-    manager, names = resolve_tasks(cfg.tasks)
+    tasks = load_tasks(cfg.tasks, skip_unreachable=False)
+    if tasks.skipped:
+        print(skipped_line(tasks.skipped), flush=True)
+    if not tasks.names:
+        raise ConfigError(f"tasks={cfg.tasks}: none of the tasks could be loaded")
     device = inference_device(cfg.device)
-    model = HFLM(pretrained=str(ckpt), device=str(device), batch_size=cfg.batch_size)
-    try:
-        results = simple_evaluate(
-            model=model,
-            tasks=list(names),
-            task_manager=manager,
-            limit=cfg.limit,
-            num_fewshot=cfg.num_fewshot,
-            log_samples=False,
-        )
-    except ConnectionError as e:
-        # datasets reports a hub it cannot reach, or offline mode, as ConnectionError
-        # ("Couldn't reach 'allenai/ai2_arc' on the Hub (OfflineModeIsEnabled)").
-        raise ConfigError(
-            f"tasks={cfg.tasks}: a task's data must come from the Hugging Face hub, which "
-            f"cannot be reached ({' '.join(str(e).split())}); {_offline_fix()}, or use a "
-            "local task YAML"
-        ) from None
-    assert results is not None  # None only on ranks other than 0 of a multi-process lm-eval
-    return dict(results)
+    model = Qwen3.from_pretrained(ckpt, device=device, dtype=torch.float32).eval()
+    tokenizer = Qwen3Tokenizer.from_dir(ckpt)
+    # batch_size rows of the model's whole context per forward (rows of similar length batched)
+    rows = 8 if cfg.batch_size == "auto" else cfg.batch_size
+    autocast = (
+        functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+        if device.type == "cuda" and torch.cuda.is_bf16_supported()
+        else None
+    )
+    lm = Qwen3LM(model, tokenizer, rows * model.config.max_position_embeddings, autocast=autocast)
+    return run_tasks(lm, tasks, cfg.limit, cfg.num_fewshot), tasks
 
 
 def _output_dir(ckpt: Path) -> tuple[Path, Path | None]:
@@ -152,20 +90,6 @@ def _write_json(folder: Path, record: dict[str, Any]) -> Path:
     )
     os.replace(tmp, path)
     return path
-
-
-def scores(results: dict[str, Any]) -> dict[str, float]:
-    """Every numeric score as ``task/metric`` (``task/metric,filter`` for a filter other than
-    ``none``): ``{"hellaswag/acc": 0.31, "hellaswag/acc_stderr": 0.02, ...}``."""
-    flat: dict[str, float] = {}
-    for section in ("results", "groups"):
-        for task, values in results.get(section, {}).items():
-            for key, value in values.items():
-                metric, _, filt = key.partition(",")
-                if isinstance(value, bool) or not isinstance(value, int | float) or not filt:
-                    continue  # alias, name, sample_len
-                flat[f"{task}/{metric}" + ("" if filt == "none" else f",{filt}")] = float(value)
-    return flat
 
 
 def _run_wandb(run_dir: Path, ckpt: Path) -> WandbConfig | None:
@@ -217,14 +141,18 @@ def evaluate(cfg: EvalCliConfig) -> Path:
     wandb; returns the JSON's path."""
     ckpt = find_model_dir(cfg.ckpt, cfg.out_dir)
     print(f"checkpoint {ckpt.resolve()}", flush=True)
-    results = _results_of(cfg, ckpt)
+    results, tasks = _results_of(cfg, ckpt)
     from lm_eval.utils import make_table
 
     print(make_table(results))
     if results.get("groups"):
         print(make_table(results, "groups"))
-    folder, run_dir = _output_dir(ckpt)
     record = {"checkpoint": str(ckpt.resolve()), "step": step_number(ckpt.resolve()), **results}
+    if tasks.suite is not None:
+        record["core"] = core_score(scores(results))
+        record["skipped"] = tasks.skipped
+        print(f"CORE ({tasks.suite}, {len(tasks.names)} tasks): {record['core']:.4f}")
+    folder, run_dir = _output_dir(ckpt)
     path = _write_json(folder, record)
     where = "the run directory" if run_dir is not None else "beside the model directory"
     print(f"scores written to {path} ({where})")

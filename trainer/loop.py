@@ -52,8 +52,12 @@ class Outcome:
     step: int
     stopped_by: str | None  # signal name if interrupted
     final_eval: dict[str, float] = field(default_factory=dict)
-    best_val_loss: float = math.inf
+    best_metric: str = "val_loss"  # the key `best` follows (trainer.best_metric)
+    best_value: float = math.nan  # its best value so far (nan: none yet)
     best_step: int | None = None
+    # the downstream main score (downstream/core, or the first task's acc) at each scored step
+    downstream: list[tuple[int, float]] = field(default_factory=list)
+    downstream_key: str = ""
     tokens_per_s: float = 0.0
     mfu: float = 0.0
     train_seconds: float = 0.0
@@ -82,7 +86,7 @@ class Trainer:
             cfg.trainer.batch_size * cfg.trainer.grad_accum * cfg.trainer.seq_len * dist.world_size
         )
         self.step = 0
-        self.best_val_loss = math.inf
+        self.best_value = math.nan  # of trainer.best_metric; nan until an evaluation logs it
         self.best_step: int | None = None
         self.bad_in_row = 0
         self.accum = _empty_accum()
@@ -112,7 +116,8 @@ class Trainer:
             "scaler": p.precision.scaler.state_dict() if p.precision.scaler else None,
             "sampler": p.sampler.state_dict(),
             "rng": capture_rng(),
-            "best_val_loss": self.best_val_loss,
+            "best_metric": self.cfg.trainer.best_metric,
+            "best_value": self.best_value,
             "best_step": self.best_step,
             "bad_in_row": self.bad_in_row,
             "log_accum": dict(self.accum),
@@ -135,8 +140,7 @@ class Trainer:
         p.sampler.load_state_dict(state["sampler"])
         restore_rng(state["rng"])
         self.step = int(state["step"])
-        self.best_val_loss = float(state["best_val_loss"])
-        self.best_step = state["best_step"]
+        self._resume_best(state)
         self.bad_in_row = int(state["bad_in_row"])
         self.stats.resume(self.bad_in_row)
         self.accum = {**_empty_accum(), **state["log_accum"]}
@@ -145,6 +149,34 @@ class Trainer:
         self.checkpoints.last_saved = self.step
         if self.dist.is_main:
             self.metrics.truncate_after(self.step)
+
+    def _resume_best(self, state: dict[str, Any]) -> None:
+        """The best value so far, if the checkpoint followed the same metric (one written
+        before ``trainer.best_metric`` existed followed val loss; its infinity meant none yet)."""
+        metric = state.get("best_metric", "val_loss")
+        value = float(state.get("best_value", state.get("best_val_loss", math.nan)))
+        if metric != self.cfg.trainer.best_metric:
+            if self.dist.is_main:
+                print(
+                    f"best followed {metric} until step {self.step}; from here it follows "
+                    f"{self.cfg.trainer.best_metric} (trainer.best_metric)"
+                )
+            return
+        self.best_value = value if math.isfinite(value) else math.nan
+        self.best_step = state["best_step"]
+
+    def _improves(self, row: dict[str, Any]) -> bool:
+        """Whether this evaluation's ``trainer.best_metric`` beats the best so far (only ever a
+        finite value), and if so, record it."""
+        t = self.cfg.trainer
+        value = row.get(t.best_metric)
+        if not isinstance(value, float) or not math.isfinite(value):
+            return False
+        best = self.best_value
+        better = math.isnan(best) or (value > best if t.best_higher else value < best)
+        if better:
+            self.best_value, self.best_step = value, self.step
+        return better
 
     def save(self, improved: bool, final: bool = True) -> None:
         """Save a checkpoint of the current step (collective; :class:`Checkpointer`)."""
@@ -287,9 +319,11 @@ class Trainer:
         came in; several agree on the log step after it, where they read the device anyway."""
         t = self.cfg.trainer
         last = self.step == t.max_steps
-        do_eval = last or (t.eval_every and self.step % t.eval_every == 0)
+        do_eval = bool(last or (t.eval_every and self.step % t.eval_every == 0))
+        tasks = self.parts.downstream
+        do_tasks = tasks is not None and tasks.due(self.step, do_eval, last)
         stop_here = stop_requested and not self.dist.is_distributed
-        if not (do_eval or stop_here or self.step % t.log_every == 0):
+        if not (do_eval or do_tasks or stop_here or self.step % t.log_every == 0):
             return False
         stopping = self._read_steps(stop_requested)
         row = self._record()
@@ -300,10 +334,6 @@ class Trainer:
             ev = self.evaluate()
             row.update(ev)
             outcome.final_eval = ev
-            # best only ever moves to a better, finite evaluation
-            improved = math.isfinite(ev["val_loss"]) and ev["val_loss"] < self.best_val_loss
-            if improved:
-                self.best_val_loss, self.best_step = ev["val_loss"], self.step
             bpb = f", bpb {ev['val_bpb']:.3f}" if "val_bpb" in ev else ""
             if self.dist.is_main:
                 tqdm.write(
@@ -311,12 +341,31 @@ class Trainer:
                     f"{ev['val_loss']:.4f}, acc {ev['val_acc']:.3f}, "
                     f"ppl {ev['val_ppl']:.1f}{bpb}"
                 )
-        self._write(row, plot=bool(do_eval))
+        if do_tasks and tasks is not None:
+            row.update(self._score_tasks(outcome, bar))
+        if do_eval or do_tasks:
+            improved = self._improves(row)  # best only ever moves to a better, finite value
+        self._write(row, plot=bool(do_eval or do_tasks))
         periodic = t.save_every and self.step % t.save_every == 0
         if (improved or last or stopping or periodic) and self.checkpoints.last_saved != self.step:
             self.save(improved, final=bool(last or stopping))
         self.window_start = time.perf_counter()  # evaluations and saves are not training time
         return stopping
+
+    def _score_tasks(self, outcome: Outcome, bar: Progress) -> dict[str, float]:
+        """The downstream tasks' scores now (every rank), with one line on rank 0; the progress
+        line shows the main one from here on."""
+        tasks = self.parts.downstream
+        assert tasks is not None
+        scores = tasks()
+        key = tasks.main_metric
+        if key in scores:
+            outcome.downstream.append((self.step, scores[key]))
+            outcome.downstream_key = key
+            bar.keep(key.removeprefix("downstream/"), f"{scores[key]:.3f}")
+            if self.dist.is_main:
+                tqdm.write(f"step {self.step}: {key} {scores[key]:.4f}")
+        return scores
 
     def fit(self) -> Outcome:
         """Train from ``self.step`` to ``trainer.max_steps``, or until SIGINT/SIGTERM."""
@@ -341,7 +390,8 @@ class Trainer:
             outcome.stopped_by = stop.signal_name or ("signal (another rank)" if stopping else None)
         bar.close()
         outcome.step = self.step
-        outcome.best_val_loss, outcome.best_step = self.best_val_loss, self.best_step
+        outcome.best_value, outcome.best_step = self.best_value, self.best_step
+        outcome.best_metric = t.best_metric
         outcome.train_seconds = self.train_seconds
         if self.train_seconds:
             outcome.tokens_per_s = (

@@ -114,14 +114,23 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def _is_headline(key: str) -> bool:
+    """A downstream key worth a curve: the CORE score or a task's accuracy (not its stderr)."""
+    return key == "downstream/core" or key.endswith("/acc")
+
+
 def write_plot(records: list[dict[str, Any]], path: Path, title: str = "") -> None:
     """Draw the curves in ``records`` (metrics.jsonl rows) to ``path``, replacing it atomically."""
     # Imported here: matplotlib takes about as long to import as a training step of tiny takes.
     # A bare Figure renders headless (Agg) and needs no pyplot global state.
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(15, 4))
-    ax_loss, ax_acc, ax_ppl = fig.subplots(1, 3)
+    # downstream accuracies and the CORE score (trainer.eval_tasks), if the run scores tasks
+    tasks = sorted(
+        {k for r in records for k in r if k.startswith("downstream/") and _is_headline(k)}
+    )
+    fig = Figure(figsize=(20 if tasks else 15, 4))
+    ax_loss, ax_acc, ax_ppl, *ax_tasks = fig.subplots(1, 4 if tasks else 3)
     ax_loss.plot(*_series(records, "train_loss"), label="train", alpha=0.8)
     ax_loss.plot(*_series(records, "val_loss"), "o-", label="val")
     ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
@@ -130,7 +139,12 @@ def write_plot(records: list[dict[str, Any]], path: Path, title: str = "") -> No
     ax_acc.set(xlabel="step", ylabel="next-token accuracy", title="val accuracy")
     ax_ppl.plot(*_series(records, "val_ppl"), "o-", color="tab:red")
     ax_ppl.set(xlabel="step", ylabel="perplexity", title="val perplexity", yscale="log")
-    for ax in (ax_loss, ax_acc, ax_ppl):
+    for ax in ax_tasks:
+        for key in tasks:
+            ax.plot(*_series(records, key), "o-", label=key.removeprefix("downstream/"))
+        ax.set(xlabel="step", ylabel="score", title="downstream")
+        ax.legend(fontsize="small")
+    for ax in (ax_loss, ax_acc, ax_ppl, *ax_tasks):
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)

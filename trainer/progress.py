@@ -69,6 +69,7 @@ class Progress:
         self.stream = stream or sys.stdout
         self.lines = enabled and not self.stream.isatty()
         self.started, self.first_step = time.perf_counter(), initial
+        self.kept: dict[str, str] = {}  # figures shown until replaced (a downstream score)
         # disable=None: tqdm itself also stays off where its own stream (stderr) is no terminal.
         self.bar = tqdm(
             total=total,
@@ -89,9 +90,16 @@ class Progress:
         elapsed = time.perf_counter() - self.started
         return elapsed / done * (self.total - self.step) if done else 0.0
 
+    def keep(self, name: str, value: str) -> None:
+        """Show ``name value`` on every line from now on (until kept again)."""
+        self.kept[name] = value
+
+    def _facts(self, row: dict[str, Any]) -> list[str]:
+        return [*facts(row, self.device), *(f"{k} {v}" for k, v in self.kept.items())]
+
     def line(self, row: dict[str, Any]) -> str:
         """The log line of a metrics row."""
-        parts = [f"step {self.step}/{self.total}", *facts(row, self.device)]
+        parts = [f"step {self.step}/{self.total}", *self._facts(row)]
         return " | ".join([*parts, f"{duration(self.seconds_left())} left"])
 
     def log(self, row: dict[str, Any]) -> None:
@@ -99,7 +107,7 @@ class Progress:
         if self.lines:
             print(self.line(row), file=self.stream, flush=True)
         else:
-            self.bar.set_postfix_str(" | ".join(facts(row, self.device)), refresh=False)
+            self.bar.set_postfix_str(" | ".join(self._facts(row)), refresh=False)
 
     def close(self) -> None:
         self.bar.close()

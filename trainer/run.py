@@ -211,10 +211,14 @@ def summary_text(
             f"val loss        {ev['val_loss']:.4f}   val acc {ev['val_acc']:.4f}   "
             f"val ppl {ev['val_ppl']:.2f}{bpb}"
         )
-    if math.isfinite(outcome.best_val_loss):
+    if outcome.downstream:
+        steps = ", ".join(f"{v:.3f} (step {s})" for s, v in outcome.downstream)
+        lines.append(f"{outcome.downstream_key}  {steps}")
+    if math.isfinite(outcome.best_value):
+        name = "val loss" if outcome.best_metric == "val_loss" else outcome.best_metric
         lines.append(
             f"best            {run_dir / 'best'} -> step {outcome.best_step} "
-            f"(val loss {outcome.best_val_loss:.4f})"
+            f"({name} {outcome.best_value:.4f})"
         )
     lines += [
         f"tokens/s        {outcome.tokens_per_s:,.0f}   MFU {outcome.mfu:.1%} of "
