@@ -26,6 +26,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from pydantic import TypeAdapter, ValidationError
 
 from data import DataConfig
+from data.conversations import SFTDataConfig
 from optim import OptimConfig, fit_warmup
 from qwen3 import PRESETS, Qwen3, Qwen3Config
 from qwen3.generate import Sampling
@@ -33,6 +34,7 @@ from qwen3.quantize import QUANTIZE_CHOICES, unknown_method
 from trainer.budget import DEFAULT_MAX_STEPS, resolve_max_steps
 from trainer.distributed import DEFAULT_TIMEOUT_S, dist_info
 from trainer.errors import ConfigError
+from trainer.run_layout import default_init_from
 
 T = TypeVar("T")
 
@@ -381,7 +383,7 @@ class EvalCliConfig:
 
 
 TOP_LEVEL_KEYS = ("run_name", "out_dir", "seed", "resume", "init_from")
-SECTIONS = ("model", "data", "optim", "trainer", "sample", "wandb")
+SECTIONS = ("model", "data", "optim", "trainer", "sample", "wandb", "sft")
 
 
 @dataclass
@@ -403,6 +405,8 @@ class RunConfig:
     # A Hugging Face Qwen3 directory whose weights and tokenizer training starts from.
     init_from: str | None = None
     budget: str = ""  # how trainer.max_steps was resolved (a token budget, or set), for the summary
+    # train.py sft: the conversations to fine-tune on (trainer/sft.py); None when pretraining.
+    sft: SFTDataConfig | None = None
 
 
 # The settable Qwen3Config fields (``extra`` only carries a config.json's unknown keys through).
@@ -545,6 +549,11 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
     if init_from is not None and (not isinstance(init_from, str) or not init_from):
         raise ConfigError(f"init_from={init_from!r} must be null or a model directory path.")
     data_cfg = build_dataclass(DataConfig, data.get("data") or {}, "data")
+    sft = None
+    if data.get("sft") is not None:
+        sft = build_dataclass(SFTDataConfig, data["sft"], "sft")
+        if not init_from:
+            init_from = default_init_from(str(data.get("out_dir") or "checkpoints"))
     if init_from:
         model = pretrained_model_config(init_from, data.get("model") or {})
         data_cfg = pretrained_data_config(init_from, data_cfg)
@@ -576,4 +585,5 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
         notes=[note] if note else [],
         init_from=init_from,
         budget=budget,
+        sft=sft,
     )

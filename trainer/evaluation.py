@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -12,8 +13,9 @@ from data import SourceData, val_batches
 from trainer.build import Precision
 from trainer.distributed import group_rank_world, sum_across_ranks
 
+IGNORE_INDEX = -100  # a target the loss skips (qwen3's fused loss, as F.cross_entropy)
 
-@torch.no_grad()
+
 def evaluate(
     model: nn.Module,
     val_tokens: np.ndarray,
@@ -24,7 +26,22 @@ def evaluate(
     device: torch.device,
     token_bytes: torch.Tensor | None,
 ) -> dict[str, float]:
-    """Mean token-level metrics over the first ``num_batches`` deterministic val batches.
+    """Mean token-level metrics over the first ``num_batches`` deterministic val batches of a
+    token split (:func:`evaluate_batches`)."""
+    batches = list(val_batches(val_tokens, batch_size, seq_len, num_batches))
+    return evaluate_batches(model, batches, precision, device, token_bytes)
+
+
+@torch.no_grad()
+def evaluate_batches(
+    model: nn.Module,
+    batches: Sequence[tuple[torch.Tensor, ...]],
+    precision: Precision,
+    device: torch.device,
+    token_bytes: torch.Tensor | None,
+) -> dict[str, float]:
+    """Mean metrics over the targets of ``batches``: (x, y) or, for packed documents,
+    (x, y, document_ids); targets of -100 (SFT's non-assistant tokens) are not counted.
 
     Under torchrun each rank evaluates every ``world_size``-th batch and the sums are added up
     across ranks, so the figures are those of one process at 1/world_size of the work. Every rank
@@ -40,7 +57,6 @@ def evaluate(
     was_training = model.training
     model.eval()
     rank, world_size = group_rank_world()
-    batches = list(val_batches(val_tokens, batch_size, seq_len, num_batches))
     mine = batches[rank::world_size]
     rounds = -(-len(batches) // world_size)  # forwards per rank: the most any rank has
     # loss, correct, count, bytes: summed on the device and read once at the end (one sync)
@@ -49,21 +65,25 @@ def evaluate(
         4, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device
     )
     for i in range(rounds):
-        x, y = mine[i] if i < len(mine) else batches[0]
-        x, y = x.to(device), y.to(device)
+        x, y, *docs = (t.to(device) for t in (mine[i] if i < len(mine) else batches[0]))
+        extra = {"document_ids": docs[0]} if docs else {}
         with precision.autocast():
             # (B, T, 2): each position's loss and hit, from the chunked head (no (B*T, V) logits)
-            stats: torch.Tensor = model(x, targets=y, token_stats=True)
+            stats: torch.Tensor = model(x, targets=y, token_stats=True, **extra)
         if i >= len(mine):
             continue  # only keeps this rank in step with the others
-        sums[:2] += stats.flatten(0, 1).to(sums.dtype).sum(0)
-        sums[2] += y.numel()
+        counted = y != IGNORE_INDEX
+        sums[:2] += stats.flatten(0, 1).to(sums.dtype).sum(0)  # ignored targets hold 0 and 0
+        sums[2] += counted.sum()
         if token_bytes is not None:
-            sums[3] += token_bytes[y].sum()
+            sums[3] += (token_bytes[y.clamp(min=0)] * counted).sum()
     model.train(was_training)
     loss_sum, correct, count, nbytes = sum_across_ranks(sums.tolist())
     if count == 0:
-        raise ValueError("the validation split is too short for one batch; lower trainer.seq_len")
+        raise ValueError(
+            "the validation batches hold no target to score; lower trainer.seq_len or hold "
+            "out more text"
+        )
     loss = loss_sum / count
     metrics = {
         "val_loss": loss,

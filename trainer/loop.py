@@ -10,6 +10,7 @@ from typing import Any
 
 from tqdm import tqdm  # type: ignore[import-untyped]
 
+from data.sft_data import SFTData
 from trainer.build import RunParts
 from trainer.checkpoint import (
     capture_rng,
@@ -27,6 +28,7 @@ from trainer.metrics import MetricsLog, PlotWriter, WandbLogger, mfu
 from trainer.prefetch import BatchPrefetcher
 from trainer.progress import Progress
 from trainer.run_layout import TRAIN_STATE_DIR
+from trainer.sft import evaluate_sft
 from trainer.spikes import SpikeMonitor
 from trainer.step import train_step
 from trainer.step_stats import StepStats, WindowStats
@@ -155,6 +157,17 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         t = self.cfg.trainer
         p = self.parts
+        if isinstance(p.data, SFTData):  # held-out conversations: the assistant's tokens
+            return evaluate_sft(
+                p.forward,
+                p.data,
+                t.batch_size,
+                t.seq_len,
+                t.eval_batches,
+                p.precision,
+                p.device,
+                p.token_bytes,
+            )
         return evaluate_sources(
             p.forward,
             p.data.sources,
@@ -224,7 +237,8 @@ class Trainer:
     def _train_one_step(self) -> None:
         """Queue step ``self.step + 1``; its results stay on the device (no host wait)."""
         t, p = self.cfg.trainer, self.parts
-        x, y = self.batches.get(self.step)  # sampler.batch(self.step), usually already copied
+        # sampler.batch(self.step), usually already copied: (x, y) or (x, y, document_ids)
+        x, y, *docs = self.batches.get(self.step)
         ahead = self.step + 1
         prefetch = (lambda: self.batches.prefetch(ahead)) if ahead < t.max_steps else None
         res = train_step(
@@ -239,6 +253,7 @@ class Trainer:
             spikes=self.spikes,
             skip_spikes=t.spike_action == "skip",
             step=self.step + 1,
+            document_ids=docs[0] if docs else None,
         )
         self.stats.add(res)
         self.step += 1

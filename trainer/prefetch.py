@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch
 
 from data import BatchSampler
+from data.sft_sampler import SFTSampler
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # (x, y), each (B, T) int64 on the device
+# (x, y), or (x, y, document_ids) for packed documents: each (B, T) int64 on the device
+Batch = tuple[torch.Tensor, ...]
 
 
 class BatchPrefetcher:
@@ -20,15 +22,15 @@ class BatchPrefetcher:
     ``non_blocking``: it queues behind the current step's kernels (same stream) while the host
     reads the next windows. Elsewhere the copy is a plain one (no pinning: no CUDA context)."""
 
-    def __init__(self, sampler: BatchSampler, device: torch.device) -> None:
+    def __init__(self, sampler: BatchSampler | SFTSampler, device: torch.device) -> None:
         self.sampler, self.device = sampler, device
         self._ahead: tuple[int, Batch] | None = None
 
     def _load(self, step: int) -> Batch:
-        x, y = self.sampler.batch(step)
+        batch: Batch = self.sampler.batch(step)
         if self.device.type == "cuda":
-            x, y = x.pin_memory(), y.pin_memory()
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            batch = tuple(t.pin_memory() for t in batch)
+        return tuple(t.to(self.device, non_blocking=True) for t in batch)
 
     def prefetch(self, step: int) -> None:
         """Start loading ``step``'s batch (a no-op if it is already the one ahead)."""
