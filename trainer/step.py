@@ -58,18 +58,20 @@ def accumulate_gradients(
     Each slice's mean loss is divided by ``grad_accum``, so the summed gradient equals that of
     the whole batch in one pass (to float rounding). ``router`` adds a mixture of experts'
     load-balancing loss to each slice's (the returned mean is the language-model loss alone).
+    ``document_ids`` keep each packed document's attention to itself (``qwen3.documents``).
     """
     scaler = precision.scaler
     loss_sum = torch.zeros((), device=x.device)
     docs = document_ids.chunk(grad_accum) if document_ids is not None else [None] * grad_accum
     micro = zip(x.chunk(grad_accum), y.chunk(grad_accum), docs, strict=True)
     for i, (xs, ys, ds) in enumerate(micro):
-        extra = {"document_ids": ds} if ds is not None else {}
         # DDP exchanges gradients once, in the last micro-batch's backward; FSDP reduce-scatters
         # every micro-batch's, so that no rank holds whole gradients (trainer.distributed).
         with gradient_sync(model, enabled=i == grad_accum - 1):
             with precision.autocast():
-                loss = model(xs, targets=ys, **extra)
+                loss = (
+                    model(xs, targets=ys) if ds is None else model(xs, targets=ys, document_ids=ds)
+                )
             scaled = (loss + (router.take() if router is not None else 0.0)) / grad_accum
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += loss.detach()
