@@ -215,3 +215,23 @@ def test_the_loss_and_gradients_ignore_every_non_assistant_target(tokenizer, pla
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-6)
     for p, g in zip(model.parameters(), grads, strict=True):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_packed_conversations_compute_what_each_computes_alone(tokenizer, plays) -> None:
+    convs = _conversations(tokenizer, plays, 80)
+    sampler = SFTSampler(convs, 8, 384, seed=2, pad_id=tokenizer.eos_id)
+    # Best-fit rows start with the longest conversations: find one holding two and padding.
+    x, y, doc = next(b for b in map(sampler.batch, range(20)) if b[2].max() >= 2)
+    row = int(torch.argmax(doc.max(dim=1).values))
+    model = tiny_qwen3(tokenizer, max_positions=512).eval()
+    with torch.no_grad():
+        packed = model(x[row : row + 1], document_ids=doc[row : row + 1])[0]  # (T, V)
+        stats = model(x[row : row + 1], targets=y[row : row + 1], document_ids=doc[row : row + 1])
+        for d in doc[row].unique().tolist():
+            where = torch.nonzero(doc[row] == d).flatten()
+            alone = model(x[row : row + 1, where])[0]
+            torch.testing.assert_close(packed[where], alone, rtol=1e-5, atol=1e-5)
+    # The same loss as the conversations' assistant targets scored one by one.
+    keep = y[row] != IGNORE
+    ref = F.cross_entropy(packed[keep], y[row][keep])
+    torch.testing.assert_close(stats, ref, rtol=1e-5, atol=1e-5)
