@@ -147,3 +147,26 @@ def test_the_sft_checkpoint_answers_through_our_server_as_transformers(setup) ->
             extra_body={"chat_template_kwargs": {"enable_thinking": False}},
         )
     assert answer.choices[0].message.content == theirs and theirs  # greedy: token for token
+
+
+def test_interactive_chats_with_the_newest_sft_checkpoint(setup) -> None:
+    import subprocess
+
+    from test_trainer_support import REPO, subprocess_env, train_cmd
+
+    tmp, sft = setup
+    res = run_train(tmp, *sft, "trainer.max_steps=2", "sample.max_new_tokens=0", "run_name=talk")
+    assert res.returncode == 0, res.stderr
+    talk = subprocess.run(
+        train_cmd(
+            "interactive", f"out_dir={tmp / 'runs'}", "max_new_tokens=6", "system=Be Juliet."
+        ),
+        input="Good morrow.\n/reset\nWhat news?\n/quit\n",
+        cwd=REPO,
+        env=subprocess_env(tmp),
+        capture_output=True,
+        text=True,
+    )
+    assert talk.returncode == 0, talk.stderr
+    assert "runs/talk/" in talk.stdout and "Chat:" in talk.stdout
+    assert talk.stdout.count("model> ") == 2

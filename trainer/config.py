@@ -323,6 +323,10 @@ class GenerationCliConfig(Sampling):
     device: str = "auto"
     stop_at_eos: bool = True
     quantize: str | None = None  # int8: int8 weights on the CPU (qwen3.quantize); None: as saved
+    chat: bool | None = (
+        None  # interactive: turns through the chat template; None: for an SFT checkpoint
+    )
+    system: str | None = None  # interactive chat: the system prompt, e.g. system="You are Juliet."
     extra: list[str] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
