@@ -16,6 +16,7 @@ token. The mask covers the turn's thinking, content and end-of-turn token, nothi
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -53,7 +54,8 @@ class SFTDataConfig:
     enable_thinking: keep the assistant's reasoning (`reasoning_content`, or `<think>...</think>`
       in its content) in the trained text; false drops it, and the model learns to answer with
       an empty think block, as Qwen3 answers with enable_thinking=false.
-    max_conversations: read at most this many conversations (null: all).
+    max_conversations: read at most this many train conversations, and held-out ones in
+      proportion (val_conversations, or val_fraction of it); null: all.
     val_conversations: hold out this many (`hf`/`local`: the first ones; `plays`: ignored,
       whole plays are held out by val_fraction).
     val_fraction: when val_conversations is null, hold out every round(1/val_fraction)-th
@@ -205,8 +207,8 @@ def checked_messages(value: Any, where: str) -> list[Message]:
 
 
 def read_conversations(cfg: SFTDataConfig) -> Iterator[tuple[bool, list[Message]]]:
-    """(is_val, messages) of the source's conversations, routed by the hold-out rule, at most
-    `max_conversations`."""
+    """(is_val, messages) of the source's conversations, routed by the hold-out rule; with
+    `max_conversations`, at most that many train ones and the held-out ones in proportion."""
     if cfg.source == "plays":
         chats: Iterator[tuple[bool, list[Message]]] = plays_split(cfg)
     else:
@@ -215,10 +217,18 @@ def read_conversations(cfg: SFTDataConfig) -> Iterator[tuple[bool, list[Message]
             (i < cfg.val_conversations if cfg.val_conversations else i % every == 0, chat)
             for i, chat in enumerate(_streamed(cfg))
         )
-    for i, item in enumerate(chats):
-        if cfg.max_conversations is not None and i >= cfg.max_conversations:
-            return
-        yield item
+    if cfg.max_conversations is None:
+        yield from chats
+        return
+    held = cfg.val_conversations or math.ceil(cfg.max_conversations * cfg.val_fraction)
+    caps = {False: cfg.max_conversations, True: held}
+    counts = {False: 0, True: 0}
+    for is_val, chat in chats:
+        if counts[is_val] < caps[is_val]:
+            counts[is_val] += 1
+            yield is_val, chat
+        elif counts[not is_val] >= caps[not is_val]:
+            return  # both splits are full: a stream is read no further
 
 
 def _streamed(cfg: SFTDataConfig) -> Iterator[list[Message]]:
