@@ -106,13 +106,13 @@ def main() -> None:
         args.out_dir, args.steps, args.eval_batches, args.max_new_tokens = tmp.name, 4, 2, 8
         args.batch_size, args.seq_len = 4, 128
         sft = SFTDataConfig(max_conversations=300)
-        common.append("sft.max_conversations=300")
         train(*SMALL, *common, f"out_dir={tmp.name}", "trainer.max_steps=4",
               "trainer.batch_size=4", "trainer.seq_len=64", "trainer.eval_every=0",
               "run_name=pretrain")  # fmt: skip
     init = Path(args.init_from or default_init_from(args.out_dir)).resolve()
     before, said_before = score(init, args, sft)
-    train("sft", *common, f"init_from={init}", f"out_dir={args.out_dir}", "run_name=bench-sft",
+    cap = [f"sft.max_conversations={sft.max_conversations}"] if sft.max_conversations else []
+    train("sft", *common, *cap, f"init_from={init}", f"out_dir={args.out_dir}", "run_name=bench-sft",
           f"trainer.max_steps={args.steps}", f"trainer.batch_size={args.batch_size}",
           f"trainer.seq_len={args.seq_len}", f"trainer.eval_batches={args.eval_batches}",
           f"trainer.eval_every={args.steps}")  # fmt: skip

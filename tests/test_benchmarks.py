@@ -111,3 +111,12 @@ def test_bench_muon_checks_torchs_step_and_times_ours() -> None:
         ("tiny-moe", "2"),
     ]
     assert all(float(r["speedup (torch / ours)"]) > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_bench_sft_scores_the_model_before_and_after(tmp_path) -> None:
+    out = _run("bench_sft.py", "--cache-dir", str(tmp_path / "cache"))
+    rows = {r["model"]: r for r in _table(out.split("| system / user")[0])}
+    assert set(rows) == {"pretrained", "after SFT"}
+    assert all(float(r["held-out assistant loss"]) > 0 for r in rows.values())
+    assert out.count("| You are ") == 3
