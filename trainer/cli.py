@@ -227,6 +227,10 @@ def main(argv: list[str], start_time: float) -> int:
     try:
         dist = dist_info()
         unknown = unknown_override(argv[1:])
+        if config_name == "config" and any(a.startswith(("sft.", "sft=")) for a in argv[1:]):
+            unknown = (
+                "the sft.* keys and the sft group are for chat fine-tuning: python train.py sft ..."
+            )
         if unknown is not None:
             if dist.is_main:  # every process of a torchrun job checks the same command line
                 print(f"config error: {unknown}", file=sys.stderr)
