@@ -1,6 +1,7 @@
 """`train.py sft` end to end through the real command line (slow): it starts from the newest
 pretraining run's best, learns the assistant's turns, resumes exactly after SIGKILL, and the
-checkpoint it writes answers a chat through our server as transformers does."""
+checkpoint it writes answers a chat through our server as transformers does (and its GGUF
+keeps the chat template)."""
 
 from __future__ import annotations
 
@@ -147,6 +148,15 @@ def test_the_sft_checkpoint_answers_through_our_server_as_transformers(setup) ->
             extra_body={"chat_template_kwargs": {"enable_thinking": False}},
         )
     assert answer.choices[0].message.content == theirs and theirs  # greedy: token for token
+    # GGUF export keeps the chat template (llama.cpp renders chats with it).
+    import gguf
+
+    from qwen3.gguf import export_gguf
+    from qwen3.tokenizer import Qwen3Tokenizer
+
+    reader = gguf.GGUFReader(export_gguf(ckpt, tmp / "chat.gguf"))
+    template = reader.fields["tokenizer.chat_template"].contents()
+    assert template == Qwen3Tokenizer.from_dir(ckpt).chat_template == tok.chat_template
 
 
 def test_interactive_chats_with_the_newest_sft_checkpoint(setup) -> None:
