@@ -549,11 +549,16 @@ def group_of_one(s: Sizes, root: Path) -> Row:
         kinds = sorted({type(o).__name__ for o in opt.optimizers})
         two_steps(model, opt)
         save_train_state(model, opt, root / "dcp-sync")
-        future = save_train_state(
-            model, opt, root / "dcp-async", background_group(), asynchronous=True
+        futures = save_train_state(
+            model,
+            opt,
+            root / "dcp-async",
+            (background_group(), background_group()),
+            asynchronous=True,
         )
-        assert future is not None
-        future.result()
+        assert futures
+        for future in futures:
+            future.result()
         schedules = opt.schedule_state_dict()  # (trainer_state.pt's part of a checkpoint)
         want = two_steps(model, opt)
         got = {}

@@ -20,12 +20,12 @@ import numpy as np
 import torch
 
 from data.errors import DataError
+from data.sampler import Batch
 from data.sft_data import TokenizedConversations
 
 IGNORE = -100
 PACK_WINDOW = 64  # conversations a row chooses from (nanochat's best-fit buffer)
 _STATE_VERSION = 1
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # x, y, document_ids: (B, T) int64 each
 
 
 def pack_rows(lengths: np.ndarray, order: np.ndarray, room: int) -> list[list[int]]:
@@ -82,7 +82,7 @@ def to_batch(ids: np.ndarray, trained: np.ndarray, doc: np.ndarray) -> Batch:
     conversation) and document ids, from (B, T + 1) rows."""
     keep = trained[:, 1:] & (doc[:, 1:] == doc[:, :-1])
     y = np.where(keep, ids[:, 1:], IGNORE)
-    return (
+    return Batch(
         torch.from_numpy(ids[:, :-1].copy()),
         torch.from_numpy(y),
         torch.from_numpy(doc[:, :-1].copy()),
@@ -131,8 +131,8 @@ class SFTSampler:
             out.append(self._epoch(epoch)[g])
         return out
 
-    def batch(self, step: int) -> Batch:
-        """(x, y, document_ids), int64 (batch_size, seq_len) each."""
+    def sample(self, step: int) -> Batch:
+        """This rank's rows at ``step``: x, y and document_ids, int64 (batch_size, seq_len) each."""
         return to_batch(*build_rows(self.convs, self.rows(step), self.seq_len + 1, self.pad_id))
 
     def epochs_at(self, step: int) -> float:

@@ -18,8 +18,10 @@ outside the recomputed region (torchtitan's order) and parameter names stay Hugg
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -62,6 +64,37 @@ def _selective_contexts() -> Any:
     return create_selective_checkpoint_contexts(_policy)  # type: ignore[no-untyped-call]
 
 
+_recompute = threading.local()
+
+
+def recomputing() -> bool:
+    """Whether an eager checkpointed block is running again for backward. Code with side effects
+    beyond its outputs (a MoE block keeping its router logits for the auxiliary loss) skips them
+    then: the recomputed values would outlive the backward. torch has no public question for
+    this. A compiled block never asks (its backward replays no Python); check
+    ``torch.compiler.is_compiling()`` first, Dynamo cannot trace this."""
+    return getattr(_recompute, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def _marked(inner: contextlib.AbstractContextManager[Any]) -> Iterator[None]:
+    _recompute.depth = getattr(_recompute, "depth", 0) + 1
+    try:
+        with inner:
+            yield
+    finally:
+        _recompute.depth -= 1
+
+
+def _marked_full() -> tuple[Any, Any]:
+    return contextlib.nullcontext(), _marked(contextlib.nullcontext())
+
+
+def _marked_selective() -> tuple[Any, Any]:
+    forward, recompute = _selective_contexts()
+    return forward, _marked(recompute)
+
+
 def run_block(
     fn: Callable[..., torch.Tensor], mode: ActivationCheckpointing, *args: Any
 ) -> torch.Tensor:
@@ -69,10 +102,17 @@ def run_block(
     ``no_grad``, e.g. evaluation and generation, there is nothing to save or recompute)."""
     if mode == "none" or not torch.is_grad_enabled():
         return fn(*args)
+    # Eager recomputation is marked (recomputing()); under compile torch takes only its own
+    # selective contexts (it re-plans the checkpoint itself), and the backward replays no Python.
+    compiling = torch.compiler.is_compiling()
     if mode == "full":
-        out: torch.Tensor = checkpoint(fn, *args, use_reentrant=False)
+        if compiling:  # Dynamo takes no context_fn for plain checkpointing, not even the no-op
+            out: torch.Tensor = checkpoint(fn, *args, use_reentrant=False)
+            return out
+        out = checkpoint(fn, *args, use_reentrant=False, context_fn=_marked_full)
         return out
     if mode == "selective":
-        out = checkpoint(fn, *args, use_reentrant=False, context_fn=_selective_contexts)
+        contexts = _selective_contexts if compiling else _marked_selective
+        out = checkpoint(fn, *args, use_reentrant=False, context_fn=contexts)
         return out
     raise ValueError(f"activation checkpointing mode {mode!r} is not one of {', '.join(MODES)}")

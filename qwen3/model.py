@@ -133,16 +133,18 @@ class Qwen3(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
-    def materialize(self, device: torch.device | str) -> None:
+    def materialize(self, device: torch.device | str, init: bool = True) -> None:
         """Give a model built on the meta device (``with torch.device("meta")``) its storage on
-        ``device`` and initialise it (:meth:`reset_parameters`). After FSDP's ``fully_shard``
-        each rank allocates and fills only its own shards, so no rank ever holds the whole
-        float32 model."""
+        ``device`` and initialise it (:meth:`reset_parameters`; ``init=False`` leaves the
+        weights unset, for a caller that reads them next: :func:`qwen3.hf.load_sharded`). After
+        FSDP's ``fully_shard`` each rank allocates and fills only its own shards, so no rank ever
+        holds the whole float32 model."""
         self.to_empty(device=device)
         if self.config.tie_word_embeddings:  # to_empty gives a plain module's tied head a copy
             self.lm_head.weight = self.model.embed_tokens.weight
         self.model.rotary_emb.reset()
-        self.reset_parameters()
+        if init:
+            self.reset_parameters()
 
     def forward(
         self,

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwen3.checkpointing import recomputing
 from qwen3.config import Qwen3Config
 from qwen3.moe_experts import swiglu_experts
 
@@ -50,7 +51,10 @@ def grouped_mm_usable(x: torch.Tensor, dtype: torch.dtype) -> bool:
     if not hasattr(F, "grouped_mm") or dtype != torch.bfloat16:
         return False
     if x.is_cuda:
-        return torch.cuda.get_device_capability(x.device) >= (8, 0)
+        # get_device_properties, not get_device_capability: Dynamo folds the former to a
+        # constant, the latter it would try to put in the graph.
+        props = torch.cuda.get_device_properties(x.device)
+        return (props.major, props.minor) >= (8, 0)
     return bool(torch.compiler.is_compiling())
 
 
@@ -139,7 +143,8 @@ class SparseMoeBlock(nn.Module):
     """Router + experts, with transformers' ``Qwen3MoeSparseMoeBlock`` parameter names.
 
     In a forward with gradients on (training), the router logits are kept in
-    ``router_logits`` until :func:`pop_router_logits` takes them for the auxiliary loss.
+    ``router_logits`` until :func:`pop_router_logits` takes them for the auxiliary loss (not
+    in activation checkpointing's recompute, :func:`qwen3.checkpointing.recomputing`).
     """
 
     def __init__(self, config: Qwen3Config) -> None:
@@ -165,7 +170,9 @@ class SparseMoeBlock(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (N, C)
         logits, weights, ids = self.route(flat)
-        if torch.is_grad_enabled():
+        # Kept for the auxiliary loss from the forward only: a checkpointed block's recompute
+        # in backward would leave its logits (and their graph) held until the next forward.
+        if torch.is_grad_enabled() and (torch.compiler.is_compiling() or not recomputing()):
             self.router_logits = logits
         return self.experts(flat, weights, ids).view(shape)
 

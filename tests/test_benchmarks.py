@@ -98,6 +98,29 @@ def test_bench_muon_ddp_times_the_split_against_replicated() -> None:
 
 
 @pytest.mark.slow
+def test_bench_muon_memory_counts_the_steps_tensors_whole_and_in_chunks() -> None:
+    rows = {r["step"]: r for r in _table(_run("bench_muon_memory.py"))}
+    assert set(rows) == {"whole batches", "chunks of 0.375 MiB"}
+    whole, chunked = (float(r["peak transient MiB"]) for r in rows.values())
+    assert whole > chunked > 0  # chunks of a sixth of the batch hold less at once
+
+
+@pytest.mark.slow
+def test_bench_loss_checks_the_compiled_step_and_times_both() -> None:
+    out = _run("bench_loss.py", "--eager-rows", "64")
+    assert "tiny: compiled at 64 rows" in out and "equal to eager" in out
+    rows = {r["chunk step"]: r for r in _table(out)}
+    assert set(rows) == {
+        "eager, 256 rows",
+        "eager, 64 rows",
+        "compiled, 64 rows",
+        "compiled, 256 rows",
+    }
+    assert float(rows["eager, 256 rows"]["ratio (CPU)"]) == 1.0
+    assert all(float(r["CPU ms"]) > 0 for r in rows.values())
+
+
+@pytest.mark.slow
 def test_bench_muon_checks_torchs_step_and_times_ours() -> None:
     out = _run("bench_muon.py", "--rounds", "1")
     for preset in ("tiny", "tiny-moe"):
@@ -111,6 +134,21 @@ def test_bench_muon_checks_torchs_step_and_times_ours() -> None:
         ("tiny-moe", "2"),
     ]
     assert all(float(r["speedup (torch / ours)"]) > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_bench_packing_compares_stream_bos_and_the_document_mask(tmp_path) -> None:
+    corpus = REPO.parent / "shared" / "corpora" / "tinystories-val-1k.txt"
+    if not corpus.exists():
+        pytest.skip(f"{corpus} is not here (a fresh clone has no ../shared)")
+    out = _run("bench_packing.py", "--corpus", str(corpus), "--out-dir", str(tmp_path))
+    quality, speed = out.split("training tokens/s")
+    rows = {r["packing"]: r for r in _table(quality)}
+    assert set(rows) == {"stream", "bos", "bos+mask"}
+    for row in rows.values():
+        assert 0 < float(row["val bpb, windows"]) < 20 and 0 < float(row["val bpb, documents"]) < 20
+    ratios = {r["packing"]: float(r["x stream"]) for r in _table(speed)}
+    assert ratios["stream"] == 1.0 and ratios["bos"] > 0 and ratios["bos+mask"] > 0
 
 
 @pytest.mark.slow

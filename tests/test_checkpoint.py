@@ -14,7 +14,7 @@ from test_trainer_support import tiny_qwen3, write_corpus
 
 from data.tokenizer_training import train_tokenizer
 from optim import OptimConfig, build_optimizers
-from qwen3 import Qwen3
+from qwen3 import Qwen3, Qwen3Config
 from trainer.checkpoint import (
     check_compatible,
     check_setup_matches,
@@ -111,7 +111,7 @@ def test_weights_round_trip_and_transformers_loads_it(tmp_path, model, tokenizer
     load_train_state(
         other,
         build_optimizers(other, OptimConfig(name="adamw", warmup_steps=0), 10),
-        path / TRAIN_STATE_DIR,
+        path,
     )
     for (n, p), q, r in zip(
         model.state_dict().items(),
@@ -285,3 +285,48 @@ def test_setup_mismatch_is_found_before_any_data(tmp_path, model, tokenizer) -> 
         check_setup_matches(path, dataclasses.replace(model.config, num_hidden_layers=4), "muon")
     with pytest.raises(CheckpointError, match="optim.name is muon in the checkpoint but adamw"):
         check_setup_matches(path, model.config, "adamw")
+
+
+def test_a_checkpoint_stores_the_weights_once(tmp_path, model, tokenizer) -> None:
+    """Bytes on disk are at most 1.1x the weights plus the optimizer state (it held the weights
+    twice before format 3), and no per-rank weight parts are left beside the whole files."""
+    path = _save(tmp_path, 1, model, tokenizer)
+    weights = sum(t.numel() * t.element_size() for t in model.parameters())
+    optim = sum(f.stat().st_size for f in (path / TRAIN_STATE_DIR).rglob("*.distcp") if f.is_file())
+    total = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert not (path / "sharded").exists()
+    assert weights < total <= 1.1 * (weights + optim), (total, weights, optim)
+
+
+def test_transformers_loads_a_mixture_of_experts_checkpoint(tmp_path, tokenizer) -> None:
+    """The experts' 3-D parameters are written under their fused names; transformers 5 reads
+    them into its Qwen3-MoE and gives our logits, and resume reads them back."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer.train_state import load_train_state
+
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=8,
+        max_position_embeddings=64,
+    )
+    model = Qwen3(config)
+    path = _save(tmp_path, 1, model, tokenizer)
+    other = Qwen3(config)
+    adamw = OptimConfig(name="adamw", warmup_steps=0)
+    load_train_state(other, build_optimizers(other, adamw, 10), path)
+    for (n, p), q in zip(model.state_dict().items(), other.state_dict().values(), strict=True):
+        assert torch.equal(p, q), n
+    hf = AutoModelForCausalLM.from_pretrained(path)
+    x = torch.tensor([tokenizer.encode("ROMEO:\nGood night.")])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x), rtol=1e-4, atol=1e-4)

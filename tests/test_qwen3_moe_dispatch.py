@@ -145,3 +145,23 @@ def test_selective_checkpointing_keeps_the_grouped_matmuls() -> None:
     assert counts["none"]["_grouped_mm"] == counts["selective"]["_grouped_mm"] == 4
     assert counts["full"]["_grouped_mm"] == 6  # the forward's two run again
     assert counts["selective"]["silu"] == 1
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_checkpoint_recompute_keeps_no_router_logits(mode) -> None:
+    """Activation checkpointing runs the block again in backward; that run keeps no router logits
+    (they and their graph would be held until the next forward), and the gradients, auxiliary
+    loss included, are the unchecked block's."""
+    from qwen3.checkpointing import run_block
+
+    grads = {}
+    for m in ("none", mode):
+        block = _block(torch.float32, "loop")
+        x = torch.randn(2, 20, C, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        out = run_block(block, m, x)
+        aux = RouterLosses(block).take()
+        (out.square().sum() + aux).backward()
+        assert block.router_logits is None
+        grads[m] = [x.grad, *(p.grad for p in block.parameters())]
+    for a, b in zip(grads["none"], grads[mode], strict=True):
+        torch.testing.assert_close(a, b)

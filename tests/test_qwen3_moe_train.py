@@ -176,5 +176,5 @@ def test_a_per_expert_training_state_says_to_start_from_its_weights(tmp_path) ->
     model = Qwen3(cfg)
     opts = build_optimizers(model, OptimConfig(warmup_steps=0), max_steps=2)
     with pytest.raises(CheckpointError, match="one tensor per expert matrix") as err:
-        load_train_state(model, opts, tmp_path / "step-1" / "train_state")
+        load_train_state(model, opts, tmp_path / "step-1")
     assert f"init_from={tmp_path / 'step-1'}" in str(err.value) and "\n" not in str(err.value)

@@ -126,6 +126,17 @@ def test_chunk_rows_on_an_accelerator_are_thousands_and_tile_aligned() -> None:
     assert chunk_rows_for(8192, "cpu") == 256  # the CPU's cache-sized chunks are unchanged
 
 
+def test_a_compiled_chunk_step_takes_taller_chunks_on_cpu_only() -> None:
+    """Compiled, the CPU's chunk is the main job's whole batch (16 x 256 rows at tiny's 8k
+    vocabulary), still bounded at Qwen's; an accelerator's size does not depend on it."""
+    assert chunk_rows_for(8192, "cpu", compiled=True) == 4096
+    assert 64 < chunk_rows_for(151936, "cpu", compiled=True) < 4096
+    gib = 2**30
+    assert chunk_rows_for(151936, "cuda", 80 * gib, compiled=True) == chunk_rows_for(
+        151936, "cuda", 80 * gib
+    )
+
+
 class _Allocations(TorchDispatchMode):
     """Counts the ops whose output is shaped like the head weight (V, C) and is new memory (not
     a view of, or written into, one of their inputs)."""

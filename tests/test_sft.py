@@ -19,6 +19,7 @@ from data.conversations import (
     read_conversations,
 )
 from data.errors import DataError
+from data.sampler import Batch
 from data.sft_data import TokenizedConversations, prepare_conversations
 from data.sft_sampler import IGNORE, SFTSampler, build_rows, sft_val_batches, to_batch
 from data.shakespeare import shakespeare_documents
@@ -99,6 +100,11 @@ def test_a_template_whose_prefixes_differ_is_refused(tokenizer) -> None:
         assistant_spans(odd, MULTI_TURN[:3])
 
 
+def _xyd(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    assert batch.document_ids is not None  # SFT rows always carry them
+    return batch.x, batch.y, batch.document_ids
+
+
 def _conversations(tokenizer, plays, n: int) -> TokenizedConversations:
     chats = [prepared(chat, SFTDataConfig()) for _, chat in plays[:n]]
     return TokenizedConversations.from_lists(encode_conversations(tokenizer, chats))
@@ -111,20 +117,20 @@ def test_rows_are_a_pure_function_of_the_step_and_split_across_ranks(tokenizer, 
     ranks = [SFTSampler(convs, 4, 64, 3, tokenizer.eos_id, rank=r, world_size=2) for r in (0, 1)]
     steps = [0, 7, 200, 3]  # 200 is past the first epoch: epochs are packed on demand
     for step in steps:
-        x, y, doc = one.batch(step)
+        x, y, doc = _xyd(one.sample(step))
         assert x.shape == y.shape == doc.shape == (8, 64)
-        for a, b in zip((x, y, doc), again.batch(step), strict=True):
+        for a, b in zip((x, y, doc), _xyd(again.sample(step)), strict=True):
             assert torch.equal(a, b)
-        halves = [r.batch(step) for r in ranks]
+        halves = [_xyd(r.sample(step)) for r in ranks]
         for i in range(3):
             assert torch.equal(torch.cat([h[i] for h in halves]), (x, y, doc)[i])
-    assert not torch.equal(one.batch(0)[0], one.batch(1)[0])
+    assert not torch.equal(one.sample(0).x, one.sample(1).x)
     other = SFTSampler(convs, 8, 64, seed=4, pad_id=tokenizer.eos_id)
-    assert not torch.equal(other.batch(0)[0], one.batch(0)[0])
+    assert not torch.equal(other.sample(0).x, one.sample(0).x)
     assert one.truncated == int((convs.lengths > 65).sum()) > 0
     # A state from other conversations is refused; the same one restores the seed.
     other.load_state_dict(one.state_dict())
-    assert torch.equal(other.batch(5)[0], one.batch(5)[0])
+    assert torch.equal(other.sample(5).x, one.sample(5).x)
     with pytest.raises(DataError, match="same sft settings"):
         SFTSampler(_conversations(tokenizer, plays, 50), 8, 64, 3, 0).load_state_dict(
             one.state_dict()
@@ -134,7 +140,7 @@ def test_rows_are_a_pure_function_of_the_step_and_split_across_ranks(tokenizer, 
 def test_targets_are_the_assistant_tokens_of_the_same_conversation(tokenizer, plays) -> None:
     convs = _conversations(tokenizer, plays, 200)
     sampler = SFTSampler(convs, 16, 128, seed=0, pad_id=tokenizer.eos_id)
-    x, y, doc = sampler.batch(0)
+    x, y, doc = _xyd(sampler.sample(0))
     im_end = tokenizer.im_end_id
     for row in range(16):
         starts = torch.nonzero(doc[row, 1:] != doc[row, :-1]).flatten() + 1
@@ -161,7 +167,7 @@ def test_val_batches_are_fixed_and_held_out(tokenizer, plays) -> None:
     second = sft_val_batches(convs, 4, 64, 3, tokenizer.eos_id)
     assert len(first) == 3
     for a, b in zip(first, second, strict=True):
-        assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+        assert all(torch.equal(u, v) for u, v in zip(_xyd(a), _xyd(b), strict=True))
 
 
 def test_the_conversation_cache_is_reused_and_rebuilt_when_damaged(tokenizer, tmp_path) -> None:
@@ -186,12 +192,12 @@ def test_the_loss_and_gradients_ignore_every_non_assistant_target(tokenizer, pla
     convs = _conversations(tokenizer, plays, 60)
     sampler = SFTSampler(convs, 4, 256, seed=1, pad_id=tokenizer.eos_id)
     ids, trained, doc = build_rows(convs, sampler.rows(0), 257, tokenizer.eos_id)
-    x, y, _ = to_batch(ids, trained, doc)
+    x, y = to_batch(ids, trained, doc).x, to_batch(ids, trained, doc).y
     # Change every token that is not an assistant token of its conversation, in its role as a
     # target: the targets, the loss and every gradient stay the same.
     rng = np.random.default_rng(0)
     changed = np.where(trained, ids, rng.integers(0, tokenizer.vocab_size, ids.shape))
-    _, y2, _ = to_batch(changed, trained, doc)
+    y2 = to_batch(changed, trained, doc).y
     assert torch.equal(y, y2) and (y != IGNORE).sum() > 100
     model = tiny_qwen3(tokenizer, max_positions=256)
 
@@ -221,7 +227,7 @@ def test_packed_conversations_compute_what_each_computes_alone(tokenizer, plays)
     convs = _conversations(tokenizer, plays, 80)
     sampler = SFTSampler(convs, 8, 384, seed=2, pad_id=tokenizer.eos_id)
     # Best-fit rows start with the longest conversations: find one holding two and padding.
-    x, y, doc = next(b for b in map(sampler.batch, range(20)) if b[2].max() >= 2)
+    x, y, doc = next(b for b in map(_xyd, map(sampler.sample, range(20))) if b[2].max() >= 2)
     row = int(torch.argmax(doc.max(dim=1).values))
     model = tiny_qwen3(tokenizer, max_positions=512).eval()
     with torch.no_grad():

@@ -1,6 +1,7 @@
-"""Checkpoint directories: a Hugging Face model dir, ``trainer_state.pt`` (step, schedules,
-sampler, RNG: small plain values), ``train_state/`` (weights and optimizer state as per-rank
-shards: :mod:`trainer.train_state`) and ``config.yaml``.
+"""Checkpoint directories: a Hugging Face model dir (``config.json``, the tokenizer and
+``model-*.safetensors``, which every rank writes its part of: :mod:`trainer.train_state`),
+``trainer_state.pt`` (step, schedules, sampler, RNG: small plain values), ``train_state/`` (the
+optimizer state as per-rank DCP shards) and ``config.yaml``. The weights are stored once.
 
 Every save is written to a temporary sibling (:func:`stage_checkpoint`) and renamed into place
 (:func:`commit_checkpoint`); the ``latest`` and ``best`` pointers are relative symlinks swapped
@@ -24,14 +25,17 @@ import yaml
 
 from optim import OptimizerSet
 from qwen3 import Qwen3, Qwen3Config
+from qwen3.hf import write_config
 from qwen3.tokenizer import Qwen3Tokenizer
 from trainer.distributed import DistInfo, all_ranks, group_rank_world, rank_seed
 from trainer.errors import CheckpointError
-from trainer.run_layout import MODEL_CONFIG, STATE_FILE, TRAIN_STATE_DIR, step_dir_name
-from trainer.train_state import save_train_state
+from trainer.run_layout import MODEL_CONFIG, STATE_FILE, step_dir_name
+from trainer.train_state import finish_weights, save_train_state
 
 CONFIG_FILE = "config.yaml"
-FORMAT_VERSION = 2  # 2: weights and optimizer state in train_state/ (DCP shards)
+# 3: weights only in model-*.safetensors; 2 (still read): weights in train_state/ as well
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 # Fields of Qwen3Config that change the shape or meaning of the weights.
 SHAPE_FIELDS = (
     "vocab_size",
@@ -70,14 +74,10 @@ def write_checkpoint_files(
     tokenizer: Qwen3Tokenizer,
     state: dict[str, Any],
     config_yaml: str,
-    write: bool = True,
 ) -> None:
-    """The Hugging Face model dir, ``trainer_state.pt`` and ``config.yaml`` into ``tmp``. A
-    sharded model is gathered one tensor at a time: every rank calls this, rank 0 (``write``)
-    writes."""
-    model.save_pretrained(tmp, write)
-    if not write:
-        return
+    """Rank 0: ``config.json``, the tokenizer, ``trainer_state.pt`` and ``config.yaml`` into
+    ``tmp`` (the weights are every rank's: :func:`trainer.train_state.save_train_state`)."""
+    write_config(model, tmp)
     tokenizer.save(tmp)
     torch.save({"format_version": FORMAT_VERSION, **state}, tmp / STATE_FILE)
     (tmp / CONFIG_FILE).write_text(config_yaml)
@@ -111,8 +111,11 @@ def save_checkpoint(
     same pieces across ranks, and in the background with ``trainer.async_save``."""
     tmp = stage_checkpoint(run_dir, step, create=True)
     write_checkpoint_files(tmp, model, tokenizer, state, config_yaml)
-    if optimizers is not None:
-        save_train_state(model, optimizers, tmp / TRAIN_STATE_DIR)
+    if optimizers is None:
+        model.save_pretrained(tmp)
+    else:
+        save_train_state(model, optimizers, tmp)
+        finish_weights(tmp)
     return commit_checkpoint(run_dir, tmp, step)
 
 
@@ -130,10 +133,10 @@ def load_trainer_state(ckpt_dir: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path} is corrupt or unreadable ({e}); resume from another checkpoint"
         ) from None
-    if state.get("format_version") != FORMAT_VERSION:
+    if state.get("format_version") not in READABLE_VERSIONS:
         raise CheckpointError(
             f"{path} has format version {state.get('format_version')}, this trainer reads "
-            f"{FORMAT_VERSION}; resume with the trainer version that wrote it"
+            f"{' and '.join(map(str, READABLE_VERSIONS))}; resume with the trainer version that wrote it"
         )
     assert isinstance(state, dict)
     return state

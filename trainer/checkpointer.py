@@ -28,12 +28,11 @@ from trainer.errors import CheckpointError
 from trainer.run_layout import (
     BEST,
     LATEST,
-    TRAIN_STATE_DIR,
     prune_checkpoints,
     read_pointer,
     set_pointer,
 )
-from trainer.train_state import PendingSave, save_train_state
+from trainer.train_state import PendingSave, finish_weights, save_train_state
 
 MB = 1024 * 1024
 # Below this much free space a failed write is taken for a full disk even when the error does
@@ -114,14 +113,16 @@ class Checkpointer:
         self.config_yaml, self.keep_last, self.asynchronous = config_yaml, keep_last, asynchronous
         self.last_saved: int | None = None
         self.pending: PendingSave | None = None  # a checkpoint being written in the background
-        self.group = background_group() if asynchronous else None
+        # One group per write in flight (weights, optimizer state): two background threads
+        # issuing collectives on one group interleave them differently per rank and deadlock.
+        self.groups = (background_group(), background_group()) if asynchronous else (None, None)
         self.pending_needed = 0  # expected_bytes() of the save in flight
 
     # ---- disk space -------------------------------------------------------------------------
     def expected_bytes(self) -> int:
         """What the next checkpoint will take: the size of the last one, or before the first,
-        the weights twice (Hugging Face export and training state) plus two fp32 optimizer
-        moments per parameter (AdamW's; Muon keeps less)."""
+        the weights (stored once; while a save is written, rank-by-rank parts of them too) plus
+        two fp32 optimizer moments per parameter (AdamW's; Muon keeps less)."""
         latest = read_pointer(self.run_dir, LATEST)
         if latest is not None:
             return _dir_bytes(latest)
@@ -167,8 +168,8 @@ class Checkpointer:
         self, step: int, state: Callable[[], dict[str, Any]], improved: bool, final: bool
     ) -> None:
         """Save ``step``; once it is whole, move ``latest`` (and ``best`` if ``improved``).
-        Collective. Every rank writes its shards of the weights and optimizer state; rank 0
-        writes the rest, the Hugging Face export gathered one tensor at a time. ``final``: the
+        Collective. Every rank writes its shards of the weights and optimizer state (rank 0
+        joins the weights into whole ``model-*.safetensors``); rank 0 writes the rest. ``final``: the
         run's last save, which is tried even when the disk looks too full."""
         self.finish()  # one save in flight at a time
         p, main = self.parts, self.dist.is_main
@@ -180,26 +181,26 @@ class Checkpointer:
         barrier()  # the directory exists before any rank writes into it
         failure: BaseException | None = None
         try:
-            write_checkpoint_files(
-                tmp, p.model, p.data.tokenizer, state(), self.config_yaml, write=main
-            )
+            trainer_state = state()  # collective (every rank's RNG states): every rank calls it
+            if main:
+                write_checkpoint_files(
+                    tmp, p.model, p.data.tokenizer, trainer_state, self.config_yaml
+                )
         except (OSError, RuntimeError) as err:  # rank 0's files: no rank may wait in DCP for it
             failure = err
         if any_rank(failure is not None):
             self._raise(step, failure or OSError("another rank failed to write"), needed)
         try:
-            future = save_train_state(
-                p.model, p.optimizers, tmp / TRAIN_STATE_DIR, self.group, self.asynchronous
-            )
+            futures = save_train_state(p.model, p.optimizers, tmp, self.groups, self.asynchronous)
         except (OSError, RuntimeError, CheckpointException) as err:
             self._raise(step, err, needed)
         self.last_saved = step
         blocked = time.perf_counter() - start
-        if future is not None:
-            self.pending = PendingSave(future, step, improved, start, blocked)
+        if futures:
+            self.pending = PendingSave(futures, step, improved, start, blocked)
             self.pending_needed = needed
         elif main:  # dcp.save returned on rank 0 after every rank's shards were written
-            self._publish(PendingSave(None, step, improved, start, blocked))
+            self._publish(PendingSave([], step, improved, start, blocked))
 
     def _raise(self, step: int, err: BaseException, needed: int) -> None:
         """Every rank, after a failed save: end the run with :class:`DiskFull` when rank 0 finds
@@ -213,6 +214,7 @@ class Checkpointer:
     def _publish(self, save: PendingSave) -> None:
         """Rank 0: rename the whole checkpoint into place, move the pointers, say so."""
         tmp = stage_checkpoint(self.run_dir, save.step, create=False)
+        finish_weights(tmp)
         path = commit_checkpoint(self.run_dir, tmp, save.step)
         set_pointer(self.run_dir, LATEST, path)
         if save.improved:

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from data import SourceData, val_batches
+from data import Batch, SourceData, val_samples
+from data.packing import Packing
 from trainer.build import Precision
 from trainer.distributed import group_rank_world, sum_across_ranks
 
@@ -25,23 +26,24 @@ def evaluate(
     precision: Precision,
     device: torch.device,
     token_bytes: torch.Tensor | None,
+    packing: Packing | None = None,
 ) -> dict[str, float]:
     """Mean token-level metrics over the first ``num_batches`` deterministic val batches of a
-    token split (:func:`evaluate_batches`)."""
-    batches = list(val_batches(val_tokens, batch_size, seq_len, num_batches))
+    token split, packed as ``packing`` says (:func:`evaluate_batches`)."""
+    batches = list(val_samples(val_tokens, batch_size, seq_len, num_batches, packing))
     return evaluate_batches(model, batches, precision, device, token_bytes)
 
 
 @torch.no_grad()
 def evaluate_batches(
     model: nn.Module,
-    batches: Sequence[tuple[torch.Tensor, ...]],
+    batches: Sequence[Batch],
     precision: Precision,
     device: torch.device,
     token_bytes: torch.Tensor | None,
 ) -> dict[str, float]:
-    """Mean metrics over the targets of ``batches``: (x, y) or, for packed documents,
-    (x, y, document_ids); targets of -100 (SFT's non-assistant tokens) are not counted.
+    """Mean metrics over the targets of ``batches`` (with document ids: packed documents);
+    targets of -100 (SFT's non-assistant tokens) are not counted.
 
     Under torchrun each rank evaluates every ``world_size``-th batch and the sums are added up
     across ranks, so the figures are those of one process at 1/world_size of the work. Every rank
@@ -53,6 +55,9 @@ def evaluate_batches(
     special tokens), so tokenizers compare. It is exact for the windows evaluated: a split-wide
     average bytes per token would misstate it whenever those windows' tokens are longer or
     shorter than the split's average.
+
+    ``packing`` (the run's): with ``bos`` the val rows are whole documents too, and with the
+    document mask each is evaluated on its own (``data.sampler.val_samples``).
     """
     was_training = model.training
     model.eval()
@@ -65,11 +70,14 @@ def evaluate_batches(
         4, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device
     )
     for i in range(rounds):
-        x, y, *docs = (t.to(device) for t in (mine[i] if i < len(mine) else batches[0]))
-        extra = {"document_ids": docs[0]} if docs else {}
+        batch = (mine[i] if i < len(mine) else batches[0]).to(device)
+        x, y, docs = batch.x, batch.y, batch.document_ids
         with precision.autocast():
             # (B, T, 2): each position's loss and hit, from the chunked head (no (B*T, V) logits)
-            stats: torch.Tensor = model(x, targets=y, token_stats=True, **extra)
+            if docs is None:
+                stats: torch.Tensor = model(x, targets=y, token_stats=True)
+            else:
+                stats = model(x, targets=y, token_stats=True, document_ids=docs)
         if i >= len(mine):
             continue  # only keeps this rank in step with the others
         counted = y != IGNORE_INDEX
@@ -104,6 +112,7 @@ def evaluate_sources(
     precision: Precision,
     device: torch.device,
     token_bytes: torch.Tensor | None,
+    packing: Packing | None = None,
 ) -> dict[str, float]:
     """:func:`evaluate` on one source's val split; for a mixture, on each source's, reported as
     ``val_loss/<label>`` (and ``val_acc``, ``val_bpb``), with ``val_loss``, ``val_acc`` and
@@ -111,13 +120,29 @@ def evaluate_sources(
     and ``val_ppl`` their exponential."""
     if len(sources) == 1:
         return evaluate(
-            model, sources[0].val, batch_size, seq_len, num_batches, precision, device, token_bytes
+            model,
+            sources[0].val,
+            batch_size,
+            seq_len,
+            num_batches,
+            precision,
+            device,
+            token_bytes,
+            packing,
         )
     metrics: dict[str, float] = {}
     totals: dict[str, list[tuple[float, float]]] = {}
     for source in sources:
         ev = evaluate(
-            model, source.val, batch_size, seq_len, num_batches, precision, device, token_bytes
+            model,
+            source.val,
+            batch_size,
+            seq_len,
+            num_batches,
+            precision,
+            device,
+            token_bytes,
+            packing,
         )
         for key in ("val_loss", "val_acc", "val_bpb"):
             if key in ev:

@@ -10,6 +10,7 @@ from typing import Any
 
 from tqdm import tqdm  # type: ignore[import-untyped]
 
+from data import BatchSampler
 from data.sft_data import SFTData
 from trainer.build import RunParts
 from trainer.checkpoint import (
@@ -27,7 +28,6 @@ from trainer.evaluation import evaluate_sources
 from trainer.metrics import MetricsLog, PlotWriter, WandbLogger, mfu
 from trainer.prefetch import BatchPrefetcher
 from trainer.progress import Progress
-from trainer.run_layout import TRAIN_STATE_DIR
 from trainer.sft import evaluate_sft
 from trainer.spikes import SpikeMonitor
 from trainer.step import train_step
@@ -131,7 +131,7 @@ class Trainer:
         state = load_trainer_state(ckpt_dir)
         p = self.parts
         check_compatible(ckpt_dir, state, p.model.config, self.tok_hash, self.batch)
-        load_train_state(p.model, p.optimizers, ckpt_dir / TRAIN_STATE_DIR)
+        load_train_state(p.model, p.optimizers, ckpt_dir)
         p.optimizers.load_schedule_state_dict(state["schedules"])
         if p.precision.scaler is not None and state.get("scaler"):
             p.precision.scaler.load_state_dict(state["scaler"])
@@ -168,6 +168,7 @@ class Trainer:
                 p.device,
                 p.token_bytes,
             )
+        assert isinstance(p.sampler, BatchSampler)  # a token split's windows
         return evaluate_sources(
             p.forward,
             p.data.sources,
@@ -177,6 +178,7 @@ class Trainer:
             p.precision,
             p.device,
             p.token_bytes,
+            p.sampler.packing,
         )
 
     def _record(self) -> dict[str, Any]:
@@ -237,15 +239,14 @@ class Trainer:
     def _train_one_step(self) -> None:
         """Queue step ``self.step + 1``; its results stay on the device (no host wait)."""
         t, p = self.cfg.trainer, self.parts
-        # sampler.batch(self.step), usually already copied: (x, y) or (x, y, document_ids)
-        x, y, *docs = self.batches.get(self.step)
+        batch = self.batches.get(self.step)  # sampler.sample(self.step), usually already copied
         ahead = self.step + 1
         prefetch = (lambda: self.batches.prefetch(ahead)) if ahead < t.max_steps else None
         res = train_step(
             p.forward,
             p.optimizers,
-            x,
-            y,
+            batch.x,
+            batch.y,
             t.grad_accum,
             p.precision,
             t.clip,
@@ -253,7 +254,7 @@ class Trainer:
             spikes=self.spikes,
             skip_spikes=t.spike_action == "skip",
             step=self.step + 1,
-            document_ids=docs[0] if docs else None,
+            document_ids=batch.document_ids,  # data.document_mask: packed documents
         )
         self.stats.add(res)
         self.step += 1

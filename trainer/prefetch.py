@@ -1,7 +1,7 @@
 """Training batches copied to the device one step ahead, so a GPU step never waits on the memmap.
 
 The batch of a step stays a pure function of (seed, step, rank, world): the prefetcher only
-decides *when* ``sampler.batch(step)`` is read, never which batch a step gets, so resuming at
+decides *when* ``sampler.sample(step)`` is read, never which batch a step gets, so resuming at
 any step gives the same batches.
 """
 
@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from data import BatchSampler
+from data import Batch, BatchSampler
 from data.sft_sampler import SFTSampler
-
-# (x, y), or (x, y, document_ids) for packed documents: each (B, T) int64 on the device
-Batch = tuple[torch.Tensor, ...]
 
 
 class BatchPrefetcher:
@@ -27,10 +24,7 @@ class BatchPrefetcher:
         self._ahead: tuple[int, Batch] | None = None
 
     def _load(self, step: int) -> Batch:
-        batch: Batch = self.sampler.batch(step)
-        if self.device.type == "cuda":
-            batch = tuple(t.pin_memory() for t in batch)
-        return tuple(t.to(self.device, non_blocking=True) for t in batch)
+        return self.sampler.sample(step).to(self.device, pin=self.device.type == "cuda")
 
     def prefetch(self, step: int) -> None:
         """Start loading ``step``'s batch (a no-op if it is already the one ahead)."""

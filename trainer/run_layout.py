@@ -28,7 +28,7 @@ WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 TOKENIZER = "tokenizer.json"
 STATE_FILE = "trainer_state.pt"
-TRAIN_STATE_DIR = "train_state"  # weights + optimizer state, DCP shards (trainer/train_state.py)
+TRAIN_STATE_DIR = "train_state"  # optimizer state, DCP shards (trainer/train_state.py)
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 

@@ -14,6 +14,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from data import Batch
 from data.conversations import SFTDataConfig
 from data.errors import DataError
 from data.sft_data import SFTData, prepare_conversations
@@ -73,7 +74,7 @@ def sft_sampler(
 
 def val_conversation_batches(
     data: SFTData, batch_size: int, seq_len: int, num_batches: int
-) -> list[tuple[torch.Tensor, ...]]:
+) -> list[Batch]:
     """The fixed held-out batches: assistant-token loss, accuracy and perplexity are read from
     them by :func:`trainer.evaluation.evaluate_batches`."""
     return list(sft_val_batches(data.val, batch_size, seq_len, num_batches, data.tokenizer.eos_id))

@@ -1,0 +1,106 @@
+"""The fused loss's forward + backward (``qwen3.loss.linear_cross_entropy``): its chunk step
+eager at the device's default chunk rows (and others, ``--eager-rows``) against compiled
+(``qwen3.loss.compile_chunk``) at several chunk sizes, alternating rounds, medians of CPU time (steadier than wall time on a shared
+machine) and wall time, ratios to eager. Each compiled size is compiled and checked equal to eager
+(loss and both gradients) before timing.
+
+    .venv/bin/python benchmarks/bench_loss.py --shapes tiny,small --rows 1024,2048,4096 \
+        --eager-rows 1024,4096
+    .venv/bin/python benchmarks/bench_loss.py --quick
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import harness
+import torch
+
+from qwen3.loss import ChunkFn, compile_chunk, default_chunk_rows, linear_cross_entropy
+
+# Rows of the main job's batch (16 x 256) for every shape: the loss sees batch x seq rows.
+ROWS = 16 * 256
+
+
+def runner(
+    h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, rows: int, fn: ChunkFn | None
+) -> Callable[[], tuple[float, float]]:
+    """One forward + backward: (CPU seconds, wall seconds)."""
+
+    def run() -> tuple[float, float]:
+        h.grad = w.grad = None
+        c0, t0 = time.process_time(), time.perf_counter()
+        linear_cross_entropy(h, w, y, chunk_rows=rows, chunk_fn=fn).backward()
+        return time.process_time() - c0, time.perf_counter() - t0
+
+    return run
+
+
+def main() -> None:
+    parser = harness.common_args(__doc__ or "")
+    parser.add_argument("--shapes", default="tiny,small", help="presets (hidden and vocabulary)")
+    parser.add_argument("--rows", default="256,1024,4096", help="compiled chunk rows to try")
+    parser.add_argument("--eager-rows", default="", help="eager chunk rows to try besides")
+    args = parser.parse_args()
+    device = harness.setup("cpu", args.threads)
+    rounds = args.rounds or (1 if args.quick else 7)
+    shapes = ["tiny"] if args.quick else args.shapes.split(",")
+    sizes = [64, 256] if args.quick else [int(r) for r in args.rows.split(",")]
+    eager_sizes = [int(r) for r in args.eager_rows.split(",") if r]
+    n = 256 if args.quick else ROWS
+    print(harness.machine_line(device))
+    table = []
+    for shape in shapes:
+        cfg = harness.config_for(shape)
+        g = torch.Generator().manual_seed(args.seed)
+        h = (torch.randn(n, cfg.hidden_size, generator=g)).requires_grad_()
+        w = (torch.randn(cfg.vocab_size, cfg.hidden_size, generator=g) * 0.02).requires_grad_()
+        y = torch.randint(0, cfg.vocab_size, (n,), generator=g)
+        eager_rows = default_chunk_rows(cfg.vocab_size, device)
+        contenders = {f"eager, {eager_rows} rows": runner(h, w, y, eager_rows, None)}
+        for rows in eager_sizes:
+            contenders[f"eager, {rows} rows"] = runner(h, w, y, rows, None)
+        want = linear_cross_entropy(h, w, y, chunk_rows=eager_rows)
+        want_grads = torch.autograd.grad(want, (h, w))
+        for rows in sizes:
+            fn = compile_chunk()
+            t0 = time.perf_counter()
+            got = linear_cross_entropy(h, w, y, chunk_rows=rows, chunk_fn=fn)
+            grads = torch.autograd.grad(got, (h, w))
+            took = time.perf_counter() - t0
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            for a, b in zip(grads, want_grads, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+            print(f"{shape}: compiled at {rows} rows in {took:.1f} s, equal to eager")
+            contenders[f"compiled, {rows} rows"] = runner(h, w, y, rows, fn)
+        for run in contenders.values():  # warm-up
+            run()
+        times: dict[str, list[tuple[float, float]]] = {k: [] for k in contenders}
+        for _ in range(rounds):
+            for name, run in contenders.items():
+                times[name].append(run())
+        base_cpu = harness.median([c for c, _ in times[next(iter(times))]])
+        base_wall = harness.median([t for _, t in times[next(iter(times))]])
+        for name, ts in times.items():
+            cpu = harness.median([c for c, _ in ts])
+            wall = harness.median([t for _, t in ts])
+            table.append(
+                [
+                    shape,
+                    f"{n}x{cfg.hidden_size}, V {cfg.vocab_size}",
+                    name,
+                    f"{cpu * 1e3:.1f}",
+                    f"{base_cpu / cpu:.2f}",
+                    f"{wall * 1e3:.1f}",
+                    f"{base_wall / wall:.2f}",
+                ]
+            )
+    harness.print_table(
+        ["shape", "rows x C", "chunk step", "CPU ms", "ratio (CPU)", "wall ms", "ratio (wall)"],
+        table,
+    )
+
+
+if __name__ == "__main__":
+    main()
