@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: install lint typecheck test test-slow test-all check train train-ddp-cpu demo interactive serve bench peers wheelhouse
+.PHONY: install lint typecheck test test-slow test-all check train train-ddp-cpu demo interactive serve chat bench peers wheelhouse
 
 install: $(VENV)/.installed
 
@@ -59,6 +59,13 @@ interactive: install
 
 serve: install
 	$(PY) serve.py
+
+# Pretrain the tiny model, fine-tune it on the plays' conversations (docs/training.md, "Chat
+# fine-tuning"), then chat with it in character.
+chat: install
+	$(PY) train.py model=tiny
+	$(PY) train.py sft
+	$(PY) train.py interactive system="You are Juliet in Shakespeare's Romeo and Juliet."
 
 # Short side-by-side runs against transformers (ratios printed); drop --quick for the full tables.
 bench: install

@@ -3,6 +3,7 @@
 python train.py model=tiny                 # train (Hydra overrides; -m for sweeps)
 python train.py resume=latest              # continue the most recent run
 python train.py prepare [overrides]        # build the tokenizer and token cache, then stop
+python train.py sft [overrides]            # chat fine-tuning of the latest run's best (conf/sft.yaml)
 python train.py config [overrides]         # every key: its value, where it came from, what it means
 python train.py demo [ckpt=DIR] [...]      # sample from the best checkpoint of the latest run
 python train.py interactive [ckpt=DIR]     # a prompt loop

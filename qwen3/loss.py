@@ -180,7 +180,8 @@ def linear_cross_entropy_stats(
     chunk_rows: int | None = None,
 ) -> torch.Tensor:
     """Per position, float32 ``(..., 2)``: the cross-entropy of ``hidden @ weight.T`` against
-    ``targets`` and 1.0 where the argmax is the target (0.0 otherwise); for evaluation.
+    ``targets`` and 1.0 where the argmax is the target (0.0 otherwise); for evaluation. An
+    ignored target (negative, e.g. -100) gets 0 and 0: the caller counts only the others.
 
     The same chunks as :func:`linear_cross_entropy` (logits in the autocast dtype, then float32),
     so no (N, V) tensor exists: at Qwen's vocabulary 8 x 4096 positions would be 20 GB."""
@@ -195,10 +196,11 @@ def linear_cross_entropy_stats(
         w = weight.to(cdt)
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            tgt = targets[rows, None]  # (n, 1)
+            valid = targets[rows] >= 0  # (n,) an ignored (-100) target counts 0 and 0
+            tgt = targets[rows, None].clamp(min=0)  # (n, 1)
             logp = torch.log_softmax((hidden[rows].to(cdt) @ w.t()).float(), dim=-1)  # (n, V)
-            out[rows, 0] = -logp.gather(1, tgt).squeeze(1)
-            out[rows, 1] = logp.argmax(-1) == targets[rows]
+            out[rows, 0] = -logp.gather(1, tgt).squeeze(1) * valid
+            out[rows, 1] = (logp.argmax(-1) == targets[rows]) & valid
     return out.view(*shape, 2)
 
 

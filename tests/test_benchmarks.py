@@ -159,3 +159,12 @@ def test_bench_downstream_prints_the_cost_ratio() -> None:
     assert float(rows["one scoring of core_local"]["CPU s"]) > 0
     assert "ratio at the default cadence (1 scoring per 140 steps)" in out
     assert "downstream/core at the last round" in out
+
+
+@pytest.mark.slow
+def test_bench_sft_scores_the_model_before_and_after(tmp_path) -> None:
+    out = _run("bench_sft.py", "--cache-dir", str(tmp_path / "cache"))
+    rows = {r["model"]: r for r in _table(out.split("| system / user")[0])}
+    assert set(rows) == {"pretrained", "after SFT"}
+    assert all(float(r["held-out assistant loss"]) > 0 for r in rows.values())
+    assert out.count("| You are ") == 3

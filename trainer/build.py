@@ -23,6 +23,8 @@ from torch import nn
 
 from data import BatchSampler, PreparedData, prepare_data, wait_for_data
 from data.errors import DataError
+from data.sft_data import SFTData
+from data.sft_sampler import SFTSampler
 from optim import OptimizerSet, build_optimizers
 from qwen3 import Qwen3, Qwen3Config, pick_device
 from qwen3.config import padded_vocab_size
@@ -41,13 +43,13 @@ class RunParts:
 
     device: torch.device
     precision: Precision
-    data: PreparedData
+    data: PreparedData | SFTData  # token caches, or conversations (train.py sft)
     model: Qwen3  # the module itself (sharded in place under trainer.fsdp): saved, sampled from
     forward: (
         nn.Module
     )  # what training calls: ``model`` (blocks compiled in place), or its DDP wrapper
     optimizers: OptimizerSet
-    sampler: BatchSampler
+    sampler: BatchSampler | SFTSampler
     token_bytes: torch.Tensor  # (V,) each id's UTF-8 byte length, on ``device``: for val_bpb
     downstream: DownstreamScorer | None = None  # trainer.eval_tasks scored in the loop
 
@@ -119,7 +121,7 @@ def check_optimizer_config(cfg: RunConfig) -> None:
         raise ConfigError(str(e)) from None
 
 
-def model_config_for(cfg: Qwen3Config, data: PreparedData, trained: bool) -> Qwen3Config:
+def model_config_for(cfg: Qwen3Config, data: PreparedData | SFTData, trained: bool) -> Qwen3Config:
     """The model config with the tokenizer's vocabulary and special-token ids. A tokenizer the
     project ``trained`` gets its vocabulary padded up to a multiple of 64 rows (matmul speed;
     no id ever maps to a padding row, and generation masks them); a given one is used as is."""
@@ -187,14 +189,20 @@ def build_parts(
 ) -> RunParts:
     """Prepare data (tokenizer + token cache), then the model, optimizers and sampler."""
     tcfg = cfg.trainer
-    data = prepare_run_data(cfg, dist)
-    for source in data.sources:
-        if len(source.val) < tcfg.seq_len + 1:
-            of = f" of {source.label}" if data.is_mixture else ""
-            raise ConfigError(
-                f"trainer.seq_len={tcfg.seq_len} is longer than the whole validation split{of} "
-                f"({len(source.val)} tokens); lower trainer.seq_len or hold out more text"
-            )
+    data: PreparedData | SFTData
+    if cfg.sft is not None and cfg.init_from:  # train.py sft: conversations, not a token cache
+        from trainer.sft import prepare_sft_data  # it imports this module
+
+        data = prepare_sft_data(cfg.init_from, cfg.sft, cfg.data.cache_dir, dist.is_main)
+    else:
+        data = prepare_run_data(cfg, dist)
+        for source in data.sources:
+            if len(source.val) < tcfg.seq_len + 1:
+                of = f" of {source.label}" if data.is_mixture else ""
+                raise ConfigError(
+                    f"trainer.seq_len={tcfg.seq_len} is longer than the whole validation split"
+                    f"{of} ({len(source.val)} tokens); lower trainer.seq_len or hold out more text"
+                )
     # init_from: the pretrained directory's config (its vocabulary and special ids) as it is
     model_cfg = (
         cfg.model if cfg.init_from else model_config_for(cfg.model, data, not cfg.data.tokenizer)
@@ -230,16 +238,25 @@ def build_parts(
     # DDP: the ranks split Muon's Newton-Schulz work (FSDP shards it by itself)
     replicas = torch.distributed.group.WORLD if dist.is_distributed and not tcfg.fsdp else None
     optimizers = build_optimizers(model, cfg.optim, tcfg.max_steps, data_parallel=replicas)
-    sampler = BatchSampler(  # the one source's windows, or a mixture's by weight
-        [s.train for s in data.sources] if data.is_mixture else data.train,
-        tcfg.batch_size * tcfg.grad_accum,
-        tcfg.seq_len,
-        cfg.seed,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        weights=[s.weight for s in data.sources] if data.is_mixture else None,
-        packing=cfg.data.rows(data.tokenizer.eos_id),  # the cache ends documents with it
-    )
+    rows = tcfg.batch_size * tcfg.grad_accum
+    sampler: BatchSampler | SFTSampler
+    if isinstance(data, SFTData):
+        from trainer.sft import sft_sampler
+
+        sampler = sft_sampler(
+            data, rows, tcfg.seq_len, cfg.seed, dist.rank, dist.world_size, dist.is_main
+        )
+    else:
+        sampler = BatchSampler(  # the one source's windows, or a mixture's by weight
+            [s.train for s in data.sources] if data.is_mixture else data.train,
+            rows,
+            tcfg.seq_len,
+            cfg.seed,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            weights=[s.weight for s in data.sources] if data.is_mixture else None,
+            packing=cfg.data.rows(data.tokenizer.eos_id),  # the cache ends documents with it
+        )
     try:
         lengths = data.tokenizer.token_byte_lengths()
     except ValueError as e:  # a given tokenizer that is not byte-level BPE

@@ -49,6 +49,7 @@ USAGE = """\
 python train.py [group=option ...] [key=value ...]   train (Hydra overrides; -m for sweeps)
 python train.py resume=latest                        continue the most recent run
 python train.py prepare [overrides]                  build the tokenizer and token cache, then stop
+python train.py sft [overrides]                      chat fine-tuning of the newest run's best (conf/sft.yaml)
 python train.py config [overrides]                   the resolved config: values, origins, meanings
 python train.py demo [ckpt=DIR] [key=value ...]      samples from the best checkpoint of the newest run
 python train.py interactive [ckpt=DIR]               a prompt loop
@@ -207,7 +208,11 @@ def _train(cfg: DictConfig, hc: Any, run_dir: Path, start_time: float) -> int:
 
 
 def main(argv: list[str], start_time: float) -> int:
-    """Dispatch on the first word: a subcommand, else Hydra's own command line."""
+    """Dispatch on the first word: a subcommand, else Hydra's own command line (``sft``: the
+    same with ``conf/sft.yaml``, chat fine-tuning)."""
+    config_name = "config"
+    if len(argv) > 1 and argv[1] == "sft":
+        config_name, argv = "sft", [argv[0], *argv[2:]]
     if len(argv) > 1 and argv[1] in SUBCOMMANDS:
         return run_subcommand(argv[1], argv[2:])
     if len(argv) > 1 and argv[1] == "prepare":
@@ -216,12 +221,16 @@ def main(argv: list[str], start_time: float) -> int:
         return show_config(argv[2:])
     if "--help" in argv[1:] or "-h" in argv[1:]:
         return show_help([a for a in argv[1:] if a not in ("--help", "-h")])
-    shown = _cfg_job(argv[1:])
+    shown = _cfg_job(argv[1:], config_name)
     if shown is not None:
         return shown
     try:
         dist = dist_info()
         unknown = unknown_override(argv[1:])
+        if config_name == "config" and any(a.startswith(("sft.", "sft=")) for a in argv[1:]):
+            unknown = (
+                "the sft.* keys and the sft group are for chat fine-tuning: python train.py sft ..."
+            )
         if unknown is not None:
             if dist.is_main:  # every process of a torchrun job checks the same command line
                 print(f"config error: {unknown}", file=sys.stderr)
@@ -240,7 +249,7 @@ def main(argv: list[str], start_time: float) -> int:
     register_resolvers(from_main(timestamp_name()) if dist_info().is_distributed else None)
     codes: list[int] = []
 
-    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
     def _hydra_main(cfg: DictConfig) -> None:
         codes.append(train_from_hydra(cfg, start_time))
 
@@ -267,9 +276,10 @@ def main(argv: list[str], start_time: float) -> int:
 
 
 # ---- composing and checking a command line without running it -----------------------------
-def compose_config(overrides: list[str]) -> DictConfig:
-    """The config Hydra composes for ``train.py OVERRIDES`` (a mistyped key raises
-    :class:`ConfigError` naming the closest ones, as a run would say)."""
+def compose_config(overrides: list[str], config_name: str = "config") -> DictConfig:
+    """The config Hydra composes for ``train.py OVERRIDES`` (``config_name="sft"``: for
+    ``train.py sft OVERRIDES``); a mistyped key raises :class:`ConfigError` naming the closest
+    ones, as a run would say."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
@@ -280,7 +290,7 @@ def compose_config(overrides: list[str]) -> DictConfig:
     register_config_nodes()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose("config", overrides=overrides)
+            return compose(config_name, overrides=overrides)
     except HydraException as e:
         raise ConfigError(str(e)) from None
 
@@ -311,7 +321,8 @@ def check_command(args: list[str]) -> None:
         else:
             parse_options(args[0], args[1:])
         return
-    words = args[1:] if args and args[0] in ("prepare", "config") else args
+    config_name = "sft" if args and args[0] == "sft" else "config"
+    words = args[1:] if args and args[0] in ("prepare", "config", "sft") else args
     overrides: list[str] = []
     skip = False
     for word in words:
@@ -322,7 +333,7 @@ def check_command(args: list[str]) -> None:
         else:
             overrides.append(word)
     for job in _sweep_expanded(overrides):
-        build_run_config(to_container(compose_config(job)))
+        build_run_config(to_container(compose_config(job, config_name)))
 
 
 def _hydra_flags(args: list[str]) -> tuple[list[str], dict[str, str | None]]:
@@ -340,7 +351,7 @@ def _hydra_flags(args: list[str]) -> tuple[list[str], dict[str, str | None]]:
     return overrides, flags
 
 
-def _cfg_job(args: list[str]) -> int | None:
+def _cfg_job(args: list[str], config_name: str = "config") -> int | None:
     """``--cfg job`` (or ``all``) without ``--package`` or a sweep: print the composed config
     with the model section's real values (Hydra's own printout shows null for every key the
     preset sets); None for any other command line, which Hydra handles."""
@@ -352,7 +363,7 @@ def _cfg_job(args: list[str]) -> int | None:
     from trainer.config_view import render_job
 
     try:
-        cfg = compose_config(overrides)
+        cfg = compose_config(overrides, config_name)
         text = render_job(cfg, resolved="--resolve" in flags)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
@@ -361,7 +372,7 @@ def _cfg_job(args: list[str]) -> int | None:
         from hydra import compose, initialize_config_dir
 
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            full = compose("config", overrides=overrides, return_hydra_config=True)
+            full = compose(config_name, overrides=overrides, return_hydra_config=True)
         text += OmegaConf.to_yaml({"hydra": OmegaConf.to_container(full.hydra, resolve=False)})
     print(text, end="")
     return 0

@@ -26,6 +26,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from pydantic import TypeAdapter, ValidationError
 
 from data import DataConfig
+from data.conversations import SFTDataConfig
 from optim import OptimConfig, fit_warmup
 from qwen3 import PRESETS, Qwen3, Qwen3Config
 from qwen3.generate import Sampling
@@ -34,6 +35,7 @@ from trainer.budget import DEFAULT_MAX_STEPS, resolve_max_steps
 from trainer.distributed import DEFAULT_TIMEOUT_S, dist_info
 from trainer.errors import ConfigError
 from trainer.lm_eval_tasks import is_path
+from trainer.run_layout import default_init_from
 
 T = TypeVar("T")
 
@@ -388,6 +390,10 @@ class GenerationCliConfig(Sampling):
     device: str = "auto"
     stop_at_eos: bool = True
     quantize: str | None = None  # int8: int8 weights on the CPU (qwen3.quantize); None: as saved
+    chat: bool | None = (
+        None  # interactive: turns through the chat template; None: for an SFT checkpoint
+    )
+    system: str | None = None  # interactive chat: the system prompt, e.g. system="You are Juliet."
     extra: list[str] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -448,7 +454,7 @@ class EvalCliConfig:
 
 
 TOP_LEVEL_KEYS = ("run_name", "out_dir", "seed", "resume", "init_from")
-SECTIONS = ("model", "data", "optim", "trainer", "sample", "wandb")
+SECTIONS = ("model", "data", "optim", "trainer", "sample", "wandb", "sft")
 
 
 @dataclass
@@ -470,6 +476,8 @@ class RunConfig:
     # A Hugging Face Qwen3 directory whose weights and tokenizer training starts from.
     init_from: str | None = None
     budget: str = ""  # how trainer.max_steps was resolved (a token budget, or set), for the summary
+    # train.py sft: the conversations to fine-tune on (trainer/sft.py); None when pretraining.
+    sft: SFTDataConfig | None = None
 
 
 # The settable Qwen3Config fields (``extra`` only carries a config.json's unknown keys through).
@@ -612,6 +620,11 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
     if init_from is not None and (not isinstance(init_from, str) or not init_from):
         raise ConfigError(f"init_from={init_from!r} must be null or a model directory path.")
     data_cfg = build_dataclass(DataConfig, data.get("data") or {}, "data")
+    sft = None
+    if data.get("sft") is not None:
+        sft = build_dataclass(SFTDataConfig, data["sft"], "sft")
+        if not init_from:
+            init_from = default_init_from(str(data.get("out_dir") or "checkpoints"))
     if init_from:
         model = pretrained_model_config(init_from, data.get("model") or {})
         data_cfg = pretrained_data_config(init_from, data_cfg)
@@ -643,4 +656,5 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
         notes=[note] if note else [],
         init_from=init_from,
         budget=budget,
+        sft=sft,
     )

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from data import SourceData, val_samples
+from data import Batch, SourceData, val_samples
 from data.packing import Packing
 from trainer.build import Precision
 from trainer.distributed import group_rank_world, sum_across_ranks
 
+IGNORE_INDEX = -100  # a target the loss skips (qwen3's fused loss, as F.cross_entropy)
 
-@torch.no_grad()
+
 def evaluate(
     model: nn.Module,
     val_tokens: np.ndarray,
@@ -26,7 +28,22 @@ def evaluate(
     token_bytes: torch.Tensor | None,
     packing: Packing | None = None,
 ) -> dict[str, float]:
-    """Mean token-level metrics over the first ``num_batches`` deterministic val batches.
+    """Mean token-level metrics over the first ``num_batches`` deterministic val batches of a
+    token split, packed as ``packing`` says (:func:`evaluate_batches`)."""
+    batches = list(val_samples(val_tokens, batch_size, seq_len, num_batches, packing))
+    return evaluate_batches(model, batches, precision, device, token_bytes)
+
+
+@torch.no_grad()
+def evaluate_batches(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    precision: Precision,
+    device: torch.device,
+    token_bytes: torch.Tensor | None,
+) -> dict[str, float]:
+    """Mean metrics over the targets of ``batches`` (with document ids: packed documents);
+    targets of -100 (SFT's non-assistant tokens) are not counted.
 
     Under torchrun each rank evaluates every ``world_size``-th batch and the sums are added up
     across ranks, so the figures are those of one process at 1/world_size of the work. Every rank
@@ -45,7 +62,6 @@ def evaluate(
     was_training = model.training
     model.eval()
     rank, world_size = group_rank_world()
-    batches = list(val_samples(val_tokens, batch_size, seq_len, num_batches, packing))
     mine = batches[rank::world_size]
     rounds = -(-len(batches) // world_size)  # forwards per rank: the most any rank has
     # loss, correct, count, bytes: summed on the device and read once at the end (one sync)
@@ -64,14 +80,18 @@ def evaluate(
                 stats = model(x, targets=y, token_stats=True, document_ids=docs)
         if i >= len(mine):
             continue  # only keeps this rank in step with the others
-        sums[:2] += stats.flatten(0, 1).to(sums.dtype).sum(0)
-        sums[2] += y.numel()
+        counted = y != IGNORE_INDEX
+        sums[:2] += stats.flatten(0, 1).to(sums.dtype).sum(0)  # ignored targets hold 0 and 0
+        sums[2] += counted.sum()
         if token_bytes is not None:
-            sums[3] += token_bytes[y].sum()
+            sums[3] += (token_bytes[y.clamp(min=0)] * counted).sum()
     model.train(was_training)
     loss_sum, correct, count, nbytes = sum_across_ranks(sums.tolist())
     if count == 0:
-        raise ValueError("the validation split is too short for one batch; lower trainer.seq_len")
+        raise ValueError(
+            "the validation batches hold no target to score; lower trainer.seq_len or hold "
+            "out more text"
+        )
     loss = loss_sum / count
     metrics = {
         "val_loss": loss,

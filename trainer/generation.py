@@ -16,7 +16,7 @@ from qwen3.quantize import quantize
 from qwen3.tokenizer import Qwen3Tokenizer
 from trainer.config import GenerationCliConfig
 from trainer.errors import CheckpointError, ConfigError
-from trainer.run_layout import find_model_dir
+from trainer.run_layout import find_model_dir, is_sft_checkpoint
 
 
 def _prompt_ids(tokenizer: Qwen3Tokenizer, prompt: str) -> list[int]:
@@ -174,7 +174,10 @@ def interactive(cfg: GenerationCliConfig) -> None:
 
 
 def _interactive(cfg: GenerationCliConfig) -> None:
-    _, model, tok = load(cfg)
+    ckpt, model, tok = load(cfg)
+    if cfg.chat or (cfg.chat is None and is_sft_checkpoint(ckpt)):
+        _chat(cfg, model, tok)
+        return
     print(
         "Type a prompt and press Enter (\\n for a newline). Ctrl-C stops a generation; "
         "/quit or Ctrl-D exits.",
@@ -201,3 +204,46 @@ def _interactive(cfg: GenerationCliConfig) -> None:
             print(flush=True)
         except KeyboardInterrupt:
             print("\n[generation stopped]", flush=True)
+
+
+def _chat(cfg: GenerationCliConfig, model: Qwen3, tok: Qwen3Tokenizer) -> None:
+    """A chat: each line is a user turn, the conversation so far goes through the checkpoint's
+    chat template (without thinking, as SFT trains on conversations without reasoning), and the
+    answer ends at the assistant's end of turn."""
+    history: list[dict[str, str]] = (
+        [{"role": "system", "content": cfg.system}] if cfg.system else []
+    )
+    options = {"enable_thinking": False} if "enable_thinking" in tok.chat_template_options else {}
+    sampling = replace(cfg, stop_ids=(*cfg.stop_ids, tok.im_end_id))
+    print(
+        "Chat: type a message and press Enter. /reset starts over; /quit or Ctrl-D exits.",
+        flush=True,
+    )
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:
+            print("\n(/quit or Ctrl-D exits)", flush=True)
+            continue
+        if line.strip() == "/quit":
+            return
+        if line.strip() == "/reset":
+            history = history[:1] if cfg.system else []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line.replace("\\n", "\n")})
+        prompt = tok.apply_chat_template(history, add_generation_prompt=True, **options)
+        print("model> ", end="", flush=True)
+        answer = ""
+        try:
+            for piece in stream_text(model, tok, prompt, sampling, cfg.stop_at_eos):
+                answer += piece
+                print(piece, end="", flush=True)
+            print(flush=True)
+        except KeyboardInterrupt:
+            print("\n[generation stopped]", flush=True)
+        history.append({"role": "assistant", "content": answer.strip()})

@@ -10,6 +10,8 @@ from typing import Any
 
 from tqdm import tqdm  # type: ignore[import-untyped]
 
+from data import BatchSampler
+from data.sft_data import SFTData
 from trainer.build import RunParts
 from trainer.checkpoint import (
     capture_rng,
@@ -26,6 +28,7 @@ from trainer.evaluation import evaluate_sources
 from trainer.metrics import MetricsLog, PlotWriter, WandbLogger, mfu
 from trainer.prefetch import BatchPrefetcher
 from trainer.progress import Progress
+from trainer.sft import evaluate_sft
 from trainer.spikes import SpikeMonitor
 from trainer.step import train_step
 from trainer.step_stats import StepStats, WindowStats
@@ -186,6 +189,18 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         t = self.cfg.trainer
         p = self.parts
+        if isinstance(p.data, SFTData):  # held-out conversations: the assistant's tokens
+            return evaluate_sft(
+                p.forward,
+                p.data,
+                t.batch_size,
+                t.seq_len,
+                t.eval_batches,
+                p.precision,
+                p.device,
+                p.token_bytes,
+            )
+        assert isinstance(p.sampler, BatchSampler)  # a token split's windows
         return evaluate_sources(
             p.forward,
             p.data.sources,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from data import Batch, BatchSampler
+from data.sft_sampler import SFTSampler
 
 
 class BatchPrefetcher:
@@ -18,7 +19,7 @@ class BatchPrefetcher:
     ``non_blocking``: it queues behind the current step's kernels (same stream) while the host
     reads the next windows. Elsewhere the copy is a plain one (no pinning: no CUDA context)."""
 
-    def __init__(self, sampler: BatchSampler, device: torch.device) -> None:
+    def __init__(self, sampler: BatchSampler | SFTSampler, device: torch.device) -> None:
         self.sampler, self.device = sampler, device
         self._ahead: tuple[int, Batch] | None = None
 

@@ -31,6 +31,7 @@ from trainer.generation import complete
 from trainer.loop import Outcome, Trainer, TrainingDiverged
 from trainer.metrics import WandbLogger, peak_flops
 from trainer.run_layout import AUTO, resolve_auto, resolve_resume
+from trainer.sft import chat_sampling
 
 
 def resume_command(overrides: list[str], run_name: str, dist: DistInfo | None = None) -> str:
@@ -104,9 +105,10 @@ def run_training(
         procs = f" x {dist.world_size} processes" if dist.is_distributed else ""
         if cfg.init_from and resume_dir is None:
             print(f"initialised from {cfg.init_from} (its weights and tokenizer)")
+        unit = "conversations" if cfg.sft is not None else "tokens"
         print(
             f"run {run_dir}: {n_params / 1e6:.2f} M parameters, {len(parts.data.train):,} train / "
-            f"{len(parts.data.val):,} val tokens, device {device}{procs}, precision {precision.name}"
+            f"{len(parts.data.val):,} val {unit}, device {device}{procs}, precision {precision.name}"
         )
     try:
         outcome = trainer.fit()
@@ -129,6 +131,10 @@ def run_training(
     wants_samples = not outcome.stopped_by and bool(sample_cfg.prompts)
     wants_samples = wants_samples and bool(sample_cfg.max_new_tokens)
     sampling = replace(sample_cfg, seed=cfg.seed)  # the run's seed
+    shown = sample_cfg.prompts
+    if cfg.sft is not None:  # a chat model: the prompts are user turns, answers end at im_end
+        sampling = chat_sampling(parts.data.tokenizer, sampling)
+        shown = [f"user: {p}\nassistant: " for p in sample_cfg.prompts]
     texts: list[str] | None = None
     if wants_samples and is_sharded(parts.model):
         # Every rank samples from its shards on the device (each forward gathers the weights
@@ -160,7 +166,7 @@ def run_training(
     if wants_samples:
         if texts is None:  # the whole model is here (one process, or a DDP replica)
             texts = end_of_run_samples(parts, sampling, fixed_length=False)
-        print(samples_text(sample_cfg.prompts, texts))
+        print(samples_text(shown, texts))
     trainer.plots.wait()  # the last plot, drawn while the samples were generated
     return 0
 

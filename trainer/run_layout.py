@@ -361,6 +361,29 @@ def resolve_resume(resume: str, run_dir: Path) -> tuple[Path, str | None]:
 TRAIN_HINT = "train one with `python train.py model=tiny`"
 
 
+def is_sft_checkpoint(path: Path) -> bool:
+    """Whether the checkpoint at ``path`` was written by ``train.py sft`` (its saved config has
+    an ``sft`` section): a chat model, whose prompts go through the chat template."""
+    try:
+        text = (path / "config.yaml").read_text(encoding="utf-8")
+    except OSError:
+        return False
+    return re.search(r"^sft:\s*$", text, re.M) is not None
+
+
+def default_init_from(out_dir: str) -> str:
+    """What ``train.py sft`` starts from when ``init_from`` is not given: the ``best``
+    checkpoint of the newest pretraining (not SFT) run under ``out_dir``."""
+    for run in reversed(run_dirs(out_dir, BEST)):
+        best = read_pointer(run, BEST)
+        if best is not None and not is_sft_checkpoint(best):
+            return str(best)
+    raise ConfigError(
+        f"train.py sft starts from a pretrained checkpoint and no run under {out_dir}/ has a "
+        f"'{BEST}' one: run python train.py model=tiny first, or pass init_from=DIR"
+    )
+
+
 def find_model_dir(
     ckpt: str | os.PathLike[str] | None,
     out_dir: str | os.PathLike[str] = "checkpoints",
