@@ -50,6 +50,7 @@ python train.py [group=option ...] [key=value ...]   train (Hydra overrides; -m 
 python train.py resume=latest                        continue the most recent run
 python train.py prepare [overrides]                  build the tokenizer and token cache, then stop
 python train.py config [overrides]                   the resolved config: values, origins, meanings
+python train.py plan [overrides] devices=N device_memory=80GB [format=json]   will it fit? (memory, time)
 python train.py demo [ckpt=DIR] [key=value ...]      samples from the best checkpoint of the newest run
 python train.py interactive [ckpt=DIR]               a prompt loop
 python train.py eval tasks=[hellaswag] [ckpt=DIR] [limit=N] [...]   lm-evaluation-harness tasks
@@ -214,6 +215,10 @@ def main(argv: list[str], start_time: float) -> int:
         return prepare(argv[2:])
     if len(argv) > 1 and argv[1] == "config":
         return show_config(argv[2:])
+    if len(argv) > 1 and argv[1] == "plan":
+        from trainer.plan import plan_command  # the memory model: only for a plan
+
+        return plan_command(argv[2:])
     if "--help" in argv[1:] or "-h" in argv[1:]:
         return show_help([a for a in argv[1:] if a not in ("--help", "-h")])
     shown = _cfg_job(argv[1:])
