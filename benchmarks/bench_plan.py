@@ -131,14 +131,25 @@ def measured_peak(cfg: RunConfig) -> int:
     before = _live_bytes(alive)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    growth = 0
+    return before + _growth(prof)
+
+
+def _growth(prof: profile) -> int:
+    """The highest tensor-memory growth on the CPU during ``prof``'s session."""
+    # The profiler's running total counts every block allocated while any profiler was on and
+    # not yet freed (also an earlier session's): the step's growth is measured from the total
+    # just before its first allocation.
+    events = []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())  # type: ignore[union-attr]
     while stack:
         node = stack.pop()
         if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
-            growth = max(growth, node.extra_fields.total_allocated)
+            f = node.extra_fields
+            events.append((node.start_time_ns, f.alloc_size, f.total_allocated))
         stack.extend(node.children)
-    return before + growth
+    events.sort()
+    start = events[0][2] - events[0][1]
+    return max(total for _, _, total in events) - start
 
 
 def main() -> None:

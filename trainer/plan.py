@@ -193,7 +193,9 @@ class Plan:
             ("optimizer state", m.optimizer),
             (f"activations ({self.checkpointing})", m.activations),
             ("loss chunk", m.loss_chunk),
-            ("gathered/copies/backward", m.transient),
+            ("backward, one layer", m.backward_work),
+            ("FSDP gathers / bf16 copies", m.gathered),
+            ("DDP buckets", m.ddp_buckets),
             ("Muon temporaries", m.muon_work),
         ]
         lines = [
@@ -205,7 +207,9 @@ class Plan:
             f"FLOPs per token   {self.flops_per_token:.3g} (training: forward + backward)",
             "memory per device:",
             *(f"  {name:<26}{v / gib:9.2f} GiB" for name, v in rows),
-            f"  {'peak':<26}{m.peak / gib:9.2f} GiB  (usable {self.usable_bytes / gib:.1f} GiB)",
+            f"  {'peak':<26}{m.peak / gib:9.2f} GiB  (usable {self.usable_bytes / gib:.1f} GiB; "
+            f"end of forward {m.forward_peak / gib:.2f}, of backward {m.backward_peak / gib:.2f}, "
+            f"optimizer step {m.step_peak / gib:.2f})",
             f"fits              {'yes' if self.fits else 'NO'}; largest micro-batch that "
             f"fits: {self.max_micro_batch}",
         ]

@@ -61,23 +61,25 @@ class Counts:
 
 @dataclass(frozen=True)
 class Memory:
-    """Bytes per device of each part of a training step, and the peak."""
+    """Bytes per device of each part of a training step, and the three moments whose largest
+    is the step's peak."""
 
     weights: int
     grads: int
     optimizer: int
     activations: int  # saved for backward, all layers, at the end of the forward pass
     loss_chunk: int  # the fused loss's working set (one chunk of logits and its gradient)
-    transient: (
-        int  # gathered FSDP layers, autocast's weight copies, DDP buckets, backward temporaries
-    )
+    backward_work: int  # one layer recomputed (under checkpointing) and gradients through it
+    gathered: int  # FSDP's gathered layers and root, or autocast's bf16 weight copies
+    ddp_buckets: int  # DDP's copy of the gradients it all-reduces
     muon_work: int  # Muon's temporaries during the optimizer step
-    forward_peak: int
-    step_peak: int
+    forward_peak: int  # the end of the forward pass
+    backward_peak: int  # the end of the backward pass (all gradients, one layer's work)
+    step_peak: int  # the optimizer step
 
     @property
     def peak(self) -> int:
-        return max(self.forward_peak, self.step_peak)
+        return max(self.forward_peak, self.backward_peak, self.step_peak)
 
 
 def _layer_activations(cfg: Qwen3Config, layer: int, n: int, s: Setup) -> int:
@@ -161,13 +163,16 @@ def loss_chunk_bytes(cfg: Qwen3Config, vocab: int, s: Setup) -> int:
 
 
 def muon_work_bytes(c: Counts, s: Setup, nesterov: bool) -> int:
-    """Muon's temporaries in a step: the Nesterov update of every matrix it holds (float32),
-    and the stacked batch being orthogonalised, bounded by BatchedMuon's chunk of
-    ``MUON_CHUNK_BYTES`` (the stack, its normalised copy and the iteration's products)."""
+    """Muon's temporaries in a step (optim/batched_muon.py): the Nesterov update of every
+    matrix it holds (float32), every batch's orthogonalised result (in the iteration's dtype:
+    bf16 on a GPU, float32 on CPU; all are started before any is applied), and the batch being
+    iterated (its stack and normalised copy), bounded by BatchedMuon's chunk of
+    ``MUON_CHUNK_BYTES``."""
     shard = s.devices if s.fsdp else 1
     local = c.muon // shard
     batch = min(4 * c.largest_muon_batch // shard, MUON_CHUNK_BYTES)
-    return (4 * local if nesterov else 0) + 3 * batch
+    results = (2 if s.on_gpu else 4) * local
+    return (4 * local if nesterov else 0) + results + 2 * batch
 
 
 def memory(
@@ -182,20 +187,39 @@ def memory(
     saved, backward = activation_bytes(cfg, s)
     chunk = loss_chunk_bytes(cfg, vocab, s)
     pb = 2 if s.low_precision else 4  # bytes of a gathered (computing) parameter
-    transient = backward
-    if s.fsdp and s.devices > 1:
-        # the root (embedding, head) stays gathered from forward to backward; two layers are
-        # gathered at a time (one prefetched), and a layer's unsharded gradients in backward
-        transient += pb * c.root + 2 * pb * c.per_layer + (pb + 4) * c.per_layer
-    elif s.low_precision:
-        # autocast's bf16 copy of every matmul weight, saved for backward unless recomputed
-        kept = c.layer_matmul * cfg.num_hidden_layers if s.checkpointing == "none" else 0
-        transient += 2 * kept
+    sharded = s.fsdp and s.devices > 1
+    embed = vocab * cfg.hidden_size
+    if sharded:
+        # the root (embedding, head) stays gathered from forward to backward, two layers are
+        # gathered at a time (one prefetched); in backward a layer's and the root's unsharded
+        # gradients, in the compute dtype and float32 for the reduce-scatter
+        gathered = pb * c.root + 2 * pb * c.per_layer
+        backward_extra = gathered + (pb + 4) * max(c.per_layer, c.root)
+    else:
+        # autocast's bf16 copy of each matmul weight, kept for backward unless recomputed
+        copies = c.layer_matmul * (cfg.num_hidden_layers if s.checkpointing == "none" else 1)
+        gathered = 2 * copies if s.low_precision else 0
+        # a tied embedding's dense gradient, added to the head's that the loss formed
+        backward_extra = 4 * embed if cfg.tie_word_embeddings else 0
     head_grad = 4 * math.ceil(c.head / shard)  # formed by the loss in forward
-    early_grads = grads if s.grad_accum > 1 else head_grad
-    forward_peak = weights + opt + early_grads + saved + chunk + transient
     ddp = grads if s.devices > 1 and not s.fsdp else 0  # DDP's gradient buckets
+    base = weights + opt
+    early = (grads + ddp) if s.grad_accum > 1 else head_grad  # a later micro-batch's forward
+    forward_peak = base + early + saved + chunk + gathered
+    backward_peak = base + grads + ddp + backward + backward_extra
     work = muon_work_bytes(c, s, nesterov) if optimizer == "muon" else 0
-    step_peak = weights + opt + grads + ddp + work
-    forward_peak += ddp if s.grad_accum > 1 else 0
-    return Memory(weights, grads, opt, saved, chunk, transient + ddp, work, forward_peak, step_peak)
+    step_peak = base + grads + ddp + work
+    return Memory(
+        weights,
+        grads,
+        opt,
+        saved,
+        chunk,
+        backward,
+        gathered,
+        ddp,
+        work,
+        forward_peak,
+        backward_peak,
+        step_peak,
+    )
