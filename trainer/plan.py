@@ -105,10 +105,11 @@ def model_counts(model: Qwen3, optimizer: str) -> Counts:
     """The parameter counts the memory model needs, from a model (built on ``meta``)."""
     split = split_parameters(model)
     muon = split.matrices if optimizer == "muon" else []
-    batches: dict[tuple[int, int], int] = {}
+    batches: dict[tuple[int, int], int] = {}  # (rows, cols) -> elements
     for name, p in muon:
         key = matrix_shape(p.shape, split_rows(name))
         batches[key] = batches.get(key, 0) + p.numel()
+    grams = tuple((n, n // (r * c) * min(r, c) ** 2) for (r, c), n in batches.items())
     layers = [sum(p.numel() for p in layer.parameters()) for layer in model.model.layers]
     matmul = max(
         sum(p.numel() for p in layer.parameters() if p.ndim >= 2) for layer in model.model.layers
@@ -118,7 +119,7 @@ def model_counts(model: Qwen3, optimizer: str) -> Counts:
         total=total,
         muon=sum(p.numel() for _, p in muon),
         adamw=total - sum(p.numel() for _, p in muon),
-        largest_muon_batch=max(batches.values(), default=0),
+        muon_batches=grams,
         per_layer=max(layers),
         root=total - sum(layers),
         layer_matmul=matmul,

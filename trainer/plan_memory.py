@@ -52,7 +52,9 @@ class Counts:
     total: int
     muon: int  # matrices Muon updates (momentum: 1 float32 each)
     adamw: int  # the rest (two float32 moments each)
-    largest_muon_batch: int  # elements of the largest same-shape batch Muon stacks
+    # Muon's batches (matrices of one shape, stacked): (elements, elements of their Gram
+    # matrices: each matrix's smaller side squared)
+    muon_batches: tuple[tuple[int, int], ...]
     per_layer: int  # the largest decoder layer's parameters
     root: int  # parameters outside the layers (embedding, head, final norm)
     layer_matmul: int  # the largest layer's matmul weights (q/k/v/o, MLP or experts)
@@ -151,28 +153,36 @@ def activation_bytes(cfg: Qwen3Config, s: Setup) -> tuple[int, int]:
 
 
 def loss_chunk_bytes(cfg: Qwen3Config, vocab: int, s: Setup) -> int:
-    """The fused loss's working set while it runs in forward: one chunk's logits (in the
-    compute dtype, then float32, then the log-softmax) and the hidden states' gradient."""
+    """The fused loss's working set while it runs in forward (qwen3/loss.py): one chunk's
+    logits in float32 and their log-softmax, while the previous chunk's probabilities (and
+    under autocast their bf16 copy) are still held, and the hidden states' gradient."""
     n = s.micro_batch * s.seq_len
     device = "cuda" if s.on_gpu else "cpu"
     rows = min(n, chunk_rows_for(vocab, device, s.device_memory if s.on_gpu else None))
-    per_row = vocab * ((2 + 4 + 4) if s.low_precision else (4 + 4))
+    previous = (4 + (2 if s.low_precision else 0)) if n > rows else 0
+    per_row = vocab * (4 + 4 + previous)
     grad_h = n * cfg.hidden_size * (2 if s.low_precision else 4)
     head_copy = 2 * vocab * cfg.hidden_size if s.low_precision and not s.fsdp else 0
     return rows * per_row + grad_h + head_copy
 
 
 def muon_work_bytes(c: Counts, s: Setup, nesterov: bool) -> int:
-    """Muon's temporaries in a step (optim/batched_muon.py): the Nesterov update of every
-    matrix it holds (float32), every batch's orthogonalised result (in the iteration's dtype:
-    bf16 on a GPU, float32 on CPU; all are started before any is applied), and the batch being
-    iterated (its stack and normalised copy), bounded by BatchedMuon's chunk of
+    """Muon's temporaries in a step (optim/batched_muon.py): the gradients with a skipped
+    step's replaced (the trainer always passes ``found_inf``) and the Nesterov update, float32
+    copies of every matrix it holds; every batch's orthogonalised result (in the iteration's
+    dtype: bf16 on a GPU, float32 on CPU; all are started before any is applied); and the batch
+    being iterated (its stack, normalised copy, iterate and Gram matrices), bounded by BatchedMuon's chunk of
     ``MUON_CHUNK_BYTES``."""
     shard = s.devices if s.fsdp else 1
     local = c.muon // shard
-    batch = min(4 * c.largest_muon_batch // shard, MUON_CHUNK_BYTES)
+    iterating = 0
+    for elements, gram in c.muon_batches:
+        # at most a chunk at once: the stack, its normalised copy and the next iterate, with
+        # the chunk's Gram matrix and its update
+        part = min(1.0, MUON_CHUNK_BYTES / (4 * elements / shard)) / shard
+        iterating = max(iterating, int(part * (3 * 4 * elements + 2 * 4 * gram)))
     results = (2 if s.on_gpu else 4) * local
-    return (4 * local if nesterov else 0) + results + 2 * batch
+    return 4 * local * (2 if nesterov else 1) + results + iterating
 
 
 def memory(
