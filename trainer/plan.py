@@ -118,6 +118,7 @@ def model_counts(model: Qwen3, optimizer: str) -> Counts:
     return Counts(
         total=total,
         muon=sum(p.numel() for _, p in muon),
+        muon_stacked=sum(p.numel() for _, p in muon if p.ndim > 2),
         adamw=total - sum(p.numel() for _, p in muon),
         muon_batches=grams,
         per_layer=max(layers),

@@ -51,6 +51,7 @@ class Counts:
 
     total: int
     muon: int  # matrices Muon updates (momentum: 1 float32 each)
+    muon_stacked: int  # of them, in stacks of matrices (MoE experts: whole on each FSDP rank)
     adamw: int  # the rest (two float32 moments each)
     # Muon's batches (matrices of one shape, stacked): (elements, elements of their Gram
     # matrices: each matrix's smaller side squared)
@@ -170,7 +171,8 @@ def muon_work_bytes(c: Counts, s: Setup, nesterov: bool) -> int:
     """Muon's temporaries in a step (optim/batched_muon.py): the gradients with a skipped
     step's replaced (the trainer always passes ``found_inf``) and the Nesterov update, float32
     copies of every matrix it holds; every batch's orthogonalised result (in the iteration's
-    dtype: bf16 on a GPU, float32 on CPU; all are started before any is applied); and the batch
+    dtype: bf16 on a GPU, float32 on CPU; all are started before any is applied), under FSDP
+    with ShardedMuon's exchange buffers (optim/sharded_muon.py); and the batch
     being iterated (its stack, normalised copy, iterate and Gram matrices), bounded by BatchedMuon's chunk of
     ``MUON_CHUNK_BYTES``."""
     shard = s.devices if s.fsdp else 1
@@ -181,7 +183,10 @@ def muon_work_bytes(c: Counts, s: Setup, nesterov: bool) -> int:
         # the chunk's Gram matrix and its update
         part = min(1.0, MUON_CHUNK_BYTES / (4 * elements / shard)) / shard
         iterating = max(iterating, int(part * (3 * 4 * elements + 2 * 4 * gram)))
-    results = (2 if s.on_gpu else 4) * local
+    # Under FSDP a row-sharded matrix goes out and back through all_to_all buffers (send,
+    # receive, return) in the iteration's dtype; a stack is iterated where it is.
+    exchanged = 3 * (c.muon - c.muon_stacked) // shard if s.fsdp else local
+    results = (2 if s.on_gpu else 4) * (exchanged + (c.muon_stacked // shard if s.fsdp else 0))
     return 4 * local * (2 if nesterov else 1) + results + iterating
 
 
