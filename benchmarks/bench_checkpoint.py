@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save  # no
 from optim import OptimConfig, OptimizerSet, build_optimizers  # noqa: E402
 from qwen3 import Qwen3, Qwen3Config  # noqa: E402
 from trainer.run_layout import TRAIN_STATE_DIR  # noqa: E402
-from trainer.train_state import drop_partial_weights, save_train_state  # noqa: E402
+from trainer.train_state import finish_weights, save_train_state  # noqa: E402
 
 # (hidden, layers, heads, kv heads, intermediate) over a 320-token vocabulary (tied embeddings)
 SHAPES = {"tiny": (128, 4, 4, 2, 384), "small": (512, 8, 8, 4, 1536)}
@@ -81,7 +81,7 @@ def save_format_2(model: Qwen3, optimizers: OptimizerSet, path: Path) -> None:
 
 def save_format_3(model: Qwen3, optimizers: OptimizerSet, path: Path) -> None:
     save_train_state(model, optimizers, path)
-    drop_partial_weights(path)
+    finish_weights(path)
 
 
 def main() -> None:

@@ -550,7 +550,11 @@ def group_of_one(s: Sizes, root: Path) -> Row:
         two_steps(model, opt)
         save_train_state(model, opt, root / "dcp-sync")
         futures = save_train_state(
-            model, opt, root / "dcp-async", background_group(), asynchronous=True
+            model,
+            opt,
+            root / "dcp-async",
+            (background_group(), background_group()),
+            asynchronous=True,
         )
         assert futures
         for future in futures:

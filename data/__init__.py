@@ -3,9 +3,10 @@
 from data.config import DataConfig
 from data.errors import DataError
 from data.prepare import DataNotReady, PreparedData, SourceData, prepare_data, wait_for_data
-from data.sampler import BatchSampler, val_batches
+from data.sampler import Batch, BatchSampler, val_batches, val_samples
 
 __all__ = [
+    "Batch",
     "BatchSampler",
     "DataConfig",
     "DataError",
@@ -14,5 +15,6 @@ __all__ = [
     "SourceData",
     "prepare_data",
     "val_batches",
+    "val_samples",
     "wait_for_data",
 ]

@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from data.errors import DataError
+from data.packing import Packing
 
 SOURCES = ("shakespeare", "hf", "local")
+PACKINGS = ("stream", "bos")
 DOC_SEPARATORS = ("blank_line", "file", "line")
 
 
@@ -42,6 +44,12 @@ class DataConfig:
       and any keys above that differ from the ones here, which every source inherits
       (`cache_dir`, `vocab_size` and `tokenizer_max_bytes` are the mixture's own). Each source
       has its own cache; the tokenizer is shared (trained on a weighted sample, or given).
+    packing: how training rows are cut: `stream` (windows at any offset, across documents) or
+      `bos` (every row starts at a document start; whole documents packed best-fit, the ones
+      that do not fit cropped: data/packing.py, docs/data.md#packing).
+    packing_window: documents at hand for `bos`'s best fit (more: fewer tokens cropped).
+    document_mask: with `bos`, attention stays inside each document and RoPE positions restart
+      at every document (qwen3/documents.py).
     """
 
     source: Literal["shakespeare", "hf", "local"] = "shakespeare"
@@ -61,6 +69,9 @@ class DataConfig:
     tokenizer_max_bytes: int = 200_000_000
     shard_tokens: int = 250_000_000
     sources: list[dict[str, Any]] = field(default_factory=list)
+    packing: Literal["stream", "bos"] = "stream"
+    packing_window: int = 128
+    document_mask: bool = False
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -98,6 +109,9 @@ class DataConfig:
             )
         if self.tokenizer_max_bytes < 1:
             raise DataError(f"data.tokenizer_max_bytes={self.tokenizer_max_bytes} must be positive")
+        if self.packing not in PACKINGS:
+            raise DataError(f"data.packing={self.packing!r} is unknown: choose one of {PACKINGS}")
+        self.rows(0)  # checks packing_window and document_mask
         if not self.text_field:
             raise DataError("data.text_field must name the text column, e.g. data.text_field=text")
         if self.sources:
@@ -150,6 +164,10 @@ class DataConfig:
             )
         return out
 
+    def rows(self, separator: int) -> Packing:
+        """How the sampler cuts rows, given the id that ends each document in the cache."""
+        return Packing(self.packing, self.packing_window, self.document_mask, separator)
+
     @property
     def holdout_every(self) -> int:
         """Every this-many-th document goes to validation when the hold-out rule applies."""
@@ -157,7 +175,15 @@ class DataConfig:
 
 
 # Keys a mixture sets once for all its sources.
-_MIXTURE_OWN = ("sources", "cache_dir", "vocab_size", "tokenizer_max_bytes")
+_MIXTURE_OWN = (
+    "sources",
+    "cache_dir",
+    "vocab_size",
+    "tokenizer_max_bytes",
+    "packing",
+    "packing_window",
+    "document_mask",
+)
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Muon for FSDP2-sharded (DTensor) matrices: each matrix orthogonalised once, on one rank, with
-one exchange per matrix shape per step.
+one exchange per matrix shape (per chunk of CHUNK_BYTES, optim/batched_muon.py) per step.
 
 torch.optim.Muon runs on a DTensor shard too, but then every matmul of its Newton-Schulz loop
 is a distributed bf16 matmul (15 redistributions per matrix per step, results off by bf16
@@ -9,8 +9,8 @@ optim/batched_muon.py) are dealt out in equal shares: one ``all_to_all`` sends e
 row shards of its share, the owner iterates on its share as one batch, and a second
 ``all_to_all`` sends every rank its rows of every result. Both move the iteration's dtype (bf16 on
 GPUs, the dtype the iteration casts to first anyway), so the result is one process's bit for
-bit. The batches' exchanges are started before any is waited on, so one batch's transfer
-overlaps another's iteration.
+bit. A chunk's exchange is started before the previous chunk's is waited on, so one transfer
+overlaps another's iteration (at most three chunks in flight, which bounds the buffers).
 
 A parameter sharded along a leading stack dimension (an MoE layer's ``(E, out, in)`` experts under
 ``Shard(0)``) holds whole matrices on each rank: those are orthogonalised where they are, with no
@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from optim.batched_muon import BatchedMuon, Finish, Pending, _ready, _split, _split_like, local
+from optim.batched_muon import BatchedMuon, Finish, Pending, _ready, _split, _split_like
 from optim.muon_math import matrix_shape
 
 
@@ -61,41 +61,39 @@ class ShardedMuon(BatchedMuon):
             return ("whole",)
         return (_placement(param), param.device_mesh, tuple(param.placements))
 
+    def _whole_matrices(self, param: Tensor) -> bool:
+        return _placement(param) == "stack" or not isinstance(param, DTensor)
+
     def _orthogonalize_batch(
-        self, group: dict[str, Any], members: list[int], params: list[Tensor], updates: list[Tensor]
+        self, group: dict[str, Any], owners: list[Tensor], updates: list[Tensor]
     ) -> Pending:
-        first = params[members[0]]
-        mats = [updates[i] for i in members]  # local parts
+        first = owners[0]
         placement = _placement(first)
-        if placement == "rows":  # a 2-D matrix: one per (rows, cols), no split_rows
+        if placement == "rows":  # local row shards of 2-D matrices: one per (rows, cols)
             assert isinstance(first, DTensor) and _split(group) == 1
-            return self._exchange(group, first, [local(m) for m in mats])
-        if placement == "stack":  # whole matrices on every rank: iterate where they are
-            return super()._orthogonalize_batch(
-                group, members, [local(p) for p in params], [local(u) for u in updates]
-            )
+            return self._exchange(group, first, updates)
+        if placement == "stack" or not isinstance(first, DTensor):
+            # whole matrices on every rank: iterate where they are
+            return super()._orthogonalize_batch(group, owners, updates)
         # Whole on every rank, then each rank keeps its own part.
+        dtensors = [p for p in owners if isinstance(p, DTensor)]  # all of them (the batch key)
         wholes = [
             DTensor.from_local(
-                m, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+                u, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
             ).full_tensor()
-            if isinstance(p, DTensor)
-            else m
-            for m, p in zip(mats, (params[i] for i in members), strict=True)
+            for u, p in zip(updates, dtensors, strict=True)
         ]
-        rows, cols = matrix_shape(wholes[0].shape, _split(group))
+        rows, cols = matrix_shape(first.shape, _split(group))
         stacked = torch.cat([w.reshape(-1, rows, cols) for w in wholes])
         out = _split_like(
             self.orthogonalize(stacked, group, self._ns_dtype(stacked.device)), wholes
         )
-        if isinstance(first, DTensor):
-            out = [
-                distribute_tensor(
-                    o, first.device_mesh, first.placements, src_data_rank=None
-                ).to_local()
-                for o in out
+        return _ready(
+            [
+                distribute_tensor(o, p.device_mesh, p.placements, src_data_rank=None).to_local()
+                for o, p in zip(out, dtensors, strict=True)
             ]
-        return _ready(out)
+        )
 
     def _exchange(self, group: dict[str, Any], first: DTensor, shards: list[Tensor]) -> Pending:
         """Orthogonalise the row-sharded matrices whose local row shards are ``shards`` (all

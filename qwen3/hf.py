@@ -10,9 +10,13 @@ import contextlib
 import json
 import math
 import os
+import re
+import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from torch.distributed.tensor import DTensor
 
@@ -55,27 +59,12 @@ def _released_parts(name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[
     return [(f"{prefix}.{i}.{kind}.weight", (n, cols)) for i in range(e) for kind, n in kinds]
 
 
-def load_pretrained(
-    path: str | Path,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    config: Qwen3Config | None = None,
-) -> Qwen3:
-    """Build a :class:`Qwen3` from a Hugging Face directory, validating every tensor's name and
-    shape. ``config``: build this config instead of the directory's ``config.json`` (e.g. with
-    another ``rope_theta`` for continued pretraining); its shapes must fit the weights."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"{path} is not a directory: expected a Hugging Face Qwen3 model directory."
-        )
-    if config is None:
-        config = Qwen3Config.from_json_file(path / "config.json")
-    with torch.device("meta"):
-        model = Qwen3(config)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        expected.pop("lm_head.weight")
+def _check_files(
+    path: Path, config: Qwen3Config, expected: dict[str, tuple[int, ...]]
+) -> tuple[dict[str, Path], dict[str, list[tuple[str, tuple[int, ...]]]]]:
+    """Each tensor's file, and the fused expert parameters read from released per-expert
+    tensors (their parts); raise ValueError naming what is missing, extra or of the wrong shape
+    (from the files' headers: nothing is read)."""
     files = _weight_files(path)
     # Each fused expert parameter is read whole if the files hold it so (transformers 5's fused
     # layout), else from its released per-expert tensors.
@@ -103,21 +92,60 @@ def load_pretrained(
             f"{path} does not match its config.json ({'; '.join(problems)}); the checkpoint is incomplete "
             "or was written for another architecture."
         )
-
-    target_dtype = dtype
-    tensors: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
     for name in wanted:
         by_file.setdefault(files[name], []).append(name)
     for file, names in by_file.items():
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in names:
-                t = f.get_tensor(name)
-                if tuple(t.shape) != wanted[name]:
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != wanted[name]:
                     raise ValueError(
-                        f"{path}: tensor {name} has shape {tuple(t.shape)}, but config.json implies "
+                        f"{path}: tensor {name} has shape {shape}, but config.json implies "
                         f"{wanted[name]}; the weights and config.json disagree."
                     )
+    return files, parts
+
+
+def _expected(model: Qwen3) -> dict[str, tuple[int, ...]]:
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    return expected
+
+
+def load_pretrained(
+    path: str | Path,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    config: Qwen3Config | None = None,
+) -> Qwen3:
+    """Build a :class:`Qwen3` from a Hugging Face directory, validating every tensor's name and
+    shape. ``config``: build this config instead of the directory's ``config.json`` (e.g. with
+    another ``rope_theta`` for continued pretraining); its shapes must fit the weights."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{path} is not a directory: expected a Hugging Face Qwen3 model directory."
+        )
+    if config is None:
+        config = Qwen3Config.from_json_file(path / "config.json")
+    with torch.device("meta"):
+        model = Qwen3(config)
+    expected = _expected(model)
+    files, parts = _check_files(path, config, expected)
+
+    target_dtype = dtype
+    tensors: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name in [n for n in expected if n not in parts] + [
+        p for ps in parts.values() for p, _ in ps
+    ]:
+        by_file.setdefault(files[name], []).append(name)
+    for file, names in by_file.items():
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in names:
+                t = f.get_tensor(name)
                 if target_dtype is None and t.is_floating_point():
                     target_dtype = t.dtype
                 tensors[name] = t
@@ -132,6 +160,86 @@ def load_pretrained(
     if target_dtype is not None:
         model.to(target_dtype)
     return model.eval()
+
+
+def _load_group(name: str) -> str:
+    """The tensors read together by :func:`load_sharded`: one decoder layer's, else one tensor."""
+    layer = _LAYER.match(name)
+    return layer.group(0) if layer else name
+
+
+_LAYER = re.compile(r"model\.layers\.\d+\.")
+
+
+def load_sharded(model: Qwen3, path: str | Path) -> None:
+    """Fill ``model`` (materialised, its weights FSDP2 DTensor shards or plain tensors) from the
+    Hugging Face directory ``path``, validated as :func:`load_pretrained` does; each rank reads
+    only the slices of each tensor that it holds, converted to the model's dtype, so no rank
+    holds the whole model. Collective under a process group: every rank calls it."""
+    # DCP's HuggingFaceStorageReader maps each rank's slices to the files' tensors (the names
+    # match: the module tree mirrors transformers'); it is DCP's own resharding reader.
+    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+
+    path = Path(path)
+    files, parts = _check_files(path, model.config, _expected(model))
+    state: dict[str, Any] = get_model_state_dict(
+        model
+    )  # the parameters themselves (their shards), filled in place
+    groups: dict[str, dict[str, Any]] = {}
+    for name, t in state.items():
+        if name in files:
+            groups.setdefault(_load_group(name), {})[name] = t
+    distributed = dist.is_available() and dist.is_initialized()
+    reader = HuggingFaceStorageReader(str(path))
+    with warnings.catch_warnings():  # one process: DCP says it assumes one, which is meant
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is .*single process")
+        # Layer by layer: the reader maps the file pages it slices until the call returns, so
+        # one call for the whole model would keep each rank's part of every file mapped at once.
+        for group in groups.values():
+            dcp_load(group, storage_reader=reader, no_dist=not distributed)
+    for name, ps in parts.items():
+        _load_released_experts(state[name], files, ps)
+
+
+def _load_released_experts(
+    target: torch.Tensor, files: dict[str, Path], parts: list[tuple[str, tuple[int, ...]]]
+) -> None:
+    """Fill the fused expert parameter ``target`` (or this rank's experts of it) from the
+    released per-expert matrices ``parts``, reading only the experts this rank holds."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, rows, cols = target.shape
+    local = target.to_local() if isinstance(target, DTensor) else target
+    first = 0
+    if isinstance(target, DTensor):
+        shape, offset = compute_local_shape_and_global_offset(
+            target.shape, target.device_mesh, target.placements
+        )
+        if tuple(shape[1:]) != (rows, cols):
+            raise ValueError(
+                f"expert weights of shape {tuple(target.shape)} are sharded into {tuple(shape)}: "
+                "only a split along the experts (FSDP's) can be read expert by expert"
+            )
+        first = offset[0]
+    start, stop = first * rows, (first + local.shape[0]) * rows  # in the parts' stacked rows
+    blocks: list[torch.Tensor] = []
+    with contextlib.ExitStack() as stack:
+        opened: dict[Path, Any] = {}
+        row = 0
+        for part, (n, _) in parts:
+            lo, hi = max(start, row), min(stop, row + n)
+            if lo < hi:
+                if files[part] not in opened:
+                    opened[files[part]] = stack.enter_context(
+                        safe_open(str(files[part]), framework="pt", device="cpu")
+                    )
+                blocks.append(opened[files[part]].get_slice(part)[lo - row : hi - row])
+            row += n
+    if blocks:
+        with torch.no_grad():
+            local.copy_(torch.cat(blocks).view(local.shape))
 
 
 # safetensors' dtype codes (its format spec) for the dtypes a Qwen3 state dict holds.

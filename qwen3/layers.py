@@ -12,11 +12,13 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 
 from qwen3.cache import KVCache
 from qwen3.checkpointing import ActivationCheckpointing, run_block
 from qwen3.config import Qwen3Config
 from qwen3.device import compute_dtype
+from qwen3.documents import AttentionMask, flex_attend
 from qwen3.projections import _derived, inference_linear, inference_mode, stacked_linear
 
 # How many positions of cos/sin to precompute; longer sequences extend the table on demand.
@@ -218,11 +220,14 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         cache: KVCache | None = None,
-        mask: torch.Tensor | None = None,  # (B, 1, T, S) bool, True = may attend
+        mask: AttentionMask | None = None,  # (B, 1, T, S) bool, True = may attend; or a BlockMask
     ) -> torch.Tensor:
         b, t, _ = x.shape
         h, kv, d = self.n_heads, self.n_kv, self.head_dim
         q, k, v = self._project(x, cos, sin)  # (B, H|K, T, D)
+        if isinstance(mask, BlockMask):  # documents packed in a row, on CUDA (qwen3.documents)
+            out = flex_attend(q, k, v, mask).transpose(1, 2).reshape(b, t, h * d)
+            return inference_linear(out, self.o_proj)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
         p = self.dropout if self.training else 0.0
@@ -284,7 +289,7 @@ class DecoderLayer(nn.Module):
         # Set by Qwen3.set_activation_checkpointing (a training choice, not part of the config).
         self.activation_checkpointing: ActivationCheckpointing = "none"
         # Set by qwen3.compile.compile_for_training: checkpointed_block compiled, which the
-        # training forward (gradients on, no cache, no mask) runs instead; evaluation and
+        # training forward (gradients on, no cache; a document mask or none) runs instead; evaluation and
         # generation stay eager (a decode step's growing cache would recompile every token).
         self.compiled_block: Callable[..., torch.Tensor] | None = None
 
@@ -294,15 +299,11 @@ class DecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         cache: KVCache | None = None,
-        mask: torch.Tensor | None = None,
+        mask: AttentionMask | None = None,
     ) -> torch.Tensor:
-        if (
-            self.compiled_block is not None
-            and cache is None
-            and mask is None
-            and torch.is_grad_enabled()
-        ):
-            return self.compiled_block(x, cos, sin, None, None)
+        if self.compiled_block is not None and cache is None and torch.is_grad_enabled():
+            # The training forward; a document mask (qwen3.documents) is one more graph input.
+            return self.compiled_block(x, cos, sin, None, mask)
         return self.checkpointed_block(x, cos, sin, cache, mask)
 
     def checkpointed_block(
@@ -311,7 +312,7 @@ class DecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         cache: KVCache | None,
-        mask: torch.Tensor | None,
+        mask: AttentionMask | None,
     ) -> torch.Tensor:
         """The block under its activation checkpointing (what compile traces as one graph)."""
         return run_block(self._block, self.activation_checkpointing, x, cos, sin, cache, mask)
@@ -322,7 +323,7 @@ class DecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         cache: KVCache | None,
-        mask: torch.Tensor | None,
+        mask: AttentionMask | None,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))

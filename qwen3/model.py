@@ -13,6 +13,7 @@ from qwen3.cache import KVCache
 from qwen3.checkpointing import MODES, ActivationCheckpointing
 from qwen3.config import Qwen3Config
 from qwen3.device import compute_dtype
+from qwen3.documents import AttentionMask, document_attention
 from qwen3.layers import DecoderLayer, RMSNorm, RotaryEmbedding
 from qwen3.loss import ChunkFn, linear_cross_entropy, linear_cross_entropy_stats
 from qwen3.moe import Experts
@@ -29,6 +30,7 @@ class Qwen3Backbone(nn.Module):
             DecoderLayer(config, i) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention_dropout = config.attention_dropout
         self.rotary_emb = RotaryEmbedding(
             config.head_dim, config.rope_theta, config.max_position_embeddings
         )
@@ -38,19 +40,28 @@ class Qwen3Backbone(nn.Module):
         input_ids: torch.Tensor,  # (B, T)
         cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,  # (B, T), 1 = real token, 0 = padding
+        document_ids: torch.Tensor | None = None,  # (B, T), packed documents (qwen3.documents)
     ) -> torch.Tensor:
         # Under autocast the residual stream is in the compute dtype, as under FSDP's bf16
         # parameters: every block then takes and returns that dtype (one numerics for both).
         x = self.embed_tokens(input_ids)  # (B, T, C)
         x = x.to(compute_dtype(x))
         t = input_ids.shape[1]
-        mask = None
+        mask: AttentionMask | None = None
+        positions: torch.Tensor | None
         if cache is None:
             if attention_mask is not None:
                 raise ValueError(
                     "attention_mask (padding) is only supported together with a KVCache."
                 )
-            cos, sin = self.rotary_emb(t, None)
+            if document_ids is None:
+                cos, sin = self.rotary_emb(t, None)
+            else:  # positions restart at each document; attention stays inside it
+                dropout = self.attention_dropout if self.training else 0.0
+                positions, mask = document_attention(document_ids, dropout)
+                cos, sin = self.rotary_emb(t, positions, max_position=t - 1)
+        elif document_ids is not None:
+            raise ValueError("document_ids (packed documents) are for training, not a KVCache.")
         else:
             if attention_mask is None:
                 positions, mask = cache.begin_dense(t)
@@ -122,16 +133,18 @@ class Qwen3(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
-    def materialize(self, device: torch.device | str) -> None:
+    def materialize(self, device: torch.device | str, init: bool = True) -> None:
         """Give a model built on the meta device (``with torch.device("meta")``) its storage on
-        ``device`` and initialise it (:meth:`reset_parameters`). After FSDP's ``fully_shard``
-        each rank allocates and fills only its own shards, so no rank ever holds the whole
-        float32 model."""
+        ``device`` and initialise it (:meth:`reset_parameters`; ``init=False`` leaves the
+        weights unset, for a caller that reads them next: :func:`qwen3.hf.load_sharded`). After
+        FSDP's ``fully_shard`` each rank allocates and fills only its own shards, so no rank ever
+        holds the whole float32 model."""
         self.to_empty(device=device)
         if self.config.tie_word_embeddings:  # to_empty gives a plain module's tied head a copy
             self.lm_head.weight = self.model.embed_tokens.weight
         self.model.rotary_emb.reset()
-        self.reset_parameters()
+        if init:
+            self.reset_parameters()
 
     def forward(
         self,
@@ -141,6 +154,7 @@ class Qwen3(nn.Module):
         attention_mask: torch.Tensor | None = None,  # (B, T), with a cache: 0 marks left padding
         logits_to_keep: int = 0,
         token_stats: bool = False,
+        document_ids: torch.Tensor | None = None,  # (B, T) int, packed documents
     ) -> torch.Tensor:
         """Logits (B, T, V), or with ``targets`` the mean next-token cross-entropy (a scalar).
 
@@ -152,8 +166,13 @@ class Qwen3(nn.Module):
         continuing each row's own count) and the cache remembers the last logits.
         ``logits_to_keep=n`` (as in transformers) returns only the last n positions' logits
         (B, n, V), so a prefill does not pay for the LM head over the whole prompt; 0 keeps all.
+
+        ``document_ids`` (no cache): the row holds several documents (equal ids = one document,
+        ids never decreasing along a row); each attends only to itself and its positions start
+        at 0, so the row computes what its documents compute run alone (``qwen3.documents``).
+        The targets decide which predictions count (a boundary's is the caller's choice).
         """
-        hidden = self.model(input_ids, cache, attention_mask)  # (B, T, C)
+        hidden = self.model(input_ids, cache, attention_mask, document_ids)  # (B, T, C)
         if targets is not None and token_stats:
             return linear_cross_entropy_stats(hidden, self.lm_head.weight, targets)
         if targets is not None:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.optim import Muon
 
+from optim import batched_muon
 from optim.batched_muon import BatchedMuon
 from optim.config import OptimConfig
 from optim.muon_math import as_matrices, default_dtype, newton_schulz
@@ -138,6 +139,40 @@ def test_expert_stacks_step_as_torch_muon_on_each_expert_matrix(nesterov, adjust
                 as_matrices(p, split_rows(n)).copy_(torch.stack(leaves[n]))
     for (n, a), b in zip(named, [p for _, p in split_parameters(ours).matrices], strict=True):
         assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_chunks_step_as_the_whole_batch(monkeypatch, nesterov) -> None:
+    """With CHUNK_BYTES three expert matrices, each shape's batch is iterated in chunks (expert
+    stacks cut between experts, chunks spanning layers), none over CHUNK_BYTES, and the step
+    (float32 iteration, gradient scale and found_inf 0 given) is the unchunked one bit for bit,
+    momentum included."""
+    kw = dict(KW, nesterov=nesterov, weight_decay=0.1)
+    ours, ref = _model("tiny-moe"), _model("tiny-moe")
+    opt, opt_ref = BatchedMuon(_muon_groups(ours), **kw), BatchedMuon(_muon_groups(ref), **kw)
+    sizes: dict[BatchedMuon, list[int]] = {opt: [], opt_ref: []}
+    for o in (opt, opt_ref):
+        o.orthogonalize = _recording(sizes[o])  # type: ignore[method-assign]
+        o.grad_scale, o.found_inf = torch.tensor(2.0), torch.zeros(())
+    _train(ref, opt_ref, range(3))
+    chunk = 3 * 48 * 64 * 4  # three (48, 64) float32 matrices: a third of a gate|up stack
+    monkeypatch.setattr(batched_muon, "CHUNK_BYTES", chunk)
+    _train(ours, opt, range(3))
+    assert max(sizes[opt]) <= chunk < max(sizes[opt_ref])
+    assert len(sizes[opt]) > 2 * len(sizes[opt_ref])
+    for a, b in zip(_matrices(ours), _matrices(ref), strict=True):
+        assert torch.equal(a, b)
+        assert torch.equal(opt.state[a]["momentum_buffer"], opt_ref.state[b]["momentum_buffer"])
+
+
+def _recording(sizes: list[int]) -> Any:
+    """BatchedMuon.orthogonalize, noting the bytes of each batch it is given."""
+
+    def orthogonalize(stacked: torch.Tensor, group: dict[str, Any], dtype: torch.dtype) -> Any:
+        sizes.append(stacked.numel() * stacked.element_size())
+        return BatchedMuon.orthogonalize(stacked, group, dtype)
+
+    return orthogonalize
 
 
 def test_newton_schulz_is_torchs_per_matrix() -> None:

@@ -111,3 +111,18 @@ def test_bench_muon_checks_torchs_step_and_times_ours() -> None:
         ("tiny-moe", "2"),
     ]
     assert all(float(r["speedup (torch / ours)"]) > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_bench_packing_compares_stream_bos_and_the_document_mask(tmp_path) -> None:
+    corpus = REPO.parent / "shared" / "corpora" / "tinystories-val-1k.txt"
+    if not corpus.exists():
+        pytest.skip(f"{corpus} is not here (a fresh clone has no ../shared)")
+    out = _run("bench_packing.py", "--corpus", str(corpus), "--out-dir", str(tmp_path))
+    quality, speed = out.split("training tokens/s")
+    rows = {r["packing"]: r for r in _table(quality)}
+    assert set(rows) == {"stream", "bos", "bos+mask"}
+    for row in rows.values():
+        assert 0 < float(row["val bpb, windows"]) < 20 and 0 < float(row["val bpb, documents"]) < 20
+    ratios = {r["packing"]: float(r["x stream"]) for r in _table(speed)}
+    assert ratios["stream"] == 1.0 and ratios["bos"] > 0 and ratios["bos+mask"] > 0

@@ -185,8 +185,8 @@ def _damage(ckpt, kind: str) -> str:
     """Damage one file of a checkpoint the way a full disk or a killed copy does; returns what
     the error must name."""
     if kind == "weights":
-        _truncate(ckpt / "model-00001-of-00001.safetensors")
-        return r"model-00001-of-00001\.safetensors is damaged \(.*header"
+        _truncate(ckpt / "model.safetensors")
+        return r"model\.safetensors is damaged \(.*header"
     if kind == "state":
         _truncate(ckpt / "trainer_state.pt")
         return r"trainer_state\.pt is damaged \(.*zip"

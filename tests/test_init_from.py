@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from test_distributed_support import losses, run_torchrun, single_process_losses
 from test_trainer_support import (
     SMALL_MODEL,
     compose_run_config,
@@ -145,3 +146,20 @@ def test_a_missing_or_damaged_directory_is_one_config_error(corpus, pretrained, 
     shutil.copy(pretrained / "tokenizer.json", broken / "tokenizer.json")
     (broken / "model.safetensors").unlink()
     assert "has no model.safetensors" in error(broken)
+
+
+@pytest.mark.slow  # one 2-process torchrun job and its one-process reference
+def test_a_sharded_run_starts_from_the_pretrained_weights_as_one_process_does(
+    corpus, pretrained, tmp_path
+) -> None:
+    """trainer.fsdp=true on 2 processes: each rank reads its slices of init_from's files after
+    sharding (no rank loads the whole model), and the run trains as the one-process run does."""
+    base = [*overrides(tmp_path, corpus, pretrained), "trainer.device=cpu", "optim=adamw"]
+    res = run_torchrun(
+        tmp_path, 2, *base, "run_name=fsdp", "trainer.fsdp=true", "trainer.batch_size=2"
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    ref = single_process_losses([*base, "trainer.batch_size=4"], tmp_path / "ref")
+    got = losses(tmp_path / "runs" / "fsdp")
+    assert len(got) == 4
+    assert got == pytest.approx(ref, rel=1e-4)

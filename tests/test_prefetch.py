@@ -34,13 +34,14 @@ def test_prefetched_batches_are_the_samplers_and_read_one_step_ahead() -> None:
     sampler, plain = _sampler(), _sampler()
     batches = BatchPrefetcher(sampler, torch.device("cpu"))
     for step in range(4):  # as the loop does: get this step's batch, prefetch the next
-        x, y = batches.get(step)
+        batch = batches.get(step)
+        x, y = batch.x, batch.y
         assert torch.equal(x, plain.batch(step)[0]) and torch.equal(y, plain.batch(step)[1])
         batches.prefetch(step + 1)
         assert sampler.reads[-1] == step + 1  # the next batch is read before its step runs
     assert sampler.reads == [0, 1, 2, 3, 4]  # each batch read once
     # A resume (or any jump) gets the batch of the step asked for, not the one prefetched.
-    x, _ = batches.get(9)
+    x = batches.get(9).x
     assert torch.equal(x, plain.batch(9)[0]) and sampler.reads == [0, 1, 2, 3, 4, 9]
     batches.prefetch(10)
     batches.prefetch(10)  # already ahead: not read again
@@ -67,12 +68,14 @@ def test_a_training_step_reads_nothing_from_the_device(monkeypatch) -> None:
     sampler = _sampler()
     batches = BatchPrefetcher(sampler, torch.device("cpu"))
     fp32 = Precision("fp32", "cpu", None)
-    train_step(model, opt, *batches.get(0), 2, fp32, 1.0)  # creates the optimizer state
+    first = batches.get(0)
+    train_step(model, opt, first.x, first.y, 2, fp32, 1.0)  # creates the optimizer state
     # AdamW reads its step counters, which torch keeps on the CPU (also when training on CUDA):
     # those reads wait for no device, so they are not counted.
     counters = {id(s["step"]) for o in opt.optimizers for s in o.state.values() if "step" in s}
     assert counters
-    x, y = batches.get(1)
+    batch = batches.get(1)
+    x, y = batch.x, batch.y
     reads: list[str] = []
     for name in ("item", "tolist", "__float__", "__int__", "__bool__", "cpu", "numpy"):
         original = getattr(torch.Tensor, name)

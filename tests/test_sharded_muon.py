@@ -159,10 +159,13 @@ WORKER = textwrap.dedent(
     from torch.distributed.tensor.debug import CommDebugMode
     sys.path[:0] = [sys.argv[2], sys.argv[3]]
     from test_sharded_muon import STEPS, _loss, _model, _optimizer
+    import optim.batched_muon
     from optim.batched_muon import BatchedMuon
     from optim.sharded_muon import ShardedMuon
 
     mode = sys.argv[4]
+    if sys.argv[5] != "default":
+        optim.batched_muon.CHUNK_BYTES = int(sys.argv[5])
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     model = _model(experts=True)
@@ -209,7 +212,7 @@ COMMS = {
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_ranks_share_the_work_and_match_one_process(tmp_path, mode) -> None:
-    res = run_worker(tmp_path, WORKER, str(REPO / "tests"), str(REPO), mode)
+    res = run_worker(tmp_path, WORKER, str(REPO / "tests"), str(REPO), mode, "default")
     assert res.returncode == 0, res.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
     shares = {shape: [-(-n // 2), n // 2] for shape, n in BATCHES.items()}  # rank 0, rank 1
@@ -223,6 +226,33 @@ def test_two_ranks_share_the_work_and_match_one_process(tmp_path, mode) -> None:
             # the experts: under FSDP each rank's own shard of the stack; under DDP a share
             want.append((e // 2, rows, cols))
             assert got == sorted(want)
+    _assert_weights_match_one_process(ranks)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_chunks_of_one_matrix_match_one_process(tmp_path, mode) -> None:
+    """CHUNK_BYTES below one matrix: every chunk holds one matrix (rank 0's share; the expert
+    stack cut between its experts), one exchange per chunk, the weights still one process's."""
+    res = run_worker(tmp_path, WORKER, str(REPO / "tests"), str(REPO), mode, "1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    e, rows, cols = EXPERTS
+    comms = {
+        "fsdp": {"c10d.alltoall_base_": 2 * len(SHAPES)},
+        "ddp": {"c10d._allgather_base_": len(SHAPES) + e},
+    }
+    for step in range(STEPS):
+        for r, rank in enumerate(ranks):
+            assert rank["comms"][step] == comms[mode]
+            want = [(1, *s) for s in SHAPES] if r == 0 else []
+            # under FSDP each rank's two experts where they are, under DDP rank 0's share
+            experts = e // 2 if mode == "fsdp" else (e if r == 0 else 0)
+            want += [(1, rows, cols)] * experts
+            assert sorted(map(tuple, rank["orthogonalised"][step])) == sorted(want)
+    _assert_weights_match_one_process(ranks)
+
+
+def _assert_weights_match_one_process(ranks: list[dict]) -> None:
     for r in ranks:
         for got, want in zip(r["weights"], _reference(experts=True), strict=True):
             torch.testing.assert_close(torch.tensor(got), want, rtol=0, atol=1e-5)

@@ -3,10 +3,13 @@ training run with a spike injected (a batch of random tokens), logged or skipped
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from test_trainer_support import make_trainer, read_metrics, small_run_overrides, write_corpus
 
+from data import Batch
 from trainer.spikes import MIN_HISTORY, SpikeMonitor
 
 
@@ -78,14 +81,15 @@ def test_an_injected_spike_is_reported_and_skipped_on_request(tmp_path, capsys, 
     )
     get, weights = t.batches.get, {}
 
-    def batch_with_spike(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = get(step)
+    def batch_with_spike(step: int) -> Batch:
+        batch = get(step)
         if step + 1 == spike_step:  # step 30 must predict one token the corpus never has
-            y = torch.full_like(y, t.parts.model.config.vocab_size - 1)
+            y = torch.full_like(batch.y, t.parts.model.config.vocab_size - 1)
+            batch = dataclasses.replace(batch, y=y)
             weights["before"] = t.parts.model.lm_head.weight.detach().clone()
         if step + 1 == spike_step + 1:
             weights["after"] = t.parts.model.lm_head.weight.detach().clone()
-        return x, y
+        return batch
 
     t.batches.get = batch_with_spike
     t.fit()

@@ -25,7 +25,7 @@ from data.errors import DataError
 from optim import OptimizerSet, build_optimizers
 from qwen3 import Qwen3, Qwen3Config, pick_device
 from qwen3.config import padded_vocab_size
-from qwen3.hf import load_pretrained
+from qwen3.hf import load_pretrained, load_sharded
 from trainer.config import RunConfig
 from trainer.distributed import DistInfo, from_main, rank_seed, wrap_model
 from trainer.errors import ConfigError
@@ -153,16 +153,28 @@ def prepare_run_data(cfg: RunConfig, dist: DistInfo) -> PreparedData:
     return data
 
 
-def initial_model(cfg: RunConfig, model_cfg: Qwen3Config, device: torch.device) -> Qwen3:
+def initial_model(
+    cfg: RunConfig, model_cfg: Qwen3Config, device: torch.device, sharded: bool = False
+) -> Qwen3:
     """A freshly initialised model, or with ``init_from`` the pretrained directory's weights in
-    float32 (the optimizer still starts fresh: that is what sets it apart from ``resume``)."""
-    if not cfg.init_from:  # weights come with materialize(), after FSDP sharding if any
+    float32 (the optimizer still starts fresh: that is what sets it apart from ``resume``).
+    ``sharded`` (FSDP across processes): a meta model, whose ``init_from`` weights each rank
+    reads shard by shard after sharding (:func:`load_init_from`)."""
+    if not cfg.init_from or sharded:  # weights come with materialize(), after FSDP sharding
         with torch.device("meta"):
             return Qwen3(model_cfg)
     try:
         return load_pretrained(cfg.init_from, device=device, dtype=torch.float32, config=model_cfg)
     except (OSError, ValueError) as e:
         raise ConfigError(f"init_from={cfg.init_from!r}: {e}") from None
+
+
+def load_init_from(model: Qwen3, init_from: str) -> None:
+    """Every rank: read the slices of ``init_from``'s weights that its shards hold (collective)."""
+    try:
+        load_sharded(model, init_from)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"init_from={init_from!r}: {e}") from None
 
 
 def build_parts(
@@ -188,10 +200,10 @@ def build_parts(
             f"{model_cfg.max_position_embeddings}; lower one or raise the other"
         )
     seed_everything(cfg.seed)
-    model = initial_model(cfg, model_cfg, device)
-    model.train()
-    # Under FSDP each rank allocates and initialises only its shards, after sharding.
+    # Under FSDP each rank allocates and initialises (or reads) only its shards, after sharding.
     shard_first = tcfg.fsdp and dist.is_distributed
+    model = initial_model(cfg, model_cfg, device, shard_first)
+    model.train()
     if model.device.type == "meta" and not shard_first:
         model.materialize(device)
     forward = wrap_model(
@@ -204,7 +216,9 @@ def build_parts(
         low_precision=precision.dtype if precision.name == "bf16" else None,
     )
     if model.device.type == "meta":
-        model.materialize(device)
+        model.materialize(device, init=not cfg.init_from)  # init_from's weights are read next
+        if cfg.init_from:
+            load_init_from(model, cfg.init_from)
     # The weights came from the run's seed, the same on every rank; from here on torch's RNG
     # draws what must differ across data-parallel ranks (attention dropout masks).
     torch.manual_seed(rank_seed(cfg.seed, dist))
@@ -219,6 +233,7 @@ def build_parts(
         rank=dist.rank,
         world_size=dist.world_size,
         weights=[s.weight for s in data.sources] if data.is_mixture else None,
+        packing=cfg.data.rows(data.tokenizer.eos_id),  # the cache ends documents with it
     )
     try:
         lengths = data.tokenizer.token_byte_lengths()

@@ -30,7 +30,7 @@ from qwen3.tokenizer import Qwen3Tokenizer
 from trainer.distributed import DistInfo, all_ranks, group_rank_world, rank_seed
 from trainer.errors import CheckpointError
 from trainer.run_layout import MODEL_CONFIG, STATE_FILE, step_dir_name
-from trainer.train_state import drop_partial_weights, save_train_state
+from trainer.train_state import finish_weights, save_train_state
 
 CONFIG_FILE = "config.yaml"
 # 3: weights only in model-*.safetensors; 2 (still read): weights in train_state/ as well
@@ -115,7 +115,7 @@ def save_checkpoint(
         model.save_pretrained(tmp)
     else:
         save_train_state(model, optimizers, tmp)
-        drop_partial_weights(tmp)
+        finish_weights(tmp)
     return commit_checkpoint(run_dir, tmp, step)
 
 

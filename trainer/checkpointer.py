@@ -32,7 +32,7 @@ from trainer.run_layout import (
     read_pointer,
     set_pointer,
 )
-from trainer.train_state import PendingSave, drop_partial_weights, save_train_state
+from trainer.train_state import PendingSave, finish_weights, save_train_state
 
 MB = 1024 * 1024
 # Below this much free space a failed write is taken for a full disk even when the error does
@@ -113,7 +113,8 @@ class Checkpointer:
         self.config_yaml, self.keep_last, self.asynchronous = config_yaml, keep_last, asynchronous
         self.last_saved: int | None = None
         self.pending: PendingSave | None = None  # a checkpoint being written in the background
-        self.group = background_group() if asynchronous else None
+        # one group per background write (save_train_state)
+        self.groups = (background_group(), background_group()) if asynchronous else (None, None)
         self.pending_needed = 0  # expected_bytes() of the save in flight
 
     # ---- disk space -------------------------------------------------------------------------
@@ -179,14 +180,17 @@ class Checkpointer:
         barrier()  # the directory exists before any rank writes into it
         failure: BaseException | None = None
         try:
+            trainer_state = state()  # collective (every rank's RNG states): every rank calls it
             if main:
-                write_checkpoint_files(tmp, p.model, p.data.tokenizer, state(), self.config_yaml)
+                write_checkpoint_files(
+                    tmp, p.model, p.data.tokenizer, trainer_state, self.config_yaml
+                )
         except (OSError, RuntimeError) as err:  # rank 0's files: no rank may wait in DCP for it
             failure = err
         if any_rank(failure is not None):
             self._raise(step, failure or OSError("another rank failed to write"), needed)
         try:
-            futures = save_train_state(p.model, p.optimizers, tmp, self.group, self.asynchronous)
+            futures = save_train_state(p.model, p.optimizers, tmp, self.groups, self.asynchronous)
         except (OSError, RuntimeError, CheckpointException) as err:
             self._raise(step, err, needed)
         self.last_saved = step
@@ -209,7 +213,7 @@ class Checkpointer:
     def _publish(self, save: PendingSave) -> None:
         """Rank 0: rename the whole checkpoint into place, move the pointers, say so."""
         tmp = stage_checkpoint(self.run_dir, save.step, create=False)
-        drop_partial_weights(tmp)
+        finish_weights(tmp)
         path = commit_checkpoint(self.run_dir, tmp, save.step)
         set_pointer(self.run_dir, LATEST, path)
         if save.improved:

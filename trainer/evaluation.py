@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from data import SourceData, val_batches
+from data import SourceData, val_samples
+from data.packing import Packing
 from trainer.build import Precision
 from trainer.distributed import group_rank_world, sum_across_ranks
 
@@ -23,6 +24,7 @@ def evaluate(
     precision: Precision,
     device: torch.device,
     token_bytes: torch.Tensor | None,
+    packing: Packing | None = None,
 ) -> dict[str, float]:
     """Mean token-level metrics over the first ``num_batches`` deterministic val batches.
 
@@ -36,11 +38,14 @@ def evaluate(
     special tokens), so tokenizers compare. It is exact for the windows evaluated: a split-wide
     average bytes per token would misstate it whenever those windows' tokens are longer or
     shorter than the split's average.
+
+    ``packing`` (the run's): with ``bos`` the val rows are whole documents too, and with the
+    document mask each is evaluated on its own (``data.sampler.val_samples``).
     """
     was_training = model.training
     model.eval()
     rank, world_size = group_rank_world()
-    batches = list(val_batches(val_tokens, batch_size, seq_len, num_batches))
+    batches = list(val_samples(val_tokens, batch_size, seq_len, num_batches, packing))
     mine = batches[rank::world_size]
     rounds = -(-len(batches) // world_size)  # forwards per rank: the most any rank has
     # loss, correct, count, bytes: summed on the device and read once at the end (one sync)
@@ -49,11 +54,14 @@ def evaluate(
         4, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device
     )
     for i in range(rounds):
-        x, y = mine[i] if i < len(mine) else batches[0]
-        x, y = x.to(device), y.to(device)
+        batch = (mine[i] if i < len(mine) else batches[0]).to(device)
+        x, y, docs = batch.x, batch.y, batch.document_ids
         with precision.autocast():
             # (B, T, 2): each position's loss and hit, from the chunked head (no (B*T, V) logits)
-            stats: torch.Tensor = model(x, targets=y, token_stats=True)
+            if docs is None:
+                stats: torch.Tensor = model(x, targets=y, token_stats=True)
+            else:
+                stats = model(x, targets=y, token_stats=True, document_ids=docs)
         if i >= len(mine):
             continue  # only keeps this rank in step with the others
         sums[:2] += stats.flatten(0, 1).to(sums.dtype).sum(0)
@@ -84,6 +92,7 @@ def evaluate_sources(
     precision: Precision,
     device: torch.device,
     token_bytes: torch.Tensor | None,
+    packing: Packing | None = None,
 ) -> dict[str, float]:
     """:func:`evaluate` on one source's val split; for a mixture, on each source's, reported as
     ``val_loss/<label>`` (and ``val_acc``, ``val_bpb``), with ``val_loss``, ``val_acc`` and
@@ -91,13 +100,29 @@ def evaluate_sources(
     and ``val_ppl`` their exponential."""
     if len(sources) == 1:
         return evaluate(
-            model, sources[0].val, batch_size, seq_len, num_batches, precision, device, token_bytes
+            model,
+            sources[0].val,
+            batch_size,
+            seq_len,
+            num_batches,
+            precision,
+            device,
+            token_bytes,
+            packing,
         )
     metrics: dict[str, float] = {}
     totals: dict[str, list[tuple[float, float]]] = {}
     for source in sources:
         ev = evaluate(
-            model, source.val, batch_size, seq_len, num_batches, precision, device, token_bytes
+            model,
+            source.val,
+            batch_size,
+            seq_len,
+            num_batches,
+            precision,
+            device,
+            token_bytes,
+            packing,
         )
         for key in ("val_loss", "val_acc", "val_bpb"):
             if key in ev:

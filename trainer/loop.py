@@ -163,6 +163,7 @@ class Trainer:
             p.precision,
             p.device,
             p.token_bytes,
+            p.sampler.packing,
         )
 
     def _record(self) -> dict[str, Any]:
@@ -223,14 +224,14 @@ class Trainer:
     def _train_one_step(self) -> None:
         """Queue step ``self.step + 1``; its results stay on the device (no host wait)."""
         t, p = self.cfg.trainer, self.parts
-        x, y = self.batches.get(self.step)  # sampler.batch(self.step), usually already copied
+        batch = self.batches.get(self.step)  # sampler.sample(self.step), usually already copied
         ahead = self.step + 1
         prefetch = (lambda: self.batches.prefetch(ahead)) if ahead < t.max_steps else None
         res = train_step(
             p.forward,
             p.optimizers,
-            x,
-            y,
+            batch.x,
+            batch.y,
             t.grad_accum,
             p.precision,
             t.clip,
@@ -238,6 +239,7 @@ class Trainer:
             spikes=self.spikes,
             skip_spikes=t.spike_action == "skip",
             step=self.step + 1,
+            document_ids=batch.document_ids,  # data.document_mask: packed documents
         )
         self.stats.add(res)
         self.step += 1

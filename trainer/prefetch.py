@@ -1,7 +1,7 @@
 """Training batches copied to the device one step ahead, so a GPU step never waits on the memmap.
 
 The batch of a step stays a pure function of (seed, step, rank, world): the prefetcher only
-decides *when* ``sampler.batch(step)`` is read, never which batch a step gets, so resuming at
+decides *when* ``sampler.sample(step)`` is read, never which batch a step gets, so resuming at
 any step gives the same batches.
 """
 
@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from data import BatchSampler
-
-Batch = tuple[torch.Tensor, torch.Tensor]  # (x, y), each (B, T) int64 on the device
+from data import Batch, BatchSampler
 
 
 class BatchPrefetcher:
@@ -25,10 +23,7 @@ class BatchPrefetcher:
         self._ahead: tuple[int, Batch] | None = None
 
     def _load(self, step: int) -> Batch:
-        x, y = self.sampler.batch(step)
-        if self.device.type == "cuda":
-            x, y = x.pin_memory(), y.pin_memory()
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return self.sampler.sample(step).to(self.device, pin=self.device.type == "cuda")
 
     def prefetch(self, step: int) -> None:
         """Start loading ``step``'s batch (a no-op if it is already the one ahead)."""

@@ -50,6 +50,7 @@ def accumulate_gradients(
     grad_accum: int,
     precision: Precision,
     router: RouterLosses | None = None,
+    document_ids: torch.Tensor | None = None,  # (grad_accum * B, T): packed documents
 ) -> torch.Tensor:
     """Forward/backward ``grad_accum`` equal slices of (x, y); returns the mean loss, a 0-dim
     float32 tensor left on the device (reading it would wait for the backward pass).
@@ -57,16 +58,20 @@ def accumulate_gradients(
     Each slice's mean loss is divided by ``grad_accum``, so the summed gradient equals that of
     the whole batch in one pass (to float rounding). ``router`` adds a mixture of experts'
     load-balancing loss to each slice's (the returned mean is the language-model loss alone).
+    ``document_ids`` keep each packed document's attention to itself (``qwen3.documents``).
     """
     scaler = precision.scaler
     loss_sum = torch.zeros((), device=x.device)
-    micro = zip(x.chunk(grad_accum), y.chunk(grad_accum), strict=True)
-    for i, (xs, ys) in enumerate(micro):
+    docs = document_ids.chunk(grad_accum) if document_ids is not None else [None] * grad_accum
+    micro = zip(x.chunk(grad_accum), y.chunk(grad_accum), docs, strict=True)
+    for i, (xs, ys, ds) in enumerate(micro):
         # DDP exchanges gradients once, in the last micro-batch's backward; FSDP reduce-scatters
         # every micro-batch's, so that no rank holds whole gradients (trainer.distributed).
         with gradient_sync(model, enabled=i == grad_accum - 1):
             with precision.autocast():
-                loss = model(xs, targets=ys)
+                loss = (
+                    model(xs, targets=ys) if ds is None else model(xs, targets=ys, document_ids=ds)
+                )
             scaled = (loss + (router.take() if router is not None else 0.0)) / grad_accum
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += loss.detach()
@@ -97,6 +102,7 @@ def train_step(
     spikes: SpikeMonitor | None = None,
     skip_spikes: bool = False,
     step: int = 0,
+    document_ids: torch.Tensor | None = None,  # (grad_accum * B, T): packed documents
 ) -> StepResult:
     """Accumulate gradients over ``grad_accum`` micro-batches, clip by global norm, step.
 
@@ -115,7 +121,7 @@ def train_step(
     """
     scaler = precision.scaler
     router = RouterLosses(model)
-    loss = accumulate_gradients(model, x, y, grad_accum, precision, router)
+    loss = accumulate_gradients(model, x, y, grad_accum, precision, router, document_ids)
     if scaler is not None:
         for opt in optimizers.optimizers:
             scaler.unscale_(opt)

@@ -1,6 +1,6 @@
 """A checkpoint's weights and training state, each stored once and written by every rank in
 parallel: the weights through DCP's ``HuggingFaceStorageWriter`` into the checkpoint directory
-itself (``model-*.safetensors`` + index, Hugging Face names, consolidated so ``transformers``
+itself (``model.safetensors``, or ``model-*.safetensors`` + index, Hugging Face names, consolidated so ``transformers``
 loads the directory), the optimizer state as DCP shards in ``train_state/``. No rank gathers the
 model or the optimizer state. DCP records each tensor's global shape and reshards on load, so a
 run saved by N processes resumes on M (with the same global batch:
@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from optim import OptimizerSet
 from trainer.errors import CheckpointError
-from trainer.run_layout import TRAIN_STATE_DIR
+from trainer.run_layout import TRAIN_STATE_DIR, WEIGHTS, WEIGHTS_INDEX
 
 # DCP warns on every save and load without a process group (also from its background thread)
 # that it assumes a single process: that is what we mean.
@@ -134,16 +134,18 @@ def save_train_state(
     model: nn.Module,
     optimizers: OptimizerSet,
     path: Path,
-    background: dist.ProcessGroup | None = None,
+    background: tuple[dist.ProcessGroup | None, dist.ProcessGroup | None] = (None, None),
     asynchronous: bool = False,
 ) -> list[Future[Any]]:
     """Write the weights into the directory ``path`` (``model-*.safetensors``, each rank its
     shards, then rank 0 joins them into whole files) and the optimizer state into
     ``path/train_state`` (``.metadata`` and one ``.distcp`` file per writing rank). Collective:
     every rank calls it. ``asynchronous`` returns once the state is copied to CPU memory, with
-    futures of the writes; their coordination runs on ``background``, a process group of its own
-    (the training's collectives keep the default one). Rank 0 then calls
-    :func:`drop_partial_weights` once they are written."""
+    futures of the writes; their coordination runs on ``background``, a process group for each
+    write (the training's collectives keep the default one, and the two writes run in threads of
+    their own: on one group their collectives could interleave in another order on each rank and
+    deadlock). Rank 0 then calls
+    :func:`finish_weights` once they are written."""
     weights = _weights(model)
     # Under a process group each rank writes its parts, which rank 0 joins into whole files;
     # one process writes the whole file at once.
@@ -155,21 +157,27 @@ def save_train_state(
         enable_consolidation=parts,
     )
     futures = [
-        _save(weights, writer, background, asynchronous),
+        _save(weights, writer, background[0], asynchronous),
         _save(
             {"optim": _optim(model, optimizers)},
             FileSystemWriter(str(path / TRAIN_STATE_DIR)),
-            background,
+            background[1],
             asynchronous,
         ),
     ]
     return [f for f in futures if f is not None]
 
 
-def drop_partial_weights(path: Path) -> None:
+def finish_weights(path: Path) -> None:
     """Rank 0, after :func:`save_train_state` is whole: remove the per-rank weight files that
-    the consolidated ``model-*.safetensors`` replace (else the weights would be stored twice)."""
+    the consolidated ``model-*.safetensors`` replace (else the weights would be stored twice),
+    and name a one-file model ``model.safetensors`` without an index, the single-file layout that
+    ``transformers``, the GGUF converters and the rest of this project look for first."""
     shutil.rmtree(path / "sharded", ignore_errors=True)
+    files = sorted(path.glob("model-*-of-*.safetensors"))
+    if len(files) == 1:
+        files[0].rename(path / WEIGHTS)
+        (path / WEIGHTS_INDEX).unlink(missing_ok=True)
 
 
 # A mixture of experts' per-expert weights, as training states held them before the experts
