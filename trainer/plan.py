@@ -105,11 +105,11 @@ def model_counts(model: Qwen3, optimizer: str) -> Counts:
     """The parameter counts the memory model needs, from a model (built on ``meta``)."""
     split = split_parameters(model)
     muon = split.matrices if optimizer == "muon" else []
-    batches: dict[tuple[int, int], int] = {}  # (rows, cols) -> elements
+    batches: dict[tuple[int, int, bool], int] = {}  # (rows, cols, stacked) -> elements
     for name, p in muon:
-        key = matrix_shape(p.shape, split_rows(name))
+        key = (*matrix_shape(p.shape, split_rows(name)), p.ndim > 2)
         batches[key] = batches.get(key, 0) + p.numel()
-    grams = tuple((n, n // (r * c) * min(r, c) ** 2) for (r, c), n in batches.items())
+    grams = tuple((n, n // (r * c) * min(r, c) ** 2, st) for (r, c, st), n in batches.items())
     layers = [sum(p.numel() for p in layer.parameters()) for layer in model.model.layers]
     matmul = max(
         sum(p.numel() for p in layer.parameters() if p.ndim >= 2) for layer in model.model.layers
@@ -118,7 +118,6 @@ def model_counts(model: Qwen3, optimizer: str) -> Counts:
     return Counts(
         total=total,
         muon=sum(p.numel() for _, p in muon),
-        muon_stacked=sum(p.numel() for _, p in muon if p.ndim > 2),
         adamw=total - sum(p.numel() for _, p in muon),
         muon_batches=grams,
         per_layer=max(layers),

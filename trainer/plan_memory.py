@@ -19,15 +19,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from optim import batched_muon
 from qwen3 import Qwen3Config
 from qwen3.loss import chunk_rows_for
 from qwen3.projections import _STACK_MAX_NUMEL
-
-try:  # BatchedMuon orthogonalises at most this many bytes of matrices at once
-    from optim.batched_muon import CHUNK_BYTES as _MUON_CHUNK_BYTES  # type: ignore[attr-defined]
-except ImportError:  # until it lands there: the bound it will have
-    _MUON_CHUNK_BYTES = 512 * 2**20
-MUON_CHUNK_BYTES: int = int(_MUON_CHUNK_BYTES)
 
 
 @dataclass(frozen=True)
@@ -51,11 +46,10 @@ class Counts:
 
     total: int
     muon: int  # matrices Muon updates (momentum: 1 float32 each)
-    muon_stacked: int  # of them, in stacks of matrices (MoE experts: whole on each FSDP rank)
     adamw: int  # the rest (two float32 moments each)
     # Muon's batches (matrices of one shape, stacked): (elements, elements of their Gram
-    # matrices: each matrix's smaller side squared)
-    muon_batches: tuple[tuple[int, int], ...]
+    # matrices: each matrix's smaller side squared, whether they are stacks of matrices)
+    muon_batches: tuple[tuple[int, int, bool], ...]
     per_layer: int  # the largest decoder layer's parameters
     root: int  # parameters outside the layers (embedding, head, final norm)
     layer_matmul: int  # the largest layer's matmul weights (q/k/v/o, MLP or experts)
@@ -168,26 +162,25 @@ def loss_chunk_bytes(cfg: Qwen3Config, vocab: int, s: Setup) -> int:
 
 
 def muon_work_bytes(c: Counts, s: Setup, nesterov: bool) -> int:
-    """Muon's temporaries in a step (optim/batched_muon.py): the gradients with a skipped
-    step's replaced (the trainer always passes ``found_inf``) and the Nesterov update, float32
-    copies of every matrix it holds; every batch's orthogonalised result (in the iteration's
-    dtype: bf16 on a GPU, float32 on CPU; all are started before any is applied), under FSDP
-    with ShardedMuon's exchange buffers (optim/sharded_muon.py); and the batch
-    being iterated (its stack, normalised copy, iterate and Gram matrices), bounded by BatchedMuon's chunk of
-    ``MUON_CHUNK_BYTES``."""
+    """Muon's temporaries in a step (optim/batched_muon.py): each shape's batch runs in chunks
+    of at most ``optim.batched_muon.CHUNK_BYTES`` of float32 matrices, at most three in flight, each holding
+    its Nesterov update (float32) and its orthogonalised result (the iteration's dtype: bf16 on
+    a GPU, float32 on CPU), under FSDP also ShardedMuon's send, receive and return buffers for
+    row-sharded matrices (optim/sharded_muon.py); and the chunk being iterated: its stack,
+    normalised copy and iterate, with their Gram matrices."""
     shard = s.devices if s.fsdp else 1
-    local = c.muon // shard
-    iterating = 0
-    for elements, gram in c.muon_batches:
-        # at most a chunk at once: the stack, its normalised copy and the next iterate, with
-        # the chunk's Gram matrix and its update
-        part = min(1.0, MUON_CHUNK_BYTES / (4 * elements / shard)) / shard
-        iterating = max(iterating, int(part * (3 * 4 * elements + 2 * 4 * gram)))
-    # Under FSDP a row-sharded matrix goes out and back through all_to_all buffers (send,
-    # receive, return) in the iteration's dtype; a stack is iterated where it is.
-    exchanged = 3 * (c.muon - c.muon_stacked) // shard if s.fsdp else local
-    results = (2 if s.on_gpu else 4) * (exchanged + (c.muon_stacked // shard if s.fsdp else 0))
-    return 4 * local * (2 if nesterov else 1) + results + iterating
+    ns = 2 if s.on_gpu else 4
+    most = batched_muon.CHUNK_BYTES // 4  # elements of one chunk (read here: tests patch it)
+    chunks: list[tuple[float, float, bool]] = []  # (elements, Gram elements, exchanged)
+    for elements, gram, stacked in c.muon_batches:
+        here = elements / shard
+        n = max(1, math.ceil(here / most))
+        chunks += [(here / n, gram / shard / n, s.fsdp and not stacked)] * min(n, 3)
+    held = sorted(
+        e * (4 * nesterov + ns + (3 * ns if exchanged else 0)) for e, _, exchanged in chunks
+    )
+    working = max((3 * 4 * e + 2 * 4 * g for e, g, _ in chunks), default=0)
+    return int(sum(held[-3:]) + working)
 
 
 def memory(
