@@ -19,12 +19,12 @@ import os
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, with no install
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import harness
 import torch
-from torch._C._profiler import _EventType
-from torch.profiler import ProfilerActivity, profile
 
 from optim import build_optimizers
 from qwen3 import Qwen3
@@ -129,27 +129,7 @@ def measured_peak(cfg: RunConfig) -> int:
     alive = [*model.parameters(), *model.buffers(), x, y]
     alive += [v for v in state if isinstance(v, torch.Tensor)]
     before = _live_bytes(alive)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    return before + _growth(prof)
-
-
-def _growth(prof: profile) -> int:
-    """The highest tensor-memory growth on the CPU during ``prof``'s session."""
-    # The profiler's running total counts every block allocated while any profiler was on and
-    # not yet freed (also an earlier session's): the step's growth is measured from the total
-    # just before its first allocation.
-    events = []
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())  # type: ignore[union-attr]
-    while stack:
-        node = stack.pop()
-        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
-            f = node.extra_fields
-            events.append((node.start_time_ns, f.alloc_size, f.total_allocated))
-        stack.extend(node.children)
-    events.sort()
-    start = events[0][2] - events[0][1]
-    return max(total for _, _, total in events) - start
+    return before + harness.cpu_tensor_growth(step)
 
 
 def main() -> None:

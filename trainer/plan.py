@@ -23,14 +23,12 @@ from typing import Any
 
 import torch
 
-from optim.muon_math import matrix_shape
-from optim.param_groups import split_parameters, split_rows
 from qwen3 import Qwen3
 from qwen3.moe import Experts
 from trainer.budget import planned_vocab_size
 from trainer.config import RunConfig
 from trainer.metrics import GPU_BF16_PEAKS
-from trainer.plan_memory import Counts, Memory, Setup, memory
+from trainer.plan_memory import Memory, Setup, memory, model_counts
 
 DEFAULT_GPU = "NVIDIA H100 80GB HBM3"
 DEFAULT_MFU = 0.4  # an assumption the output states: well-tuned dense training reaches 0.35-0.5
@@ -99,32 +97,6 @@ def split_plan_options(args: list[str]) -> tuple[list[str], Target, bool]:
         )
     size = parse_size(values.get("device_memory", "80GB"))
     return overrides, Target(devices, size, gpu, mfu), fmt == "json"
-
-
-def model_counts(model: Qwen3, optimizer: str) -> Counts:
-    """The parameter counts the memory model needs, from a model (built on ``meta``)."""
-    split = split_parameters(model)
-    muon = split.matrices if optimizer == "muon" else []
-    batches: dict[tuple[int, int, bool], int] = {}  # (rows, cols, stacked) -> elements
-    for name, p in muon:
-        key = (*matrix_shape(p.shape, split_rows(name)), p.ndim > 2)
-        batches[key] = batches.get(key, 0) + p.numel()
-    grams = tuple((n, n // (r * c) * min(r, c) ** 2, st) for (r, c, st), n in batches.items())
-    layers = [sum(p.numel() for p in layer.parameters()) for layer in model.model.layers]
-    matmul = max(
-        sum(p.numel() for p in layer.parameters() if p.ndim >= 2) for layer in model.model.layers
-    )
-    total = model.num_params()
-    return Counts(
-        total=total,
-        muon=sum(p.numel() for _, p in muon),
-        adamw=total - sum(p.numel() for _, p in muon),
-        muon_batches=grams,
-        per_layer=max(layers),
-        root=total - sum(layers),
-        layer_matmul=matmul,
-        head=model.lm_head.weight.numel(),
-    )
 
 
 @dataclass

@@ -19,8 +19,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 from optim import batched_muon
-from qwen3 import Qwen3Config
+from optim.muon_math import matrix_shape
+from optim.param_groups import split_parameters, split_rows
+from qwen3 import Qwen3, Qwen3Config
 from qwen3.loss import chunk_rows_for
 from qwen3.projections import _STACK_MAX_NUMEL
 
@@ -77,6 +81,32 @@ class Memory:
     @property
     def peak(self) -> int:
         return max(self.forward_peak, self.backward_peak, self.step_peak)
+
+
+def model_counts(model: Qwen3, optimizer: str) -> Counts:
+    """The parameter counts the memory model needs, from a model (built on ``meta``)."""
+    split = split_parameters(model)
+    muon = split.matrices if optimizer == "muon" else []
+    batches: dict[tuple[int, int, bool], int] = {}  # (rows, cols, stacked) -> elements
+    for name, p in muon:
+        key = (*matrix_shape(p.shape, split_rows(name)), p.ndim > 2)
+        batches[key] = batches.get(key, 0) + p.numel()
+    grams = tuple((n, n // (r * c) * min(r, c) ** 2, st) for (r, c, st), n in batches.items())
+    layers = [sum(p.numel() for p in layer.parameters()) for layer in model.model.layers]
+    matmul = max(
+        sum(p.numel() for p in layer.parameters() if p.ndim >= 2) for layer in model.model.layers
+    )
+    total = model.num_params()
+    return Counts(
+        total=total,
+        muon=sum(p.numel() for _, p in muon),
+        adamw=total - sum(p.numel() for _, p in muon),
+        muon_batches=grams,
+        per_layer=max(layers),
+        root=total - sum(layers),
+        layer_matmul=matmul,
+        head=model.lm_head.weight.numel(),
+    )
 
 
 def _layer_activations(cfg: Qwen3Config, layer: int, n: int, s: Setup) -> int:
@@ -231,3 +261,12 @@ def memory(
         backward_peak,
         step_peak,
     )
+
+
+def step_memory(
+    cfg: Qwen3Config, s: Setup, optimizer: str = "muon", nesterov: bool = True
+) -> Memory:
+    """:func:`memory` of ``cfg`` (its own vocabulary), counted on a model built on ``meta``."""
+    with torch.device("meta"):
+        model = Qwen3(cfg)
+    return memory(cfg, model_counts(model, optimizer), cfg.vocab_size, s, optimizer, nesterov)
