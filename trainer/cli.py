@@ -316,6 +316,13 @@ def check_command(args: list[str]) -> None:
         else:
             parse_options(args[0], args[1:])
         return
+    if args and args[0] == "plan":  # its own options, then a training run's overrides
+        from trainer.plan import split_plan_options
+
+        try:
+            args = split_plan_options(args[1:])[0]
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     words = args[1:] if args and args[0] in ("prepare", "config") else args
     overrides: list[str] = []
     skip = False

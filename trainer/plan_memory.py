@@ -193,11 +193,11 @@ def loss_chunk_bytes(cfg: Qwen3Config, vocab: int, s: Setup) -> int:
 
 def muon_work_bytes(c: Counts, s: Setup, nesterov: bool) -> int:
     """Muon's temporaries in a step (optim/batched_muon.py): each shape's batch runs in chunks
-    of at most ``optim.batched_muon.CHUNK_BYTES`` of float32 matrices, at most three in flight, each holding
-    its Nesterov update (float32) and its orthogonalised result (the iteration's dtype: bf16 on
-    a GPU, float32 on CPU), under FSDP also ShardedMuon's send, receive and return buffers for
-    row-sharded matrices (optim/sharded_muon.py); and the chunk being iterated: its stack,
-    normalised copy and iterate, with their Gram matrices."""
+    of at most ``optim.batched_muon.CHUNK_BYTES`` of float32 matrices, at most three in flight.
+    The chunk being iterated holds its Nesterov update (float32), its stack, and the iterates
+    and Gram matrices in the iteration's dtype (bf16 on a GPU, float32 on CPU); the two before
+    it hold their results until applied, under FSDP with ShardedMuon's send, receive and
+    return buffers for row-sharded matrices (optim/sharded_muon.py)."""
     shard = s.devices if s.fsdp else 1
     ns = 2 if s.on_gpu else 4
     most = batched_muon.CHUNK_BYTES // 4  # elements of one chunk (read here: tests patch it)
@@ -206,11 +206,9 @@ def muon_work_bytes(c: Counts, s: Setup, nesterov: bool) -> int:
         here = elements / shard
         n = max(1, math.ceil(here / most))
         chunks += [(here / n, gram / shard / n, s.fsdp and not stacked)] * min(n, 3)
-    held = sorted(
-        e * (4 * nesterov + ns + (3 * ns if exchanged else 0)) for e, _, exchanged in chunks
-    )
-    working = max((3 * 4 * e + 2 * 4 * g for e, g, _ in chunks), default=0)
-    return int(sum(held[-3:]) + working)
+    held = sorted(e * ns * (4 if exchanged else 1) for e, _, exchanged in chunks)
+    working = max((e * (4 * nesterov + 4 + 2 * ns) + 2 * ns * g for e, g, _ in chunks), default=0)
+    return int(sum(held[-2:]) + working)
 
 
 def memory(
