@@ -18,6 +18,7 @@ import json
 import math
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -282,7 +283,9 @@ def plan_run(cfg: RunConfig, target: Target) -> Plan:
     return plan
 
 
-def _suggest(cfg: RunConfig, target: Target, best: int, largest: Any, fsdp: bool) -> str:
+def _suggest(
+    cfg: RunConfig, target: Target, best: int, largest: Callable[..., int], fsdp: bool
+) -> str:
     """The smallest change that makes the run fit, keeping its global batch."""
     t = cfg.trainer
     sequences = t.batch_size * t.grad_accum
