@@ -12,7 +12,8 @@ forward runs, a short fp16 + GradScaler run, ``train.py`` under ``torchrun`` (on
 FSDP: steps, a save, a resume; with one GPU the DDP and FSDP runs form a group of one, so NCCL
 runs), a process group of one formed here (FSDP2 + sharded Muon + clipping + DCP save, sync and
 async, and resume), evaluation memory at vocabulary 151,936 and 8 x 4096 tokens, ``qwen3-0.6b``
-forward + backward with activation checkpointing none / full / selective, the MoE experts as
+forward + backward with activation checkpointing none / full / selective, ``train.py plan``'s
+peak for a ``qwen3-0.6b`` training step against ``max_memory_allocated``, the MoE experts as
 one ``grouped_mm`` against the loop, and generation (greedy CUDA == CPU float32; ``qwen3-0.6b``
 decode tokens/s at batch 1 and 8 with prompts of different lengths). Every timing is taken
 after a warm-up of its own mode, between device syncs.
@@ -55,6 +56,7 @@ from qwen3.moe import SparseMoeBlock  # noqa: E402
 from trainer.build import Precision  # noqa: E402
 from trainer.evaluation import evaluate  # noqa: E402
 from trainer.metrics import mfu, peak_flops  # noqa: E402
+from trainer.plan_memory import Setup, step_memory  # noqa: E402
 from trainer.step import train_step  # noqa: E402
 
 QWEN_VOCAB = 151_936
@@ -641,6 +643,46 @@ def big_model_rows(s: Sizes) -> list[Row]:
     return rows
 
 
+def plan_vs_measured(s: Sizes) -> Row:
+    """``train.py plan``'s peak for a training step (Muon + AdamW on the GPU, the dry run's
+    optimizer on CPU) against the measured one: CUDA's ``max_memory_allocated`` over the
+    second step, or on CPU the tensors alive before it plus the profiler's growth in it."""
+    cfg, b, t = s.big, s.big_batch, s.big_seq
+    model = _model(cfg, s.device)
+    opt = build_optimizers(model, OptimConfig(name=s.optimizer, warmup_steps=1), 10)
+    x, y = _random_batch(cfg, b, t, s.device)
+    precision = _precision(s)
+
+    def step() -> object:
+        return train_step(model, opt, x, y, 1, precision, 1.0)
+
+    step()  # the optimizer state exists from here on, as in every later step
+    _sync(s.device)
+    if s.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(s.device)
+        step()
+        _sync(s.device)
+        measured = torch.cuda.max_memory_allocated(s.device)
+        memory = torch.cuda.get_device_properties(s.device).total_memory
+    else:
+        state = [v for o in opt.optimizers for st in o.state.values() for v in st.values()]
+        alive = [*model.parameters(), *model.buffers(), x, y]
+        alive += [v for v in state if isinstance(v, torch.Tensor)]
+        storages = {a.untyped_storage().data_ptr(): a.untyped_storage().nbytes() for a in alive}
+        measured = sum(storages.values()) + harness.cpu_tensor_growth(step)
+        memory = 2**40
+    setup = Setup(
+        b, t, 1, 1, False, s.dtype != torch.float32, s.device.type == "cuda", "none", memory
+    )
+    estimate = step_memory(cfg, setup, s.optimizer).peak
+    ratio = estimate / measured
+    return Row(
+        f"train.py plan vs a measured {s.big_name} step, {_dtype_name(s)} {b}x{t}, {s.optimizer}",
+        f"estimate {_gib(estimate)} / measured {_gib(measured)} = {ratio:.2f}",
+        abs(ratio - 1) <= 0.15,
+    )
+
+
 def generation_rows(s: Sizes) -> list[Row]:
     cfg = s.gen
     reference = _model(cfg, torch.device("cpu")).eval()
@@ -707,6 +749,7 @@ def run_rows(s: Sizes, root: Path) -> list[Row]:
         ("group of one", lambda: group_of_one(s, root)),
         ("evaluation memory", lambda: eval_memory(s)),
         (f"{s.big_name} fwd+bwd", lambda: big_model_rows(s)),
+        ("plan vs measured", lambda: plan_vs_measured(s)),
         ("MoE grouped_mm vs loop", lambda: moe_grouped_vs_loop(s)),
         ("generation", lambda: generation_rows(s)),
     ]

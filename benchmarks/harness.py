@@ -209,3 +209,29 @@ def common_args(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch default)")
     return parser
+
+
+def cpu_tensor_growth(fn: Callable[[], object]) -> int:
+    """The highest growth of CPU tensor memory while ``fn()`` runs, in bytes: torch's profiler
+    with ``profile_memory`` sees every allocation and free. (RSS would also count the C
+    library's retained heap and the thread stacks.)"""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # The running total counts every block allocated while any profiler was on and not yet
+    # freed (also an earlier session's): growth is measured from the total before the first.
+    events = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())  # type: ignore[union-attr]
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            f = node.extra_fields
+            events.append((node.start_time_ns, f.alloc_size, f.total_allocated))
+        stack.extend(node.children)
+    if not events:
+        return 0
+    events.sort()
+    start = events[0][2] - events[0][1]
+    return max(total for _, _, total in events) - start

@@ -35,6 +35,7 @@ ROWS = [
     "trainer.activation_checkpointing=none",
     "trainer.activation_checkpointing=full",
     "trainer.activation_checkpointing=selective",
+    "train.py plan vs a measured qwen3-0.6b (toy shape) step, fp32 4x256, adamw",
     "MoE experts fwd+bwd, tiny-moe's MoE layer",
     "greedy 32 tokens x 4 prompts, cpu fp32 == cpu fp32",
     "decode tiny (toy shape) float32, batch 1,",
@@ -174,7 +175,9 @@ def test_gpu_check_dry_run_passes_every_row_with_only_the_node_packages(tmp_path
     )
     table = [line for line in res.stdout.splitlines() if line.startswith("| ")][1:]
     assert res.returncode == 0, res.stdout + res.stderr[-3000:]
-    assert len(table) == 20  # 4 throughput, 3 probes, fp16, 3 torchrun, group, eval, 3 AC, MoE, 3
+    assert (
+        len(table) == 21
+    )  # 4 throughput, 3 probes, fp16, 3 torchrun, group, eval, 3 AC, plan, MoE, 3
     for row in ROWS:
         assert any(row in line for line in table), row
     assert all(line.rstrip().endswith("| ok |") for line in table), "\n".join(table)

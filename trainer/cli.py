@@ -51,6 +51,7 @@ python train.py resume=latest                        continue the most recent ru
 python train.py prepare [overrides]                  build the tokenizer and token cache, then stop
 python train.py sft [overrides]                      chat fine-tuning of the newest run's best (conf/sft.yaml)
 python train.py config [overrides]                   the resolved config: values, origins, meanings
+python train.py plan [overrides] devices=N device_memory=80GB [format=json]   will it fit? (memory, time)
 python train.py demo [ckpt=DIR] [key=value ...]      samples from the best checkpoint of the newest run
 python train.py interactive [ckpt=DIR]               a prompt loop
 python train.py eval tasks=[hellaswag] [ckpt=DIR] [limit=N] [...]   lm-evaluation-harness tasks
@@ -219,6 +220,10 @@ def main(argv: list[str], start_time: float) -> int:
         return prepare(argv[2:])
     if len(argv) > 1 and argv[1] == "config":
         return show_config(argv[2:])
+    if len(argv) > 1 and argv[1] == "plan":
+        from trainer.plan import plan_command  # the memory model: only for a plan
+
+        return plan_command(argv[2:])
     if "--help" in argv[1:] or "-h" in argv[1:]:
         return show_help([a for a in argv[1:] if a not in ("--help", "-h")])
     shown = _cfg_job(argv[1:], config_name)
@@ -321,6 +326,13 @@ def check_command(args: list[str]) -> None:
         else:
             parse_options(args[0], args[1:])
         return
+    if args and args[0] == "plan":  # its own options, then a training run's overrides
+        from trainer.plan import split_plan_options
+
+        try:
+            args = split_plan_options(args[1:])[0]
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     config_name = "sft" if args and args[0] == "sft" else "config"
     words = args[1:] if args and args[0] in ("prepare", "config", "sft") else args
     overrides: list[str] = []

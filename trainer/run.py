@@ -30,6 +30,7 @@ from trainer.errors import CheckpointError, ConfigError
 from trainer.generation import complete
 from trainer.loop import Outcome, Trainer, TrainingDiverged
 from trainer.metrics import WandbLogger, peak_flops
+from trainer.plan import warn_if_unfit
 from trainer.run_layout import AUTO, resolve_auto, resolve_resume
 from trainer.sft import chat_sampling
 
@@ -67,6 +68,8 @@ def run_training(
         device = local_device(device, dist)
         apply_runtime_settings(cfg, device)
         check_optimizer_config(cfg)
+        if dist.is_main:  # on CUDA: the plan's warning and suggested change, if it will not fit
+            warn_if_unfit(cfg, device, dist.world_size)
         if cfg.trainer.force_process_group and not dist.is_distributed:
             raise ConfigError(
                 "trainer.force_process_group=true forms its group of one under torchrun; launch "
