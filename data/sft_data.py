@@ -106,10 +106,11 @@ def _encode_splits(
 
 
 def prepare_conversations(
-    cfg: SFTDataConfig, tokenizer: Qwen3Tokenizer, cache_dir: str | Path
+    cfg: SFTDataConfig, tokenizer: Qwen3Tokenizer, cache_dir: str | Path, repair: bool = True
 ) -> SFTData:
     """Both splits of ``cfg``'s conversations, tokenized with ``tokenizer``'s chat template:
-    read from the cache when it holds them, else built and cached."""
+    read from the cache when it holds them, else built and cached. Only a process with
+    ``repair`` (rank 0) deletes a damaged cache: others may be reading it."""
     key = conversations_fingerprint(cfg, tokenizer)
     path = Path(cache_dir) / f"sft-{key}"
 
@@ -118,7 +119,7 @@ def prepare_conversations(
             where / "val"
         )
 
-    found = load_finished(path, load, "conversation cache", "rebuilding", repair=True)
+    found = load_finished(path, load, "conversation cache", "rebuilding", repair=repair)
     if found is None:
         start = time.perf_counter()
         train, val = _encode_splits(cfg, tokenizer)

@@ -36,7 +36,7 @@ def prepare_sft_data(
         tokenizer = Qwen3Tokenizer.from_dir(init_from)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"init_from={init_from!r}: {e}") from None
-    data = prepare_conversations(sft_cfg, tokenizer, cache_dir)
+    data = prepare_conversations(sft_cfg, tokenizer, cache_dir, repair=is_main)
     if len(data.train) == 0 or len(data.val) == 0:
         raise DataError(
             f"the sft source gave {len(data.train)} train and {len(data.val)} held-out "
