@@ -65,13 +65,14 @@ def test_rows_start_at_documents_and_hold_whole_documents_but_one_crop() -> None
 
 def test_best_fit_prefers_the_longest_document_that_fits() -> None:
     # packed lengths 4, 9, 3, 6 (with SEP), then documents too long for a row of 10: the first
-    # row takes 9 (the longest that fits), then a crop of the shortest (3); the next takes 6
-    # and 4 exactly.
+    # row takes 9 (the longest that fits), then a crop of the oldest at hand (4); the next
+    # takes 6 and 3, then a crop of the oldest then (the first 30).
     docs = [np.arange(1, n) for n in (4, 9, 3, 6, 30, 30, 30, 30)]
     split = np.concatenate([np.append(d, SEP) for d in docs])
     rows, ids = pack(split, document_bounds(split, SEP), SEP, 0, rows=2, row_len=10, window=4)
     assert [len(p) for p in _pieces(rows[0], ids[0])] == [9, 1]
-    assert [len(p) for p in _pieces(rows[1], ids[1])] == [6, 4]
+    assert [len(p) for p in _pieces(rows[1], ids[1])] == [6, 3, 1]
+    assert rows[0, 9] == SEP and rows[1, 9] == SEP  # crops are documents' beginnings
 
 
 def test_stream_packing_is_todays_batches() -> None:
@@ -197,3 +198,25 @@ def test_a_run_with_document_masks_trains_evaluates_and_resumes_exactly(tmp_path
     model = whole.parts.model
     with torch.no_grad():
         assert not torch.allclose(model(x, targets=y), model(x, targets=y, document_ids=docs))
+
+
+def test_documents_longer_than_a_row_are_used_too() -> None:
+    """Documents longer than a row are taken (cropped) in about their turn: cropping the
+    shortest instead (nanochat's rule) used them about 0.12x as often as the ones that fit."""
+    rng = np.random.default_rng(3)
+    docs = [rng.integers(1, 50, int(n)) for n in rng.integers(1, 120, 60)]
+    split = np.concatenate([np.append(d, SEP) for d in docs]).astype(np.uint16)
+    bounds = document_bounds(split, SEP)
+    lengths = np.diff(bounds)
+    uses = np.zeros(len(docs))
+    for step in range(150):
+        first = int(np.random.default_rng(step).integers(0, len(docs)))
+        rows, ids = pack(split, bounds, SEP, first, rows=4, row_len=65, window=16)
+        for row, row_ids in zip(rows, ids, strict=True):
+            for piece in _pieces(row, row_ids):
+                body = piece[1:]  # a crop of the separator alone names no document
+                for i, doc in enumerate(docs):
+                    if len(body) and np.array_equal(doc[: len(body)], body):
+                        uses[i] += 1
+    long, short = uses[lengths > 65].mean(), uses[lengths <= 65].mean()
+    assert long > 0.2 * short, (long, short)
