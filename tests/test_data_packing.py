@@ -56,23 +56,22 @@ def test_rows_start_at_documents_and_hold_whole_documents_but_one_crop() -> None
             assert matches, "every piece is a document's beginning"
             if k < len(pieces) - 1:  # only a row's last piece may be cropped
                 assert whole
-            seen.append((whole or matches)[0])
+            if whole and k < len(pieces) - 1:  # a crop's few tokens can match several
+                seen.append(whole[0])
     # one stream per step: no document twice (the corpus has far more than these rows need)
     assert len(seen) == len(set(seen))
-    waste = sum(len(docs[i]) for i in set(seen)) - rows.size
-    assert 0 <= waste < 12 * 40  # at most one crop per row, each shorter than a document
 
 
 def test_best_fit_prefers_the_longest_document_that_fits() -> None:
     # packed lengths 4, 9, 3, 6 (with SEP), then documents too long for a row of 10: the first
-    # row takes 9 (the longest that fits), then a crop of the oldest at hand (4); the next
-    # takes 6 and 3, then a crop of the oldest then (the first 30).
+    # row opens with the stream's next (4) and fills the 6 left best (6); the next opens with
+    # 9, and as nothing fits the last token, crops the oldest at hand (3).
     docs = [np.arange(1, n) for n in (4, 9, 3, 6, 30, 30, 30, 30)]
     split = np.concatenate([np.append(d, SEP) for d in docs])
     rows, ids = pack(split, document_bounds(split, SEP), SEP, 0, rows=2, row_len=10, window=4)
-    assert [len(p) for p in _pieces(rows[0], ids[0])] == [9, 1]
-    assert [len(p) for p in _pieces(rows[1], ids[1])] == [6, 3, 1]
-    assert rows[0, 9] == SEP and rows[1, 9] == SEP  # crops are documents' beginnings
+    assert [len(p) for p in _pieces(rows[0], ids[0])] == [4, 6]
+    assert [len(p) for p in _pieces(rows[1], ids[1])] == [9, 1]
+    assert rows[1, 9] == SEP  # a crop is a document's beginning
 
 
 def test_stream_packing_is_todays_batches() -> None:
@@ -183,8 +182,12 @@ def test_a_run_with_document_masks_trains_evaluates_and_resumes_exactly(tmp_path
         "sample.max_new_tokens=0",
     ]
     whole = make_trainer(base, tmp_path / "a")
-    batch = whole.parts.sampler.sample(0)
-    assert batch.document_ids is not None and int(batch.document_ids.max()) > 0
+    # a batch whose rows hold several documents (a row opens with one that may fill it)
+    batch = next(
+        b
+        for b in map(whole.parts.sampler.sample, range(50))
+        if b.document_ids is not None and int(b.document_ids.max()) > 0
+    )
     whole.fit()
     rows = read_metrics(tmp_path / "a")
     assert all(np.isfinite(r["val_bpb"]) for r in rows if "val_bpb" in r)
