@@ -18,8 +18,8 @@ whatever their length; best fit only chooses what fills the gaps.
 
 Why the oldest and not, as nanochat, the shortest: each step starts a fresh window, and
 cropping the shortest lets the documents that fit best win every step while those longer than a
-row are never taken; opening a row with the longest that fits likewise opened the rows of 80
-steps with 27 distinct stories of 678. Measured on the TinyStories sample (benchmarks/results/packing.md): with
+row are never taken; opening each row with the longest that fits has the same bias, hence
+the stream's next document first. Measured on the TinyStories sample (benchmarks/results/packing.md): with
 the shortest cropped, 80 steps of 8 rows saw the same few stories again and again (train loss
 0.69 against stream's 3.96, val bpb 2.10 against 1.41).
 
