@@ -10,10 +10,18 @@ document of a split has no separator before it; it gets one all the same.
 
 For one step, the rows of the whole global batch are filled in order from one stream of
 documents that starts at a document drawn from (seed, step): keep ``window`` documents at hand;
-into each row put the longest one that still fits whole, again and again; when none fits, crop
-the shortest to fill the row (its rest is dropped). So documents of one step never repeat, a
-row wastes no tokens, and the crop is as small as the window allows. Documents longer than a
-row are only taken (cropped) when nothing shorter is at hand, as in nanochat.
+each row opens with the one at hand longest (the stream's next; cut at the row's end if longer),
+then takes the longest one that still fits whole, again and again; when none fits, the one at
+hand longest is cropped to fill the row (its rest is dropped). So documents of one step never
+repeat, a row wastes no compute, and the documents are used in about the stream's order,
+whatever their length; best fit only chooses what fills the gaps.
+
+Why the oldest and not, as nanochat, the shortest: each step starts a fresh window, and
+cropping the shortest lets the documents that fit best win every step while those longer than a
+row are never taken; opening each row with the longest that fits has the same bias, hence
+the stream's next document first. Measured on the TinyStories sample (benchmarks/results/packing.md): with
+the shortest cropped, 80 steps of 8 rows saw the same few stories again and again (train loss
+0.69 against stream's 3.96, val bpb 2.10 against 1.41).
 
 With ``data.document_mask=true`` a batch also carries each input token's document index in its
 row, which keeps attention inside documents (qwen3.documents).
@@ -117,11 +125,16 @@ def _fill_rows(
             space = row_len - offset
             # the longest document that fits whole, the earliest arrival among equals
             i = bisect.bisect_right(at_hand, (space, arrived, num_docs)) - 1
-            if i >= 0:
+            if offset == 0:  # a row opens with the next document of the stream, whole or cut
+                oldest = min(range(len(at_hand)), key=lambda j: at_hand[j][1])
+                length, _, doc = at_hand.pop(oldest)
+                length = min(length, space)
+            elif i >= 0:
                 i = bisect.bisect_left(at_hand, (at_hand[i][0], -1, -1))
                 length, _, doc = at_hand.pop(i)
-            else:  # none fits: crop the shortest to the space left
-                _, _, doc = at_hand.pop(0)
+            else:  # none fits: crop the one at hand longest to the space left
+                oldest = min(range(len(at_hand)), key=lambda j: at_hand[j][1])
+                _, _, doc = at_hand.pop(oldest)
                 length = space
             pieces.append(_Piece(row, offset, int(bounds[doc]), length))
             offset += length

@@ -56,22 +56,22 @@ def test_rows_start_at_documents_and_hold_whole_documents_but_one_crop() -> None
             assert matches, "every piece is a document's beginning"
             if k < len(pieces) - 1:  # only a row's last piece may be cropped
                 assert whole
-            seen.append((whole or matches)[0])
+            if whole and k < len(pieces) - 1:  # a crop's few tokens can match several
+                seen.append(whole[0])
     # one stream per step: no document twice (the corpus has far more than these rows need)
     assert len(seen) == len(set(seen))
-    waste = sum(len(docs[i]) for i in set(seen)) - rows.size
-    assert 0 <= waste < 12 * 40  # at most one crop per row, each shorter than a document
 
 
 def test_best_fit_prefers_the_longest_document_that_fits() -> None:
     # packed lengths 4, 9, 3, 6 (with SEP), then documents too long for a row of 10: the first
-    # row takes 9 (the longest that fits), then a crop of the shortest (3); the next takes 6
-    # and 4 exactly.
+    # row opens with the stream's next (4) and fills the 6 left best (6); the next opens with
+    # 9, and as nothing fits the last token, crops the oldest at hand (3).
     docs = [np.arange(1, n) for n in (4, 9, 3, 6, 30, 30, 30, 30)]
     split = np.concatenate([np.append(d, SEP) for d in docs])
     rows, ids = pack(split, document_bounds(split, SEP), SEP, 0, rows=2, row_len=10, window=4)
-    assert [len(p) for p in _pieces(rows[0], ids[0])] == [9, 1]
-    assert [len(p) for p in _pieces(rows[1], ids[1])] == [6, 4]
+    assert [len(p) for p in _pieces(rows[0], ids[0])] == [4, 6]
+    assert [len(p) for p in _pieces(rows[1], ids[1])] == [9, 1]
+    assert rows[1, 9] == SEP  # a crop is a document's beginning
 
 
 def test_stream_packing_is_todays_batches() -> None:
@@ -182,8 +182,12 @@ def test_a_run_with_document_masks_trains_evaluates_and_resumes_exactly(tmp_path
         "sample.max_new_tokens=0",
     ]
     whole = make_trainer(base, tmp_path / "a")
-    batch = whole.parts.sampler.sample(0)
-    assert batch.document_ids is not None and int(batch.document_ids.max()) > 0
+    # a batch whose rows hold several documents (a row opens with one that may fill it)
+    batch = next(
+        b
+        for b in map(whole.parts.sampler.sample, range(50))
+        if b.document_ids is not None and int(b.document_ids.max()) > 0
+    )
     whole.fit()
     rows = read_metrics(tmp_path / "a")
     assert all(np.isfinite(r["val_bpb"]) for r in rows if "val_bpb" in r)
@@ -197,3 +201,25 @@ def test_a_run_with_document_masks_trains_evaluates_and_resumes_exactly(tmp_path
     model = whole.parts.model
     with torch.no_grad():
         assert not torch.allclose(model(x, targets=y), model(x, targets=y, document_ids=docs))
+
+
+def test_documents_longer_than_a_row_are_used_too() -> None:
+    """Documents longer than a row are taken (cropped) in about their turn: cropping the
+    shortest instead (nanochat's rule) used them about 0.12x as often as the ones that fit."""
+    rng = np.random.default_rng(3)
+    docs = [rng.integers(1, 50, int(n)) for n in rng.integers(1, 120, 60)]
+    split = np.concatenate([np.append(d, SEP) for d in docs]).astype(np.uint16)
+    bounds = document_bounds(split, SEP)
+    lengths = np.diff(bounds)
+    uses = np.zeros(len(docs))
+    for step in range(150):
+        first = int(np.random.default_rng(step).integers(0, len(docs)))
+        rows, ids = pack(split, bounds, SEP, first, rows=4, row_len=65, window=16)
+        for row, row_ids in zip(rows, ids, strict=True):
+            for piece in _pieces(row, row_ids):
+                body = piece[1:]  # a crop of the separator alone names no document
+                for i, doc in enumerate(docs):
+                    if len(body) and np.array_equal(doc[: len(body)], body):
+                        uses[i] += 1
+    long, short = uses[lengths > 65].mean(), uses[lengths <= 65].mean()
+    assert long > 0.2 * short, (long, short)
