@@ -165,7 +165,7 @@ PEAK_RSS_WORKER = textwrap.dedent(
     model.materialize("cpu", init=False)
     load_sharded(model, path)
     out = {"peak": peak_mb()}  # before the check below gathers whole tensors
-    ref = torch.load(f"{tmp}/alone.pt", mmap=True) if dist.get_rank() == 0 else None
+    ref = torch.load(f"{tmp}/alone.pt", mmap=True, weights_only=True) if dist.get_rank() == 0 else None
     out["differ"] = []
     for name, t in model.state_dict().items():
         whole = t.full_tensor()  # collective: every rank gathers
