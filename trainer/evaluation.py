@@ -118,32 +118,17 @@ def evaluate_sources(
     ``val_loss/<label>`` (and ``val_acc``, ``val_bpb``), with ``val_loss``, ``val_acc`` and
     ``val_bpb`` the weight-averaged totals (so ``best`` follows the mixture the run trains on)
     and ``val_ppl`` their exponential."""
+
+    def score(val: np.ndarray) -> dict[str, float]:
+        args = (batch_size, seq_len, num_batches, precision, device, token_bytes, packing)
+        return evaluate(model, val, *args)
+
     if len(sources) == 1:
-        return evaluate(
-            model,
-            sources[0].val,
-            batch_size,
-            seq_len,
-            num_batches,
-            precision,
-            device,
-            token_bytes,
-            packing,
-        )
+        return score(sources[0].val)
     metrics: dict[str, float] = {}
     totals: dict[str, list[tuple[float, float]]] = {}
     for source in sources:
-        ev = evaluate(
-            model,
-            source.val,
-            batch_size,
-            seq_len,
-            num_batches,
-            precision,
-            device,
-            token_bytes,
-            packing,
-        )
+        ev = score(source.val)
         for key in ("val_loss", "val_acc", "val_bpb"):
             if key in ev:
                 metrics[f"{key}/{source.label}"] = ev[key]

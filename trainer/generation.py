@@ -183,27 +183,39 @@ def _interactive(cfg: GenerationCliConfig) -> None:
         "/quit or Ctrl-D exits.",
         flush=True,
     )
-    while True:
-        try:
-            line = input(">>> ")
-        except EOFError:
-            print()
-            return
-        except KeyboardInterrupt:
-            print("\n(/quit or Ctrl-D exits)", flush=True)
-            continue
-        if line.strip() == "/quit":
-            return
+    while (line := _read_line(">>> ")) is not None:
         if not line.strip():
             continue
         prompt = line.replace("\\n", "\n")
         print(prompt, end="", flush=True)
+        _print_stream(model, tok, prompt, cfg)
+
+
+def _read_line(prompt: str) -> str | None:
+    """The next input line; None on /quit or Ctrl-D. Ctrl-C at the prompt says how to exit."""
+    while True:
         try:
-            for piece in stream_text(model, tok, prompt, cfg, cfg.stop_at_eos):
-                print(piece, end="", flush=True)
-            print(flush=True)
+            line = input(prompt)
+        except EOFError:
+            print()
+            return None
         except KeyboardInterrupt:
-            print("\n[generation stopped]", flush=True)
+            print("\n(/quit or Ctrl-D exits)", flush=True)
+            continue
+        return None if line.strip() == "/quit" else line
+
+
+def _print_stream(model: Qwen3, tok: Qwen3Tokenizer, prompt: str, cfg: GenerationCliConfig) -> str:
+    """Print the generation as it comes and return it; Ctrl-C stops it (what came is kept)."""
+    text = ""
+    try:
+        for piece in stream_text(model, tok, prompt, cfg, cfg.stop_at_eos):
+            text += piece
+            print(piece, end="", flush=True)
+        print(flush=True)
+    except KeyboardInterrupt:
+        print("\n[generation stopped]", flush=True)
+    return text
 
 
 def _chat(cfg: GenerationCliConfig, model: Qwen3, tok: Qwen3Tokenizer) -> None:
@@ -219,17 +231,7 @@ def _chat(cfg: GenerationCliConfig, model: Qwen3, tok: Qwen3Tokenizer) -> None:
         "Chat: type a message and press Enter. /reset starts over; /quit or Ctrl-D exits.",
         flush=True,
     )
-    while True:
-        try:
-            line = input("you> ")
-        except EOFError:
-            print()
-            return
-        except KeyboardInterrupt:
-            print("\n(/quit or Ctrl-D exits)", flush=True)
-            continue
-        if line.strip() == "/quit":
-            return
+    while (line := _read_line("you> ")) is not None:
         if line.strip() == "/reset":
             history = history[:1] if cfg.system else []
             continue
@@ -238,12 +240,5 @@ def _chat(cfg: GenerationCliConfig, model: Qwen3, tok: Qwen3Tokenizer) -> None:
         history.append({"role": "user", "content": line.replace("\\n", "\n")})
         prompt = tok.apply_chat_template(history, add_generation_prompt=True, **options)
         print("model> ", end="", flush=True)
-        answer = ""
-        try:
-            for piece in stream_text(model, tok, prompt, sampling, cfg.stop_at_eos):
-                answer += piece
-                print(piece, end="", flush=True)
-            print(flush=True)
-        except KeyboardInterrupt:
-            print("\n[generation stopped]", flush=True)
+        answer = _print_stream(model, tok, prompt, sampling)
         history.append({"role": "assistant", "content": answer.strip()})
