@@ -111,6 +111,9 @@ def test_a_budgeted_run_ends_where_its_budget_does_and_resumes_as_that_run(
     outcome = run.fit()
     # Decided after step 10, 5 s in at 0.5 s a step (steps 4-10 timed): 30 more fit in 20 s.
     assert outcome.step == run.cfg.trainer.max_steps == 40
+    assert outcome.budget == (
+        "time budget 20 s: 0.5 s per step (steps 4-10), trainer.max_steps 1,000 -> 40"
+    )
     rows = [r for r in read_metrics(root / "budgeted") if "train_loss" in r]
     assert [r["step"] for r in rows] == list(range(1, 41))
     state = load_trainer_state(root / "budgeted" / "step-000040")
@@ -129,7 +132,8 @@ def test_a_budgeted_run_ends_where_its_budget_does_and_resumes_as_that_run(
     step_clock.trainer = None  # a clock that never moves would fit all 1000 steps
     resumed = make_trainer(overrides, root / "resumed")
     resumed.resume_from(root / "budgeted" / "step-000030")
-    assert resumed.fit().step == 40
+    resumed_outcome = resumed.fit()
+    assert resumed_outcome.step == 40 and "set it before the resume" in resumed_outcome.budget
     final = [
         load_file(root / r / "step-000040" / "model.safetensors") for r in ("budgeted", "resumed")
     ]

@@ -646,6 +646,8 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
     trainer, budget = resolve_max_steps(
         trainer, steps_given, model, data_cfg, init_from, dist_info().world_size
     )
+    if trainer.time_budget is not None:
+        budget += f", cut to fit trainer.time_budget={trainer.time_budget:g} s of training"
     optim, note = fit_warmup(optim, trainer.max_steps)
     return RunConfig(
         run_name=str(data.get("run_name") or ""),

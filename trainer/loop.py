@@ -65,6 +65,7 @@ class Outcome:
     tokens_per_s: float = 0.0
     mfu: float = 0.0
     train_seconds: float = 0.0
+    budget: str = ""  # what trainer.time_budget decided, when it did
 
 
 class Trainer:
@@ -108,6 +109,7 @@ class Trainer:
         self.checkpoints = Checkpointer(
             run_dir, parts, dist, config_yaml, t.keep_last, asynchronous=t.async_save
         )
+        self.budget_note = ""
         self.time_budget = (
             TimeBudget(t.time_budget, cfg.optim.warmup_steps, t.max_steps, parts.device)
             if isinstance(t.time_budget, float)
@@ -161,6 +163,10 @@ class Trainer:
         if self.time_budget is not None and decided:
             self.time_budget.decided = int(decided)
             self._set_length(int(decided))
+            self.budget_note = (
+                f"trainer.max_steps={decided:,}, as trainer.time_budget="
+                f"{self.time_budget.budget:g} s set it before the resume"
+            )
         self.checkpoints.last_saved = self.step
         if self.dist.is_main:
             self.metrics.truncate_after(self.step)
@@ -294,8 +300,9 @@ class Trainer:
         if steps is None:
             return
         self._set_length(steps, bar)
+        self.budget_note = self.time_budget.note(before)
         if self.dist.is_main:
-            tqdm.write(self.time_budget.note(before))
+            tqdm.write(self.budget_note)
 
     # ---- the loop ---------------------------------------------------------------------------
     def _train_one_step(self) -> None:
@@ -442,6 +449,7 @@ class Trainer:
         outcome.best_value, outcome.best_step = self.best_value, self.best_step
         outcome.best_metric = t.best_metric
         outcome.train_seconds = self.train_seconds
+        outcome.budget = self.budget_note
         if self.train_seconds:
             outcome.tokens_per_s = (
                 (self.step - start_step) * self.tokens_per_step / self.train_seconds
