@@ -3,6 +3,8 @@ length to what fits; the cut run is the run of that length, and it resumes as on
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -138,3 +140,31 @@ def test_a_budgeted_run_ends_where_its_budget_does_and_resumes_as_that_run(
         load_file(root / r / "step-000040" / "model.safetensors") for r in ("budgeted", "resumed")
     ]
     assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+
+
+@pytest.mark.slow
+def test_the_processes_of_a_torchrun_job_stop_at_rank_0s_length(tmp_path) -> None:
+    """Each rank times its own steps; all take rank 0's length (a rank that stopped early would
+    leave the others waiting in a collective)."""
+    from test_distributed_support import base_overrides, run_torchrun
+
+    corpus = write_corpus(tmp_path / "play.txt")
+    res = run_torchrun(
+        tmp_path,
+        2,
+        *base_overrides(tmp_path, corpus, tmp_path / "cache"),
+        "run_name=ddp",
+        "trainer.max_steps=100000",
+        "trainer.time_budget=3",
+        "optim.warmup_steps=10",
+        "trainer.save_every=0",
+    )
+    assert res.returncode == 0, res.stderr
+    found = re.search(r"trainer\.max_steps 100,000 -> ([\d,]+)", res.stdout)
+    # rank 0 alone says it, when it decides and in the summary
+    assert found and res.stdout.count("time budget 3 s:") == 2, res.stdout
+    assert "budget          time budget 3 s:" in res.stdout
+    steps = int(found.group(1).replace(",", ""))
+    run = tmp_path / "runs" / "ddp"
+    assert [r["step"] for r in read_metrics(run) if "train_loss" in r][-1] == steps
+    assert load_trainer_state(run / f"step-{steps:06d}")["time_budget_steps"] == steps
