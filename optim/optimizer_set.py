@@ -42,8 +42,10 @@ class OptimizerSet:
         optimizers: dict[str, Optimizer],
         schedulers: list[LRScheduler],
         muon_momentum_fn: Callable[[int], float] | None = None,
+        lr_schedule: Callable[[int], Callable[[int], float]] | None = None,
     ) -> None:
         self.names: list[str] = list(optimizers)
+        self._lr_schedule = lr_schedule  # a run length -> the LambdaLR function for it
         self.optimizers: list[Optimizer] = list(optimizers.values())
         self.schedulers: list[LRScheduler] = schedulers
         self.steps = 0
@@ -100,6 +102,20 @@ class OptimizerSet:
             sched.step()
         self.steps += 1
         self._apply_momentum()
+
+    def set_max_steps(self, max_steps: int) -> None:
+        """Change the run's length (trainer.time_budget decides it mid-run): the schedules follow
+        the new one from the current step on, and the current learning rates are set from it."""
+        if self._lr_schedule is None:
+            raise ValueError("these optimizers were built without a schedule to change")
+        factor = self._lr_schedule(max_steps)
+        for sched in self.schedulers:
+            assert isinstance(sched, LambdaLR)
+            sched.lr_lambdas = [factor] * len(sched.optimizer.param_groups)
+            lrs = [base * factor(sched.last_epoch) for base in sched.base_lrs]
+            for group, lr in zip(sched.optimizer.param_groups, lrs, strict=True):
+                group["lr"] = lr
+            sched._last_lr = lrs  # what get_last_lr() reports
 
     def zero_grad(self) -> None:
         """Drop all gradients (``set_to_none=True``: frees memory, skips a memset)."""
@@ -303,4 +319,6 @@ def build_optimizers(
         optimizers["adamw"] = _adamw(adamw_groups, cfg)
     schedule = lr_lambda(cfg, max_steps)
     schedulers: list[LRScheduler] = [LambdaLR(opt, schedule) for opt in optimizers.values()]
-    return OptimizerSet(optimizers, schedulers, muon_momentum_fn=momentum_fn)
+    return OptimizerSet(
+        optimizers, schedulers, muon_momentum_fn=momentum_fn, lr_schedule=partial(lr_lambda, cfg)
+    )

@@ -72,7 +72,7 @@ def test_config_says_where_each_value_came_from_and_what_it_means(capsys) -> Non
     assert rows["data.source"][:2] == ("shakespeare", "conf/data/shakespeare.yaml")
     assert rows["trainer.batch_size"][:2] == ("8", "override")
     assert rows["trainer.seq_len"][:2] == ("256", "default")
-    assert rows["trainer.max_steps"][:2] == ("400", "resolved")  # null: the main job's 400
+    assert rows["trainer.max_steps"][:2] == ("600", "resolved")  # null: the main job's 600
     assert rows["sample.prompts"][0] == """['ROMEO:', "JULIET:\\n", "First Citizen:\\n"]"""
     assert "sequences per forward pass" in rows["trainer.batch_size"][2]
     assert all(doc for _, _, doc in rows.values()), [k for k, r in rows.items() if not r[2]]

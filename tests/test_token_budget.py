@@ -19,9 +19,9 @@ from qwen3 import Qwen3, Qwen3Config
 from trainer.errors import ConfigError
 
 
-def test_without_a_budget_the_run_is_400_steps_or_what_max_steps_says() -> None:
+def test_without_a_budget_the_run_is_600_steps_or_what_max_steps_says() -> None:
     cfg = compose_run_config(["model=tiny"])
-    assert cfg.trainer.max_steps == 400 and cfg.budget == "trainer.max_steps=400"
+    assert cfg.trainer.max_steps == 600 and cfg.budget == "trainer.max_steps=600"
     assert compose_run_config(["trainer.max_steps=7"]).trainer.max_steps == 7
 
 

@@ -1,4 +1,5 @@
-"""How long a run trains: ``trainer.max_steps``, or a budget in tokens that sets it.
+"""How long a run trains: ``trainer.max_steps``, a budget in tokens that sets it, and a time
+budget that can cut it to what this machine trains in so many seconds.
 
 ``trainer.max_tokens=N`` trains for N tokens; ``trainer.tokens_per_param=R`` for R tokens per
 model parameter (20 is the compute-optimal ratio of Hoffmann et al. 2022, "Chinchilla"). Either
@@ -9,12 +10,19 @@ The parameter count is the model's total, embedding included and a tied LM head 
 (Chinchilla counted the embedding too, unlike Kaplan et al. 2020). The vocabulary is the one the
 run's model will have: ``init_from``'s, the given tokenizer's, or the tokenizer to be trained
 padded up to a multiple of 64 (``qwen3.config.padded_vocab_size``).
+
+``trainer.time_budget=S`` (:class:`TimeBudget`) times the run's first steps and, at the end of
+the warmup, fixes ``max_steps`` to the steps that fit in S seconds (never more than it was). Until
+then no learning rate has depended on the length, so the run is exactly the one a fixed
+``max_steps`` of that value gives, and with it the length is saved for resume. By default
+(``auto``) the main job's length is fitted this way and a length you set is kept as it is.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,7 +36,10 @@ from trainer.errors import ConfigError
 if TYPE_CHECKING:
     from trainer.config import TrainConfig
 
-DEFAULT_MAX_STEPS = 400  # the main job (python train.py model=tiny): benchmarks/results/recipe.md
+# The main job (python train.py model=tiny): these steps, or as many as fit the time budget on a
+# slower machine, so that it ends within 5 minutes all in (benchmarks/results/recipe.md).
+DEFAULT_MAX_STEPS = 600
+DEFAULT_TIME_BUDGET = 250.0  # seconds of training steps
 
 
 def planned_vocab_size(model: Qwen3Config, data: DataConfig, init_from: str | None) -> int:
@@ -96,3 +107,105 @@ def resolve_max_steps(
         f"seq_len {trainer.seq_len})"
     )
     return dataclasses.replace(trainer, max_steps=steps), note
+
+
+# Steps the time budget times before it decides: after the first few (allocator, oneDNN and
+# Inductor warm-up), at least this many, and never before the warmup has ended.
+FIRST_TIMED_STEP = 3
+MIN_DECISION_STEP = 10
+
+
+def resolve_time_budget(value: float | str | None, length_given: bool) -> float | None:
+    """``trainer.time_budget`` in seconds, or None: ``auto`` is :data:`DEFAULT_TIME_BUDGET` for a
+    run left at the default length (the main job fits the machine) and none for a run whose
+    length was set (``max_steps``, ``max_tokens`` or ``tokens_per_param``)."""
+    if value == "auto":
+        return None if length_given else DEFAULT_TIME_BUDGET
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(
+            f"trainer.time_budget={value!r} must be auto, null or a number of seconds > 0; "
+            "set e.g. trainer.time_budget=250"
+        )
+    return float(value)
+
+
+def decision_step(warmup_steps: int) -> int:
+    """The step after which a time-budgeted run fixes its length: the end of the warmup (no
+    learning rate so far depended on the length, so the run is then exactly the one that
+    ``trainer.max_steps`` would have given), and not before :data:`MIN_DECISION_STEP`."""
+    return max(warmup_steps, MIN_DECISION_STEP)
+
+
+def steps_that_fit(
+    budget: float, decided_at: int, elapsed: float, step_seconds: float, max_steps: int
+) -> int:
+    """The run's length: the steps done (``decided_at``, taking ``elapsed`` seconds since the
+    run started, compilation included) plus as many more of ``step_seconds`` each as the rest of
+    ``budget`` holds; never more than ``max_steps``, and at least one step past the decision."""
+    more = math.floor(max(0.0, budget - elapsed) / step_seconds) if step_seconds > 0 else max_steps
+    return max(decided_at + 1, min(max_steps, decided_at + more))
+
+
+class TimeBudget:
+    """Fits a run's length to ``trainer.time_budget`` seconds of training on this machine.
+
+    The run times its steps from :data:`FIRST_TIMED_STEP` to :func:`decision_step`, then sets
+    ``max_steps`` to what fits (:func:`steps_that_fit`; every rank takes rank 0's figure). The
+    length is saved with each checkpoint, so a resumed run continues the same schedule. Only the
+    training steps count: evaluations, saves and samples come on top."""
+
+    def __init__(self, budget: float, warmup_steps: int, max_steps: int, device: torch.device):
+        self.budget, self.device, self.max_steps = budget, device, max_steps
+        self.decide_at = decision_step(warmup_steps)
+        self.decided: int | None = None
+        self.per_step = 0.0
+        self.start(0)
+
+    def start(self, step: int) -> None:
+        """Start the clock of a run that begins (or resumes) at ``step``. A run resumed before
+        the decision times its own steps, and its budget counts from the resume."""
+        self.started = self.timed_from = time.perf_counter()
+        self.first_timed = max(step, min(step + FIRST_TIMED_STEP, self.decide_at - 1))
+
+    def after_step(self, step: int) -> int | None:
+        """Called after each step: the run's new length at the decision step, else None."""
+        if self.decided is not None or step > self.decide_at or self.decide_at >= self.max_steps:
+            return None
+        if step == self.first_timed:
+            _synchronize(self.device)
+            self.timed_from = time.perf_counter()
+        if step != self.decide_at:
+            return None
+        _synchronize(self.device)
+        now = time.perf_counter()
+        per_step = (now - self.timed_from) / max(1, step - self.first_timed)
+        steps = steps_that_fit(self.budget, step, now - self.started, per_step, self.max_steps)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank must stop at the same step: rank 0's timing decides
+            chosen = torch.tensor([steps], dtype=torch.int64, device=self.device)
+            torch.distributed.broadcast(chosen, src=0)
+            steps = int(chosen.item())
+        self.decided = steps
+        self.per_step = per_step
+        return steps
+
+    def note(self, before: int) -> str:
+        """One line saying what the budget decided (after :meth:`after_step` returned)."""
+        assert self.decided is not None
+        fit = (
+            f"all {before:,} steps fit"
+            if self.decided == before
+            else f"trainer.max_steps {before:,} -> {self.decided:,}"
+        )
+        return (
+            f"time budget {self.budget:g} s: {self.per_step:.3g} s per step (steps "
+            f"{self.first_timed + 1}-{self.decide_at}), {fit}"
+        )
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued steps: the clock then measures them, not their launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

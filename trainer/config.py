@@ -31,7 +31,7 @@ from optim import OptimConfig, fit_warmup
 from qwen3 import PRESETS, Qwen3, Qwen3Config
 from qwen3.generate import Sampling
 from qwen3.quantize import QUANTIZE_CHOICES, unknown_method
-from trainer.budget import DEFAULT_MAX_STEPS, resolve_max_steps
+from trainer.budget import DEFAULT_MAX_STEPS, resolve_max_steps, resolve_time_budget
 from trainer.distributed import DEFAULT_TIMEOUT_S, dist_info
 from trainer.errors import ConfigError
 from trainer.lm_eval_tasks import is_path
@@ -134,9 +134,14 @@ class TrainConfig:
     process; ``batch_size`` is what one forward pass holds in memory.
     """
 
-    max_steps: int = DEFAULT_MAX_STEPS  # optimizer steps (null in YAML: 400, or a token budget)
+    max_steps: int = (
+        DEFAULT_MAX_STEPS  # optimizer steps (null in YAML: the default, or a token budget)
+    )
     max_tokens: int | None = None  # train for this many tokens (sets max_steps; trainer/budget.py)
     tokens_per_param: float | None = None  # or this many per model parameter (20: Chinchilla)
+    # seconds of training steps the run may take: its length is cut to what fits, decided at the
+    # end of warmup; auto = 250 s for the default length, none when the length is set
+    time_budget: float | Literal["auto"] | None = "auto"
     batch_size: int = 16  # sequences per forward pass, per process
     grad_accum: int = 1  # micro-batches per optimizer step
     seq_len: int = 256  # tokens per training window
@@ -636,9 +641,13 @@ def build_run_config(data: dict[str, Any]) -> RunConfig:
     if not steps_given:
         section.pop("max_steps", None)  # null: the default, or what a token budget sets
     trainer = build_dataclass(TrainConfig, section, "trainer")
+    length_given = steps_given or trainer.max_tokens is not None or trainer.tokens_per_param
+    trainer.time_budget = resolve_time_budget(trainer.time_budget, bool(length_given))
     trainer, budget = resolve_max_steps(
         trainer, steps_given, model, data_cfg, init_from, dist_info().world_size
     )
+    if trainer.time_budget is not None:
+        budget += f", cut to fit trainer.time_budget={trainer.time_budget:g} s of training"
     optim, note = fit_warmup(optim, trainer.max_steps)
     return RunConfig(
         run_name=str(data.get("run_name") or ""),

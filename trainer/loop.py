@@ -12,6 +12,7 @@ from tqdm import tqdm  # type: ignore[import-untyped]
 
 from data import BatchSampler
 from data.sft_data import SFTData
+from trainer.budget import TimeBudget
 from trainer.build import RunParts
 from trainer.checkpoint import (
     capture_rng,
@@ -64,6 +65,7 @@ class Outcome:
     tokens_per_s: float = 0.0
     mfu: float = 0.0
     train_seconds: float = 0.0
+    budget: str = ""  # what trainer.time_budget decided, when it did
 
 
 class Trainer:
@@ -107,6 +109,12 @@ class Trainer:
         self.checkpoints = Checkpointer(
             run_dir, parts, dist, config_yaml, t.keep_last, asynchronous=t.async_save
         )
+        self.budget_note = ""
+        self.time_budget = (
+            TimeBudget(t.time_budget, cfg.optim.warmup_steps, t.max_steps, parts.device)
+            if isinstance(t.time_budget, float)
+            else None
+        )
 
     # ---- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -128,6 +136,8 @@ class Trainer:
             "tokenizer_hash": self.tok_hash,
             "data_fingerprint": p.data.fingerprint,
             "spikes": self.spikes.state_dict() if self.spikes is not None else None,
+            # the length trainer.time_budget chose: a resumed run keeps its schedule
+            "time_budget_steps": self.time_budget.decided if self.time_budget else None,
         }
 
     def resume_from(self, ckpt_dir: Path) -> None:
@@ -149,6 +159,14 @@ class Trainer:
         self.accum = {**_empty_accum(), **state["log_accum"]}
         if self.spikes is not None and state.get("spikes"):
             self.spikes.load_state_dict(state["spikes"])
+        decided = state.get("time_budget_steps")
+        if self.time_budget is not None and decided:
+            self.time_budget.decided = int(decided)
+            self._set_length(int(decided))
+            self.budget_note = (
+                f"trainer.max_steps={decided:,}, as trainer.time_budget="
+                f"{self.time_budget.budget:g} s set it before the resume"
+            )
         self.checkpoints.last_saved = self.step
         if self.dist.is_main:
             self.metrics.truncate_after(self.step)
@@ -266,6 +284,25 @@ class Trainer:
             self.wandb.log(row)
         if plot:
             self.plots.draw(self.metrics.read(), self.run_dir / PLOT_FILE, self.cfg.run_name)
+
+    def _set_length(self, max_steps: int, bar: Progress | None = None) -> None:
+        """Make the run ``max_steps`` long from here on (its schedules, its progress line)."""
+        self.cfg.trainer.max_steps = max_steps
+        self.parts.optimizers.set_max_steps(max_steps)
+        if bar is not None:
+            bar.set_total(max_steps)
+
+    def _fit_time_budget(self, bar: Progress) -> None:
+        """At the time budget's decision step, cut the run to what fits (trainer/budget.py)."""
+        assert self.time_budget is not None
+        before = self.cfg.trainer.max_steps
+        steps = self.time_budget.after_step(self.step)
+        if steps is None:
+            return
+        self._set_length(steps, bar)
+        self.budget_note = self.time_budget.note(before)
+        if self.dist.is_main:
+            tqdm.write(self.budget_note)
 
     # ---- the loop ---------------------------------------------------------------------------
     def _train_one_step(self) -> None:
@@ -390,11 +427,15 @@ class Trainer:
         bar = Progress(t.max_steps, self.step, self.dist.is_main, self.parts.device)
         stopping = False
         self.window_start = time.perf_counter()
+        if self.time_budget is not None:
+            self.time_budget.start(self.step)
         with StopRequest() as stop:
             try:
                 while self.step < t.max_steps and not stopping:
                     self._train_one_step()
                     bar.update(1)
+                    if self.time_budget is not None:
+                        self._fit_time_budget(bar)
                     stopping = self._log_eval_save(stop.requested, outcome, bar)
                     self.checkpoints.poll()
             except Exception as err:  # a failing run still publishes the save it started
@@ -408,6 +449,7 @@ class Trainer:
         outcome.best_value, outcome.best_step = self.best_value, self.best_step
         outcome.best_metric = t.best_metric
         outcome.train_seconds = self.train_seconds
+        outcome.budget = self.budget_note
         if self.train_seconds:
             outcome.tokens_per_s = (
                 (self.step - start_step) * self.tokens_per_step / self.train_seconds

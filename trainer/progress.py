@@ -85,6 +85,12 @@ class Progress:
         self.step += steps
         self.bar.update(steps)
 
+    def set_total(self, total: int) -> None:
+        """The run's length changed (trainer.time_budget)."""
+        self.total = total
+        self.bar.total = total
+        self.bar.refresh()
+
     def seconds_left(self) -> float:
         done = self.step - self.first_step
         elapsed = time.perf_counter() - self.started

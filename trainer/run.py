@@ -156,7 +156,7 @@ def run_training(
             time.perf_counter() - start_time,
             peak,
             trainer.tokens_per_step,
-            cfg.budget,
+            outcome.budget or cfg.budget,
         )
     )
     if outcome.stopped_by:
