@@ -16,12 +16,16 @@ from collections.abc import Callable, Hashable
 import torch
 from torch import Tensor
 
+from qwen3.device import cpu_has_bf16_matrix_units
+
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """float32 on CPU, bf16 elsewhere (torch's choice). On a CPU without bf16 matrix units a bf16
+    """bf16 (torch.optim.Muon's choice), except on a CPU without bf16 matrix units: there a bf16
     matmul is emulated, far slower than float32 (benchmarks/results/muon.md), and float32 is the
-    more exact of the two."""
-    return torch.float32 if device.type == "cpu" else torch.bfloat16
+    more exact of the two. With them (AMX) bf16 runs 2-4x float32's iteration."""
+    if device.type == "cpu" and not cpu_has_bf16_matrix_units():
+        return torch.float32
+    return torch.bfloat16
 
 
 def newton_schulz(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -22,6 +24,15 @@ def pick_device(pref: str = "auto") -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+@functools.cache
+def cpu_has_bf16_matrix_units() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (Intel AMX, Sapphire Rapids and
+    later): there oneDNN runs a bf16 matmul at several times float32's rate, where other CPUs
+    emulate it far below. torch has no public probe; its private one is absent in some builds."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe()) if callable(probe) else False
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:

@@ -188,13 +188,27 @@ def test_newton_schulz_is_torchs_per_matrix() -> None:
             assert torch.equal(out[i], _zeropower_via_newtonschulz(g[i], coeffs, 5, 1e-7))
 
 
-def test_on_cpu_the_iteration_runs_in_float32_and_is_the_more_exact() -> None:
-    """The trainer's Muon on CPU iterates in float32: the same iteration as in float64 to 1e-5,
+def test_the_iteration_dtype_follows_the_hardware(monkeypatch) -> None:
+    """bf16 (torch's) on accelerators and on CPUs with bf16 matrix units (AMX), float32 on other
+    CPUs, where bf16 is emulated."""
+    import qwen3.device
+
+    for amx, on_cpu in ((False, torch.float32), (True, torch.bfloat16)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx, raising=False)
+        qwen3.device.cpu_has_bf16_matrix_units.cache_clear()
+        assert default_dtype(torch.device("cpu")) == on_cpu
+        assert default_dtype(torch.device("meta")) == torch.bfloat16
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a build without the probe
+    qwen3.device.cpu_has_bf16_matrix_units.cache_clear()
+    assert default_dtype(torch.device("cpu")) == torch.float32
+    qwen3.device.cpu_has_bf16_matrix_units.cache_clear()  # the real answer for later tests
+
+
+def test_in_float32_the_iteration_is_the_more_exact() -> None:
+    """Muon on a CPU without AMX iterates in float32: the same iteration as in float64 to 1e-5,
     where torch's bf16 one is off by about 1e-2."""
     from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C
 
-    assert default_dtype(torch.device("cpu")) == torch.float32
-    assert default_dtype(torch.device("meta")) == torch.bfloat16
     coeffs = (DEFAULT_A, DEFAULT_B, DEFAULT_C)
     g = torch.randn(4, 64, 192, generator=torch.Generator().manual_seed(0))
     exact = newton_schulz(g.double(), coeffs, 5, 1e-7, torch.float64)
@@ -206,4 +220,4 @@ def test_on_cpu_the_iteration_runs_in_float32_and_is_the_more_exact() -> None:
 
     opts = build_optimizers(_model("tiny"), OptimConfig(warmup_steps=1), max_steps=10)
     muon = opts.optimizers[opts.names.index("muon")]
-    assert isinstance(muon, BatchedMuon) and muon.ns_dtype is None  # by device: float32 here
+    assert isinstance(muon, BatchedMuon) and muon.ns_dtype is None  # by device
