@@ -21,7 +21,9 @@ from trainer.errors import ConfigError
 
 def test_without_a_budget_the_run_is_600_steps_or_what_max_steps_says() -> None:
     cfg = compose_run_config(["model=tiny"])
-    assert cfg.trainer.max_steps == 600 and cfg.budget == "trainer.max_steps=600"
+    assert cfg.trainer.max_steps == 600 and cfg.budget == (
+        "trainer.max_steps=600, cut to fit trainer.time_budget=250 s of training"
+    )
     assert compose_run_config(["trainer.max_steps=7"]).trainer.max_steps == 7
 
 

@@ -21,7 +21,8 @@ def test_defaults_compose_into_typed_configs() -> None:
     assert cfg.model == Qwen3Config.from_preset("tiny")
     assert cfg.data == DataConfig()
     assert cfg.optim == OptimConfig()
-    assert cfg.trainer == TrainConfig() and cfg.sample == SampleConfig()
+    # time_budget auto resolves to the main job's budget (trainer/budget.py)
+    assert cfg.trainer == TrainConfig(time_budget=250.0) and cfg.sample == SampleConfig()
     assert cfg.wandb == WandbConfig()
     assert cfg.trainer.batch_size == 16 and cfg.trainer.seq_len == 256
     assert cfg.out_dir == "checkpoints" and cfg.resume is None and cfg.run_name
