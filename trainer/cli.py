@@ -153,7 +153,7 @@ def _only_hydra_files(run_dir: Path) -> bool:
     )
 
 
-def _group_settings(overrides: list[str]) -> TrainConfig:
+def _group_settings(overrides: list[str], config_name: str = "config") -> TrainConfig:
     """``trainer.dist_timeout`` and ``trainer.force_process_group`` as this command line
     composes them (conf/ and its overrides), checked. The process group is formed before
     Hydra's run, whose directory name the ranks agree on through it, so these two come from a
@@ -165,7 +165,7 @@ def _group_settings(overrides: list[str]) -> TrainConfig:
     wanted = [o for o in overrides if not o.startswith(("-", "hydra.", "hydra/", "+hydra"))]
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            composed = compose("config", overrides=wanted)
+            composed = compose(config_name, overrides=wanted)
     except HydraException as e:
         raise ConfigError(str(e)) from None
     values = {k: OmegaConf.select(composed, f"trainer.{k}") for k in keys}
@@ -242,7 +242,7 @@ def main(argv: list[str], start_time: float) -> int:
             return 2
         register_config_nodes()
         if under_torchrun():  # before Hydra: the ranks agree on the run directory's name
-            group = _group_settings(argv[1:])
+            group = _group_settings(argv[1:], config_name)
             init_process_group(dist, group.dist_timeout, group.force_process_group)
     except ConfigError as e:
         if dist.is_main:
