@@ -99,5 +99,8 @@ def test_two_processes_fine_tune_as_one(setup, fsdp, tmp_path) -> None:
     want = Qwen3.from_pretrained(ref / "latest").state_dict()
     got_weights = Qwen3.from_pretrained(ckpt).state_dict()
     assert sorted(got_weights) == sorted(want)
+    # 5e-4: on a CPU with AMX Muon iterates in bf16 (optim.muon_math.default_dtype), whose
+    # rounding differs between FSDP's sharded step and one process's (1.0e-4 measured there;
+    # 1.2e-7 in float32).
     for key, w in got_weights.items():
-        assert (w - want[key]).abs().max() <= 1e-4, key
+        assert (w - want[key]).abs().max() <= 5e-4, key
