@@ -27,6 +27,7 @@ import torch
 
 from qwen3 import Qwen3
 from qwen3.compile import compile_for_training
+from qwen3.layers import MLP
 
 # Batch and sequence length per shape: tokens per step kept CPU-sized (tiny's is the main job's).
 SHAPES = {"tiny": (16, 256), "mid": (16, 256), "small": (8, 256), "100m": (4, 256)}
@@ -40,15 +41,20 @@ def bench_shape(name: str, args, dtype: torch.dtype, device: torch.device) -> li
     batch = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1), device=device)
     flops_per_token = base.estimate_flops(seq_len)
 
-    def ours_copy() -> Qwen3:
+    def ours_copy(hand_backward: bool = True) -> Qwen3:
         m = Qwen3(cfg).to(device).train()
         m.load_state_dict(base.state_dict())
+        for layer in m.model.layers:
+            if isinstance(layer.mlp, MLP):
+                layer.mlp.hand_backward = hand_backward
         return m
 
     contenders = {
         "transformers AdamW": (harness.transformers_twin(base), False, "adamw"),
         "ours AdamW": (ours_copy(), True, "adamw"),
         "ours Muon+AdamW": (ours_copy(), True, "muon"),
+        # The dense MLP by autograd over its ops instead of qwen3.swiglu's Function.
+        "ours Muon+AdamW, autograd MLP": (ours_copy(hand_backward=False), True, "muon"),
     }
     runs = {}
     for label, (model, is_ours, optim_name) in contenders.items():

@@ -20,6 +20,7 @@ from qwen3.config import Qwen3Config
 from qwen3.device import compute_dtype
 from qwen3.documents import AttentionMask, flex_attend
 from qwen3.projections import _derived, inference_linear, inference_mode, stacked_linear
+from qwen3.swiglu import swiglu
 
 # How many positions of cos/sin to precompute; longer sequences extend the table on demand.
 _ROPE_PRECOMPUTE = 4096
@@ -260,8 +261,20 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(c, f, bias=False)
         self.up_proj = nn.Linear(c, f, bias=False)
         self.down_proj = nn.Linear(f, c, bias=False)
+        # Eager training runs qwen3.swiglu's Function, except under selective checkpointing
+        # (qwen3.model.set_activation_checkpointing clears this): that saves the matmuls'
+        # outputs by op, which the Function's buffers would hide, so it would recompute them.
+        self.hand_backward = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        projections = (self.gate_proj, self.up_proj, self.down_proj)
+        if (
+            not torch.compiler.is_compiling()  # compiled graphs fuse the element-wise ops
+            and self.hand_backward
+            and torch.is_grad_enabled()
+            and all(type(lin) is nn.Linear for lin in projections)  # not int8 (qwen3.quantize)
+        ):
+            return swiglu(x, *(lin.weight for lin in projections))
         gate_up = stacked_linear(self, x, (self.gate_proj, self.up_proj))
         if gate_up is None:  # two matmuls, their outputs used where they are
             gate, up = self.gate_proj(x), self.up_proj(x)

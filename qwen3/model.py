@@ -14,7 +14,7 @@ from qwen3.checkpointing import MODES, ActivationCheckpointing
 from qwen3.config import Qwen3Config
 from qwen3.device import compute_dtype
 from qwen3.documents import AttentionMask, document_attention
-from qwen3.layers import DecoderLayer, RMSNorm, RotaryEmbedding
+from qwen3.layers import MLP, DecoderLayer, RMSNorm, RotaryEmbedding
 from qwen3.loss import ChunkFn, linear_cross_entropy, linear_cross_entropy_stats
 from qwen3.moe import Experts
 from qwen3.projections import inference_linear
@@ -195,6 +195,8 @@ class Qwen3(nn.Module):
         for layer in self.model.layers:
             assert isinstance(layer, DecoderLayer)
             layer.activation_checkpointing = mode
+            if isinstance(layer.mlp, MLP):
+                layer.mlp.hand_backward = mode != "selective"
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         """Number of distinct parameters (a tied head counts once)."""

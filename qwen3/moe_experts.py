@@ -2,11 +2,10 @@
 expert's SwiGLU, ``down(silu(gate(x)) * up(x))``, on its own contiguous group of expert-sorted
 rows, scaled by the routing weights and added back to the tokens, in one autograd Function.
 
-Why not autograd over per-expert ops: it records ~10 nodes per expert, concatenates the outputs,
-the gate|up halves and the input gradients, and recomputes the sigmoid in SiLU's backward. Here
-each expert's matmuls write into a few row buffers, reused in place in backward, and SiLU's
-derivative is kept from forward, so each element takes one sigmoid in all: on CPU its exp costs
-several multiplies (measurements in benchmarks/results/moe.md).
+Why not autograd over per-expert ops: it records ~10 nodes per expert and concatenates the
+outputs and the input gradients. Here each expert's SwiGLU (qwen3.swiglu's arithmetic, SiLU's
+derivative kept from forward) writes into row buffers shared by all experts, reused in place in
+backward (measurements in benchmarks/results/moe.md).
 
 The weights are the block's two 3-D parameters (``gate_up`` (E, 2F, C), ``down`` (E, C, F));
 each expert's matrices are views of them, never copies, and the weight gradients are written
@@ -20,6 +19,8 @@ from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from qwen3.swiglu import swiglu_backward_into, swiglu_forward_into
 
 
 class _SwiGLUExperts(torch.autograd.Function):
@@ -44,7 +45,6 @@ class _SwiGLUExperts(torch.autograd.Function):
         training = any(ctx.needs_input_grad)
         # silu'(g) = s + silu(g) (1 - s), s = sigmoid(g): kept so backward needs no second exp.
         slope = flat.new_empty(rows, width) if training else None
-        one = flat.new_ones(())
         ys = flat.new_empty(rows, flat.shape[1])  # (R, C)
         # One view per expert and buffer up front: slicing in the loop would cost ~30 calls each.
         views = [torch.split(t, counts) for t in (xs, gate, up, h, ys)]
@@ -53,17 +53,9 @@ class _SwiGLUExperts(torch.autograd.Function):
             *views, slopes, gate_up, down, strict=True
         ):
             # Gate and up by two matmuls into contiguous buffers: one matmul into a (rows, 2F)
-            # buffer leaves every element-wise pass below on strided halves, ~8% slower in all.
-            torch.mm(x_i, w_gu[:width].t(), out=g_i)
-            torch.mm(x_i, w_gu[width:].t(), out=u_i)
-            if s_i is None:
-                torch.ops.aten.silu.out(g_i, out=g_i)
-            else:
-                torch.sigmoid(g_i, out=s_i)
-                g_i.mul_(s_i)  # gate now holds silu(g)
-                torch.lerp(g_i, one, s_i, out=s_i)
-            torch.mul(g_i, u_i, out=h_i)
-            torch.mm(h_i, w_d.t(), out=y_i)
+            # buffer leaves every element-wise pass on strided halves, ~8% slower in all.
+            expert = (w_gu[:width], w_gu[width:], w_d)
+            swiglu_forward_into(x_i, expert, g_i, u_i, h_i, s_i, y_i)
         out = torch.zeros_like(flat).index_add_(0, token, ys * row_weight.unsqueeze(1))
         if training:
             # Activations and the parameters themselves: no copy of any weight is kept.
@@ -91,16 +83,16 @@ class _SwiGLUExperts(torch.autograd.Function):
         for x_i, a_i, u_i, h_i, s_i, gy_i, w_gu, w_d, gw_gu, gw_d in zip(
             *views, gate_up, down, grad_gate_up, grad_down, strict=True
         ):
-            grad_h = scratch[: len(x_i)]
-            torch.mm(gy_i, w_d, out=grad_h)
-            torch.mm(gy_i.t(), h_i, out=gw_d)
-            grad_up = torch.mul(grad_h, a_i, out=h_i)
-            grad_gate = u_i.mul_(grad_h).mul_(s_i)
-            torch.mm(grad_gate.t(), x_i, out=gw_gu[:width])
-            torch.mm(grad_up.t(), x_i, out=gw_gu[width:])
             # xs is spent once both weight gradients are formed: it takes the input gradient.
-            torch.mm(grad_gate, w_gu[:width], out=x_i)
-            x_i.addmm_(grad_up, w_gu[width:])
+            swiglu_backward_into(
+                gy_i,
+                x_i,
+                (a_i, u_i, h_i, s_i),
+                (w_gu[:width], w_gu[width:], w_d),
+                (gw_gu[:width], gw_gu[width:], gw_d),
+                scratch[: len(x_i)],
+                x_i,
+            )
         grad_flat = torch.zeros_like(grad_out).index_add_(0, token, xs)
         grad_weights = grad_weights.view(grad_out.shape[0], -1)  # (N, k)
         return grad_flat, grad_weights, None, None, grad_gate_up, grad_down
