@@ -69,7 +69,7 @@ _recompute = threading.local()
 
 def recomputing() -> bool:
     """Whether an eager checkpointed block is running again for backward. Code with side effects
-    beyond its outputs (a MoE block keeping its router logits for the auxiliary loss) skips them
+    beyond its outputs (a MoE block keeping its routing for the auxiliary loss) skips them
     then: the recomputed values would outlive the backward. torch has no public question for
     this. A compiled block never asks (its backward replays no Python); check
     ``torch.compiler.is_compiling()`` first, Dynamo cannot trace this."""

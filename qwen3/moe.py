@@ -22,7 +22,7 @@ Shapes: N tokens, k experts per token, E experts, C hidden size, F expert width.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -142,9 +142,9 @@ class Experts(nn.Module):
 class SparseMoeBlock(nn.Module):
     """Router + experts, with transformers' ``Qwen3MoeSparseMoeBlock`` parameter names.
 
-    In a forward with gradients on (training), the router logits are kept in
-    ``router_logits`` until :func:`pop_router_logits` takes them for the auxiliary loss (not
-    in activation checkpointing's recompute, :func:`qwen3.checkpointing.recomputing`).
+    In a forward with gradients on (training), the router's choice is kept in ``routing`` until
+    :func:`pop_routings` takes it for the auxiliary loss (not in activation checkpointing's
+    recompute, :func:`qwen3.checkpointing.recomputing`).
     """
 
     def __init__(self, config: Qwen3Config) -> None:
@@ -155,36 +155,44 @@ class SparseMoeBlock(nn.Module):
         self.aux_loss_coef = config.router_aux_loss_coef
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = Experts(config)
-        self.router_logits: torch.Tensor | None = None
+        self.routing: Routing | None = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Router logits (N, E), top-k weights (N, k) in x's dtype and expert ids (N, k)."""
-        logits = self.gate(x)
-        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+        """Router probabilities (N, E) in float32, top-k weights (N, k) in x's dtype and expert
+        ids (N, k)."""
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        return logits, weights.to(x.dtype), ids
+        return probs, weights.to(x.dtype), ids
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C)
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (N, C)
-        logits, weights, ids = self.route(flat)
+        probs, weights, ids = self.route(flat)
         # Kept for the auxiliary loss from the forward only: a checkpointed block's recompute
-        # in backward would leave its logits (and their graph) held until the next forward.
+        # in backward would leave its probabilities (and their graph) held until the next one.
         if torch.is_grad_enabled() and (torch.compiler.is_compiling() or not recomputing()):
-            self.router_logits = logits
+            self.routing = Routing(probs, ids)
         return self.experts(flat, weights, ids).view(shape)
 
 
-def pop_router_logits(model: nn.Module) -> list[torch.Tensor]:
-    """The router logits each sparse block of ``model`` kept in its last forward with gradients
-    on, in layer order; the blocks forget them. Empty for a dense model."""
+class Routing(NamedTuple):
+    """A training forward's routing, for the load-balancing loss and the experts' load: what the
+    router computed anyway (softmax and top-k), not computed again from its logits."""
+
+    probs: torch.Tensor  # (N, E) float32 router probabilities, in the autograd graph
+    ids: torch.Tensor  # (N, k) the experts each token went to
+
+
+def pop_routings(model: nn.Module) -> list[Routing]:
+    """The routing each sparse block of ``model`` kept in its last forward with gradients on, in
+    layer order; the blocks forget them. Empty for a dense model."""
     out = []
     for module in model.modules():
-        if isinstance(module, SparseMoeBlock) and module.router_logits is not None:
-            out.append(module.router_logits)
-            module.router_logits = None
+        if isinstance(module, SparseMoeBlock) and module.routing is not None:
+            out.append(module.routing)
+            module.routing = None
     return out
 
 
@@ -202,12 +210,12 @@ class RouterLosses:
     def take(self) -> torch.Tensor | float:
         """``router_aux_loss_coef`` x the auxiliary loss of the forward just run, to add to its
         loss before backward (transformers' total loss); 0.0 for a dense model."""
-        logits = pop_router_logits(self.model)
-        if self.block is None or not logits:
+        routings = pop_routings(self.model)
+        if self.block is None or not routings:
             return 0.0
-        e, k = self.block.num_experts, self.block.top_k
-        aux = load_balancing_loss(logits, e, k)
-        stats = torch.stack([aux.detach(), expert_load(logits, e, k).float()])
+        e = self.block.num_experts
+        aux = load_balancing_loss(routings, e)
+        stats = torch.stack([aux.detach(), expert_load(routings, e).float()])
         self.sums = stats if self.sums is None else self.sums + stats
         self.count += 1
         return self.block.aux_loss_coef * aux
@@ -221,24 +229,19 @@ class RouterLosses:
         return {"aux_loss": aux, "expert_load": load}
 
 
-def load_balancing_loss(
-    router_logits: list[torch.Tensor], num_experts: int, top_k: int
-) -> torch.Tensor:
+def load_balancing_loss(routings: list[Routing], num_experts: int) -> torch.Tensor:
     """transformers' ``load_balancing_loss_func`` (Switch Transformer, eqs. 4-6) without a padding
     mask: E * sum_e f_e * P_e, where f_e is expert e's share of the top-k assignments and P_e its
-    mean router probability, both over the tokens of every layer together."""
-    probs = torch.cat([F.softmax(g.float(), dim=-1) for g in router_logits])  # (L*N, E)
-    _, selected = torch.topk(probs, top_k, dim=-1)
-    counts = expert_counts(selected, num_experts).float()
-    tokens_per_expert = counts / probs.shape[0]
-    return num_experts * torch.sum(tokens_per_expert * probs.mean(dim=0))
+    mean router probability, both over the tokens of every layer together. transformers takes
+    the logits and computes softmax and top-k again; the router's own are the same values."""
+    tokens = sum(r.probs.shape[0] for r in routings)
+    counts = torch.stack([expert_counts(r.ids, num_experts) for r in routings]).sum(dim=0)
+    mean_probs = torch.stack([r.probs.sum(dim=0) for r in routings]).sum(dim=0) / tokens
+    return num_experts * torch.sum(counts / tokens * mean_probs)
 
 
-def expert_load(router_logits: list[torch.Tensor], num_experts: int, top_k: int) -> torch.Tensor:
+def expert_load(routings: list[Routing], num_experts: int) -> torch.Tensor:
     """The largest expert's share of a layer's routed tokens, averaged over the layers: 1/E when
     perfectly balanced, 1/k (k experts per token) when every token picks the same experts."""
-    shares = []
-    for g in router_logits:
-        ids = torch.topk(g.detach(), top_k, dim=-1).indices.reshape(-1)
-        shares.append(expert_counts(ids, num_experts).max() / ids.numel())
+    shares = [expert_counts(r.ids, num_experts).max() / r.ids.numel() for r in routings]
     return torch.stack(shares).mean()

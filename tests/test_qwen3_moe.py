@@ -11,11 +11,12 @@ from safetensors.torch import load_file
 
 from qwen3 import KVCache, Qwen3, Qwen3Config, Sampling, generate
 from qwen3.moe import (
+    Routing,
     SparseMoeBlock,
     expert_load,
     grouped_swiglu,
     load_balancing_loss,
-    pop_router_logits,
+    pop_routings,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -188,14 +189,14 @@ def test_loss_and_aux_loss_equal_transformers(tmp_path) -> None:
     # transformers predicts labels[t + 1] at t; our targets are already shifted.
     y = torch.cat([x[:, 1:], torch.full((2, 1), -100)], dim=1)
     loss = ours(x, targets=y)
-    logits = pop_router_logits(ours)
-    assert len(logits) == 2  # layers 0 and 2; layer 1 is dense
-    aux = load_balancing_loss(logits, num_experts=6, top_k=2)
+    routings = pop_routings(ours)
+    assert len(routings) == 2  # layers 0 and 2; layer 1 is dense
+    aux = load_balancing_loss(routings, num_experts=6)
     ref = theirs(x, labels=x, output_router_logits=True)
     assert aux.item() == pytest.approx(ref.aux_loss.item(), rel=1e-5)
     coef = theirs.config.router_aux_loss_coef
     assert (loss + coef * aux).item() == pytest.approx(ref.loss.item(), rel=1e-5)
-    assert pop_router_logits(ours) == []  # taken once
+    assert pop_routings(ours) == []  # taken once
 
 
 def test_gradients_equal_transformers(tmp_path) -> None:
@@ -204,7 +205,7 @@ def test_gradients_equal_transformers(tmp_path) -> None:
     ours = Qwen3.from_pretrained(tmp_path).train()
     x = torch.randint(0, BASE["vocab_size"], (2, 20))
     y = torch.cat([x[:, 1:], torch.full((2, 1), -100)], dim=1)
-    (ours(x, targets=y) + 0.001 * load_balancing_loss(pop_router_logits(ours), 8, 3)).backward()
+    (ours(x, targets=y) + 0.001 * load_balancing_loss(pop_routings(ours), 8)).backward()
     theirs(x, labels=x, output_router_logits=True).loss.backward()
     mine = dict(ours.named_parameters())
     layer = "model.layers.1.mlp"
@@ -331,11 +332,13 @@ def _expert(experts: torch.nn.Module, e: int | torch.Tensor, x: torch.Tensor) ->
 
 def test_expert_load_reads_balance() -> None:
     n, e = 64, 4
-    balanced = torch.eye(e).repeat(n // e, 1)  # each token prefers a different expert in turn
-    collapsed = torch.zeros(n, e)
-    collapsed[:, 0] = 5.0
-    assert expert_load([balanced], e, 1).item() == pytest.approx(1 / e)
-    assert expert_load([collapsed, balanced], e, 1).item() == pytest.approx((1 + 1 / e) / 2)
+    # Each token goes to a different expert in turn, or every token to expert 0.
+    balanced = torch.arange(n).remainder(e).unsqueeze(1)
+    collapsed = torch.zeros(n, 1, dtype=torch.int64)
+    probs = torch.full((n, e), 1 / e)
+    assert expert_load([Routing(probs, balanced)], e).item() == pytest.approx(1 / e)
+    routings = [Routing(probs, collapsed), Routing(probs, balanced)]
+    assert expert_load(routings, e).item() == pytest.approx((1 + 1 / e) / 2)
 
 
 def test_generation_with_cache_equals_full_recompute() -> None:
@@ -428,7 +431,7 @@ def test_activation_checkpointing_keeps_loss_aux_loss_and_gradients(mode: str) -
         model = Qwen3(cfg).train()
         model.set_activation_checkpointing(checkpointing)  # type: ignore[arg-type]
         loss = model(x, targets=y)
-        aux = load_balancing_loss(pop_router_logits(model), 6, 2)
+        aux = load_balancing_loss(pop_routings(model), 6)
         (loss + 0.01 * aux).backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((loss.item(), aux.item(), grads))

@@ -148,9 +148,9 @@ def test_selective_checkpointing_keeps_the_grouped_matmuls() -> None:
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
-def test_checkpoint_recompute_keeps_no_router_logits(mode) -> None:
-    """Activation checkpointing runs the block again in backward; that run keeps no router logits
-    (they and their graph would be held until the next forward), and the gradients, auxiliary
+def test_checkpoint_recompute_keeps_no_routing(mode) -> None:
+    """Activation checkpointing runs the block again in backward; that run keeps no routing
+    (its probabilities and their graph would be held until the next forward), and the gradients, auxiliary
     loss included, are the unchecked block's."""
     from qwen3.checkpointing import run_block
 
@@ -161,7 +161,7 @@ def test_checkpoint_recompute_keeps_no_router_logits(mode) -> None:
         out = run_block(block, m, x)
         aux = RouterLosses(block).take()
         (out.square().sum() + aux).backward()
-        assert block.router_logits is None
+        assert block.routing is None
         grads[m] = [x.grad, *(p.grad for p in block.parameters())]
     for a, b in zip(grads["none"], grads[mode], strict=True):
         torch.testing.assert_close(a, b)
