@@ -29,7 +29,7 @@ from trainer.errors import ConfigError
 from trainer.lm_eval_tasks import CORE_TASKS, LOCAL_TASKS
 
 LIMIT = 10
-NEXT_LINE = "benchmarks/lm_eval_tasks/shakespeare_next_line.yaml"
+NEXT_LINE = str(REPO / "benchmarks" / "lm_eval_tasks" / "shakespeare_next_line.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +38,11 @@ def corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _repo_cwd(monkeypatch, tmp_path) -> None:
-    """The shipped task YAMLs name their data relative to the repository root; datasets caches
-    the tasks' data in the test's own folder."""
-    monkeypatch.chdir(REPO)
+def _elsewhere(monkeypatch, tmp_path) -> None:
+    """In-process runs start outside the repository (the shipped task YAMLs read their data
+    from their own folder, not the working directory's); datasets caches the tasks' data in the
+    test's own folder."""
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-datasets"))
 
 

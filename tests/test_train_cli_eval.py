@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_trainer_support import run_train, tiny_qwen3, write_corpus
+from test_trainer_support import run_train, subprocess_env, tiny_qwen3, train_cmd, write_corpus
 
 from data.tokenizer_training import train_tokenizer
 from qwen3 import Qwen3
@@ -19,6 +20,7 @@ from qwen3.tokenizer import Qwen3Tokenizer
 from trainer.checkpoint import save_checkpoint
 from trainer.cli import run_subcommand
 from trainer.config import WandbConfig
+from trainer.lm_eval_tasks import LOCAL_TASKS
 from trainer.metrics import WandbLogger, wandb_run_id
 from trainer.run_layout import set_pointer
 
@@ -170,6 +172,31 @@ def test_eval_defaults_to_the_newest_run_and_writes_beside_a_plain_dir(
     assert json.loads(written.read_text())["step"] is None
 
 
+def test_the_shipped_tasks_read_their_items_from_any_directory(setup, tmp_path) -> None:
+    """core_local's YAMLs name their jsonl files beside them; ``train.py eval`` run from outside
+    the repository scores every item (datasets alone reads a relative path from the working
+    directory)."""
+    root, run, _ = setup
+    plain = tmp_path / "model"
+    shutil.copytree(run / "step-000010", plain, ignore=shutil.ignore_patterns("trainer_state*"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    args = [f"ckpt={plain}", "tasks=[core_local]", "limit=3", "device=cpu", "wandb=false"]
+    res = subprocess.run(
+        train_cmd("eval", *args),
+        cwd=elsewhere,
+        env=subprocess_env(root),
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    (written,) = (tmp_path / "eval").glob("*.json")
+    results = json.loads(written.read_text())["results"]
+    assert sorted(results) == sorted(LOCAL_TASKS)
+    assert all(results[t]["sample_len"] == 3 for t in LOCAL_TASKS)
+    assert list(elsewhere.iterdir()) == []
+
+
 def _one_line_error(res, after_progress_bars: bool = False) -> str:
     """The one line of a user's mistake (after transformers' weight-loading bar, where the
     mistake shows only once the model is loaded), and no traceback."""
@@ -198,6 +225,11 @@ def test_eval_mistakes_are_one_line(setup, tmp_path, capsys) -> None:
     not_a_task = tmp_path / "notes.yaml"
     not_a_task.write_text("just: notes\n")
     assert "notes.yaml is not an lm-eval task YAML" in error(ckpt, f"tasks=[{not_a_task}]")
+    no_data = tmp_path / "no_data.yaml"
+    no_data.write_text(task.read_text().replace(str(task.parent / "items.jsonl"), "absent.jsonl"))
+    line = error(ckpt, f"tasks=[{no_data}]")
+    assert "tasks: speaker_mc: Unable to find" in line and "absent.jsonl" in line
+    assert "read from the task YAML's folder, else from the working directory" in line
     line = error(ckpt, f"tasks=[{task}]", "limit=0")
     assert "limit=0 must be a count >= 1 or a fraction in (0, 1)" in line
     line = error(ckpt, f"tasks=[{task}]", "lmit=5")

@@ -8,6 +8,7 @@ with the CORE aggregate. ``train.py eval`` (trainer/downstream.py) and the train
 from __future__ import annotations
 
 import difflib
+import glob
 import os
 import random
 from dataclasses import dataclass, field
@@ -155,7 +156,12 @@ def load_tasks(specs: list[str], skip_unreachable: bool) -> LoadedTasks:
     skipped: list[str] = []
     for name in names:
         try:
-            one = manager.load([name])
+            one = manager.load([_with_local_data(manager, name)])
+        except FileNotFoundError as e:  # datasets: a data file of a task YAML is not there
+            raise ConfigError(
+                f"tasks: {name}: {' '.join(str(e).split())}; a relative dataset_kwargs.data_files "
+                "path is read from the task YAML's folder, else from the working directory"
+            ) from None
         except ConnectionError as e:  # datasets: the hub unreachable, or offline mode
             if not (skip_unreachable or name in hub):
                 raise ConfigError(
@@ -171,6 +177,41 @@ def load_tasks(specs: list[str], skip_unreachable: bool) -> LoadedTasks:
             loaded.setdefault("group_map", {}).update(one["group_map"])
         kept.append(name)
     return LoadedTasks(kept, loaded, suite, skipped)
+
+
+def _with_local_data(manager: TaskManager, name: str) -> str | dict[str, Any]:
+    """``name``, or, for a task YAML whose ``dataset_kwargs.data_files`` name files beside it by
+    a relative path, the task's whole config with those paths made absolute: datasets reads a
+    relative path from the working directory, and the shipped tasks must load from anywhere.
+    (A path that names no file beside the YAML is left for datasets to read as before.)"""
+    entry = manager.task_index.get(name)
+    if entry is None or entry.yaml_path is None:
+        return name
+    # lm-eval's own reading of the YAML (its includes merged, !function tags resolved): a task
+    # given as a config dict is built from that config alone
+    from lm_eval.tasks._yaml_loader import load_yaml  # type: ignore[import-untyped]  # lm-eval ships no type hints
+
+    config = load_yaml(entry.yaml_path, resolve_func=True)
+    kwargs = config.get("dataset_kwargs")
+    if not isinstance(config.get("task"), str) or not isinstance(kwargs, dict):
+        return name  # a group, or a task without data_files: nothing to resolve
+    folder = Path(entry.yaml_path).resolve().parent
+
+    def beside(files: Any) -> Any:
+        if isinstance(files, dict):
+            return {split: beside(f) for split, f in files.items()}
+        if isinstance(files, list):
+            return [beside(f) for f in files]
+        if not isinstance(files, str) or "://" in files or Path(files).is_absolute():
+            return files
+        here = str(folder / files)
+        return here if glob.glob(here, recursive=True) else files
+
+    files = kwargs.get("data_files")
+    resolved = beside(files)
+    if resolved == files:
+        return name
+    return {**config, "dataset_kwargs": {**kwargs, "data_files": resolved}}
 
 
 def skipped_line(skipped: list[str]) -> str:
