@@ -201,8 +201,14 @@ async def _collect(http: Request, req: GenerationRequest) -> Collected:
             return texts, reasons, tokens
 
 
+# Characters JSON may carry raw that Python's str.splitlines (and so httpx's aiter_lines and
+# many clients' line readers) takes for line ends, cutting an event short: sent as \u escapes.
+_LINE_BREAKING = str.maketrans({c: f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"})
+
+
 def _sse(payload: str) -> str:
-    return f"data: {payload}\n\n"
+    """One server-sent event carrying a JSON ``payload``, on one line for any line reader."""
+    return f"data: {payload.translate(_LINE_BREAKING)}\n\n"
 
 
 async def _events(

@@ -324,6 +324,21 @@ def test_sixteen_concurrent_requests_are_all_answered(client: openai.OpenAI, ser
     assert texts[:4] == alone  # batched with others, a greedy answer is the same as alone
 
 
+def test_streamed_events_stay_whole_for_line_readers_that_split_on_unicode_breaks(
+    server: str,
+) -> None:
+    """U+0085, U+2028 and U+2029 are legal raw in JSON but end a line for str.splitlines, and so
+    for httpx's iter_lines: an echoed prompt holding them still comes as whole events."""
+    prompt = "Tom\x85 saw\u2028 the\u2029 cat"
+    body = {"prompt": prompt, "max_tokens": 3, "echo": True, "stream": True, "temperature": 0}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as res:
+        lines = [line for line in res.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    text = "".join(e["choices"][0]["text"] for e in events if e["choices"])
+    assert text.startswith(prompt)
+
+
 def test_disconnect_mid_stream_stops_generation(server: str) -> None:
     before = httpx.get(f"{server}/health").json()
     body = {"prompt": "Once", "max_tokens": CAP, "ignore_eos": True, "stream": True}
