@@ -19,36 +19,29 @@ import torch
 
 from qwen3.device import compute_dtype
 
-# The float32 logits of one chunk on CPU: cache-sized (8 MiB; smaller chunks were faster there,
-# benchmarks/results/design-measurements.md).
-_CPU_CHUNK_BYTES = 2**23
-# With the chunk step compiled (trainer.compile), Inductor fuses the passes over a chunk's
-# logits, so they need not stay in cache: on CPU taller chunks then run faster (128 MiB: 4096
-# rows at an 8k vocabulary, the main job's whole batch; benchmarks/results/compile.md).
-_CPU_COMPILED_CHUNK_BYTES = 2**27
+# The float32 logits of one chunk on CPU: cache-sized (4 MiB, twice a 2 MiB L2; smaller and
+# larger chunks were slower, eager or with the chunk step compiled, which fuses the passes
+# over a chunk but does not make tall chunks pay: benchmarks/results/design-measurements.md).
+_CPU_CHUNK_BYTES = 2**22
 # On an accelerator the chunk matmuls must be tall enough to run at their peak: up to 2 GiB of
 # float32 logits (about 3.3k rows at Qwen's 151,936-word vocabulary), at most 1/32 of the memory.
 _ACCELERATOR_CHUNK_BYTES = 2**31
 
 
-def default_chunk_rows(vocab_size: int, device: torch.device, compiled: bool = False) -> int:
+def default_chunk_rows(vocab_size: int, device: torch.device) -> int:
     """Rows per chunk of the fused loss on ``device`` (:func:`chunk_rows_for`)."""
     memory = None
     if device.type == "cuda":
         memory = torch.cuda.get_device_properties(device).total_memory
-    return chunk_rows_for(vocab_size, device.type, memory, compiled)
+    return chunk_rows_for(vocab_size, device.type, memory)
 
 
-def chunk_rows_for(
-    vocab_size: int, device_type: str, memory_bytes: int | None = None, compiled: bool = False
-) -> int:
-    """Rows per chunk so that a chunk's (rows, V) float32 logits stay cache-sized on a CPU
-    (larger with a ``compiled`` chunk step) and large on an accelerator (``memory_bytes``: its
-    memory, which bounds the budget), where the rows are a multiple of 256 (tensor-core tiles)
-    and at least 1024."""
+def chunk_rows_for(vocab_size: int, device_type: str, memory_bytes: int | None = None) -> int:
+    """Rows per chunk so that a chunk's (rows, V) float32 logits stay cache-sized on a CPU and
+    large on an accelerator (``memory_bytes``: its memory, which bounds the budget), where the
+    rows are a multiple of 256 (tensor-core tiles) and at least 1024."""
     if device_type == "cpu":
-        budget = _CPU_COMPILED_CHUNK_BYTES if compiled else _CPU_CHUNK_BYTES
-        return max(64, min(16384, budget // (4 * vocab_size)))
+        return max(64, min(16384, _CPU_CHUNK_BYTES // (4 * vocab_size)))
     budget = _ACCELERATOR_CHUNK_BYTES
     if memory_bytes is not None:
         budget = min(budget, memory_bytes // 32)
@@ -243,9 +236,9 @@ def linear_cross_entropy(
     to ``F.cross_entropy((hidden @ weight.T).float().flatten(0, -2), targets.flatten(),
     ignore_index=ignore_index)`` but without materialising the full logits or their gradient.
     ``chunk_rows`` defaults to :func:`default_chunk_rows`; ``chunk_fn`` replaces the chunk
-    step by its compiled form (:func:`compile_chunk`), whose default chunks are taller."""
+    step by its compiled form (:func:`compile_chunk`)."""
     if chunk_rows is None:
-        chunk_rows = default_chunk_rows(weight.shape[0], hidden.device, chunk_fn is not None)
+        chunk_rows = default_chunk_rows(weight.shape[0], hidden.device)
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows={chunk_rows}: must be >= 1.")
     hidden = hidden.reshape(-1, hidden.shape[-1])

@@ -123,18 +123,7 @@ def test_chunk_rows_on_an_accelerator_are_thousands_and_tile_aligned() -> None:
     smaller = chunk_rows_for(151936, "cuda", 16 * gib)  # a smaller GPU: smaller chunks, tall still
     assert 1024 <= smaller < rows
     assert chunk_rows_for(8192, "cuda", 80 * gib) == 32768  # ceiling for small vocabularies
-    assert chunk_rows_for(8192, "cpu") == 256  # the CPU's cache-sized chunks are unchanged
-
-
-def test_a_compiled_chunk_step_takes_taller_chunks_on_cpu_only() -> None:
-    """Compiled, the CPU's chunk is the main job's whole batch (16 x 256 rows at tiny's 8k
-    vocabulary), still bounded at Qwen's; an accelerator's size does not depend on it."""
-    assert chunk_rows_for(8192, "cpu", compiled=True) == 4096
-    assert 64 < chunk_rows_for(151936, "cpu", compiled=True) < 4096
-    gib = 2**30
-    assert chunk_rows_for(151936, "cuda", 80 * gib, compiled=True) == chunk_rows_for(
-        151936, "cuda", 80 * gib
-    )
+    assert chunk_rows_for(8192, "cpu") == 128  # the CPU's cache-sized chunks
 
 
 class _Allocations(TorchDispatchMode):

@@ -80,7 +80,7 @@ def test_dense_begin_after_padding_falls_back_to_masks() -> None:
 
 def test_default_chunk_rows_is_cache_sized_on_cpu_and_bounded() -> None:
     cpu = torch.device("cpu")
-    assert default_chunk_rows(8192, cpu) == 256
+    assert default_chunk_rows(8192, cpu) == 128  # 4 MiB of float32 logits
     assert default_chunk_rows(151936, cpu) == 64  # floor: matmuls stay reasonably tall
     assert default_chunk_rows(10, cpu) == 16384  # ceiling for tiny vocabularies
 
