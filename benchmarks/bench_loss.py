@@ -4,8 +4,7 @@ eager at the device's default chunk rows (and others, ``--eager-rows``) against 
 machine) and wall time, ratios to eager. Each compiled size is compiled and checked equal to eager
 (loss and both gradients) before timing.
 
-    .venv/bin/python benchmarks/bench_loss.py --shapes tiny,small --rows 1024,2048,4096 \
-        --eager-rows 1024,4096
+    .venv/bin/python benchmarks/bench_loss.py --shapes tiny --rows 64,128,192 --eager-rows 256
     .venv/bin/python benchmarks/bench_loss.py --quick
 """
 
@@ -40,7 +39,7 @@ def runner(
 def main() -> None:
     parser = harness.common_args(__doc__ or "")
     parser.add_argument("--shapes", default="tiny,small", help="presets (hidden and vocabulary)")
-    parser.add_argument("--rows", default="256,1024,4096", help="compiled chunk rows to try")
+    parser.add_argument("--rows", default="128,256,1024", help="compiled chunk rows to try")
     parser.add_argument("--eager-rows", default="", help="eager chunk rows to try besides")
     args = parser.parse_args()
     device = harness.setup("cpu", args.threads)

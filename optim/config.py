@@ -10,6 +10,7 @@ OPTIMIZER_NAMES = ("muon", "adamw")
 SCHEDULES = ("cosine", "wsd", "constant")
 ADJUST_LR_FNS = ("match_rms_adamw", "original")
 ADAMW_IMPLS = ("auto", "fused", "foreach", "loop")
+NS_DTYPES = ("auto", "float32", "bfloat16")
 
 
 def _fail(field: str, value: Any, problem: str, fix: str) -> None:
@@ -74,6 +75,10 @@ class OptimConfig:
     nesterov: bool = True  # Nesterov momentum for Muon
     adjust_lr_fn: str = "match_rms_adamw"  # Muon's per-matrix lr scale: match_rms_adamw | original
     ns_steps: int = 5  # Newton-Schulz iterations per Muon update
+    # The Newton-Schulz iteration's dtype: auto (bf16, torch.optim.Muon's, except float32 on a CPU
+    # without bf16 matrix units: optim.muon_math.default_dtype) | float32 (slower where bf16 is
+    # fast, and the same weights on any process count to float rounding) | bfloat16
+    ns_dtype: str = "auto"
     # Muon momentum warmup: linear from momentum_warmup_start to momentum over these steps (0 = off)
     momentum_warmup_steps: int = 0
     momentum_warmup_start: float = 0.85  # Muon's momentum at the start of its warmup
@@ -100,6 +105,7 @@ class OptimConfig:
         _check_range("momentum_warmup_start", self.momentum_warmup_start, 0.0, 1.0, high_open=True)
         _check_count("momentum_warmup_steps", self.momentum_warmup_steps)
         _check_choice("adjust_lr_fn", self.adjust_lr_fn, ADJUST_LR_FNS)
+        _check_choice("ns_dtype", self.ns_dtype, NS_DTYPES)
         if isinstance(self.ns_steps, bool) or not isinstance(self.ns_steps, int):
             _fail("ns_steps", self.ns_steps, "must be a whole number", "set e.g. optim.ns_steps=5")
         if not 1 <= self.ns_steps < 100:

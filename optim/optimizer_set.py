@@ -303,6 +303,7 @@ def build_optimizers(
             nesterov=cfg.nesterov,
             ns_steps=cfg.ns_steps,
             adjust_lr_fn=cfg.adjust_lr_fn,
+            ns_dtype=None if cfg.ns_dtype == "auto" else getattr(torch, cfg.ns_dtype),
             process_group=None if sharded else data_parallel,
         )
         if cfg.momentum_warmup_steps > 0:

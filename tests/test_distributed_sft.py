@@ -50,6 +50,9 @@ def setup(tmp_path_factory):
         # the tolerances of tests/test_distributed_support.py's runs, at their learning rate
         "optim.lr=3e-3",
         "optim.adamw_lr=3e-3",
+        # float32 Newton-Schulz: bf16's (the default where a CPU has AMX) rounds differently in
+        # FSDP's sharded step than in one process's, 3e-4 to 5e-4 apart after these steps
+        "optim.ns_dtype=float32",
     ]
     ref = run_train(tmp, *sft, "run_name=ref", "trainer.batch_size=4", "trainer.grad_accum=2")
     assert ref.returncode == 0, ref.stderr
@@ -99,8 +102,5 @@ def test_two_processes_fine_tune_as_one(setup, fsdp, tmp_path) -> None:
     want = Qwen3.from_pretrained(ref / "latest").state_dict()
     got_weights = Qwen3.from_pretrained(ckpt).state_dict()
     assert sorted(got_weights) == sorted(want)
-    # 5e-4: on a CPU with AMX Muon iterates in bf16 (optim.muon_math.default_dtype), whose
-    # rounding differs between FSDP's sharded step and one process's (1.0e-4 measured there;
-    # 1.2e-7 in float32).
     for key, w in got_weights.items():
-        assert (w - want[key]).abs().max() <= 5e-4, key
+        assert (w - want[key]).abs().max() <= 1e-5, key

@@ -84,6 +84,31 @@ def test_muon_routing_matrices_to_muon_and_the_rest_to_adamw() -> None:
     assert all(p.ndim == 2 for p in opt.optimizers[0].param_groups[0]["params"])
 
 
+def test_ns_dtype_sets_the_newton_schulz_iteration_dtype() -> None:
+    """optim.ns_dtype reaches Muon: float32 runs the iteration in float32 (the updates then
+    differ from bf16's by bf16 rounding); auto leaves it to optim.muon_math.default_dtype."""
+    from optim.muon_math import default_dtype
+
+    updates = {}
+    for ns_dtype in ("auto", "float32", "bfloat16"):
+        torch.manual_seed(0)
+        model = make_model()
+        opt = build_optimizers(model, OptimConfig(ns_dtype=ns_dtype, warmup_steps=1), 10)
+        muon = opt.optimizers[opt.names.index("muon")]
+        want = (
+            default_dtype(torch.device("cpu")) if ns_dtype == "auto" else getattr(torch, ns_dtype)
+        )
+        assert muon._ns_dtype(torch.device("cpu")) == want
+        before = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+        model(torch.arange(16).view(2, 8), targets=torch.arange(16).view(2, 8)).backward()
+        opt.step()
+        updates[ns_dtype] = model.model.layers[0].mlp.up_proj.weight.detach() - before
+    assert not torch.equal(updates["float32"], updates["bfloat16"])
+    # The same step to bf16's rounding, which the quintic iteration amplifies (cosine 0.95 here).
+    a, b = updates["float32"].flatten(), updates["bfloat16"].flatten()
+    assert float(torch.nn.functional.cosine_similarity(a, b, dim=0)) > 0.9
+
+
 def test_adamw_routing_puts_everything_in_adamw() -> None:
     model = make_model(tie_word_embeddings=False, attention_bias=True)
     cfg = OptimConfig(

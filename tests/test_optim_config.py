@@ -47,6 +47,7 @@ def test_learning_rates_must_be_positive(field: str, value: float) -> None:
         ({"decay_fraction": 0.0}, r"optim\.decay_fraction=0\.0 must be > 0"),
         ({"nesterov": "yes"}, r"optim\.nesterov='yes' must be true or false"),
         ({"ns_steps": 0}, r"optim\.ns_steps=0 must lie in \[1, 100\)"),
+        ({"ns_dtype": "fp16"}, r"optim\.ns_dtype='fp16' is not a known choice"),
         ({"eps": 0}, r"optim\.eps=0 must be > 0"),
     ],
 )

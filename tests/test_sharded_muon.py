@@ -197,6 +197,9 @@ WORKER = textwrap.dedent(
     weights = [(p.full_tensor() if isinstance(p, DTensor) else p).tolist() for p in model.parameters()]
     out = {"orthogonalised": per_step, "comms": comms, "weights": weights}
     json.dump(out, open(f"{sys.argv[1]}/{rank}.json", "w"))
+    # Both ranks done before either tears gloo down (as trainer.distributed does): a rank that
+    # left first once aborted its peer ('terminate called without an active exception').
+    dist.barrier()
     dist.destroy_process_group()
     """
 )
