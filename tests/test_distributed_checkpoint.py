@@ -12,10 +12,15 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
-from test_distributed_support import base_overrides, losses, run_torchrun, run_worker
+from test_distributed_support import (
+    base_overrides,
+    losses,
+    process_tree,
+    run_torchrun,
+    run_worker,
+)
 from test_trainer_support import REPO, make_trainer, subprocess_env, write_corpus
 
 from trainer.run_layout import TRAIN_STATE_DIR
@@ -112,24 +117,6 @@ def setup(tmp_path_factory):
     return tmp, base, losses(tmp / "ref")
 
 
-def _process_tree(root: int) -> list[int]:
-    """``root`` and all its descendants (torchrun starts its workers in sessions of their own,
-    so killing its process group would leave them running)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the process ended meanwhile
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, []))
-    return tree
-
-
 def _saved_step(ckpt) -> int:
     return int(ckpt.resolve().name.removeprefix("step-"))
 
@@ -158,7 +145,7 @@ def test_a_killed_sharded_run_resumes_on_two_processes_and_on_one(setup) -> None
     while not latest.exists():
         assert job.poll() is None, (tmp / "killed.out").read_text()
         time.sleep(0.01)
-    tree = _process_tree(job.pid)
+    tree = process_tree(job.pid)
     assert len(tree) >= 3  # torchrun and its two workers
     for pid in tree:  # as a crash of the machine would: every process at once, no cleanup
         os.kill(pid, signal.SIGKILL)
