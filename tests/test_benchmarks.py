@@ -57,6 +57,17 @@ def test_bench_train_compile_prints_ratio_and_compile_time() -> None:
 
 
 @pytest.mark.slow
+def test_bench_cpu_allocator_runs_both_sides_and_the_retained_one_stops_faulting() -> None:
+    rows = {r["malloc"]: r for r in _table(_run("bench_cpu_allocator.py"))}
+    assert set(rows) == {"glibc default", "retained"}
+    assert all(r["shape"] == "tiny" and float(r["s/step"]) > 0 for r in rows.values())
+    assert float(rows["glibc default"]["ratio"]) == 1.0 and float(rows["retained"]["ratio"]) > 0
+    # counted, not timed: with freed memory kept, a steady step takes no fresh pages
+    faults = {k: float(r["page faults/step"].replace(",", "")) for k, r in rows.items()}
+    assert faults["retained"] < faults["glibc default"], rows
+
+
+@pytest.mark.slow
 def test_bench_generate_matches_transformers_tokens() -> None:
     out = _run("bench_generate.py", "--batches", "1,2", "--shapes", "tiny,gqa5-160")
     for shape in ("tiny", "gqa5-160"):

@@ -62,28 +62,45 @@ def seed_everything(seed: int) -> None:
 
 def apply_runtime_settings(cfg: RunConfig, device: torch.device) -> None:
     """Process-wide settings: CPU threads, flushing denormals on CPU (their softmax tails can
-    make a step ~4x slower), under FSDP on CPU a fixed ``malloc`` mmap threshold
-    (:func:`fix_malloc_mmap_threshold`), and TF32 matmuls on CUDA unless ``trainer.tf32=false``
+    make a step ~4x slower), glibc's ``malloc`` on CPU (under FSDP, a fixed mmap threshold:
+    :func:`fix_malloc_mmap_threshold`; otherwise freed memory kept for reuse:
+    :func:`retain_freed_memory`), and TF32 matmuls on CUDA unless ``trainer.tf32=false``
     (float32 runs, and the float32 parts of mixed precision, at tensor-core speed)."""
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     if device.type == "cpu":
         torch.set_flush_denormal(True)
-        if cfg.trainer.fsdp:  # the mode chosen to save memory; elsewhere it costs speed (below)
+        if cfg.trainer.fsdp:  # the mode chosen to save memory
             fix_malloc_mmap_threshold()
+        else:
+            retain_freed_memory()
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high" if cfg.trainer.tf32 else "highest")
 
 
-# glibc's mallopt parameter number for the mmap threshold (malloc.h).
-_M_MMAP_THRESHOLD = -3
+# glibc's mallopt parameter numbers (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 MALLOC_MMAP_THRESHOLD = 4 << 20
+# Environment variables by which a user sets glibc's choices: then the trainer leaves them.
+_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def _mallopt(settings: dict[int, int]) -> bool:
+    """glibc's ``mallopt`` for each (parameter, value); True if all were taken. Nothing is set
+    when the user chose any of :data:`_MALLOC_ENV` or the C library is not glibc."""
+    if sys.platform != "linux" or any(name in os.environ for name in _MALLOC_ENV):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018 - only glibc has it (musl, for one, does not)
+    except (OSError, AttributeError):
+        return False
+    return all([bool(libc.mallopt(param, value)) for param, value in settings.items()])
 
 
 def fix_malloc_mmap_threshold(nbytes: int = MALLOC_MMAP_THRESHOLD) -> bool:
     """Have glibc's ``malloc`` serve every block of ``nbytes`` or more with its own mapping,
-    returned to the system when freed; True if set. Not done when the user chose a threshold
-    (``MALLOC_MMAP_THRESHOLD_``) or the C library is not glibc.
+    returned to the system when freed; True if set.
 
     Why: glibc starts at 128 KiB and raises its threshold (up to 32 MiB) each time a mapped
     block is freed, so tensors of a few MiB soon come from the heap, whose freed holes it keeps
@@ -91,14 +108,21 @@ def fix_malloc_mmap_threshold(nbytes: int = MALLOC_MMAP_THRESHOLD) -> bool:
     such holes. The price is a page fault per page of every such tensor on every allocation,
     which steps whose activations pass 4 MiB pay, hence FSDP only (figures:
     benchmarks/results/fsdp-memory.md)."""
-    if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.gnu_get_libc_version  # noqa: B018 - only glibc has it (musl, for one, does not)
-    except (OSError, AttributeError):
-        return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, nbytes))
+    return _mallopt({_M_MMAP_THRESHOLD: nbytes})
+
+
+def retain_freed_memory() -> bool:
+    """Have glibc's ``malloc`` keep what a step frees for the next one: no block gets a mapping
+    of its own and the heap is never trimmed; True if set.
+
+    Why: a training step allocates and frees tensors of the same sizes every step, and glibc
+    maps blocks above its threshold (at most 32 MiB: a 100M model's embedding gradient, its
+    optimizer's temporaries) afresh each time and returns the heap's free top to the system, so
+    each step faults those pages in again (every page zeroed by the kernel). Kept, they are
+    reused, as CUDA's caching allocator reuses its blocks; the price is peak RSS that includes
+    the heap's free holes (figures: benchmarks/results/cpu-allocator.md)."""
+    # -1 disables trimming (glibc's documented value; the parameter is unsigned inside).
+    return _mallopt({_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: -1})
 
 
 def resolve_device(cfg: RunConfig) -> tuple[torch.device, Precision]:
