@@ -9,7 +9,9 @@ this machine's float32 (or bf16 with --amp) matmul peak, measured here first.
 each eager and compiled as the trainer compiles (``qwen3.compile.compile_for_training``: one
 graph per decoder block, plus the loss's chunk step), alternating; the ratio is compiled / eager
 within each round, and the compile time is the first compiled step's extra time over a steady
-one, with an empty Inductor cache (``--warm-cache`` keeps the machine's).
+one, with an empty Inductor cache (``--warm-cache`` keeps the machine's). On CPU it also prints
+the share of an eager step spent in the kernels compiling leaves as library calls (matmuls,
+attention), profiled, and the ceiling that share puts on compiling's gain (Amdahl: 1 / share).
 
     .venv/bin/python benchmarks/bench_train.py                 # tiny, mid, small
     .venv/bin/python benchmarks/bench_train.py --quick         # short smoke run
@@ -108,6 +110,35 @@ def _timed_both(step, steps: int):
     return run
 
 
+# CPU kernels Inductor calls as they are (oneDNN/MKL matmuls, SDPA's flash kernel) rather than
+# generating code for: compiling can only shrink the rest of a step.
+LIBRARY_KERNELS = frozenset(
+    {
+        "aten::mm",
+        "aten::addmm",
+        "aten::addmm_",
+        "aten::bmm",
+        "aten::baddbmm",
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+    }
+)
+
+
+def library_share(step, steps: int = 2) -> float:
+    """The fraction of ``steps`` steps' wall time spent inside :data:`LIBRARY_KERNELS` (their
+    self time under ``torch.profiler``; CPU only)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        wall_us = (time.perf_counter() - t0) * 1e6
+    events = prof.key_averages()
+    return sum(e.self_cpu_time_total for e in events if e.key in LIBRARY_KERNELS) / wall_us
+
+
 def bench_compile(name: str, args) -> list[str]:
     """Our Muon + AdamW step on ``name``'s shape, eager against compiled block by block."""
     batch_size, seq_len = SHAPES[name]
@@ -139,6 +170,11 @@ def bench_compile(name: str, args) -> list[str]:
     compile_cpu = firsts["compiled"][1] - harness.median([c for _, c in results["compiled"]])
     saved = eager_s - compiled_s
     break_even = f"{compile_wall / saved:,.0f}" if saved > 0 else "never"
+    if device.type == "cpu":
+        share = library_share(steps["eager"])
+        library = [f"{100 * share:.0f}%", f"{1 / share:.2f}"]
+    else:  # CUDA kernels run asynchronously: host-side self time says nothing of them
+        library = ["-", "-"]
     print(  # as soon as it is known: a large shape on a busy CPU takes long
         f"  {name}: compiled / eager {wall_ratio:.2f} (wall), {cpu_ratio:.2f} (CPU); compile "
         f"{compile_wall:.0f}s wall, {compile_cpu:.0f}s CPU",
@@ -154,6 +190,7 @@ def bench_compile(name: str, args) -> list[str]:
         f"{cpu_ratio:.2f}",
         f"{compile_wall:.0f}s ({compile_cpu:.0f}s CPU)",
         break_even,
+        *library,
     ]
 
 
@@ -167,10 +204,13 @@ def main_compile(args) -> None:
         "tokens/s; ratio = median over rounds of compiled / eager speed in the same round (by "
         "wall time, and by the process's CPU time, steadier on a shared machine); compile = "
         f"first compiled step minus a steady one, with {cache}; break-even = steps until the "
-        "compiled run has caught up (wall)"
+        "compiled run has caught up (wall); library share = the eager step's wall time in "
+        "matmul and attention kernels, which compiling leaves as calls, and ceiling = 1 / that "
+        "share, the most compiling the rest could gain (CPU only)"
     )
     headers = ["shape", "params", "batch", "eager tok/s", "compiled tok/s", "ratio (wall)"]
-    harness.print_table([*headers, "ratio (CPU)", "compile", "break-even steps"], rows)
+    headers += ["ratio (CPU)", "compile", "break-even steps", "library share", "ceiling"]
+    harness.print_table(headers, rows)
 
 
 def main() -> None:

@@ -76,7 +76,7 @@ class OptimConfig:
     adjust_lr_fn: str = "match_rms_adamw"  # Muon's per-matrix lr scale: match_rms_adamw | original
     ns_steps: int = 5  # Newton-Schulz iterations per Muon update
     # The Newton-Schulz iteration's dtype: auto (bf16, torch.optim.Muon's, except float32 on a CPU
-    # without bf16 matrix units: optim.muon_math.default_dtype) | float32 (slower where bf16 is
+    # without native bf16 matmuls: optim.muon_math.default_dtype) | float32 (slower where bf16 is
     # fast, and the same weights on any process count to float rounding) | bfloat16
     ns_dtype: str = "auto"
     # Muon momentum warmup: linear from momentum_warmup_start to momentum over these steps (0 = off)

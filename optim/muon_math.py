@@ -16,14 +16,15 @@ from collections.abc import Callable, Hashable
 import torch
 from torch import Tensor
 
-from qwen3.device import cpu_has_bf16_matrix_units
+from qwen3.device import cpu_has_native_bf16_matmul
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 (torch.optim.Muon's choice), except on a CPU without bf16 matrix units: there a bf16
-    matmul is emulated, far slower than float32 (benchmarks/results/muon.md), and float32 is the
-    more exact of the two. With them (AMX) bf16 runs 2-4x float32's iteration."""
-    if device.type == "cpu" and not cpu_has_bf16_matrix_units():
+    """bf16 (torch.optim.Muon's choice), except on a CPU that does not multiply bf16 in hardware:
+    there a bf16 matmul is emulated, far slower than float32 (benchmarks/results/muon.md), and
+    float32 is the more exact of the two. Where it does (AMX, AVX-512 BF16) bf16 runs 2-4x
+    float32's iteration."""
+    if device.type == "cpu" and not cpu_has_native_bf16_matmul():
         return torch.float32
     return torch.bfloat16
 

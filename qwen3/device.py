@@ -27,12 +27,16 @@ def pick_device(pref: str = "auto") -> torch.device:
 
 
 @functools.cache
-def cpu_has_bf16_matrix_units() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in hardware (Intel AMX, Sapphire Rapids and
-    later): there oneDNN runs a bf16 matmul at several times float32's rate, where other CPUs
-    emulate it far below. torch has no public probe; its private one is absent in some builds."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe()) if callable(probe) else False
+def cpu_has_native_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware: AMX tiles (Intel Sapphire Rapids
+    and later) or AVX-512 BF16 dot products (AMD Zen 4 and later, Intel Cooper Lake). There
+    oneDNN runs a bf16 matmul at 2x (AVX-512 BF16) to several times (AMX) float32's rate; other
+    CPUs emulate it far below (benchmarks/results/muon.md). torch has no public probe; its
+    private ones are absent in some builds, and then the answer is no."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(
+        bool(probe()) for name in probes if callable(probe := getattr(torch.cpu, name, None))
+    )
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:

@@ -189,23 +189,32 @@ def test_newton_schulz_is_torchs_per_matrix() -> None:
 
 
 def test_the_iteration_dtype_follows_the_hardware(monkeypatch) -> None:
-    """bf16 (torch's) on accelerators and on CPUs with bf16 matrix units (AMX), float32 on other
-    CPUs, where bf16 is emulated."""
+    """bf16 (torch's) on accelerators and on CPUs that multiply bf16 in hardware (AMX or
+    AVX-512 BF16), float32 on other CPUs, where bf16 is emulated."""
     import qwen3.device
 
-    for amx, on_cpu in ((False, torch.float32), (True, torch.bfloat16)):
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx, raising=False)
-        qwen3.device.cpu_has_bf16_matrix_units.cache_clear()
+    for amx, avx512_bf16, on_cpu in (
+        (False, False, torch.float32),
+        (True, False, torch.bfloat16),
+        (False, True, torch.bfloat16),
+    ):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        monkeypatch.setattr(
+            torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False
+        )
+        qwen3.device.cpu_has_native_bf16_matmul.cache_clear()
         assert default_dtype(torch.device("cpu")) == on_cpu
         assert default_dtype(torch.device("meta")) == torch.bfloat16
-    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a build without the probe
-    qwen3.device.cpu_has_bf16_matrix_units.cache_clear()
+    # A build without the probes.
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    qwen3.device.cpu_has_native_bf16_matmul.cache_clear()
     assert default_dtype(torch.device("cpu")) == torch.float32
-    qwen3.device.cpu_has_bf16_matrix_units.cache_clear()  # the real answer for later tests
+    qwen3.device.cpu_has_native_bf16_matmul.cache_clear()  # the real answer for later tests
 
 
 def test_in_float32_the_iteration_is_the_more_exact() -> None:
-    """Muon on a CPU without AMX iterates in float32: the same iteration as in float64 to 1e-5,
+    """Muon on a CPU without native bf16 iterates in float32: the same iteration as in float64 to 1e-5,
     where torch's bf16 one is off by about 1e-2."""
     from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C
 

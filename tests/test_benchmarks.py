@@ -54,6 +54,9 @@ def test_bench_train_compile_prints_ratio_and_compile_time() -> None:
     assert row["shape"] == "tiny" and row["batch"] == "16x256"
     assert float(row["ratio (wall)"]) > 0 and float(row["ratio (CPU)"]) > 0
     assert row["compile"].endswith("s CPU)")
+    # Most of a tiny step is matmuls and attention, so the ceiling is finite and above 1.
+    share = int(row["library share"].rstrip("%"))
+    assert 0 < share < 100 and float(row["ceiling"]) == pytest.approx(100 / share, rel=0.1)
 
 
 @pytest.mark.slow
@@ -144,7 +147,7 @@ def test_bench_muon_checks_torchs_step_and_times_ours() -> None:
     out = _run("bench_muon.py", "--rounds", "1")
     for preset in ("tiny", "tiny-moe"):
         assert f"{preset}: " in out and "batched bf16 equal to torch's bit for bit: True" in out
-        # float32 on CPUs without bf16 matrix units, bf16 on those with (optim.muon_math)
+        # float32 on CPUs without native bf16 matmuls, bf16 on those with (optim.muon_math)
         assert f"Newton-Schulz in {default_dtype(torch.device('cpu'))}" in out
     rows = _table(out)
     assert [(r["model"], r["threads"]) for r in rows] == [

@@ -50,7 +50,7 @@ def setup(tmp_path_factory):
         # the tolerances of tests/test_distributed_support.py's runs, at their learning rate
         "optim.lr=3e-3",
         "optim.adamw_lr=3e-3",
-        # float32 Newton-Schulz: bf16's (the default where a CPU has AMX) rounds differently in
+        # float32 Newton-Schulz: bf16's (the default where a CPU has native bf16) rounds differently in
         # FSDP's sharded step than in one process's, 3e-4 to 5e-4 apart after these steps
         "optim.ns_dtype=float32",
     ]
