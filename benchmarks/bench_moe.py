@@ -6,7 +6,8 @@ transformers runs its experts through the implementation its models pick by defa
 outputs and input gradients of all three are checked to agree before timing.
 
 With ``--models``: training tokens/s of whole models instead, tiny against tiny-moe (tiny's
-active parameters), Muon + AdamW, the load-balancing loss included, alternating steps.
+active parameters), Muon + AdamW, the load-balancing loss included, alternating steps, in the
+precision the trainer's ``auto`` picks here (bf16 autocast on CPUs with native bf16 matmuls).
 
     .venv/bin/python benchmarks/bench_moe.py                 # tiny-moe's layer, 16 x 256
     .venv/bin/python benchmarks/bench_moe.py --models        # tiny vs tiny-moe training steps
@@ -110,15 +111,19 @@ def model_stepper(
     from optim import OptimConfig, build_optimizers
     from qwen3 import Qwen3
     from qwen3.moe import RouterLosses
+    from trainer.build import resolve_precision
 
     model = Qwen3(Qwen3Config.from_preset(name)).train()
     opt = build_optimizers(model, OptimConfig(warmup_steps=0, schedule="constant"), 10**9)
+    precision = resolve_precision("auto", batch.device)
     x, y = batch[:, :-1], batch[:, 1:]
 
     def step() -> float:
         t0 = clock()
         router = RouterLosses(model)
-        (model(x, targets=y) + router.take()).backward()
+        with precision.autocast():
+            loss = model(x, targets=y) + router.take()
+        loss.backward()
         opt.step()
         opt.zero_grad()
         return clock() - t0
@@ -133,7 +138,13 @@ def compare_models(
     steppers = {name: model_stepper(name, tokens, clock) for name in ("tiny", "tiny-moe")}
     for step in steppers.values():
         step()  # warm-up
-    print(f"training steps of {batch} x {seq}, Muon + AdamW; {rounds} alternating rounds, medians")
+    from trainer.build import resolve_precision
+
+    precision = resolve_precision("auto", tokens.device).name
+    print(
+        f"training steps of {batch} x {seq} in {precision}, Muon + AdamW; {rounds} alternating "
+        "rounds, medians"
+    )
     runs = harness.alternate(steppers, rounds)
     tiny = harness.median(runs["tiny"])
     rows = [

@@ -50,9 +50,11 @@ def setup(tmp_path_factory):
         # the tolerances of tests/test_distributed_support.py's runs, at their learning rate
         "optim.lr=3e-3",
         "optim.adamw_lr=3e-3",
-        # float32 Newton-Schulz: bf16's (the default where a CPU has native bf16) rounds differently in
-        # FSDP's sharded step than in one process's, 3e-4 to 5e-4 apart after these steps
+        # float32 Newton-Schulz and matmuls: bf16's (the defaults where a CPU has native bf16)
+        # round differently in FSDP's sharded step than in one process's, 3e-4 to 5e-4 apart
+        # after these steps
         "optim.ns_dtype=float32",
+        "trainer.precision=fp32",
     ]
     ref = run_train(tmp, *sft, "run_name=ref", "trainer.batch_size=4", "trainer.grad_accum=2")
     assert ref.returncode == 0, ref.stderr

@@ -416,6 +416,9 @@ def test_bench_moe_runs_and_agrees_with_transformers() -> None:
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "| tiny-moe" in res.stdout
+    from trainer.build import resolve_precision  # the trainer's auto precision, here
+
+    assert f"in {resolve_precision('auto', torch.device('cpu')).name}," in res.stdout
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])

@@ -6,6 +6,7 @@ import dataclasses
 import typing
 
 import pytest
+import torch
 from test_trainer_support import compose_config_dict, compose_run_config, run_train
 
 from data import DataConfig
@@ -215,3 +216,27 @@ def test_an_appended_unknown_key_also_gets_a_suggestion() -> None:
         match=r"^optim\.warmup is not a known config key; did you mean optim\.warmup_steps\?$",
     ):
         compose_run_config(["+optim.warmup=5"])
+
+
+def test_auto_precision_is_bf16_where_the_cpu_multiplies_bf16_in_hardware(monkeypatch) -> None:
+    """bf16 autocast on CPUs with AMX or AVX-512 BF16 (a bf16 matmul there is 2x float32's or
+    more), float32 on other CPUs, where bf16 is emulated; a named precision is kept as given."""
+    import qwen3.device
+    from trainer.build import resolve_precision
+
+    cpu = torch.device("cpu")
+    for amx, avx512_bf16, auto in (
+        (False, False, "fp32"),
+        (True, False, "bf16"),
+        (False, True, "bf16"),
+    ):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        monkeypatch.setattr(
+            torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False
+        )
+        qwen3.device.cpu_has_native_bf16_matmul.cache_clear()
+        precision = resolve_precision("auto", cpu)
+        assert precision.name == auto and precision.scaler is None
+        assert precision.dtype == (torch.bfloat16 if auto == "bf16" else None)
+        assert resolve_precision("fp32", cpu).dtype is None
+    qwen3.device.cpu_has_native_bf16_matmul.cache_clear()  # the real answer for later tests

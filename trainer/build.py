@@ -28,6 +28,7 @@ from data.sft_sampler import SFTSampler
 from optim import OptimizerSet, build_optimizers
 from qwen3 import Qwen3, Qwen3Config, pick_device
 from qwen3.config import padded_vocab_size
+from qwen3.device import cpu_has_native_bf16_matmul
 from qwen3.hf import load_pretrained, load_sharded
 from trainer.config import RunConfig
 from trainer.distributed import DistInfo, from_main, rank_seed, wrap_model
@@ -315,10 +316,16 @@ class Precision:
 
 
 def resolve_precision(name: str, device: torch.device) -> Precision:
-    """``auto``: bf16 on a CUDA GPU that supports it, float32 elsewhere (on CPUs without AMX
-    bf16 matmuls run at about half the float32 speed). ``fp16`` needs CUDA and uses a GradScaler."""
+    """``auto``: bf16 where bf16 matmuls run in hardware (a CUDA GPU that supports it, a CPU with
+    AMX or AVX-512 BF16: :func:`qwen3.device.cpu_has_native_bf16_matmul`), float32 elsewhere
+    (other CPUs emulate bf16 matmuls far below float32's speed; MPS). ``fp16`` needs CUDA and
+    uses a GradScaler."""
     if name == "auto":
-        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        if device.type == "cuda":
+            native = torch.cuda.is_bf16_supported()
+        else:
+            native = device.type == "cpu" and cpu_has_native_bf16_matmul()
+        name = "bf16" if native else "fp32"
     if name == "fp16" and device.type != "cuda":
         raise ConfigError(
             f"trainer.precision=fp16 needs a CUDA GPU (device is {device}); "

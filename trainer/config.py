@@ -145,7 +145,9 @@ class TrainConfig:
     batch_size: int = 16  # sequences per forward pass, per process
     grad_accum: int = 1  # micro-batches per optimizer step
     seq_len: int = 256  # tokens per training window
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA that has it
+    # auto: bf16 autocast where bf16 matmuls run in hardware (CUDA, CPUs with AMX or AVX-512
+    # BF16), else fp32
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     clip: float = 1.0  # global gradient-norm clip; 0 turns clipping off
     eval_every: int = 140  # steps between evaluations; 0 = only at the end
     eval_batches: int = 16  # validation batches per evaluation
