@@ -11,10 +11,16 @@ The weights are the block's two 3-D parameters (``gate_up`` (E, 2F, C), ``down``
 each expert's matrices are views of them, never copies, and the weight gradients are written
 straight into one (E, 2F, C) and one (E, C, F) buffer. Shapes: N tokens, k experts per token,
 R = N x k routed rows, E experts, C hidden size, F expert width.
+
+In bf16 or fp16 on CPU each expert's rows are padded with zero rows to a multiple of
+:data:`CPU_ROW_MULTIPLE`: there oneDNN generates a kernel for every new matmul shape, and the
+routed row counts change every step, so unpadded, nearly every expert matmul paid for a new
+kernel (4-5x its time); padded, the few shapes recur and their kernels are reused.
 """
 
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -31,7 +37,8 @@ class _SwiGLUExperts(torch.autograd.Function):
         ctx: Any,
         flat: torch.Tensor,  # (N, C)
         weights: torch.Tensor,  # (N, k) routing weights
-        order: torch.Tensor,  # (R,) routed pairs (token * k + slot), sorted by expert
+        order: torch.Tensor,  # (R,) routed pairs (token * k + slot), sorted by expert; a pair
+        # may recur only if its rows are zero and its routing weight 0 (swiglu_experts' padding)
         counts: list[int],  # (E,) rows per expert
         gate_up: torch.Tensor,  # (E, 2F, C)
         down: torch.Tensor,  # (E, C, F)
@@ -62,7 +69,7 @@ class _SwiGLUExperts(torch.autograd.Function):
             ctx.save_for_backward(
                 xs, gate, up, h, slope, ys, order, token, row_weight, gate_up, down
             )
-            ctx.counts = counts
+            ctx.counts, ctx.k = counts, k
         return out
 
     @staticmethod
@@ -74,7 +81,10 @@ class _SwiGLUExperts(torch.autograd.Function):
         width = down.shape[2]
         grad_ys = grad_out.index_select(0, token)  # (R, C), not yet scaled
         grad_row_weight = ys.mul_(grad_ys).sum(1)  # (R,)
-        grad_weights = torch.empty_like(grad_row_weight).index_copy_(0, order, grad_row_weight)
+        # Zeros, not empty: with padding some pairs are not in ``order`` (and its own padding
+        # pair recurs, each time with a zero gradient).
+        grad_weights = grad_row_weight.new_zeros(grad_out.shape[0] * ctx.k)
+        grad_weights.index_copy_(0, order, grad_row_weight)
         grad_ys.mul_(row_weight.unsqueeze(1))
         # Every expert's weight gradient written in place (an expert without rows gets zeros).
         grad_gate_up, grad_down = torch.empty_like(gate_up), torch.empty_like(down)
@@ -98,6 +108,30 @@ class _SwiGLUExperts(torch.autograd.Function):
         return grad_flat, grad_weights, None, None, grad_gate_up, grad_down
 
 
+# Rows per expert are padded to a multiple of this in bf16/fp16 on CPU (module docstring):
+# 32 keeps the shapes few (a few dozen per matmul over a run) for at most 31 zero rows each.
+CPU_ROW_MULTIPLE = 32
+
+
+def pad_groups(
+    order: torch.Tensor, counts: list[int], multiple: int, pad_index: int
+) -> tuple[torch.Tensor, list[int]]:
+    """``order`` with each expert's group grown to a multiple of ``multiple`` by entries equal to
+    ``pad_index`` (after its real ones), and the grown counts."""
+    padded = [-(-n // multiple) * multiple for n in counts]
+    if padded == counts:
+        return order, counts
+    # Where each real row lands: its index plus the padding of the groups before it.
+    ends = zip(accumulate(padded, initial=0), accumulate(counts, initial=0), strict=True)
+    before = [p - n for p, n in ends]
+    shift = torch.tensor(before[:-1], device=order.device).repeat_interleave(
+        torch.tensor(counts, device=order.device), output_size=order.shape[0]
+    )
+    out = order.new_full((sum(padded),), pad_index)
+    out[torch.arange(order.shape[0], device=order.device) + shift] = order
+    return out, padded
+
+
 def swiglu_experts(
     flat: torch.Tensor,  # (N, C)
     weights: torch.Tensor,  # (N, k) routing weights
@@ -105,16 +139,27 @@ def swiglu_experts(
     counts: list[int],  # (E,) rows per expert
     gate_up: torch.Tensor,  # (E, 2F, C)
     down: torch.Tensor,  # (E, C, F)
+    row_multiple: int | None = None,
 ) -> torch.Tensor:  # (N, C)
     """Each token's experts' SwiGLU outputs, scaled by their routing weights and summed. Every
     expert gets a gradient (zero when it had no rows), which DDP and FSDP need from every rank.
     Under autocast the experts run in its dtype, as ``nn.Linear`` would (the cast weights are
-    then copies, as autocast's own are)."""
+    then copies, as autocast's own are). ``row_multiple`` pads each expert's rows with zero rows
+    to a multiple of it (None: :data:`CPU_ROW_MULTIPLE` in bf16/fp16 on CPU, else no padding)."""
     device = flat.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else flat.dtype
+    if row_multiple is None:
+        row_multiple = CPU_ROW_MULTIPLE if device == "cpu" and dtype != torch.float32 else 1
+    n, k = weights.shape
+    if row_multiple > 1:
+        # Padding rows point at one more token, all zeros, with a routing weight of 0: their
+        # outputs and every gradient from them are exact zeros, sliced off below.
+        order, counts = pad_groups(order, counts, row_multiple, pad_index=n * k)
+        flat = torch.cat([flat, flat.new_zeros(1, flat.shape[1])])
+        weights = torch.cat([weights.reshape(-1), weights.new_zeros(k)]).view(n + 1, k)
     # Function.apply is untyped in torch's stubs.
     with torch.autocast(device, enabled=False):
         out: torch.Tensor = _SwiGLUExperts.apply(  # type: ignore[no-untyped-call]
             flat.to(dtype), weights.to(dtype), order, counts, gate_up.to(dtype), down.to(dtype)
         )
-    return out
+    return out[:n]

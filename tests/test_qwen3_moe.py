@@ -13,6 +13,7 @@ from qwen3 import KVCache, Qwen3, Qwen3Config, Sampling, generate
 from qwen3.moe import (
     Routing,
     SparseMoeBlock,
+    expert_counts,
     expert_load,
     grouped_swiglu,
     load_balancing_loss,
@@ -271,6 +272,45 @@ def test_block_under_cpu_autocast_runs_its_experts_in_bf16() -> None:
     assert out.dtype == torch.bfloat16
     assert torch.allclose(out.float(), ref, atol=0.05, rtol=0.05)
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in block.parameters())
+
+
+def test_padding_groups_places_each_expert_s_rows_first_in_a_multiple_of_rows() -> None:
+    from qwen3.moe_experts import pad_groups
+
+    order = torch.tensor([4, 0, 2, 1, 3])  # experts' groups of 2, 0 and 3 rows
+    padded, counts = pad_groups(order, [2, 0, 3], 4, pad_index=9)
+    assert counts == [4, 0, 4]
+    assert padded.tolist() == [4, 0, 9, 9, 2, 1, 3, 9]
+    assert pad_groups(order, [2, 0, 3], 1, pad_index=9) == (order, [2, 0, 3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_on_padded_groups_give_the_same_outputs_and_gradients(dtype) -> None:
+    """Zero rows padding each expert's group (what bf16 on CPU runs, so that oneDNN sees few
+    matmul shapes) change no output and no gradient, of the rows, the routing weights or the
+    experts, one of which has no rows."""
+    from qwen3.moe_experts import swiglu_experts
+
+    torch.manual_seed(0)
+    n, k, e, c, f = 37, 2, 4, 16, 24
+    ids = torch.stack([torch.randperm(e - 1)[:k] for _ in range(n)])  # expert 3: no rows
+    sorted_ids, order = ids.reshape(-1).sort(stable=True)
+    counts = expert_counts(sorted_ids, e).tolist()
+    inputs = (torch.randn(n, c), torch.rand(n, k), torch.randn(e, 2 * f, c), torch.randn(e, c, f))
+    runs = []
+    for multiple in (1, 8):
+        leaves = [t.to(dtype).requires_grad_() for t in inputs]
+        out = swiglu_experts(
+            leaves[0], leaves[1], order, counts, *leaves[2:], row_multiple=multiple
+        )
+        out.float().square().sum().backward()
+        runs.append([out.detach(), *(t.grad for t in leaves)])
+    # bf16: assert_close's own bf16 tolerance (a reduction over more rows may round differently)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {}
+    for unpadded, padded in zip(*runs, strict=True):
+        assert padded.shape == unpadded.shape
+        torch.testing.assert_close(padded, unpadded, **tol)
+    assert not runs[1][3][3].any() and not runs[1][4][3].any()
 
 
 def test_block_without_gradients_equals_the_training_forward() -> None:
