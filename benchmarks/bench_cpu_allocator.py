@@ -9,6 +9,8 @@ pages again), peak RSS (what keeping freed memory costs), and the ratio of step 
 
     .venv/bin/python benchmarks/bench_cpu_allocator.py                  # tiny and 100m
     .venv/bin/python benchmarks/bench_cpu_allocator.py --shapes tiny --rounds 5
+    .venv/bin/python benchmarks/bench_cpu_allocator.py --amp     # bf16 autocast (auto on CPUs
+                                                                 # with native bf16 matmuls)
     .venv/bin/python benchmarks/bench_cpu_allocator.py --quick
 """
 
@@ -32,7 +34,7 @@ SHAPES = {"tiny": (16, 256), "100m": (4, 256)}
 SIDES = ("glibc default", "retained")
 
 
-def worker(side: str, shape: str, steps: int, seed: int) -> None:
+def worker(side: str, shape: str, steps: int, seed: int, amp: bool) -> None:
     """One side's steps in this process; prints its figures as one JSON line."""
     if side == "retained" and not retain_freed_memory():
         raise SystemExit("retain_freed_memory() was not applied (not glibc, or MALLOC_* set)")
@@ -41,7 +43,7 @@ def worker(side: str, shape: str, steps: int, seed: int) -> None:
     cfg = harness.config_for(shape)
     model = Qwen3(cfg).train()
     batch = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1))
-    step = harness.train_stepper(model, harness.ours_loss, batch, "muon")
+    step = harness.train_stepper(model, harness.ours_loss, batch, "muon", amp)
     for _ in range(2):  # warm-up: the optimizer's state exists after the first step
         step()
     before, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
@@ -66,6 +68,7 @@ def run_side(side: str, shape: str, steps: int, args: argparse.Namespace) -> dic
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     cmd = [sys.executable, __file__, "--worker", side, "--shapes", shape, "--steps", str(steps)]
     cmd += ["--seed", str(args.seed)] + (["--threads", str(args.threads)] if args.threads else [])
+    cmd += ["--amp"] if args.amp else []
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"{side} worker failed:\n{out.stderr[-3000:]}")
@@ -77,11 +80,12 @@ def main() -> None:
     parser = harness.common_args(__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default=None, help="comma list of tiny, 100m")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per worker")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)  # run one side here
     args = parser.parse_args()
     if args.worker:
         harness.setup("cpu", args.threads)
-        worker(args.worker, args.shapes, args.steps, args.seed)
+        worker(args.worker, args.shapes, args.steps, args.seed, args.amp)
         return
     shapes = (args.shapes or ("tiny" if args.quick else "tiny,100m")).split(",")
     rounds = args.rounds or (1 if args.quick else 3)
@@ -113,7 +117,8 @@ def main() -> None:
                 ]
             )
     print(
-        f"\n{rounds} alternating rounds of one fresh process per side (batch x seq: "
+        f"\n{rounds} alternating rounds of one fresh process per side, "
+        f"{'bf16 autocast' if args.amp else 'float32'} (batch x seq: "
         + ", ".join(f"{s} {SHAPES[s][0]}x{SHAPES[s][1]}" for s in shapes)
         + "), medians; ratio = median over rounds of the default's step time / this side's"
     )

@@ -30,6 +30,7 @@ import torch
 from qwen3 import Qwen3
 from qwen3.compile import compile_for_training
 from qwen3.layers import MLP
+from trainer.build import retain_freed_memory
 
 # Batch and sequence length per shape: tokens per step kept CPU-sized (tiny's is the main job's).
 SHAPES = {"tiny": (16, 256), "mid": (16, 256), "small": (8, 256), "100m": (4, 256)}
@@ -197,6 +198,10 @@ def bench_compile(name: str, args) -> list[str]:
 def main_compile(args) -> None:
     if not args.warm_cache:  # what a first run on a machine pays
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-bench-")
+    if args.device_resolved == "cpu":
+        # The trainer's CPU setting (both sides alike): without it eager pays page faults for
+        # fresh tensors that the trainer's steps do not, which inflated compile's gain here.
+        print(f"malloc keeps freed memory, as the trainer does: {retain_freed_memory()}")
     rows = [bench_compile(name, args) for name in args.shapes.split(",")]
     cache = "the machine's Inductor cache" if args.warm_cache else "an empty Inductor cache"
     print(
