@@ -151,10 +151,11 @@ def swiglu_experts(
     if row_multiple is None:
         row_multiple = CPU_ROW_MULTIPLE if device == "cpu" and dtype != torch.float32 else 1
     n, k = weights.shape
-    if row_multiple > 1:
+    padded_order, padded_counts = pad_groups(order, counts, row_multiple, pad_index=n * k)
+    if padded_counts != counts:
         # Padding rows point at one more token, all zeros, with a routing weight of 0: their
         # outputs and every gradient from them are exact zeros, sliced off below.
-        order, counts = pad_groups(order, counts, row_multiple, pad_index=n * k)
+        order, counts = padded_order, padded_counts
         flat = torch.cat([flat, flat.new_zeros(1, flat.shape[1])])
         weights = torch.cat([weights.reshape(-1), weights.new_zeros(k)]).view(n + 1, k)
     # Function.apply is untyped in torch's stubs.

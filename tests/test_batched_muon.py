@@ -214,8 +214,8 @@ def test_the_iteration_dtype_follows_the_hardware(monkeypatch) -> None:
 
 
 def test_in_float32_the_iteration_is_the_more_exact() -> None:
-    """Muon on a CPU without native bf16 iterates in float32: the same iteration as in float64 to 1e-5,
-    where torch's bf16 one is off by about 1e-2."""
+    """Muon on a CPU without native bf16 iterates in float32: the same iteration as in float64 to
+    1e-5, where torch's bf16 one is off by about 1e-2."""
     from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C
 
     coeffs = (DEFAULT_A, DEFAULT_B, DEFAULT_C)
