@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from qwen3.device import compute_dtype
+from qwen3.device import compute_dtype, cpu_has_native_bf16_matmul
 
 # The float32 logits of one chunk on CPU: cache-sized (4 MiB, twice a 2 MiB L2; smaller and
 # larger chunks were slower, eager or with the chunk step compiled, which fuses the passes
@@ -95,27 +95,91 @@ def _addmm_accumulates_in_fp32(device: torch.device) -> bool:
     return bool((acc == 4).all())
 
 
-def _accumulate_weight_grad(
-    grad_w: torch.Tensor,  # (V, C) float32, added to in place
-    probs: torch.Tensor,  # (n, V) float32: softmax minus one-hot
-    g: torch.Tensor,  # (n, V) the same in the compute dtype
-    hs: torch.Tensor,  # (n, C) float32: the chunk's hidden states times their row scale
-) -> None:
-    """``grad_w += probs.T @ hs`` without a (V, C) temporary. bf16 on CUDA, where the
-    ``out_dtype`` kernel exists: bf16 operands, float32 accumulation in the GEMM's epilogue.
-    Elsewhere a float32 GEMM into the accumulator: on CPU faster than bf16 (emulated there),
-    and fp16 has no room for these operands (h/N and the small probabilities fall below its
-    normal range long before GradScaler's factor reaches them; that factor scales the result in
-    backward)."""
-    cdt = g.dtype
-    if (
-        cdt == torch.bfloat16
-        and not torch.compiler.is_compiling()
-        and _addmm_accumulates_in_fp32(grad_w.device)
-    ):
-        torch.addmm(grad_w, g.t(), hs.to(cdt), out_dtype=torch.float32, out=grad_w)
-    else:
-        grad_w.addmm_(probs.t(), hs)
+# A CPU with native bf16 matmuls forms the head's weight gradient over groups of up to this many
+# rows (several chunks) in one bf16 GEMM: the loss 1.2-1.25x faster than with a float32 GEMM per
+# chunk at vocabularies up to 32k (benchmarks/results/design-measurements.md). The group's bf16
+# probabilities are held meanwhile, at most _CPU_GROUP_BYTES; where fewer than _MIN_GROUP_ROWS
+# fit (Qwen's 151,936 words) grouping gained nothing and per-chunk float32 GEMMs stay.
+_CPU_GROUP_ROWS = 1024
+_MIN_GROUP_ROWS = 512
+_CPU_GROUP_BYTES = 2**26
+
+
+class _WeightGradient:
+    """d(loss)/d(head weight) in float32: the sum over chunks of ``g.T @ hs`` (g: softmax minus
+    one-hot, hs: the chunk's hidden states times their row scale), without a (V, C) temporary
+    per chunk. Three ways, by device and compute dtype:
+
+    - CUDA, bf16, where ``addmm(..., out_dtype=torch.float32)`` exists: bf16 operands, float32
+      accumulation in the GEMM's epilogue, per chunk.
+    - CPU with native bf16 matmuls (:func:`qwen3.device.cpu_has_native_bf16_matmul`), bf16: the
+      bf16 ``g`` and ``hs`` of several chunks gathered, then one bf16 GEMM into a (V, C) bf16
+      buffer added into the float32 sum. torch has no CPU ``out_dtype`` kernel; a bf16 GEMM per
+      chunk lost to float32 on larger heads (the (V, C) buffer's traffic per 128 rows), a tall
+      one does not. Each group's product is rounded to bf16 once, as autocast's own linear backward
+      rounds its weight gradient.
+    - Elsewhere a float32 GEMM per chunk into the sum (``addmm_``): on CPUs without native bf16
+      it is faster than bf16 (emulated there), and fp16 has no room for these operands (h/N and
+      the small probabilities fall below its normal range long before GradScaler's factor reaches
+      them; that factor scales the result in backward)."""
+
+    def __init__(self, weight: torch.Tensor, cdt: torch.dtype, rows: int, chunk_rows: int) -> None:
+        self.grad = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        self.cdt = cdt
+        self.out_dtype_gemm = (
+            cdt == torch.bfloat16
+            and not torch.compiler.is_compiling()
+            and _addmm_accumulates_in_fp32(weight.device)
+        )
+        vocab, hidden = weight.shape
+        group = min(rows, _CPU_GROUP_ROWS, _CPU_GROUP_BYTES // (2 * vocab))
+        self.group_rows = 0
+        if (
+            weight.device.type == "cpu"
+            and cdt == torch.bfloat16
+            and group >= min(rows, _MIN_GROUP_ROWS)
+            and group > chunk_rows
+            and cpu_has_native_bf16_matmul()
+        ):
+            self.group_rows = group
+            self.g = torch.empty(group, vocab, dtype=cdt)
+            self.hs = torch.empty(group, hidden, dtype=cdt)
+            self.product = torch.empty(weight.shape, dtype=cdt)
+            self.filled = 0
+
+    def add(self, probs: torch.Tensor, h: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Add one chunk: ``probs`` (n, V) float32 softmax minus one-hot, ``h`` (n, C) its hidden
+        states, ``scale`` (n, 1) their row scale. Returns ``probs`` in the compute dtype (for the
+        hidden states' gradient), valid until the next call."""
+        n = probs.shape[0]
+        if not self.group_rows:
+            g = probs.to(self.cdt)
+            if self.out_dtype_gemm:
+                hs = (h.float() * scale).to(self.cdt)
+                torch.addmm(self.grad, g.t(), hs, out_dtype=torch.float32, out=self.grad)
+            else:
+                self.grad.addmm_(probs.t(), h.float() * scale)
+            return g
+        if self.filled + n > self.group_rows:
+            self._flush()
+        rows = slice(self.filled, self.filled + n)
+        self.g[rows].copy_(probs)
+        torch.mul(h, scale, out=self.hs[rows])
+        self.filled += n
+        return self.g[rows]
+
+    def _flush(self) -> None:
+        if self.filled:
+            rows = slice(0, self.filled)
+            torch.mm(self.g[rows].t(), self.hs[rows], out=self.product)
+            self.grad.add_(self.product)
+            self.filled = 0
+
+    def result(self) -> torch.Tensor:
+        """The float32 sum over every chunk added."""
+        if self.group_rows:
+            self._flush()
+        return self.grad
 
 
 def _loss_and_grads(
@@ -142,9 +206,7 @@ def _loss_and_grads(
         safe_targets = targets.masked_fill(~valid, 0)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        )
+        grad_w = _WeightGradient(weight, cdt, hidden.shape[0], chunk_rows) if need_w else None
         # A compiled step serves training; a forward without gradients is not worth a compile.
         step = chunk_fn if need_h or need_w else _chunk_nll_and_probs
         for start in range(0, hidden.shape[0], chunk_rows):
@@ -157,12 +219,11 @@ def _loss_and_grads(
             # d(mean nll)/d(logits) = (softmax - onehot) * row_scale; the scale is applied on the
             # narrow side of each matmul.
             scale = row_scale[rows, None]  # (n, 1)
-            g = probs.to(cdt)
+            g = grad_w.add(probs, h, scale) if grad_w is not None else probs.to(cdt)
             if grad_h is not None:
                 grad_h[rows] = ((g @ w).float() * scale).to(hidden.dtype)
-            if grad_w is not None:
-                _accumulate_weight_grad(grad_w, probs, g, h.float() * scale)
-    return total / count, grad_h, grad_w.to(weight.dtype) if grad_w is not None else None
+        dw = grad_w.result().to(weight.dtype) if grad_w is not None else None
+    return total / count, grad_h, dw
 
 
 @torch.no_grad()

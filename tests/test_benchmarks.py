@@ -143,6 +143,20 @@ def test_bench_loss_checks_the_compiled_step_and_times_both() -> None:
 
 
 @pytest.mark.slow
+def test_bench_loss_amp_times_the_weight_gradient_per_chunk_against_grouped() -> None:
+    out = _run("bench_loss.py", "--amp")
+    assert "precision: bf16 autocast" in out and "equal to eager" in out
+    rows = {r["chunk step"]: r for r in _table(out)}
+    assert set(rows) == {
+        "eager, 128 rows",
+        "eager, 128 rows, float32 weight GEMM per chunk",
+        "compiled, 64 rows",  # --quick's sizes
+        "compiled, 256 rows",
+    }
+    assert all(float(r["CPU ms"]) > 0 for r in rows.values())
+
+
+@pytest.mark.slow
 def test_bench_muon_checks_torchs_step_and_times_ours() -> None:
     out = _run("bench_muon.py", "--rounds", "1")
     for preset in ("tiny", "tiny-moe"):

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import qwen3.loss
 from qwen3 import Qwen3, Qwen3Config
 from qwen3.loss import chunk_rows_for, compile_chunk, linear_cross_entropy
 
@@ -158,6 +159,47 @@ def test_weight_gradient_accumulates_without_a_temporary_per_chunk(precision: st
             linear_cross_entropy(hh, ww, y, chunk_rows=chunk_rows)
         counts.append(seen.count)
     assert counts[0] == counts[1], counts
+
+
+class _WeightGemms(TorchDispatchMode):
+    """Counts the matrix products whose output is shaped like the head weight (V, C)."""
+
+    def __init__(self, shape: torch.Size) -> None:
+        super().__init__()
+        self.shape, self.count = shape, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        products = (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_)
+        if func.overloadpacket in products and out.shape == self.shape:
+            self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_bf16_weight_gradient_per_chunk_or_grouped_matches_float32(
+    monkeypatch: pytest.MonkeyPatch, native_bf16: bool
+) -> None:
+    """Under bf16 autocast a CPU with native bf16 matmuls forms the head's weight gradient in one
+    bf16 GEMM per group of chunks, another CPU in one float32 GEMM per chunk: both equal the
+    float32 loss within bf16's tolerance (ignored rows, a short last chunk and a short last group
+    included)."""
+    monkeypatch.setattr(qwen3.loss, "cpu_has_native_bf16_matmul", lambda: native_bf16)
+    monkeypatch.setattr(qwen3.loss, "_MIN_GROUP_ROWS", 48)
+    monkeypatch.setattr(qwen3.loss, "_CPU_GROUP_ROWS", 48)  # 2 chunks of 24 per group
+    torch.manual_seed(8)
+    h, w = torch.randn(200, 16), torch.randn(97, 16) * 0.3
+    y = torch.randint(0, 97, (200,))
+    y[:5] = -100
+    ref = _value_and_grads(_reference, h, w, y)
+    with _WeightGemms(w.shape) as gemms, torch.autocast("cpu", torch.bfloat16):
+        got = _value_and_grads(
+            lambda a, b, c: linear_cross_entropy(a, b, c, chunk_rows=24), h, w, y
+        )
+    assert gemms.count == (5 if native_bf16 else 9)  # 200 rows: 9 chunks, in 5 groups
+    assert got[2].dtype == torch.float32
+    for r, g in zip(ref, got, strict=True):
+        torch.testing.assert_close(g, r, rtol=5e-2, atol=2e-2)
 
 
 @pytest.mark.slow  # compiles the chunk step (~20 s on 2 CPU cores)
