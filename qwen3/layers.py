@@ -17,6 +17,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from qwen3.cache import KVCache
 from qwen3.checkpointing import ActivationCheckpointing, run_block
 from qwen3.config import Qwen3Config
+from qwen3.cpu_attention import causal_attention, use_cpu_attention
 from qwen3.device import compute_dtype
 from qwen3.documents import AttentionMask, flex_attend
 from qwen3.projections import _derived, inference_linear, inference_mode, stacked_linear
@@ -176,6 +177,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * hd, c, bias=bias)
         self.q_norm = RMSNorm(hd, config.rms_norm_eps)
         self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+        # bf16 training on a CPU runs qwen3.cpu_attention's Function at short sequences, except
+        # under selective checkpointing (qwen3.model.set_activation_checkpointing clears this),
+        # which saves SDPA's output by op and would recompute the Function's softmax instead.
+        self.hand_backward = True
 
     def _qk_norm(self, qk: torch.Tensor) -> torch.Tensor:
         """``q_norm`` on the first H heads and ``k_norm`` on the last K of (B, T, H + K, D): one
@@ -229,9 +234,14 @@ class Attention(nn.Module):
         if isinstance(mask, BlockMask):  # documents packed in a row, on CUDA (qwen3.documents)
             out = flex_attend(q, k, v, mask).transpose(1, 2).reshape(b, t, h * d)
             return inference_linear(out, self.o_proj)
+        p = self.dropout if self.training else 0.0
+        plain_causal = cache is None and mask is None and p == 0.0 and t > 1
+        if plain_causal and self.hand_backward and use_cpu_attention(q, k, v):
+            # bf16 training on a CPU: two batched matmuls and a softmax beat torch's flash kernel
+            out = causal_attention(q, k, v).transpose(1, 2).reshape(b, t, h * d)
+            return inference_linear(out, self.o_proj)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
-        p = self.dropout if self.training else 0.0
         # The dtype SDPA computes in (autocast's, if on), not whatever q arrived in.
         gqa = h == kv or sdpa_native_gqa(q.device.type, compute_dtype(q), mask is not None, d)
         if not gqa:  # a kernel that ignores enable_gqa would run: give it equal head counts

@@ -195,6 +195,7 @@ class Qwen3(nn.Module):
         for layer in self.model.layers:
             assert isinstance(layer, DecoderLayer)
             layer.activation_checkpointing = mode
+            layer.self_attn.hand_backward = mode != "selective"
             if isinstance(layer.mlp, MLP):
                 layer.mlp.hand_backward = mode != "selective"
 

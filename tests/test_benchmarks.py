@@ -205,3 +205,11 @@ def test_bench_sft_scores_the_model_before_and_after(tmp_path) -> None:
     assert set(rows) == {"pretrained", "after SFT"}
     assert all(float(r["held-out assistant loss"]) > 0 for r in rows.values())
     assert out.count("| You are ") == 3
+
+
+@pytest.mark.slow
+def test_bench_attention_checks_both_kernels_equal_and_times_them() -> None:
+    out = _run("bench_attention.py")
+    rows = _table(out)
+    assert [r["dtype"] for r in rows] == ["bfloat16", "float32"]
+    assert all(float(r["SDPA ms"]) > 0 and float(r["ours ms"]) > 0 for r in rows)

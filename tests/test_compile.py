@@ -15,9 +15,11 @@ from test_distributed_support import run_worker
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch.overrides import TorchFunctionMode
 
+import qwen3.layers
 import qwen3.projections
 from qwen3 import Qwen3, Qwen3Config, Sampling, generate
 from qwen3.compile import compile_for_training, graph_breaks
+from qwen3.cpu_attention import causal_attention
 
 CFG = Qwen3Config(
     vocab_size=256,
@@ -73,10 +75,24 @@ class _SdpaDtypes(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("kernel", ["sdpa", "cpu"])
 @pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "separate"])
-def test_bf16_autocast_keeps_blocks_and_attention_in_bf16(stacked: bool, monkeypatch) -> None:
+def test_bf16_autocast_keeps_blocks_and_attention_in_bf16(
+    stacked: bool, kernel: str, monkeypatch
+) -> None:
+    """Under bf16 autocast with float32 parameters, q, k and v reach the attention kernel in
+    bf16: SDPA, or on a CPU with native bf16 matmuls qwen3.cpu_attention's (both forced here,
+    whatever this CPU has)."""
     if not stacked:
         monkeypatch.setattr(qwen3.projections, "_STACK_MAX_NUMEL", 0)
+    monkeypatch.setattr(qwen3.layers, "use_cpu_attention", lambda *_: kernel == "cpu")
+    hand_made: list[tuple[torch.dtype, ...]] = []
+
+    def recorded(q, k, v):  # type: ignore[no-untyped-def]
+        hand_made.append((q.dtype, k.dtype, v.dtype))
+        return causal_attention(q, k, v)
+
+    monkeypatch.setattr(qwen3.layers, "causal_attention", recorded)
     model, x, y = _model()
     assert all(p.dtype == torch.float32 for p in model.parameters())
     outputs: list[torch.dtype] = []
@@ -85,7 +101,9 @@ def test_bf16_autocast_keeps_blocks_and_attention_in_bf16(stacked: bool, monkeyp
     with torch.autocast("cpu", dtype=torch.bfloat16), _SdpaDtypes() as sdpa:
         loss = model(x, targets=y)
     loss.backward()
-    assert sdpa.seen == [(torch.bfloat16,) * 3] * CFG.num_hidden_layers
+    seen = hand_made if kernel == "cpu" else sdpa.seen
+    assert seen == [(torch.bfloat16,) * 3] * CFG.num_hidden_layers
+    assert not (sdpa.seen if kernel == "cpu" else hand_made)
     assert outputs == [torch.bfloat16] * CFG.num_hidden_layers
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
 
