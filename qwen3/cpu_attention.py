@@ -27,7 +27,8 @@ from qwen3.device import cpu_has_native_bf16_matmul
 MAX_POSITIONS = 512
 
 
-@torch.compiler.assume_constant_result  # Dynamo cannot trace torch's CPU probes; a constant
+# Dynamo cannot trace torch's CPU probes: to a compiled block the answer is a constant.
+@torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]
 def _native_bf16() -> bool:
     return cpu_has_native_bf16_matmul()
 
