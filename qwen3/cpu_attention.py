@@ -16,6 +16,7 @@ rows of one (g T, D) x (D, T) product per key/value head.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -46,19 +47,21 @@ def use_cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool
     )
 
 
-_bias_cache: dict[tuple[int, int, torch.dtype], torch.Tensor] = {}
+def _build_bias(t: int, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    future = torch.ones(t, t, dtype=torch.bool).triu(1)
+    return torch.zeros(t, t, dtype=dtype).masked_fill(future, float("-inf")).repeat(groups, 1)
+
+
+# A few lengths at a time (training repeats one; a bounded cache for runs that vary it).
+_cached_bias = functools.lru_cache(maxsize=8)(_build_bias)
 
 
 def _causal_bias(t: int, groups: int, dtype: torch.dtype) -> torch.Tensor:
-    """(groups T, T): 0 where row i's position (i mod T) may attend to column j, else -inf."""
-    key = (t, groups, dtype)
-    bias = None if torch.compiler.is_compiling() else _bias_cache.get(key)
-    if bias is None:
-        future = torch.ones(t, t, dtype=torch.bool).triu(1)
-        bias = torch.zeros(t, t, dtype=dtype).masked_fill(future, float("-inf")).repeat(groups, 1)
-        if not torch.compiler.is_compiling():
-            _bias_cache[key] = bias
-    return bias
+    """(groups T, T): 0 where row i's position (i mod T) may attend to column j, else -inf.
+    Cached in eager; a compiled block builds it in its graph (Dynamo does not trace caches)."""
+    if torch.compiler.is_compiling():
+        return _build_bias(t, groups, dtype)
+    return _cached_bias(t, groups, dtype)
 
 
 class _CausalAttention(torch.autograd.Function):
