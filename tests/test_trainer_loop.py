@@ -301,3 +301,23 @@ def test_async_save_writes_the_same_checkpoints_and_resumes_exactly(corpus, tmp_
     resumed.resume_from(tmp_path / "true" / "step-000002")
     resumed.fit()
     assert [r["train_loss"] for r in read_metrics(tmp_path / "resumed")] == losses["true"][2:]
+
+
+def test_a_resume_in_another_precision_says_so(corpus, tmp_path) -> None:
+    """A checkpoint records the precision ``trainer.precision`` resolved to; resuming in another
+    one (``auto`` on a machine of another kind, or an explicit change) gets one line naming
+    both and the override that keeps the checkpoint's."""
+    run = tmp_path / "run"
+    first = make_trainer(
+        _overrides(corpus, "trainer.max_steps=2", "trainer.precision=fp32", "trainer.eval_every=0"),
+        run,
+    )
+    first.fit()
+    assert load_trainer_state(run / "latest")["precision"] == "fp32"
+    for precision, note in (("fp32", ""), ("bf16", "trained in fp32; this run computes in bf16")):
+        again = make_trainer(
+            _overrides(corpus, "trainer.max_steps=3", f"trainer.precision={precision}"), run
+        )
+        again.resume_from((run / "latest").resolve())
+        assert note in again.precision_note and bool(note) == bool(again.precision_note)
+    assert "pass trainer.precision=fp32 to keep it" in again.precision_note

@@ -110,6 +110,7 @@ class Trainer:
             run_dir, parts, dist, config_yaml, t.keep_last, asynchronous=t.async_save
         )
         self.budget_note = ""
+        self.precision_note = ""  # set by resume_from when the checkpoint computed otherwise
         self.time_budget = (
             TimeBudget(t.time_budget, cfg.optim.warmup_steps, t.max_steps, parts.device)
             if isinstance(t.time_budget, float)
@@ -125,6 +126,8 @@ class Trainer:
             "step": self.step,
             "schedules": p.optimizers.schedule_state_dict(),
             "scaler": p.precision.scaler.state_dict() if p.precision.scaler else None,
+            # what trainer.precision resolved to: `auto` may choose otherwise on another machine
+            "precision": p.precision.name,
             "sampler": p.sampler.state_dict(),
             "rng": capture_rng(),
             "best_metric": self.cfg.trainer.best_metric,
@@ -150,6 +153,13 @@ class Trainer:
         p.optimizers.load_schedule_state_dict(state["schedules"])
         if p.precision.scaler is not None and state.get("scaler"):
             p.precision.scaler.load_state_dict(state["scaler"])
+        saved = state.get("precision")  # absent from checkpoints written before it was kept
+        if saved and saved != p.precision.name:
+            self.precision_note = (
+                f"note: {ckpt_dir} trained in {saved}; this run computes in {p.precision.name} "
+                f"(trainer.precision={self.cfg.trainer.precision} on this machine): losses will "
+                f"not continue bit for bit; pass trainer.precision={saved} to keep it"
+            )
         p.sampler.load_state_dict(state["sampler"])
         restore_rng(state["rng"])
         self.step = int(state["step"])

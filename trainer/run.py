@@ -103,6 +103,8 @@ def run_training(
             return 2
         if dist.is_main:
             print(f"resumed from {resume_dir} at step {trainer.step}")
+            if trainer.precision_note:
+                print(trainer.precision_note)
     n_params = parts.model.num_params()
     if dist.is_main:
         procs = f" x {dist.world_size} processes" if dist.is_distributed else ""
