@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_qwen3_perf_paths import CFG  # 2 layers, 4 query / 2 key-value heads of 8
 
 import qwen3.cpu_attention
 import qwen3.layers
-from qwen3 import Qwen3, Qwen3Config
+from qwen3 import Qwen3
 from qwen3.cpu_attention import MAX_POSITIONS, causal_attention, use_cpu_attention
 
 
@@ -70,17 +71,6 @@ def test_taken_for_bf16_training_up_to_max_positions_on_a_native_bf16_cpu(
     assert not use_cpu_attention(q, k, v)  # emulated bf16 matmuls would be slower
 
 
-CFG = Qwen3Config(
-    vocab_size=97,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-)
-
-
 def _train_grads(model: Qwen3, x: torch.Tensor) -> list[torch.Tensor]:
     model.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -95,7 +85,7 @@ def test_model_trains_the_same_through_either_kernel(monkeypatch: pytest.MonkeyP
     hand-written path off, as it does the MLP's."""
     torch.manual_seed(3)
     model = Qwen3(CFG).train()
-    x = torch.randint(0, 97, (2, 24))
+    x = torch.randint(0, CFG.vocab_size, (2, 24))
     runs = {}
     for kernel in ("cpu", "sdpa"):
         monkeypatch.setattr(qwen3.layers, "use_cpu_attention", lambda *_, k=kernel: k == "cpu")
