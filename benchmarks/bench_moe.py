@@ -25,6 +25,7 @@ import torch
 
 from qwen3 import Qwen3Config
 from qwen3.moe import SparseMoeBlock, expert_counts
+from trainer.build import Precision, resolve_precision
 
 
 def transformers_block(ours: SparseMoeBlock, cfg: Qwen3Config, impl: str) -> torch.nn.Module:
@@ -105,17 +106,16 @@ def matmuls_only(
 
 
 def model_stepper(
-    name: str, batch: torch.Tensor, clock: Callable[[], float] = time.perf_counter
+    name: str, batch: torch.Tensor, precision: Precision, clock: Callable[[], float]
 ) -> Callable[[], float]:
-    """One training step of preset ``name`` on ``batch`` as the trainer runs it; returns seconds."""
+    """One training step of preset ``name`` on ``batch`` as the trainer runs it, in
+    ``precision``; returns seconds."""
     from optim import OptimConfig, build_optimizers
     from qwen3 import Qwen3
     from qwen3.moe import RouterLosses
-    from trainer.build import resolve_precision
 
     model = Qwen3(Qwen3Config.from_preset(name)).train()
     opt = build_optimizers(model, OptimConfig(warmup_steps=0, schedule="constant"), 10**9)
-    precision = resolve_precision("auto", batch.device)
     x, y = batch[:, :-1], batch[:, 1:]
 
     def step() -> float:
@@ -135,15 +135,15 @@ def compare_models(
     rounds: int, batch: int, seq: int, clock: Callable[[], float] = time.perf_counter
 ) -> None:
     tokens = torch.randint(0, Qwen3Config.from_preset("tiny").vocab_size, (batch, seq + 1))
-    steppers = {name: model_stepper(name, tokens, clock) for name in ("tiny", "tiny-moe")}
+    precision = resolve_precision("auto", tokens.device)  # the trainer's default choice
+    steppers = {
+        name: model_stepper(name, tokens, precision, clock) for name in ("tiny", "tiny-moe")
+    }
     for step in steppers.values():
         step()  # warm-up
-    from trainer.build import resolve_precision
-
-    precision = resolve_precision("auto", tokens.device).name
     print(
-        f"training steps of {batch} x {seq} in {precision}, Muon + AdamW; {rounds} alternating "
-        "rounds, medians"
+        f"training steps of {batch} x {seq} in {precision.name}, Muon + AdamW; {rounds} "
+        "alternating rounds, medians"
     )
     runs = harness.alternate(steppers, rounds)
     tiny = harness.median(runs["tiny"])
