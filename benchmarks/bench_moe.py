@@ -3,13 +3,16 @@ Qwen3MoeSparseMoeBlock with the same weights, forward + backward, at batch x seq
 
 transformers runs its experts through the implementation its models pick by default
 (``grouped_mm``: torch's grouped matmul) and through its ``eager`` loop; both are timed. The
-outputs and input gradients of all three are checked to agree before timing.
+outputs and input gradients of all three are checked to agree before timing. With ``--amp`` the
+layers run under bf16 autocast (float32 parameters), as the trainer runs them where its ``auto``
+precision is bf16.
 
 With ``--models``: training tokens/s of whole models instead, tiny against tiny-moe (tiny's
 active parameters), Muon + AdamW, the load-balancing loss included, alternating steps, in the
 precision the trainer's ``auto`` picks here (bf16 autocast on CPUs with native bf16 matmuls).
 
     .venv/bin/python benchmarks/bench_moe.py                 # tiny-moe's layer, 16 x 256
+    .venv/bin/python benchmarks/bench_moe.py --amp           # the same under bf16 autocast
     .venv/bin/python benchmarks/bench_moe.py --models        # tiny vs tiny-moe training steps
     .venv/bin/python benchmarks/bench_moe.py --quick
 """
@@ -25,6 +28,7 @@ import torch
 
 from qwen3 import Qwen3Config
 from qwen3.moe import SparseMoeBlock, expert_counts
+from qwen3.moe_experts import CPU_ROW_MULTIPLE
 from trainer.build import Precision, resolve_precision
 
 
@@ -54,20 +58,32 @@ def default_experts_implementation(cfg: Qwen3Config) -> str:
     return str(model.config._experts_implementation)
 
 
-def fwd_bwd(block: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fwd_bwd(
+    block: torch.nn.Module, x: torch.Tensor, amp: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     xi = x.detach().requires_grad_()
-    out = block(xi)
-    out.square().mean().backward()
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+        out = block(xi)
+    out.float().square().mean().backward()
     assert xi.grad is not None
-    return out.detach(), xi.grad
+    return out.detach().float(), xi.grad
 
 
 def timer(
-    block: torch.nn.Module, x: torch.Tensor, clock: Callable[[], float] = time.perf_counter
+    block: torch.nn.Module,
+    inputs: list[torch.Tensor],
+    clock: Callable[[], float] = time.perf_counter,
+    amp: bool = False,
 ) -> Callable[[], float]:
+    """Times one forward + backward per call, on the next of ``inputs``: a fresh routing each
+    call, as in training, where the rows per expert change every step (in bf16 on CPU, oneDNN
+    builds a kernel per new matmul shape: one input timed over and over would hide that)."""
+    calls = iter(inputs)
+
     def run() -> float:
+        x = next(calls)
         t0 = clock()
-        fwd_bwd(block, x)
+        fwd_bwd(block, x, amp)
         block.zero_grad(set_to_none=True)
         harness.sync(x.device)
         return clock() - t0
@@ -76,24 +92,35 @@ def timer(
 
 
 def matmuls_only(
-    ours: SparseMoeBlock, x: torch.Tensor, clock: Callable[[], float] = time.perf_counter
+    ours: SparseMoeBlock,
+    inputs: list[torch.Tensor],
+    clock: Callable[[], float] = time.perf_counter,
+    dtype: torch.dtype = torch.float32,
 ) -> Callable[[], float]:
     """The experts' matmuls of one forward + backward and nothing else: per expert, on the rows
-    ``ours`` routes to it, gate|up and down forward, then the input and weight gradients of both
-    (6 matmuls, the same shapes as ours and transformers' eager loop). No layer that computes
-    these can be faster, so their time / this is the most any dispatch could gain."""
-    flat = x.reshape(-1, x.shape[-1])
-    with torch.no_grad():
-        _, _, ids = ours.route(flat)
-    counts = expert_counts(ids, ours.num_experts).tolist()
-    gate_up = ours.experts.gate_up_proj.detach().unbind(0)
-    down = ours.experts.down_proj.detach().unbind(0)
-    c, f = x.shape[-1], down[0].shape[1]
-    # Inputs of each matmul, made beforehand (values do not matter): rows, SwiGLU product,
-    # output gradient, gate|up gradient.
-    operands = [[torch.randn(n, d, device=x.device) for d in (c, f, c, 2 * f)] for n in counts]
+    ``ours`` routes to it (the next of ``inputs`` each call), gate|up and down forward, then the
+    input and weight gradients of both (6 matmuls, the same shapes as ours and transformers'
+    eager loop; in bf16 on CPU ours' rows padded to a multiple of 32, as ours runs them). No
+    layer that computes these can be faster, so their time / this is the most any dispatch
+    could gain."""
+    calls = iter(inputs)
+    gate_up = ours.experts.gate_up_proj.detach().to(dtype).unbind(0)
+    down = ours.experts.down_proj.detach().to(dtype).unbind(0)
 
     def run() -> float:
+        x = next(calls)
+        with torch.no_grad():
+            _, _, ids = ours.route(x.reshape(-1, x.shape[-1]))
+        counts = expert_counts(ids, ours.num_experts).tolist()
+        if dtype != torch.float32 and x.device.type == "cpu":
+            counts = [-(-n // CPU_ROW_MULTIPLE) * CPU_ROW_MULTIPLE for n in counts]
+        c, f = x.shape[-1], down[0].shape[1]
+        # Inputs of each matmul, made before the clock starts (values do not matter): rows,
+        # SwiGLU product, output gradient, gate|up gradient.
+        operands = [
+            [torch.randn(n, d, device=x.device, dtype=dtype) for d in (c, f, c, 2 * f)]
+            for n in counts
+        ]
         t0 = clock()
         for (xs, h, grad_y, grad_gu), w_gu, w_d in zip(operands, gate_up, down, strict=True):
             xs @ w_gu.t(), h @ w_d.t()  # forward: gate|up, down
@@ -160,6 +187,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--models", action="store_true", help="tiny vs tiny-moe training steps")
+    parser.add_argument("--amp", action="store_true", help="the layer under bf16 autocast")
     parser.add_argument(
         "--cpu-time",
         action="store_true",
@@ -196,19 +224,27 @@ def main() -> None:
     default = default_experts_implementation(cfg)
     print(f"transformers {transformers.__version__}: default experts implementation {default}")
     x = torch.randn(batch, seq, cfg.hidden_size, device=device)
-    ref_out, ref_grad = fwd_bwd(ours, x)
+    ref_out, ref_grad = fwd_bwd(ours, x, args.amp)
+    # bf16: the contenders round differently (expert order, where the routing weight is applied)
+    atol = (2e-3, 2e-8) if args.amp else (1e-5, 1e-6)
     for name, block in contenders.items():
-        out, grad = fwd_bwd(block, x)
-        same = torch.allclose(out, ref_out, atol=1e-5) and torch.allclose(grad, ref_grad, atol=1e-6)
+        out, grad = fwd_bwd(block, x, args.amp)
+        same = torch.allclose(out, ref_out, atol=atol[0]) and torch.allclose(
+            grad, ref_grad, atol=atol[1]
+        )
         print(f"{name}: output and input gradient equal to ours: {same}")
         block.zero_grad(set_to_none=True)
     print(
         f"layer of {args.shape}: {cfg.num_experts} experts of {cfg.moe_intermediate_size}, "
         f"top {cfg.num_experts_per_tok}, hidden {cfg.hidden_size}; batch {batch} x {seq}; "
-        f"{rounds} alternating rounds, medians"
+        f"{'bf16 autocast' if args.amp else 'float32'}; {rounds} alternating rounds, medians"
     )
-    timers = {n: timer(b, x, clock) for n, b in contenders.items()}
-    timers["experts' matmuls alone"] = matmuls_only(ours, x, clock)
+    # One fresh input per round, the same for every contender in it (alternate calls each
+    # once per round).
+    inputs = [torch.randn_like(x) for _ in range(rounds)]
+    timers = {n: timer(b, inputs, clock, args.amp) for n, b in contenders.items()}
+    matmul_dtype = torch.bfloat16 if args.amp else torch.float32
+    timers["experts' matmuls alone"] = matmuls_only(ours, inputs, clock, matmul_dtype)
     runs = harness.alternate(timers, rounds)
     ours_ms = harness.median(runs["ours"])
     rows = [

@@ -448,6 +448,15 @@ def test_bench_moe_runs_and_agrees_with_transformers() -> None:
     assert "transformers grouped_mm: output and input gradient equal to ours: True" in res.stdout
     assert "transformers eager: output and input gradient equal to ours: True" in res.stdout
     assert "| transformers eager" in res.stdout
+    res = subprocess.run(  # the layers under bf16 autocast, as the trainer runs them on bf16 CPUs
+        [sys.executable, str(script), "--quick", "--threads", "1", "--amp"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "bf16 autocast" in res.stdout
+    assert "transformers eager: output and input gradient equal to ours: True" in res.stdout
     res = subprocess.run(
         [sys.executable, str(script), "--quick", "--threads", "1", "--models"],
         cwd=repo,
