@@ -437,37 +437,30 @@ def test_bench_moe_runs_and_agrees_with_transformers() -> None:
 
     repo = Path(__file__).resolve().parents[1]
     script = repo / "benchmarks" / "bench_moe.py"
-    res = subprocess.run(
-        [sys.executable, str(script), "--quick", "--threads", "1"],
-        cwd=repo,
-        capture_output=True,
-        text=True,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "default experts implementation grouped_mm" in res.stdout  # what the README compares to
-    assert "transformers grouped_mm: output and input gradient equal to ours: True" in res.stdout
-    assert "transformers eager: output and input gradient equal to ours: True" in res.stdout
-    assert "| transformers eager" in res.stdout
-    res = subprocess.run(  # the layers under bf16 autocast, as the trainer runs them on bf16 CPUs
-        [sys.executable, str(script), "--quick", "--threads", "1", "--amp"],
-        cwd=repo,
-        capture_output=True,
-        text=True,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "bf16 autocast" in res.stdout
-    assert "transformers eager: output and input gradient equal to ours: True" in res.stdout
-    res = subprocess.run(
-        [sys.executable, str(script), "--quick", "--threads", "1", "--models"],
-        cwd=repo,
-        capture_output=True,
-        text=True,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "| tiny-moe" in res.stdout
+
+    def run(*flags: str) -> str:
+        res = subprocess.run(
+            [sys.executable, str(script), "--quick", "--threads", "1", *flags],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        return res.stdout
+
+    out = run()
+    assert "default experts implementation grouped_mm" in out  # what the README compares to
+    assert "transformers grouped_mm: output and input gradient equal to ours: True" in out
+    assert "transformers eager: output and input gradient equal to ours: True" in out
+    assert "| transformers eager" in out
+    out = run("--amp")  # the layers under bf16 autocast, as the trainer runs them on bf16 CPUs
+    assert "bf16 autocast" in out
+    assert "transformers eager: output and input gradient equal to ours: True" in out
+    out = run("--models")
+    assert "| tiny-moe" in out
     from trainer.build import resolve_precision  # the trainer's auto precision, here
 
-    assert f"in {resolve_precision('auto', torch.device('cpu')).name}," in res.stdout
+    assert f"in {resolve_precision('auto', torch.device('cpu')).name}," in out
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
