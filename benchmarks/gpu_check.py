@@ -20,8 +20,9 @@ decode tokens/s at batch 1 and 8 with prompts of different lengths). Every timin
 after a warm-up of its own mode, between device syncs.
 
 Every row prints what ran, its figure and ok/FAIL; the table goes to stdout and to ``--out``
-(default ``gpu-check.md``); the exit status is 1 if any row failed. A row that raises is a FAIL
-with its error, and the next row still runs.
+(default ``gpu-check.md``), which is rewritten after every check, so a run cut off by its lease
+or a hung kernel still leaves its finished rows there (headed "unfinished"); the exit status is 1
+if any row failed. A row that raises is a FAIL with its error, and the next row still runs.
 """
 
 from __future__ import annotations
@@ -767,8 +768,12 @@ def _error(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
 
 
-def run_rows(s: Sizes, root: Path) -> list[Row]:
-    jobs: list[tuple[str, Callable[[], Row | list[Row]]]] = []
+Job = tuple[str, Callable[[], Row | list[Row]]]  # a label (for its FAIL row) and what it runs
+
+
+def jobs_for(s: Sizes, root: Path) -> list[Job]:
+    """Every check of the table, in its order."""
+    jobs: list[Job] = []
     for shape in s.train:
         for compiled in (False, True):
             label = f"train {_dtype_name(s)} {shape.name} {'compiled' if compiled else 'eager'}"
@@ -786,6 +791,15 @@ def run_rows(s: Sizes, root: Path) -> list[Row]:
         ("MoE grouped_mm vs loop", lambda: moe_grouped_vs_loop(s)),
         ("generation", lambda: generation_rows(s)),
     ]
+    return jobs
+
+
+def run_jobs(
+    jobs: list[Job], device: torch.device, done: Callable[[list[Row]], None] | None = None
+) -> list[Row]:
+    """Run ``jobs`` in order; a job that raises gives one FAIL row with its error, and the next
+    still runs. ``done`` gets the rows so far after each job: a run cut off by its lease or a
+    hung kernel still leaves every finished row behind."""
     rows: list[Row] = []
     for label, job in jobs:
         t0 = time.perf_counter()
@@ -803,7 +817,9 @@ def run_rows(s: Sizes, root: Path) -> list[Row]:
                 flush=True,
             )
         rows += got
-        if s.device.type == "cuda":
+        if done is not None:
+            done(rows)
+        if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
 
@@ -831,16 +847,24 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_flush_denormal(True)  # as the trainer does on CPU: denormals slow steps 4x
     else:
         torch.set_float32_matmul_precision("high")  # as the trainer does on CUDA (trainer.tf32)
+    where = "CPU (dry run)" if args.dry_run else torch.cuda.get_device_name(sizes.device)
+    command = f"python3 benchmarks/gpu_check.py{' --dry-run' * args.dry_run}"
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
-        rows = run_rows(sizes, Path(tmp))
+        jobs = jobs_for(sizes, Path(tmp))
+
+        def so_far(rows: list[Row]) -> None:
+            seconds = time.perf_counter() - t0
+            head = f"{where}, torch {torch.__version__}, unfinished: {len(rows)} rows in {seconds:.0f} s"
+            args.out.write_text(f"{command}\n\n{head}\n\n{table(rows)}\n")
+
+        rows = run_jobs(jobs, sizes.device, so_far)
     seconds = time.perf_counter() - t0
     if not args.dry_run:  # the check is sized to fit a short lease of one GPU
         rows.append(Row("the whole check", f"{seconds:.0f} s", seconds <= BUDGET_S))
-    where = "CPU (dry run)" if args.dry_run else torch.cuda.get_device_name(sizes.device)
     text = f"{where}, torch {torch.__version__}, {seconds:.0f} s\n\n{table(rows)}\n"
     print(f"\n{text}")
-    args.out.write_text(f"python3 benchmarks/gpu_check.py{' --dry-run' * args.dry_run}\n\n{text}")
+    args.out.write_text(f"{command}\n\n{text}")
     print(f"(table written to {args.out})", file=sys.stderr)
     return 0 if all(r.ok for r in rows) else 1
 

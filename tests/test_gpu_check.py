@@ -237,3 +237,37 @@ def test_a_compiled_throughput_row_reports_its_mfu_target_and_an_eager_row_does_
     assert compiled.ok and compiled.figure.endswith("(target 100%: not met)"), compiled
     eager = gpu_check.throughput(s, shape, compiled=False)
     assert eager.ok and "target" not in eager.figure, eager
+
+
+def test_a_run_cut_off_leaves_its_finished_rows_in_the_out_file(tmp_path, monkeypatch) -> None:
+    """Cut off after its second check (the lease ended, a kernel hung), the check has already
+    written both finished rows to ``--out``, the failed one with its error."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check
+
+    def broken() -> gpu_check.Row:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore")
+
+    def cut_off() -> gpu_check.Row:
+        raise KeyboardInterrupt  # what the lease's end amounts to: no row comes back
+
+    jobs: list[gpu_check.Job] = [
+        ("first", lambda: gpu_check.Row("first check", "1 tok/s", True)),
+        ("second", broken),
+        ("third", cut_off),
+    ]
+    monkeypatch.setattr(gpu_check, "jobs_for", lambda s, root: jobs)
+    out = tmp_path / "gpu-check.md"
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            gpu_check.main(["--dry-run", "--out", str(out)])
+    finally:
+        torch.set_flush_denormal(False)  # the dry run sets it for this process, as the trainer
+    text = out.read_text()
+    assert "unfinished: 2 rows" in text
+    assert "| first check | 1 tok/s | ok |" in text
+    error = "RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert f"| second | {error} | FAIL |" in text
+    assert "third" not in text
