@@ -23,6 +23,7 @@ Every row prints what ran, its figure and ok/FAIL; the table goes to stdout and 
 (default ``gpu-check.md``), which is rewritten after every check, so a run cut off by its lease
 or a hung kernel still leaves its finished rows there (headed "unfinished"); the exit status is 1
 if any row failed. A row that raises is a FAIL with its error, and the next row still runs.
+``--only WORD,...`` reruns some checks (those whose label holds a word; ``--list`` prints them).
 """
 
 from __future__ import annotations
@@ -838,6 +839,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=Path("gpu-check.md"), help="also write the table here"
     )
+    parser.add_argument(
+        "--only",
+        default="",
+        help="run only the checks whose label contains one of these comma-separated words "
+        "(case ignored), e.g. to rerun what failed; --list shows the labels",
+    )
+    parser.add_argument("--list", action="store_true", help="print the checks' labels and exit")
     args = parser.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU here; run with --dry-run to check on CPU", file=sys.stderr)
@@ -849,9 +857,21 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_float32_matmul_precision("high")  # as the trainer does on CUDA (trainer.tf32)
     where = "CPU (dry run)" if args.dry_run else torch.cuda.get_device_name(sizes.device)
     command = f"python3 benchmarks/gpu_check.py{' --dry-run' * args.dry_run}"
+    command += f" --only '{args.only}'" if args.only else ""
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         jobs = jobs_for(sizes, Path(tmp))
+        if args.list:
+            print("\n".join(label for label, _ in jobs))
+            return 0
+        if args.only:
+            words = [w.strip().lower() for w in args.only.split(",") if w.strip()]
+            jobs = [j for j in jobs if any(w in j[0].lower() for w in words)]
+            if not jobs:
+                print(
+                    f"gpu_check: --only {args.only!r} names no check; see --list", file=sys.stderr
+                )
+                return 2
 
         def so_far(rows: list[Row]) -> None:
             seconds = time.perf_counter() - t0
@@ -860,7 +880,7 @@ def main(argv: list[str] | None = None) -> int:
 
         rows = run_jobs(jobs, sizes.device, so_far)
     seconds = time.perf_counter() - t0
-    if not args.dry_run:  # the check is sized to fit a short lease of one GPU
+    if not args.dry_run and not args.only:  # the check is sized to fit a short lease of one GPU
         rows.append(Row("the whole check", f"{seconds:.0f} s", seconds <= BUDGET_S))
     text = f"{where}, torch {torch.__version__}, {seconds:.0f} s\n\n{table(rows)}\n"
     print(f"\n{text}")

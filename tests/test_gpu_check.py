@@ -271,3 +271,27 @@ def test_a_run_cut_off_leaves_its_finished_rows_in_the_out_file(tmp_path, monkey
     error = "RuntimeError: CUDA error: an illegal memory access was encountered"
     assert f"| second | {error} | FAIL |" in text
     assert "third" not in text
+
+
+def test_only_reruns_the_checks_it_names(tmp_path, monkeypatch, capsys) -> None:
+    """After a fix, a short lease reruns just the failed checks: ``--only`` keeps the checks
+    whose label holds one of its words, any case; a word that names none is one clear line."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check
+
+    labels = ["graph breaks", "host syncs", "fp16 + GradScaler"]
+    jobs = [(label, lambda label=label: gpu_check.Row(label, "-", True)) for label in labels]
+    monkeypatch.setattr(gpu_check, "jobs_for", lambda s, root: jobs)
+    out = tmp_path / "gpu-check.md"
+    try:
+        assert gpu_check.main(["--dry-run", "--only", "GRAPH, fp16", "--out", str(out)]) == 0
+        assert gpu_check.main(["--dry-run", "--only", "no such check", "--out", str(out)]) == 2
+    finally:
+        torch.set_flush_denormal(False)  # the dry run sets it for this process, as the trainer
+    text = out.read_text()
+    assert "| graph breaks |" in text and "| fp16 + GradScaler |" in text
+    assert "host syncs" not in text
+    assert "--only 'GRAPH, fp16'" in text  # the table says how it was run
+    assert "names no check; see --list" in capsys.readouterr().err
