@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -67,6 +68,8 @@ QWEN_VOCAB = 151_936
 # parameters with its 32k vocabulary tied to the head.
 SHAPE_100M = harness.config_for("100m")
 BUDGET_S = 480  # the whole check on one H100/H200
+# One train.py run of the torchrun rows (a few steps of a tiny model): minutes past this is a hang.
+TRAIN_PY_TIMEOUT_S = 240.0
 
 
 @dataclass
@@ -473,7 +476,27 @@ def _train_py(s: Sizes, root: Path, nproc: int, *args: str) -> str:
         "sample.max_new_tokens=4",
     ]
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    # A session of its own, so that a hang (NCCL's first init on a new node, say) is killed with
+    # torchrun's workers after TRAIN_PY_TIMEOUT_S and the checks after it still run.
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=TRAIN_PY_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        print(stderr[-4000:], file=sys.stderr)
+        raise RuntimeError(
+            f"{' '.join(args)}: no exit in {TRAIN_PY_TIMEOUT_S:g} s, killed (hung?)"
+        ) from None
+    res = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     if res.returncode != 0:
         print(res.stderr[-4000:], file=sys.stderr)
         tail = (res.stderr.strip().splitlines() or ["(no output)"])[-1]

@@ -5,6 +5,7 @@ and the pieces of it that CPU can check alone (the wheelhouse's list, the data-s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -295,3 +296,30 @@ def test_only_reruns_the_checks_it_names(tmp_path, monkeypatch, capsys) -> None:
     assert "host syncs" not in text
     assert "--only 'GRAPH, fp16'" in text  # the table says how it was run
     assert "names no check; see --list" in capsys.readouterr().err
+
+
+def test_a_hung_train_py_run_is_killed_with_its_children_and_fails_its_row(
+    tmp_path, monkeypatch
+) -> None:
+    """A torchrun row that never ends (NCCL's first init on a new node, say) is killed with every
+    process it started (torchrun's workers), and raises one line naming the run, so the checks
+    after it still run. The hang: a train.py that starts a child, then both sleep."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check
+
+    marker = str(tmp_path / "hung")
+    (tmp_path / "train.py").write_text(
+        "import subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)', {marker!r}])\n"
+        "time.sleep(600)\n"
+    )
+    monkeypatch.setattr(gpu_check, "REPO", tmp_path)
+    monkeypatch.setattr(gpu_check, "TRAIN_PY_TIMEOUT_S", 3.0)
+    with pytest.raises(RuntimeError, match=r"^prepare: no exit in 3 s, killed \(hung\?\)$"):
+        gpu_check._train_py(gpu_check.dry_run_sizes(), tmp_path, 0, "prepare")
+    left = []  # processes still naming the marker (Linux: /proc)
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if marker.encode() in cmdline.read_bytes():
+                left.append(cmdline.parent.name)
+    assert not left, left
