@@ -23,13 +23,15 @@ Every row prints what ran, its figure and ok/FAIL; the table goes to stdout and 
 (default ``gpu-check.md``), which is rewritten after every check, so a run cut off by its lease
 or a hung kernel still leaves its finished rows there (headed "unfinished"); the exit status is 1
 if any row failed. A row that raises is a FAIL with its error, and the next row still runs.
-``--only WORD,...`` reruns some checks (those whose label holds a word; ``--list`` prints them).
+A check past 3 minutes prints its stack (and goes on); a ``train.py`` run that does not exit in
+4 minutes is killed with its workers and fails its row. ``--only WORD,...`` reruns some checks (those whose label holds a word; ``--list`` prints them).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import math
 import os
 import signal
@@ -68,6 +70,8 @@ QWEN_VOCAB = 151_936
 # parameters with its 32k vocabulary tied to the head.
 SHAPE_100M = harness.config_for("100m")
 BUDGET_S = 480  # the whole check on one H100/H200
+# No check should take this long on a GPU (the whole check takes BUDGET_S).
+CHECK_WATCH_S = 180.0
 # One train.py run of the torchrun rows (a few steps of a tiny model): minutes past this is a hang.
 TRAIN_PY_TIMEOUT_S = 240.0
 
@@ -827,12 +831,18 @@ def run_jobs(
     rows: list[Row] = []
     for label, job in jobs:
         t0 = time.perf_counter()
+        # A check past CHECK_WATCH_S prints every thread's stack once (and goes on): a hang in
+        # NCCL or a kernel then shows where it is before the lease ends.
+        # (To the process's own stderr: a test's stand-in for sys.stderr may have no fileno.)
+        faulthandler.dump_traceback_later(CHECK_WATCH_S, file=sys.__stderr__ or sys.stderr)
         try:
             out = job()
             got = out if isinstance(out, list) else [out]
         except Exception as e:  # one failed row must not hide the others
             traceback.print_exc()
             got = [Row(label, _error(e), False)]
+        finally:
+            faulthandler.cancel_dump_traceback_later()
         for row in got:
             print(
                 f"[{time.perf_counter() - t0:5.0f} s] {'ok' if row.ok else 'FAIL'}  {row.check}: "

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
@@ -323,3 +324,22 @@ def test_a_hung_train_py_run_is_killed_with_its_children_and_fails_its_row(
             if marker.encode() in cmdline.read_bytes():
                 left.append(cmdline.parent.name)
     assert not left, left
+
+
+def test_a_check_running_past_its_watch_prints_where_it_is(monkeypatch, capfd) -> None:
+    """A check that runs long (a hang in NCCL or a kernel) prints its stack while it runs, so the
+    output of a run the lease cuts off says where it was."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check
+
+    def slow_check() -> gpu_check.Row:
+        time.sleep(2.0)
+        return gpu_check.Row("slow", "-", True)
+
+    monkeypatch.setattr(gpu_check, "CHECK_WATCH_S", 0.5)
+    rows = gpu_check.run_jobs([("slow", slow_check)], torch.device("cpu"))
+    assert rows == [gpu_check.Row("slow", "-", True)]
+    err = capfd.readouterr().err
+    assert "Timeout (0:00:00.500000)!" in err and "in slow_check" in err
