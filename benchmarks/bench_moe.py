@@ -28,7 +28,7 @@ import torch
 
 from qwen3 import Qwen3Config
 from qwen3.moe import SparseMoeBlock, expert_counts
-from qwen3.moe_experts import CPU_ROW_MULTIPLE
+from qwen3.moe_experts import padded_counts, row_multiple_for
 from trainer.build import Precision, resolve_precision
 
 
@@ -112,8 +112,7 @@ def matmuls_only(
         with torch.no_grad():
             _, _, ids = ours.route(x.reshape(-1, x.shape[-1]))
         counts = expert_counts(ids, ours.num_experts).tolist()
-        if dtype != torch.float32 and x.device.type == "cpu":
-            counts = [-(-n // CPU_ROW_MULTIPLE) * CPU_ROW_MULTIPLE for n in counts]
+        counts = padded_counts(counts, row_multiple_for(x.device.type, dtype))
         c, f = x.shape[-1], down[0].shape[1]
         # Inputs of each matmul, made before the clock starts (values do not matter): rows,
         # SwiGLU product, output gradient, gate|up gradient.

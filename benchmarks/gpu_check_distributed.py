@@ -82,12 +82,11 @@ def run_train_py(s: Sizes, root: Path, nproc: int, *args: str) -> str:
         raise RuntimeError(
             f"{' '.join(args)}: no exit in {TRAIN_PY_TIMEOUT_S:g} s, killed (hung?)"
         ) from None
-    res = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
-    if res.returncode != 0:
-        print(res.stderr[-4000:], file=sys.stderr)
-        tail = (res.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise RuntimeError(f"{' '.join(args)}: exit {res.returncode}: {tail}")
-    return res.stdout
+    if proc.returncode != 0:
+        print(stderr[-4000:], file=sys.stderr)
+        tail = (stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(f"{' '.join(args)}: exit {proc.returncode}: {tail}")
+    return stdout
 
 
 def torchrun_rows(s: Sizes, root: Path) -> list[Row]:

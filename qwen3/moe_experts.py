@@ -113,12 +113,22 @@ class _SwiGLUExperts(torch.autograd.Function):
 CPU_ROW_MULTIPLE = 32
 
 
+def row_multiple_for(device_type: str, dtype: torch.dtype) -> int:
+    """What :func:`swiglu_experts` pads each expert's rows to by default (module docstring)."""
+    return CPU_ROW_MULTIPLE if device_type == "cpu" and dtype != torch.float32 else 1
+
+
+def padded_counts(counts: list[int], multiple: int) -> list[int]:
+    """Each of ``counts`` rounded up to a multiple of ``multiple``."""
+    return [-(-n // multiple) * multiple for n in counts]
+
+
 def pad_groups(
     order: torch.Tensor, counts: list[int], multiple: int, pad_index: int
 ) -> tuple[torch.Tensor, list[int]]:
     """``order`` with each expert's group grown to a multiple of ``multiple`` by entries equal to
     ``pad_index`` (after its real ones), and the grown counts."""
-    padded = [-(-n // multiple) * multiple for n in counts]
+    padded = padded_counts(counts, multiple)
     if padded == counts:
         return order, counts
     # Where each real row lands: its index plus the padding of the groups before it.
@@ -149,7 +159,7 @@ def swiglu_experts(
     device = flat.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else flat.dtype
     if row_multiple is None:
-        row_multiple = CPU_ROW_MULTIPLE if device == "cpu" and dtype != torch.float32 else 1
+        row_multiple = row_multiple_for(device, dtype)
     n, k = weights.shape
     padded_order, padded_counts = pad_groups(order, counts, row_multiple, pad_index=n * k)
     if padded_counts != counts:
